@@ -1,0 +1,151 @@
+//! `/server_info` and `/config_dump` in Envoy's JSON shapes.
+
+use crate::server::Shared;
+use prost_reflect::{DynamicMessage, SerializeOptions};
+use serde_json::{json, Value};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Remora's version string in Envoy's layout: `<revision>/<version>/<Clean|Modified>/<RELEASE|DEBUG>/<TLS>`.
+pub fn version_string() -> String {
+    let build = if cfg!(debug_assertions) {
+        "DEBUG"
+    } else {
+        "RELEASE"
+    };
+    format!("0000000000000000000000000000000000000000/{VERSION}/Clean/{build}/rustls")
+}
+
+fn to_json(m: &DynamicMessage) -> Value {
+    let opts = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .stringify_64_bit_integers(true);
+    let mut ser = serde_json::Serializer::new(Vec::new());
+    match m.serialize_with_options(&mut ser, &opts) {
+        Ok(()) => serde_json::from_slice(&ser.into_inner()).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+pub fn server_info(shared: &Shared) -> Value {
+    let o = &shared.options;
+    let uptime = format!("{}s", shared.start_instant.elapsed().as_secs());
+    let node = &shared.bootstrap.node;
+    json!({
+        "version": version_string(),
+        "state": shared.state().name(),
+        "uptime_current_epoch": uptime,
+        "uptime_all_epochs": uptime,
+        "hot_restart_version": "disabled",
+        "command_line_options": {
+            "base_id": o.base_id.to_string(),
+            "use_dynamic_base_id": o.use_dynamic_base_id,
+            "concurrency": o.concurrency,
+            "config_path": o.config_path.clone().unwrap_or_default(),
+            "config_yaml": o.config_yaml.clone().unwrap_or_default(),
+            "admin_address_path": o.admin_address_path.clone().unwrap_or_default(),
+            "local_address_ip_version": "v4",
+            "log_level": o.log_level,
+            "component_log_level": o.component_log_level,
+            "log_path": o.log_path.clone().unwrap_or_default(),
+            "service_cluster": o.service_cluster.clone().unwrap_or_default(),
+            "service_node": o.service_node.clone().unwrap_or_default(),
+            "service_zone": o.service_zone.clone().unwrap_or_default(),
+            "drain_time": format!("{}s", o.drain_time_s),
+            "drain_strategy": if o.drain_strategy == "immediate" { "Immediate" } else { "Gradual" },
+            "parent_shutdown_time": format!("{}s", o.parent_shutdown_time_s),
+            "mode": "Serve",
+            "disable_hot_restart": true,
+            "restart_epoch": 0,
+        },
+        "node": {
+            "id": node.id,
+            "cluster": node.cluster,
+            "locality": {"region": node.region, "zone": node.zone, "sub_zone": node.sub_zone},
+            "user_agent_name": "remora",
+            "user_agent_build_version": {"version": version_json()},
+        },
+        "command_line": o.command_line,
+    })
+}
+
+fn version_json() -> Value {
+    let mut parts = VERSION.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    json!({"major_number": parts.next().unwrap_or(0), "minor_number": parts.next().unwrap_or(0), "patch": parts.next().unwrap_or(0)})
+}
+
+/// `/config_dump`: bootstrap, clusters, listeners, routes, secrets, in Envoy's order and envelope.
+pub fn config_dump(shared: &Shared) -> Value {
+    let bootstrap = to_json(&shared.bootstrap.message);
+    let updated = crate::util::rfc3339(shared.started);
+    let static_res = bootstrap.get("static_resources").cloned().unwrap_or(Value::Null);
+    let with_type = |v: &Value, ty: &str| {
+        let mut v = v.clone();
+        if let Value::Object(m) = &mut v {
+            m.insert(
+                "@type".to_string(),
+                Value::String(format!("type.googleapis.com/{ty}")),
+            );
+        }
+        v
+    };
+    let clusters: Vec<Value> = static_res
+        .get("clusters")
+        .and_then(Value::as_array)
+        .map(|cs| cs.iter().map(|c| json!({"cluster": with_type(c, "envoy.config.cluster.v3.Cluster"), "last_updated": updated})).collect())
+        .unwrap_or_default();
+    let listeners: Vec<Value> = static_res
+        .get("listeners")
+        .and_then(Value::as_array)
+        .map(|ls| ls.iter().map(|l| json!({"listener": with_type(l, "envoy.config.listener.v3.Listener"), "last_updated": updated})).collect())
+        .unwrap_or_default();
+    let mut routes = Vec::new();
+    for l in static_res
+        .get("listeners")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for chain in l
+            .get("filter_chains")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            for f in chain
+                .get("filters")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(rc) = f.get("typed_config").and_then(|t| t.get("route_config")) {
+                    let mut rc = rc.clone();
+                    if let Value::Object(m) = &mut rc {
+                        m.remove("@type");
+                    }
+                    routes.push(json!({"route_config": with_type(&rc, "envoy.config.route.v3.RouteConfiguration"), "last_updated": updated}));
+                }
+            }
+        }
+    }
+    let mut clusters_dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump"});
+    if !clusters.is_empty() {
+        clusters_dump["static_clusters"] = Value::Array(clusters);
+    }
+    let mut listeners_dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump"});
+    if !listeners.is_empty() {
+        listeners_dump["static_listeners"] = Value::Array(listeners);
+    }
+    let mut routes_dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump"});
+    if !routes.is_empty() {
+        routes_dump["static_route_configs"] = Value::Array(routes);
+    }
+    json!({"configs": [
+        {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": bootstrap, "last_updated": updated},
+        clusters_dump,
+        listeners_dump,
+        {"@type": "type.googleapis.com/envoy.admin.v3.ScopedRoutesConfigDump"},
+        routes_dump,
+        {"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump"},
+    ]})
+}

@@ -1,0 +1,380 @@
+//! The admin server: Envoy's endpoints and formats (`/ready`, `/stats`, `/clusters`, `/config_dump`, ...).
+//!
+//! It runs on the main thread's runtime, never on a worker, so a slow admin client cannot delay traffic.
+//! Mutating endpoints take POST only; a GET answers 405 as Envoy does.
+
+mod dump;
+
+pub use dump::version_string;
+
+use crate::server::{Shared, State};
+use crate::stats::output::{self, Select};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+type Resp = Response<Full<Bytes>>;
+
+/// The endpoints and their help text, as `/help` lists them.
+const ENDPOINTS: &[(&str, &str, bool)] = &[
+    ("/", "Admin home page", false),
+    ("/clusters", "upstream cluster status", false),
+    ("/config_dump", "dump current Envoy configs", false),
+    ("/drain_listeners", "drain listeners", true),
+    (
+        "/healthcheck/fail",
+        "cause the server to fail health checks",
+        true,
+    ),
+    ("/healthcheck/ok", "cause the server to pass health checks", true),
+    ("/help", "print out list of admin commands", false),
+    ("/listeners", "print listener info", false),
+    ("/logging", "query/change logging levels", true),
+    ("/quitquitquit", "exit the server", true),
+    (
+        "/ready",
+        "print server state, return 200 if LIVE, otherwise return 503",
+        false,
+    ),
+    ("/reset_counters", "reset all counters to zero", true),
+    ("/server_info", "print server version/status information", false),
+    ("/stats", "print server stats", false),
+    (
+        "/stats/prometheus",
+        "print server stats in prometheus format",
+        false,
+    ),
+];
+
+/// Bind and serve the admin; returns the bound address.
+pub async fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(address = %bound, "admin listening");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, max-age=0"),
+    );
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    r
+}
+
+fn json(value: &serde_json::Value) -> Resp {
+    let body = serde_json::to_string_pretty(value).unwrap_or_default();
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let Some((_, _, post_only)) = ENDPOINTS.iter().find(|(p, _, _)| *p == path) else {
+        return text(StatusCode::NOT_FOUND, format!("invalid path. {}", help()));
+    };
+    if *post_only && req.method() != Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Method {} not allowed, POST required.", req.method()),
+        );
+    }
+    let q = query(&req);
+    match path.as_str() {
+        "/" | "/help" => text(StatusCode::OK, help()),
+        "/ready" => {
+            let s = shared.state();
+            let code = if s == State::Live {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(code, format!("{}\n", s.name()))
+        }
+        "/server_info" => json(&dump::server_info(shared)),
+        "/config_dump" => json(&dump::config_dump(shared)),
+        "/clusters" => {
+            if q.get("format").map(String::as_str) == Some("json") {
+                json(&clusters_json(shared))
+            } else {
+                text(StatusCode::OK, clusters_text(shared))
+            }
+        }
+        "/listeners" => {
+            let addrs = shared
+                .listener_addrs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if q.get("format").map(String::as_str) == Some("json") {
+                let statuses: Vec<serde_json::Value> = addrs
+                    .iter()
+                    .map(|(name, a)| {
+                        serde_json::json!({"name": name, "local_address": {"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}})
+                    })
+                    .collect();
+                json(&serde_json::json!({ "listener_statuses": statuses }))
+            } else {
+                let mut out = String::new();
+                for (name, a) in &addrs {
+                    let _ = writeln!(out, "{name}::{a}");
+                }
+                text(StatusCode::OK, out)
+            }
+        }
+        "/stats" | "/stats/prometheus" => {
+            let filter = match q.get("filter").filter(|f| !f.is_empty()) {
+                Some(f) => match regex::Regex::new(f) {
+                    Ok(re) => Some(re),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("Invalid regex: {e}\n")),
+                },
+                None => None,
+            };
+            let sel = Select {
+                used_only: q.contains_key("usedonly"),
+                filter,
+            };
+            let format = if path == "/stats/prometheus" {
+                "prometheus"
+            } else {
+                q.get("format").map(String::as_str).unwrap_or("")
+            };
+            match format {
+                "json" => json(&output::json(&shared.store, &sel)),
+                "prometheus" => text(StatusCode::OK, output::prometheus(&shared.store, &sel)),
+                "" | "text" => text(StatusCode::OK, output::text(&shared.store, &sel)),
+                other => text(StatusCode::BAD_REQUEST, format!("usage: /stats?format=(html|active-html|json|prometheus|text): unknown format {other}\n")),
+            }
+        }
+        "/healthcheck/fail" => {
+            shared.set_health_failed(true);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/healthcheck/ok" => {
+            shared.set_health_failed(false);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/drain_listeners" => {
+            shared.start_drain();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/quitquitquit" => {
+            shared.quit();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/reset_counters" => {
+            shared.store.reset_counters();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/logging" => {
+            if let Some(level) = q.get("level") {
+                if !crate::logging::set_level(level) {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        format!("error: unknown logger level {level}\n"),
+                    );
+                }
+            }
+            text(
+                StatusCode::OK,
+                format!("active loggers:\n  remora: {}\n", crate::logging::current()),
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, format!("invalid path. {}", help())),
+    }
+}
+
+fn help() -> String {
+    let mut out = String::from("admin commands are:\n");
+    for (p, h, _) in ENDPOINTS {
+        let _ = writeln!(out, "  {p}: {h}");
+    }
+    out
+}
+
+fn clusters_text(shared: &Shared) -> String {
+    let mut out = String::new();
+    let snap = shared.clusters.load();
+    for c in snap.iter() {
+        let n = c.name();
+        let _ = writeln!(out, "{n}::observability_name::{}", c.config.stat_name);
+        for prio in ["default_priority", "high_priority"] {
+            for (k, v) in [
+                ("max_connections", 1024),
+                ("max_pending_requests", 1024),
+                ("max_requests", 1024),
+                ("max_retries", 3),
+            ] {
+                let _ = writeln!(out, "{n}::{prio}::{k}::{v}");
+            }
+        }
+        let _ = writeln!(out, "{n}::added_via_api::{}", c.added_via_api);
+        for h in c.hosts().hosts.iter() {
+            let a = &h.address_str;
+            let s = &h.stats;
+            for (k, v) in [
+                ("cx_active", s.cx_active.load(Relaxed)),
+                ("cx_connect_fail", s.cx_connect_fail.load(Relaxed)),
+                ("cx_total", s.cx_total.load(Relaxed)),
+                ("rq_active", s.rq_active.load(Relaxed)),
+                ("rq_error", s.rq_error.load(Relaxed)),
+                ("rq_success", s.rq_success.load(Relaxed)),
+                ("rq_timeout", s.rq_timeout.load(Relaxed)),
+                ("rq_total", s.rq_total.load(Relaxed)),
+            ] {
+                let _ = writeln!(out, "{n}::{a}::{k}::{v}");
+            }
+            let _ = writeln!(out, "{n}::{a}::hostname::{}", h.hostname);
+            let _ = writeln!(out, "{n}::{a}::health_flags::{}", health_flags(h));
+            let _ = writeln!(out, "{n}::{a}::weight::{}", h.weight);
+            let _ = writeln!(out, "{n}::{a}::region::{}", h.locality.region);
+            let _ = writeln!(out, "{n}::{a}::zone::{}", h.locality.zone);
+            let _ = writeln!(out, "{n}::{a}::sub_zone::{}", h.locality.sub_zone);
+            let _ = writeln!(out, "{n}::{a}::canary::false");
+            let _ = writeln!(out, "{n}::{a}::priority::{}", h.priority);
+            let _ = writeln!(out, "{n}::{a}::success_rate::-1");
+            let _ = writeln!(out, "{n}::{a}::local_origin_success_rate::-1");
+        }
+    }
+    out
+}
+
+fn health_flags(h: &crate::upstream::Host) -> String {
+    use crate::upstream::EndpointHealth::*;
+    match h.health {
+        Unknown | Healthy => "healthy".into(),
+        Degraded => "/degraded_eds_health".into(),
+        Unhealthy | Draining | Timeout => "/failed_eds_health".into(),
+    }
+}
+
+fn clusters_json(shared: &Shared) -> serde_json::Value {
+    let snap = shared.clusters.load();
+    let statuses: Vec<serde_json::Value> = snap
+        .iter()
+        .map(|c| {
+            let hosts: Vec<serde_json::Value> = c
+                .hosts()
+                .hosts
+                .iter()
+                .map(|h| {
+                    let s = &h.stats;
+                    let counter = |name: &str, v: u64| serde_json::json!({"name": name, "value": v.to_string(), "type": "COUNTER"});
+                    let gauge = |name: &str, v: u64| serde_json::json!({"name": name, "value": v.to_string(), "type": "GAUGE"});
+                    serde_json::json!({
+                        "address": {"socket_address": {"address": h.address.ip().to_string(), "port_value": h.address.port()}},
+                        "stats": [
+                            counter("cx_connect_fail", s.cx_connect_fail.load(Relaxed)),
+                            counter("cx_total", s.cx_total.load(Relaxed)),
+                            counter("rq_error", s.rq_error.load(Relaxed)),
+                            counter("rq_success", s.rq_success.load(Relaxed)),
+                            counter("rq_timeout", s.rq_timeout.load(Relaxed)),
+                            counter("rq_total", s.rq_total.load(Relaxed)),
+                            gauge("cx_active", s.cx_active.load(Relaxed)),
+                            gauge("rq_active", s.rq_active.load(Relaxed)),
+                        ],
+                        "health_status": {"eds_health_status": h.health.name()},
+                        "weight": h.weight,
+                        "hostname": h.hostname,
+                        "locality": {"region": h.locality.region, "zone": h.locality.zone, "sub_zone": h.locality.sub_zone},
+                        "priority": h.priority,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": c.name(),
+                "observability_name": c.config.stat_name,
+                "added_via_api": c.added_via_api,
+                "circuit_breakers": {"thresholds": [
+                    {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024, "max_retries": 3},
+                    {"priority": "HIGH", "max_connections": 1024, "max_pending_requests": 1024, "max_requests": 1024, "max_retries": 3}
+                ]},
+                "host_statuses": hosts,
+            })
+        })
+        .collect();
+    serde_json::json!({ "cluster_statuses": statuses })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(super::percent_decode("a%2Fb+c"), "a/b c");
+        assert_eq!(super::percent_decode("%zz%"), "%zz%");
+        assert_eq!(super::percent_decode("cluster%5C.x"), "cluster\\.x");
+    }
+}

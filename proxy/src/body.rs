@@ -1,0 +1,171 @@
+//! The one body type that flows through the proxy, both ways.
+//!
+//! An enum rather than a boxed trait object, so that forwarding a request or response costs no allocation. The
+//! response side can carry an [`EndOfStream`] hook: whatever must happen when the body is done (stats, returning
+//! an HTTP/1 connection to its pool) runs when the last frame passes, or on drop if the client went away first.
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project::{pin_project, pinned_drop};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// Errors that end a body early.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Called once when a body ends (`complete` is false when it was dropped or failed before its end).
+pub trait EndOfStream {
+    fn end(&mut self, complete: bool, bytes: u64);
+}
+
+#[pin_project(project = KindProj)]
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Incoming(#[pin] Incoming),
+}
+
+/// A request or response body.
+#[pin_project(PinnedDrop)]
+pub struct Body {
+    #[pin]
+    kind: Kind,
+    /// At most two hooks: the upstream request's and the downstream request's.
+    hooks: [Option<Box<dyn EndOfStream>>; 2],
+    bytes: u64,
+    /// Ends the body with an error at this instant (route timeout over the response body).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body {
+    pub fn empty() -> Self {
+        Body::from_kind(Kind::Empty)
+    }
+
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        if b.is_empty() {
+            Body::empty()
+        } else {
+            Body::from_kind(Kind::Full(Some(b)))
+        }
+    }
+
+    pub fn incoming(b: Incoming) -> Self {
+        Body::from_kind(Kind::Incoming(b))
+    }
+
+    fn from_kind(kind: Kind) -> Self {
+        Body {
+            kind,
+            hooks: [None, None],
+            bytes: 0,
+            deadline: None,
+        }
+    }
+
+    /// Run `hook` when the body ends (immediately if it is already at its end). Hooks run in the order added;
+    /// a body takes two at most, and a third runs at once as if the body had been dropped.
+    pub fn on_end(mut self, mut hook: Box<dyn EndOfStream>) -> Self {
+        if self.is_end_stream() {
+            hook.end(true, self.bytes);
+        } else if let Some(slot) = self.hooks.iter_mut().find(|h| h.is_none()) {
+            *slot = Some(hook);
+        } else {
+            hook.end(false, self.bytes);
+        }
+        self
+    }
+
+    pub fn with_deadline(mut self, deadline: Option<Pin<Box<tokio::time::Sleep>>>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    fn finish(hooks: &mut [Option<Box<dyn EndOfStream>>; 2], complete: bool, bytes: u64) {
+        for h in hooks.iter_mut() {
+            if let Some(mut h) = h.take() {
+                h.end(complete, bytes);
+            }
+        }
+    }
+}
+
+/// The route timeout expired while the response body was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream request timeout")]
+pub struct BodyTimeout;
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Some(d) = this.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                Body::finish(this.hooks, false, *this.bytes);
+                return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+            }
+        }
+        let mut kind = this.kind;
+        let res = match kind.as_mut().project() {
+            KindProj::Empty => Poll::Ready(None),
+            KindProj::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            KindProj::Incoming(inc) => match inc.poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e) as BoxError))),
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        };
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    *this.bytes += d.len() as u64;
+                }
+                // hyper stops polling a body that reports its end, so the end is noticed here.
+                if kind_at_end(&kind) {
+                    Body::finish(this.hooks, true, *this.bytes);
+                }
+            }
+            Poll::Ready(None) => Body::finish(this.hooks, true, *this.bytes),
+            Poll::Ready(Some(Err(_))) => Body::finish(this.hooks, false, *this.bytes),
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        kind_at_end(&self.kind)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Incoming(i) => i.size_hint(),
+        }
+    }
+}
+
+fn kind_at_end(kind: &Kind) -> bool {
+    match kind {
+        Kind::Empty => true,
+        Kind::Full(b) => b.is_none(),
+        Kind::Incoming(i) => i.is_end_stream(),
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for Body {
+    fn drop(self: Pin<&mut Self>) {
+        let this = self.project();
+        Body::finish(this.hooks, false, *this.bytes);
+    }
+}

@@ -1,0 +1,195 @@
+//! Lowering `envoy.config.bootstrap.v3.Bootstrap`.
+
+use super::error::{ConfigError, ConfigErrors};
+use super::node::{Errors, Node};
+use super::{cluster, listener};
+use crate::listener::config::ListenerConfig;
+use crate::server::ClusterIds;
+use crate::stats::Store;
+use crate::upstream::ClusterConfig;
+use prost_reflect::DynamicMessage;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// `node`: who this proxy is, as the control plane and the admin see it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub id: String,
+    pub cluster: String,
+    pub region: String,
+    pub zone: String,
+    pub sub_zone: String,
+}
+
+/// `admin`.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+/// The lowered bootstrap: what the server runs.
+#[derive(Debug)]
+pub struct Bootstrap {
+    pub node: NodeInfo,
+    pub admin: Option<Admin>,
+    pub listeners: Vec<Arc<ListenerConfig>>,
+    pub clusters: Vec<ClusterConfig>,
+    /// The ids route tables were resolved against; the server keeps using them.
+    pub cluster_ids: ClusterIds,
+    /// The bootstrap as loaded, for `/config_dump`.
+    pub message: DynamicMessage,
+    /// The store the listeners' stat handles live in; the server serves it.
+    pub store: Arc<Store>,
+}
+
+/// Lower a parsed bootstrap, collecting every error.
+pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, ConfigErrors> {
+    let errs = Errors::default();
+    let ids = ClusterIds::default();
+    let (node, admin, listeners, clusters) = {
+        let root = Node::root(&msg, "", &errs);
+        let node = root.msg("node").map(|n| lower_node(&n)).unwrap_or_default();
+        let admin = root.msg("admin").and_then(|a| lower_admin(&a));
+        let (listeners, clusters) = match root.msg("static_resources") {
+            Some(sr) => {
+                let clusters: Vec<ClusterConfig> =
+                    sr.list("clusters").iter().filter_map(cluster::lower).collect();
+                let mut names = HashSet::new();
+                for (i, c) in clusters.iter().enumerate() {
+                    if !names.insert(c.name.clone()) {
+                        errs.push(
+                            format!("static_resources.clusters[{i}].name"),
+                            format!("duplicate cluster name {:?}", c.name),
+                        );
+                    }
+                }
+                let ctx = listener::Ctx {
+                    ids: &ids,
+                    store,
+                    static_clusters: &names,
+                };
+                let listeners: Vec<Arc<ListenerConfig>> = sr
+                    .list("listeners")
+                    .iter()
+                    .filter_map(|l| listener::lower(l, &ctx))
+                    .map(Arc::new)
+                    .collect();
+                let mut lnames = HashSet::new();
+                for (i, l) in listeners.iter().enumerate() {
+                    if !lnames.insert(l.name.clone()) {
+                        errs.push(
+                            format!("static_resources.listeners[{i}].name"),
+                            format!("duplicate listener name {:?}", l.name),
+                        );
+                    }
+                }
+                sr.unsupported("secrets");
+                (listeners, clusters)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        root.unsupported("dynamic_resources");
+        root.unsupported("layered_runtime");
+        root.unsupported("cluster_manager");
+        root.unsupported("stats_config");
+        root.unsupported("stats_sinks");
+        root.unsupported("overload_manager");
+        root.unsupported("tracing");
+        (node, admin, listeners, clusters)
+    };
+    let found = errs.take();
+    if !found.is_empty() {
+        return Err(ConfigErrors(found));
+    }
+    Ok(Bootstrap {
+        node,
+        admin,
+        listeners,
+        clusters,
+        cluster_ids: ids,
+        message: msg,
+        store: store.clone(),
+    })
+}
+
+fn lower_node(n: &Node) -> NodeInfo {
+    let mut info = NodeInfo {
+        id: n.string("id").unwrap_or_default(),
+        cluster: n.string("cluster").unwrap_or_default(),
+        ..Default::default()
+    };
+    if let Some(l) = n.msg("locality") {
+        info.region = l.string("region").unwrap_or_default();
+        info.zone = l.string("zone").unwrap_or_default();
+        info.sub_zone = l.string("sub_zone").unwrap_or_default();
+    }
+    // Identity sent to a control plane; Remora reports it as given.
+    n.mark("metadata");
+    n.mark("user_agent_name");
+    n.mark("user_agent_version");
+    n.mark("user_agent_build_version");
+    n.mark("extensions");
+    n.mark("client_features");
+    info
+}
+
+fn lower_admin(a: &Node) -> Option<Admin> {
+    // The admin's own access log: only the null device, which is what logging nothing means.
+    if let Some(p) = a.string("access_log_path") {
+        if p != "/dev/null" {
+            a.err(
+                "access_log_path",
+                "an admin access log other than /dev/null is not supported by Remora",
+            );
+        }
+    }
+    a.unsupported("access_log");
+    a.unsupported("profile_path");
+    a.unsupported("socket_options");
+    a.unsupported("ignore_global_conn_limit");
+    let addr = a.msg("address");
+    match addr {
+        Some(addr) => socket_address(&addr),
+        None => {
+            a.err("address", "the admin needs an address");
+            None
+        }
+    }
+    .map(|address| Admin { address })
+}
+
+/// An `envoy.config.core.v3.Address` that must be an IP and port.
+pub fn socket_address(a: &Node) -> Option<SocketAddr> {
+    a.unsupported("pipe");
+    a.unsupported("envoy_internal_address");
+    let Some(sa) = a.msg("socket_address") else {
+        a.err_here("needs socket_address");
+        return None;
+    };
+    let proto = sa.enum_name("protocol");
+    if proto != "TCP" {
+        sa.err("protocol", format!("{proto} is not supported by Remora"));
+    }
+    sa.unsupported("resolver_name");
+    sa.unsupported("named_port");
+    sa.mark("ipv4_compat");
+    let host = sa.string("address").unwrap_or_default();
+    let port = sa.u32("port_value");
+    if port > 65535 {
+        sa.err("port_value", format!("{port} is not a port"));
+        return None;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Some(SocketAddr::new(ip, port as u16)),
+        Err(_) => {
+            sa.err("address", format!("{host:?} is not an IP address"));
+            None
+        }
+    }
+}
+
+/// Errors found outside the lowering walk (e.g. while reading a file) as [`ConfigErrors`].
+pub fn single(path: &str, msg: impl Into<String>) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError::new(path, msg)])
+}

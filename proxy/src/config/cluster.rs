@@ -1,0 +1,230 @@
+//! Lowering `envoy.config.cluster.v3.Cluster`.
+
+use super::bootstrap::socket_address;
+use super::node::Node;
+use crate::upstream::{
+    ClusterConfig, Discovery, EndpointConfig, EndpointHealth, LbPolicy, Locality, Protocol,
+};
+use std::time::Duration;
+
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+pub fn lower(c: &Node) -> Option<ClusterConfig> {
+    let name = c.string("name").unwrap_or_default();
+    if name.is_empty() {
+        c.err("name", "a cluster needs a name");
+    }
+    let stat_name = c
+        .string("alt_stat_name")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| name.clone());
+    let ty = c.enum_name("type");
+    let discovery = match ty.as_str() {
+        "STATIC" => Discovery::Static,
+        other => {
+            c.err("type", format!("{other} is not supported by Remora"));
+            Discovery::Static
+        }
+    };
+    c.unsupported("cluster_type");
+    c.unsupported("eds_cluster_config");
+    // Address families only matter to DNS clusters.
+    c.mark("dns_lookup_family");
+    let connect_timeout = c.duration("connect_timeout").unwrap_or(Duration::from_secs(5));
+    let lb = c.enum_name("lb_policy");
+    let lb_policy = match lb.as_str() {
+        "ROUND_ROBIN" => LbPolicy::RoundRobin,
+        "RANDOM" => LbPolicy::Random,
+        "LEAST_REQUEST" => {
+            let choice_count = c
+                .msg("least_request_lb_config")
+                .map(|l| {
+                    let n = l.wrapped_u32("choice_count").unwrap_or(2);
+                    if n < 2 {
+                        l.err("choice_count", "must be at least 2");
+                    }
+                    l.unsupported("active_request_bias");
+                    l.unsupported("slow_start_config");
+                    l.unsupported("locality_lb_config");
+                    l.unsupported("enable_full_scan");
+                    l.unsupported("selection_method");
+                    n
+                })
+                .unwrap_or(2);
+            LbPolicy::LeastRequest { choice_count }
+        }
+        other => {
+            c.err("lb_policy", format!("{other} is not supported by Remora"));
+            LbPolicy::RoundRobin
+        }
+    };
+    if lb != "LEAST_REQUEST" {
+        c.unsupported("least_request_lb_config");
+    }
+    let buffer_limit = c
+        .wrapped_u32("per_connection_buffer_limit_bytes")
+        .unwrap_or(1024 * 1024);
+
+    // Upstream protocol: the typed extension options, or the deprecated cluster-level fields.
+    let mut protocol = Protocol::Http1;
+    let mut idle_timeout = Some(Duration::from_secs(3600));
+    let mut max_requests_per_connection = None;
+    for (key, opt) in c.map("typed_extension_protocol_options") {
+        let Some(inner) = opt.unpack() else { continue };
+        if inner.type_name() != HTTP_PROTOCOL_OPTIONS {
+            inner.err_here(format!("{key}: {} is not supported by Remora", inner.type_name()));
+            continue;
+        }
+        if let Some(e) = inner.msg("explicit_http_config") {
+            if let Some(h1) = e.msg("http_protocol_options") {
+                lower_http1_options(&h1);
+                protocol = Protocol::Http1;
+            }
+            if let Some(h2) = e.msg("http2_protocol_options") {
+                lower_http2_options(&h2);
+                protocol = Protocol::Http2;
+            }
+            e.unsupported("http3_protocol_options");
+        }
+        if let Some(d) = inner.msg("use_downstream_protocol_config") {
+            if let Some(h1) = d.msg("http_protocol_options") {
+                lower_http1_options(&h1);
+            }
+            if let Some(h2) = d.msg("http2_protocol_options") {
+                lower_http2_options(&h2);
+            }
+            d.unsupported("http3_protocol_options");
+            protocol = Protocol::Downstream;
+        }
+        inner.unsupported("auto_config");
+        if let Some(common) = inner.msg("common_http_protocol_options") {
+            lower_common_options(&common, &mut idle_timeout, &mut max_requests_per_connection);
+        }
+        inner.unsupported("upstream_http_protocol_options");
+        inner.unsupported("http_filters");
+        inner.unsupported("header_validation_config");
+        inner.unsupported("outlier_detection");
+    }
+    if let Some(h2) = c.msg("http2_protocol_options") {
+        lower_http2_options(&h2);
+        protocol = Protocol::Http2;
+    }
+    if let Some(h1) = c.msg("http_protocol_options") {
+        lower_http1_options(&h1);
+    }
+    if let Some(common) = c.msg("common_http_protocol_options") {
+        lower_common_options(&common, &mut idle_timeout, &mut max_requests_per_connection);
+    }
+    let pf = c.enum_name("protocol_selection");
+    if pf == "USE_DOWNSTREAM_PROTOCOL" {
+        protocol = Protocol::Downstream;
+    }
+
+    let mut endpoints = Vec::new();
+    if let Some(la) = c.msg("load_assignment") {
+        la.mark("cluster_name");
+        for (li, lle) in la.list("endpoints").iter().enumerate() {
+            let _ = li;
+            let locality = lle
+                .msg("locality")
+                .map(|l| Locality {
+                    region: l.string("region").unwrap_or_default(),
+                    zone: l.string("zone").unwrap_or_default(),
+                    sub_zone: l.string("sub_zone").unwrap_or_default(),
+                })
+                .unwrap_or_default();
+            let priority = lle.u32("priority");
+            if priority != 0 {
+                lle.err(
+                    "priority",
+                    "priorities other than 0 are not supported by Remora yet",
+                );
+            }
+            // Locality weights only act with locality-weighted balancing, which Envoy turns on separately.
+            lle.mark("load_balancing_weight");
+            lle.unsupported("load_balancer_endpoints");
+            lle.unsupported("leds_cluster_locality_config");
+            lle.unsupported("proximity");
+            for ep in lle.list("lb_endpoints") {
+                let weight = ep.wrapped_u32("load_balancing_weight").unwrap_or(1);
+                if weight == 0 {
+                    ep.err("load_balancing_weight", "must be at least 1");
+                }
+                let health = match ep.enum_name("health_status").as_str() {
+                    "HEALTHY" => EndpointHealth::Healthy,
+                    "UNHEALTHY" => EndpointHealth::Unhealthy,
+                    "DRAINING" => EndpointHealth::Draining,
+                    "TIMEOUT" => EndpointHealth::Timeout,
+                    "DEGRADED" => EndpointHealth::Degraded,
+                    _ => EndpointHealth::Unknown,
+                };
+                ep.unsupported("metadata");
+                ep.unsupported("endpoint_name");
+                let Some(e) = ep.msg("endpoint") else {
+                    ep.err_here("needs an endpoint");
+                    continue;
+                };
+                let hostname = e.string("hostname").unwrap_or_default();
+                e.unsupported("health_check_config");
+                e.unsupported("additional_addresses");
+                let Some(addr) = e.msg("address") else {
+                    e.err("address", "an endpoint needs an address");
+                    continue;
+                };
+                if let Some(address) = socket_address(&addr) {
+                    endpoints.push(EndpointConfig {
+                        address,
+                        hostname,
+                        weight,
+                        priority,
+                        locality: locality.clone(),
+                        health,
+                    });
+                }
+            }
+        }
+        la.unsupported("policy");
+        la.unsupported("named_endpoints");
+    }
+    c.unsupported("circuit_breakers");
+    c.unsupported("outlier_detection");
+    c.unsupported("health_checks");
+    c.unsupported("transport_socket");
+    c.unsupported("common_lb_config");
+
+    Some(ClusterConfig {
+        name,
+        stat_name,
+        discovery,
+        connect_timeout,
+        lb_policy,
+        protocol,
+        idle_timeout,
+        max_requests_per_connection,
+        endpoints,
+        buffer_limit,
+    })
+}
+
+fn lower_http1_options(h: &Node) {
+    // Every field of Http1ProtocolOptions changes codec behaviour Remora does not offer yet.
+    let _ = h;
+}
+
+fn lower_http2_options(h: &Node) {
+    // Flow-control windows and stream limits are hyper's defaults; explicit values are refused until wired.
+    let _ = h;
+}
+
+fn lower_common_options(c: &Node, idle: &mut Option<Duration>, max_rq: &mut Option<u32>) {
+    if let Some(d) = c.duration("idle_timeout") {
+        *idle = if d.is_zero() { None } else { Some(d) };
+    }
+    let _ = max_rq;
+    c.unsupported("max_requests_per_connection");
+    c.unsupported("max_connection_duration");
+    c.unsupported("max_headers_count");
+    c.unsupported("max_stream_duration");
+    c.unsupported("headers_with_underscores_action");
+    c.unsupported("max_response_headers_kb");
+}

@@ -1,0 +1,267 @@
+//! Lowering `envoy.config.listener.v3.Listener` and its HTTP connection manager.
+
+use super::bootstrap::socket_address;
+use super::node::Node;
+use super::route;
+use crate::listener::config::{Codec, HcmConfig, HcmStats, ListenerConfig, ServerHeader, Underscores};
+use crate::server::ClusterIds;
+use crate::stats::Store;
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+
+/// What lowering a listener needs from the rest of the bootstrap.
+pub struct Ctx<'a> {
+    pub ids: &'a ClusterIds,
+    /// Where the connection manager's stat handles are created.
+    pub store: &'a Arc<Store>,
+    /// Static clusters, for `validate_clusters` of inline route tables.
+    pub static_clusters: &'a HashSet<String>,
+}
+
+pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
+    let address = match l.msg("address") {
+        Some(a) => socket_address(&a)?,
+        None => {
+            l.err("address", "a listener needs an address");
+            return None;
+        }
+    };
+    let name = l
+        .string("name")
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| address.to_string());
+    let stat_scope = match l.string("stat_prefix").filter(|s| !s.is_empty()) {
+        Some(p) => format!("listener.{p}."),
+        None => format!(
+            "listener.{}.",
+            address.to_string().replace(':', "_").replace(['[', ']'], "")
+        ),
+    };
+    let buffer_limit = l
+        .wrapped_u32("per_connection_buffer_limit_bytes")
+        .unwrap_or(1024 * 1024);
+    // Informational: used by tracing and by access-log fields Remora does not have.
+    l.mark("traffic_direction");
+    l.unsupported("listener_filters");
+    l.unsupported("use_original_dst");
+    l.unsupported("default_filter_chain");
+    l.unsupported("filter_chain_matcher");
+    l.unsupported("socket_options");
+    l.unsupported("transparent");
+    l.unsupported("freebind");
+    l.unsupported("enable_reuse_port");
+    l.unsupported("access_log");
+    l.unsupported("connection_balance_config");
+    l.unsupported("additional_addresses");
+    l.unsupported("listener_filters_timeout");
+    l.unsupported("udp_listener_config");
+    l.unsupported("api_listener");
+    l.unsupported("internal_listener");
+    l.unsupported("drain_type");
+    l.unsupported("tcp_backlog_size");
+    l.unsupported("bind_to_port");
+
+    let chains = l.list("filter_chains");
+    if chains.len() != 1 {
+        l.err(
+            "filter_chains",
+            format!(
+                "exactly one filter chain is supported by Remora, found {}",
+                chains.len()
+            ),
+        );
+    }
+    let chain = chains.first()?;
+    chain.unsupported("filter_chain_match");
+    chain.unsupported("transport_socket");
+    chain.unsupported("transport_socket_connect_timeout");
+    chain.mark("name");
+    chain.unsupported("metadata");
+    let filters = chain.list("filters");
+    if filters.len() != 1 {
+        chain.err(
+            "filters",
+            format!(
+                "exactly one network filter (the HTTP connection manager) is supported, found {}",
+                filters.len()
+            ),
+        );
+    }
+    let f = filters.first()?;
+    f.mark("name");
+    let Some(hcm) = f.any("typed_config") else {
+        f.err("typed_config", "needs the HTTP connection manager's typed_config");
+        return None;
+    };
+    if hcm.type_name() != HCM {
+        hcm.err_here(format!(
+            "network filter {} is not supported by Remora",
+            hcm.type_name()
+        ));
+        hcm.mark_all();
+        return None;
+    }
+    f.unsupported("config_discovery");
+    let hcm = lower_hcm(&hcm, ctx, &stat_scope)?;
+    Some(ListenerConfig {
+        name,
+        address,
+        stat_scope,
+        hcm: Arc::new(hcm),
+        buffer_limit,
+    })
+}
+
+fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
+    let stat_prefix = h.string("stat_prefix").unwrap_or_default();
+    if stat_prefix.is_empty() {
+        h.err("stat_prefix", "is required");
+    }
+    let codec = match h.enum_name("codec_type").as_str() {
+        "AUTO" => Codec::Auto,
+        "HTTP1" => Codec::Http1,
+        "HTTP2" => Codec::Http2,
+        other => {
+            h.err("codec_type", format!("{other} is not supported by Remora"));
+            Codec::Auto
+        }
+    };
+    let table = match h.msg("route_config") {
+        Some(rc) => route::lower_table(&rc, ctx.ids, Some(ctx.static_clusters)),
+        None => {
+            if !h.has("rds") {
+                h.err_here("needs route_config (rds is not supported by Remora yet)");
+            }
+            None
+        }
+    };
+    h.unsupported("rds");
+    h.unsupported("scoped_routes");
+
+    let filters = h.list("http_filters");
+    if filters.is_empty() {
+        h.err("http_filters", "needs envoy.filters.http.router as its last filter");
+    }
+    for (i, f) in filters.iter().enumerate() {
+        let name = f.string("name").unwrap_or_default();
+        let ty = f.any("typed_config");
+        let is_router = match &ty {
+            Some(t) => t.type_name() == ROUTER,
+            // Envoy finds a filter by name when typed_config is absent.
+            None => name == "envoy.filters.http.router" || name == "envoy.router",
+        };
+        f.unsupported("config_discovery");
+        f.unsupported("is_optional");
+        f.unsupported("disabled");
+        if !is_router {
+            let what = ty.as_ref().map(|t| t.type_name().to_string()).unwrap_or(name);
+            f.err_here(format!("HTTP filter {what} is not supported by Remora"));
+            if let Some(t) = &ty {
+                t.mark_all();
+            }
+        } else if i + 1 != filters.len() {
+            f.err_here("the router must be the last HTTP filter");
+        }
+        // Router options (suppress_envoy_headers, upstream_log, ...) are refused field by field when `ty` drops.
+    }
+
+    let use_remote_address = h.wrapped_bool("use_remote_address").unwrap_or(false);
+    let xff_num_trusted_hops = h.u32("xff_num_trusted_hops");
+    let skip_xff_append = h.bool("skip_xff_append");
+    let server_name = h
+        .string("server_name")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "envoy".into());
+    let server_name = HeaderValue::from_str(&server_name).unwrap_or_else(|_| {
+        h.err("server_name", "is not a valid header value");
+        HeaderValue::from_static("envoy")
+    });
+    let server_header = match h.enum_name("server_header_transformation").as_str() {
+        "APPEND_IF_ABSENT" => ServerHeader::AppendIfAbsent,
+        "PASS_THROUGH" => ServerHeader::PassThrough,
+        _ => ServerHeader::Overwrite,
+    };
+    let generate_request_id = h.wrapped_bool("generate_request_id").unwrap_or(true);
+    let preserve_external_request_id = h.bool("preserve_external_request_id");
+    let always_set_request_id_in_response = h.bool("always_set_request_id_in_response");
+    if always_set_request_id_in_response {
+        h.err("always_set_request_id_in_response", "not supported by Remora");
+    }
+    let max_request_headers_kb = h.wrapped_u32("max_request_headers_kb").unwrap_or(60);
+    if !(1..=8192).contains(&max_request_headers_kb) {
+        h.err("max_request_headers_kb", "must be between 1 and 8192");
+    }
+    let mut max_headers_count = 100;
+    let mut underscores = Underscores::Allow;
+    let mut idle_timeout = Some(Duration::from_secs(3600));
+    if let Some(c) = h.msg("common_http_protocol_options") {
+        if let Some(d) = c.duration("idle_timeout") {
+            idle_timeout = if d.is_zero() { None } else { Some(d) };
+        }
+        if let Some(n) = c.wrapped_u32("max_headers_count") {
+            max_headers_count = n.max(1);
+        }
+        underscores = match c.enum_name("headers_with_underscores_action").as_str() {
+            "REJECT_REQUEST" => Underscores::Reject,
+            "DROP_HEADER" => Underscores::Drop,
+            _ => Underscores::Allow,
+        };
+        c.unsupported("max_connection_duration");
+        c.unsupported("max_stream_duration");
+        c.unsupported("max_requests_per_connection");
+        c.unsupported("max_response_headers_kb");
+    }
+    // Empty protocol options are Envoy's defaults, which is what Remora's codecs do; set fields are refused.
+    if let Some(p) = h.msg("http_protocol_options") {
+        let _ = p;
+    }
+    if let Some(p) = h.msg("http2_protocol_options") {
+        let _ = p;
+    }
+    let request_timeout = nonzero(h.duration("request_timeout"));
+    let request_headers_timeout = nonzero(h.duration("request_headers_timeout"));
+    let stream_idle_timeout = match h.duration("stream_idle_timeout") {
+        Some(d) => nonzero(Some(d)),
+        None => Some(Duration::from_secs(300)),
+    };
+    if request_timeout.is_some() {
+        h.err("request_timeout", "not supported by Remora yet");
+    }
+    let drain_timeout = h.duration("drain_timeout").unwrap_or(Duration::from_secs(5));
+
+    let table = table?;
+    let http_scope = ctx.store.scope(format!("http.{stat_prefix}."));
+    let lscope = ctx.store.scope(format!("{listener_scope}http.{stat_prefix}."));
+    Some(HcmConfig {
+        stats: HcmStats::new(&http_scope, &lscope),
+        stat_prefix,
+        codec,
+        routes: Arc::new(ArcSwap::from_pointee(table)),
+        use_remote_address,
+        xff_num_trusted_hops,
+        skip_xff_append,
+        server_name,
+        server_header,
+        generate_request_id,
+        preserve_external_request_id,
+        always_set_request_id_in_response,
+        max_request_headers_kb,
+        max_headers_count,
+        underscores,
+        request_timeout,
+        request_headers_timeout,
+        stream_idle_timeout,
+        idle_timeout,
+        drain_timeout,
+    })
+}
+
+fn nonzero(d: Option<Duration>) -> Option<Duration> {
+    d.filter(|d| !d.is_zero())
+}

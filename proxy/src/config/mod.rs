@@ -1,0 +1,99 @@
+//! Configuration: Envoy's bootstrap and resources, read through Envoy's own protobuf schema and lowered into
+//! Remora's runtime model.
+//!
+//! - [`load`] turns YAML or JSON into Envoy's messages, reporting unknown fields with their paths.
+//! - [`node`] reads a message while lowering so that any field Remora does not read is refused with its path.
+//! - [`bootstrap`], [`cluster`], [`listener`] and [`route`] lower each part.
+
+pub mod bootstrap;
+pub mod cluster;
+pub mod descriptors;
+pub mod error;
+pub mod listener;
+pub mod load;
+pub mod node;
+pub mod route;
+
+pub use bootstrap::{Admin, Bootstrap, NodeInfo};
+pub use error::{ConfigError, ConfigErrors};
+
+use crate::cli::Options;
+use load::Format;
+use prost::Message;
+use prost_reflect::DynamicMessage;
+
+/// The embedded default configuration (the development proxy), used when no `-c` or `--config-yaml` is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/default.yaml");
+
+const BOOTSTRAP: &str = "envoy.config.bootstrap.v3.Bootstrap";
+
+/// Read the bootstrap as the command line names it: `-c` (or the embedded default), with `--config-yaml`
+/// merged over it as protobuf `MergeFrom` does, then the `--service-*` flags applied to `node`.
+pub fn read_bootstrap_message(opts: &Options) -> Result<DynamicMessage, ConfigErrors> {
+    let desc = descriptors::message(BOOTSTRAP).ok_or_else(|| {
+        ConfigErrors::from(ConfigError::new(
+            "",
+            "the descriptor set lacks the Bootstrap message",
+        ))
+    })?;
+    let mut msg = match &opts.config_path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigErrors::from(ConfigError::new("", format!("cannot read {path}: {e}"))))?;
+            let fmt = Format::detect(Some(path), &text);
+            load::message_from_text(&text, fmt, &desc).map_err(|e| e.with_source(path))?
+        }
+        None if opts.config_yaml.is_some() => DynamicMessage::new(desc.clone()),
+        None => load::message_from_text(DEFAULT_CONFIG, Format::Yaml, &desc)
+            .map_err(|e| e.with_source("<embedded default>"))?,
+    };
+    if let Some(yaml) = &opts.config_yaml {
+        let overlay =
+            load::message_from_text(yaml, Format::Yaml, &desc).map_err(|e| e.with_source("--config-yaml"))?;
+        msg.merge(overlay.encode_to_vec().as_slice()).map_err(|e| {
+            ConfigErrors::from(ConfigError::new("", format!("--config-yaml: cannot merge: {e}")))
+        })?;
+    }
+    apply_node_flags(&mut msg, opts);
+    Ok(msg)
+}
+
+/// `--service-cluster`, `--service-node` and `--service-zone` override `node.cluster`, `node.id` and
+/// `node.locality.zone` when given.
+fn apply_node_flags(msg: &mut DynamicMessage, opts: &Options) {
+    use prost_reflect::Value;
+    let sets: [(&Option<String>, &[&str]); 3] = [
+        (&opts.service_cluster, &["node", "cluster"]),
+        (&opts.service_node, &["node", "id"]),
+        (&opts.service_zone, &["node", "locality", "zone"]),
+    ];
+    for (value, path) in sets {
+        let Some(v) = value.as_ref().filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        let mut m: &mut DynamicMessage = msg;
+        for (i, name) in path.iter().enumerate() {
+            if i + 1 == path.len() {
+                m.set_field_by_name(name, Value::String(v.clone()));
+            } else {
+                let Some(Value::Message(next)) = m.get_field_by_name_mut(name) else {
+                    break;
+                };
+                m = next;
+            }
+        }
+    }
+}
+
+/// Read and lower the bootstrap. Every problem is reported, not only the first.
+pub fn load_bootstrap(opts: &Options) -> Result<Bootstrap, ConfigErrors> {
+    let msg = read_bootstrap_message(opts)?;
+    let source = opts.config_path.clone().unwrap_or_else(|| {
+        if opts.config_yaml.is_some() {
+            "--config-yaml".to_string()
+        } else {
+            "<embedded default>".to_string()
+        }
+    });
+    bootstrap::lower(msg, &crate::stats::Store::new()).map_err(|e| e.with_source(&source))
+}

@@ -1,0 +1,39 @@
+//! Remora: a native Rust sidecar data-plane proxy, an Envoy-compatible subset.
+//!
+//! # A request's life
+//!
+//! ```text
+//!  accept (worker thread, its own current-thread runtime)
+//!    └─ hyper connection: HTTP/1.1 or h2c (codec_type)           listener::serve_connection
+//!         └─ per request: connection manager header rules          listener::hcm::handle
+//!              └─ route match on the current route table          route::RouteTable::route
+//!                   ├─ direct response / redirect / 404 (NR)      local replies
+//!                   └─ cluster (by id, from the cluster snapshot)
+//!                        └─ host pick (round robin, least request, random)      upstream::lb
+//!                             └─ pooled connection of this worker (HTTP/1.1 or h2)  upstream::pool
+//!                                  └─ response streams back; stats and pool return at its end
+//! ```
+//!
+//! Configuration is Envoy's: a bootstrap in YAML or JSON is parsed against Envoy's own protobuf descriptors
+//! ([`config::load`]) and lowered into the runtime model ([`config`]); any field Remora does not implement is
+//! refused with its path. Everything a request needs (compiled regexes, header names, stat handles) is prepared
+//! when the configuration is lowered; the request path does atomic increments and no look-up by name.
+//!
+//! # Cancellation
+//!
+//! A client that goes away drops its request's future: the upstream request is dropped with it (hyper resets an
+//! HTTP/2 stream, and closes an HTTP/1.1 connection whose response was not read to its end), and the request's
+//! stats are completed by drop guards, so counts and active gauges stay right.
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod listener;
+pub mod logging;
+pub mod route;
+pub mod runtime;
+pub mod server;
+pub mod stats;
+pub mod upstream;
+pub mod util;

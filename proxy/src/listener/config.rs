@@ -1,0 +1,167 @@
+//! A listener's lowered configuration: its address, and the HTTP connection manager of its filter chain.
+
+use crate::route::RouteTable;
+use crate::stats::{CodeStats, Counter, Gauge, Histogram, Scope};
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `envoy.config.listener.v3.Listener` as Remora runs it.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    /// `listener.<address>.` or `listener.<stat_prefix>.`
+    pub stat_scope: String,
+    pub hcm: Arc<HcmConfig>,
+    /// `per_connection_buffer_limit_bytes` (default 1 MiB).
+    pub buffer_limit: u32,
+}
+
+/// `codec_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    Auto,
+    Http1,
+    Http2,
+}
+
+/// `server_header_transformation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerHeader {
+    Overwrite,
+    AppendIfAbsent,
+    PassThrough,
+}
+
+/// `headers_with_underscores_action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Underscores {
+    Allow,
+    Reject,
+    Drop,
+}
+
+/// `envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager`, lowered.
+#[derive(Debug)]
+pub struct HcmConfig {
+    pub stat_prefix: String,
+    pub codec: Codec,
+    /// The route table; an `ArcSwap` so that RDS can replace it under live connections.
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub use_remote_address: bool,
+    pub xff_num_trusted_hops: u32,
+    pub skip_xff_append: bool,
+    pub server_name: HeaderValue,
+    pub server_header: ServerHeader,
+    pub generate_request_id: bool,
+    pub preserve_external_request_id: bool,
+    pub always_set_request_id_in_response: bool,
+    pub max_request_headers_kb: u32,
+    pub max_headers_count: u32,
+    pub underscores: Underscores,
+    pub request_timeout: Option<Duration>,
+    pub request_headers_timeout: Option<Duration>,
+    pub stream_idle_timeout: Option<Duration>,
+    /// Connection idle timeout (`common_http_protocol_options.idle_timeout`, default 1 h).
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub stats: HcmStats,
+}
+
+/// `http.<stat_prefix>.*` and `listener.<address>.http.<stat_prefix>.*`.
+#[derive(Debug)]
+pub struct HcmStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_active: Gauge,
+    pub downstream_cx_http1_total: Counter,
+    pub downstream_cx_http2_total: Counter,
+    pub downstream_cx_http1_active: Gauge,
+    pub downstream_cx_http2_active: Gauge,
+    pub downstream_cx_destroy: Counter,
+    pub downstream_cx_drain_close: Counter,
+    pub downstream_cx_protocol_error: Counter,
+    pub downstream_cx_rx_bytes_total: Counter,
+    pub downstream_cx_tx_bytes_total: Counter,
+    pub downstream_cx_length_ms: Histogram,
+    pub downstream_rq_total: Counter,
+    pub downstream_rq_http1_total: Counter,
+    pub downstream_rq_http2_total: Counter,
+    pub downstream_rq_active: Gauge,
+    pub downstream_rq_completed: Counter,
+    pub downstream_rq: CodeStats,
+    pub downstream_rq_time: Histogram,
+    pub downstream_rq_rx_reset: Counter,
+    pub downstream_rq_tx_reset: Counter,
+    pub downstream_rq_timeout: Counter,
+    pub downstream_rq_too_large: Counter,
+    pub rq_total: Counter,
+    pub no_route: Counter,
+    pub no_cluster: Counter,
+    pub rq_redirect: Counter,
+    pub rq_direct_response: Counter,
+    pub listener_rq_completed: Counter,
+    pub listener_rq: CodeStats,
+}
+
+impl HcmStats {
+    /// `http` is `http.<prefix>.`; `listener` is `listener.<address>.http.<prefix>.`.
+    pub fn new(http: &Scope, listener: &Scope) -> Self {
+        HcmStats {
+            downstream_cx_total: http.counter("downstream_cx_total"),
+            downstream_cx_active: http.gauge("downstream_cx_active"),
+            downstream_cx_http1_total: http.counter("downstream_cx_http1_total"),
+            downstream_cx_http2_total: http.counter("downstream_cx_http2_total"),
+            downstream_cx_http1_active: http.gauge("downstream_cx_http1_active"),
+            downstream_cx_http2_active: http.gauge("downstream_cx_http2_active"),
+            downstream_cx_destroy: http.counter("downstream_cx_destroy"),
+            downstream_cx_drain_close: http.counter("downstream_cx_drain_close"),
+            downstream_cx_protocol_error: http.counter("downstream_cx_protocol_error"),
+            downstream_cx_rx_bytes_total: http.counter("downstream_cx_rx_bytes_total"),
+            downstream_cx_tx_bytes_total: http.counter("downstream_cx_tx_bytes_total"),
+            downstream_cx_length_ms: http.histogram("downstream_cx_length_ms"),
+            downstream_rq_total: http.counter("downstream_rq_total"),
+            downstream_rq_http1_total: http.counter("downstream_rq_http1_total"),
+            downstream_rq_http2_total: http.counter("downstream_rq_http2_total"),
+            downstream_rq_active: http.gauge("downstream_rq_active"),
+            downstream_rq_completed: http.counter("downstream_rq_completed"),
+            downstream_rq: CodeStats::new(http, "downstream_rq"),
+            downstream_rq_time: http.histogram("downstream_rq_time"),
+            downstream_rq_rx_reset: http.counter("downstream_rq_rx_reset"),
+            downstream_rq_tx_reset: http.counter("downstream_rq_tx_reset"),
+            downstream_rq_timeout: http.counter("downstream_rq_timeout"),
+            downstream_rq_too_large: http.counter("downstream_rq_too_large"),
+            rq_total: http.counter("rq_total"),
+            no_route: http.counter("no_route"),
+            no_cluster: http.counter("no_cluster"),
+            rq_redirect: http.counter("rq_redirect"),
+            rq_direct_response: http.counter("rq_direct_response"),
+            listener_rq_completed: listener.counter("downstream_rq_completed"),
+            listener_rq: CodeStats::new(listener, "downstream_rq"),
+        }
+    }
+}
+
+/// `listener.<address>.*`.
+#[derive(Debug)]
+pub struct ListenerStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_active: Gauge,
+    pub downstream_cx_destroy: Counter,
+    pub downstream_cx_length_ms: Histogram,
+    pub no_filter_chain_match: Counter,
+}
+
+impl ListenerStats {
+    pub fn new(scope: &Scope) -> Self {
+        ListenerStats {
+            downstream_cx_total: scope.counter("downstream_cx_total"),
+            downstream_cx_active: scope.gauge("downstream_cx_active"),
+            downstream_cx_destroy: scope.counter("downstream_cx_destroy"),
+            downstream_cx_length_ms: scope.histogram("downstream_cx_length_ms"),
+            no_filter_chain_match: scope.counter("no_filter_chain_match"),
+        }
+    }
+}

@@ -1,0 +1,842 @@
+//! The HTTP connection manager and router: one request from arrival to response.
+//!
+//! `handle` is the per-request entry point hyper calls. It applies the connection manager's header rules
+//! (request id, `x-forwarded-*`, hop-by-hop removal), matches a route on the current route table, and either
+//! answers locally (no route, direct response, redirect, errors) or forwards to a host of the route's cluster
+//! over a pooled connection. Local replies carry Envoy's status, body and response flag.
+
+use super::config::{HcmConfig, ServerHeader, Underscores};
+use super::Conn;
+use crate::body::{Body, EndOfStream};
+use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction};
+use crate::upstream::pool::ConnectError;
+use crate::upstream::{Cluster, Host, Protocol};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
+static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers an untrusted (non-internal) client may not set, removed as Envoy's connection manager does.
+static INTERNAL_ONLY: [HeaderName; 13] = [
+    HeaderName::from_static("x-envoy-retriable-status-codes"),
+    HeaderName::from_static("x-envoy-retriable-header-names"),
+    HeaderName::from_static("x-envoy-retry-on"),
+    HeaderName::from_static("x-envoy-retry-grpc-on"),
+    HeaderName::from_static("x-envoy-max-retries"),
+    HeaderName::from_static("x-envoy-upstream-alt-stat-name"),
+    HeaderName::from_static("x-envoy-upstream-rq-timeout-ms"),
+    HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms"),
+    HeaderName::from_static("x-envoy-upstream-rq-timeout-alt-response"),
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms"),
+    HeaderName::from_static("x-envoy-force-trace"),
+    HeaderName::from_static("x-envoy-ip-tags"),
+    HeaderName::from_static("x-envoy-original-url"),
+];
+
+/// Envoy's response flags (`%RESPONSE_FLAGS%`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flag {
+    NoHealthyUpstream,
+    UpstreamRequestTimeout,
+    UpstreamRemoteReset,
+    UpstreamConnectionFailure,
+    UpstreamConnectionTermination,
+    UpstreamOverflow,
+    NoRouteFound,
+    NoClusterFound,
+    DownstreamConnectionTermination,
+    UpstreamProtocolError,
+}
+
+impl Flag {
+    pub fn short(self) -> &'static str {
+        match self {
+            Flag::NoHealthyUpstream => "UH",
+            Flag::UpstreamRequestTimeout => "UT",
+            Flag::UpstreamRemoteReset => "UR",
+            Flag::UpstreamConnectionFailure => "UF",
+            Flag::UpstreamConnectionTermination => "UC",
+            Flag::UpstreamOverflow => "UO",
+            Flag::NoRouteFound => "NR",
+            Flag::NoClusterFound => "NC",
+            Flag::DownstreamConnectionTermination => "DC",
+            Flag::UpstreamProtocolError => "UPE",
+        }
+    }
+}
+
+/// What the access log and stats learn about one request.
+#[derive(Debug, Default)]
+pub struct StreamInfo {
+    pub flags: Vec<Flag>,
+    pub details: &'static str,
+}
+
+/// The entry point for each request on a downstream connection.
+pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let hcm = conn.hcm.clone();
+    let s = &hcm.stats;
+    s.downstream_rq_total.inc();
+    s.downstream_rq_active.inc();
+    let h2 = req.version() == Version::HTTP_2;
+    conn.saw_request(h2);
+    if h2 {
+        s.downstream_rq_http2_total.inc();
+    } else {
+        s.downstream_rq_http1_total.inc();
+    }
+    let head_only = req.method() == http::Method::HEAD;
+    let mut info = StreamInfo::default();
+    let resp = route_and_forward(&conn, &hcm, req, &mut info, start).await;
+    let (mut parts, body) = resp.into_parts();
+    finish_response_headers(&hcm, &mut parts.headers, conn.draining());
+    let status = parts.status.as_u16();
+    let done = RequestDone {
+        hcm: hcm.clone(),
+        start,
+        status,
+    };
+    let body = if head_only { Body::empty() } else { body };
+    Ok(Response::from_parts(parts, body.on_end(Box::new(done))))
+}
+
+/// Per-request completion: counted when the response body has gone out (or the client went away).
+struct RequestDone {
+    hcm: Arc<HcmConfig>,
+    start: Instant,
+    status: u16,
+}
+
+impl EndOfStream for RequestDone {
+    fn end(&mut self, complete: bool, _bytes: u64) {
+        let s = &self.hcm.stats;
+        s.downstream_rq_active.dec();
+        s.downstream_rq_completed.inc();
+        s.downstream_rq.record_class(self.status);
+        s.listener_rq_completed.inc();
+        s.listener_rq.record_class(self.status);
+        s.downstream_rq_time
+            .record(self.start.elapsed().as_millis() as u64);
+        if !complete {
+            s.downstream_rq_tx_reset.inc();
+        }
+    }
+}
+
+fn finish_response_headers(hcm: &HcmConfig, h: &mut HeaderMap, draining: bool) {
+    match hcm.server_header {
+        ServerHeader::Overwrite => {
+            h.insert(header::SERVER, hcm.server_name.clone());
+        }
+        ServerHeader::AppendIfAbsent => {
+            if !h.contains_key(header::SERVER) {
+                h.insert(header::SERVER, hcm.server_name.clone());
+            }
+        }
+        ServerHeader::PassThrough => {}
+    }
+    if !h.contains_key(header::DATE) {
+        h.insert(header::DATE, crate::util::http_date());
+    }
+    if draining {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
+/// A local reply as Envoy builds it: `text/plain` with the body, or no body at all.
+pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::full(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    if !body.is_empty() {
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    r
+}
+
+fn local_reply_owned(status: StatusCode, body: String) -> Response<Body> {
+    let len = body.len();
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = status;
+    if len > 0 {
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    r
+}
+
+async fn route_and_forward(
+    conn: &Rc<Conn>,
+    hcm: &Arc<HcmConfig>,
+    req: Request<Incoming>,
+    info: &mut StreamInfo,
+    start: Instant,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+
+    // Connection manager header rules.
+    if hcm.underscores != Underscores::Allow && parts.headers.keys().any(|k| k.as_str().contains('_')) {
+        if hcm.underscores == Underscores::Reject {
+            info.details = "http1.unexpected_underscore";
+            return local_reply(StatusCode::BAD_REQUEST, "Bad Request");
+        }
+        let names: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for n in names {
+            parts.headers.remove(n);
+        }
+    }
+    mutate_request_headers(conn, hcm, &mut parts.headers);
+
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => match parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            Some(h) => h.to_owned(),
+            None => {
+                info.details = "missing_host_header";
+                return local_reply(StatusCode::BAD_REQUEST, "");
+            }
+        },
+    };
+
+    let table = hcm.routes.load();
+    hcm.stats.rq_total.inc();
+    let Some(m) = table.route(&authority, &parts.uri, &parts.headers) else {
+        hcm.stats.no_route.inc();
+        info.flags.push(Flag::NoRouteFound);
+        info.details = "route_not_found";
+        return local_reply(StatusCode::NOT_FOUND, "");
+    };
+    let (vhost, route) = (m.vhost, m.route);
+    let action = match &route.action {
+        Action::Direct { status, body } => {
+            hcm.stats.rq_direct_response.inc();
+            info.details = "direct_response";
+            let mut r = match body {
+                Some(b) => {
+                    let mut r = Response::new(Body::full(b.clone()));
+                    r.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                    r.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                    r
+                }
+                None => Response::new(Body::empty()),
+            };
+            *r.status_mut() = *status;
+            apply_response_mods(&table, vhost, route, r.headers_mut());
+            return r;
+        }
+        Action::Redirect(redirect) => {
+            hcm.stats.rq_redirect.inc();
+            info.details = "direct_response";
+            let mut r = redirect_response(redirect, &authority, &parts.uri, conn);
+            apply_response_mods(&table, vhost, route, r.headers_mut());
+            return r;
+        }
+        Action::Forward(a) => a,
+    };
+
+    // Which cluster.
+    let snapshot = conn.shared.clusters.load();
+    let cluster = match &action.cluster {
+        ClusterSpecifier::Cluster(id, _) => snapshot.get(*id),
+        ClusterSpecifier::Weighted { clusters, total } => {
+            let mut pick = conn.worker.rng.borrow_mut().below(*total as usize) as u32;
+            let mut chosen = None;
+            for (id, _, w) in clusters {
+                if pick < *w {
+                    chosen = snapshot.get(*id);
+                    break;
+                }
+                pick -= w;
+            }
+            chosen
+        }
+        ClusterSpecifier::Header(name) => parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|n| snapshot.by_name(n)),
+    };
+    let Some(cluster) = cluster.cloned() else {
+        hcm.stats.no_cluster.inc();
+        info.flags.push(Flag::NoClusterFound);
+        info.details = "cluster_not_found";
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
+    };
+    drop(snapshot);
+
+    // Route, virtual host and route-table header changes, most specific first (the table's apply last).
+    route.request_headers.apply(&mut parts.headers);
+    vhost.request_headers.apply(&mut parts.headers);
+    table.request_headers.apply(&mut parts.headers);
+    rewrite_path(action, route, &mut parts);
+
+    let mut resp = forward(conn, &cluster, action, parts, body, info, start).await;
+    apply_response_mods(&table, vhost, route, resp.headers_mut());
+    resp
+}
+
+fn apply_response_mods(
+    table: &crate::route::RouteTable,
+    vhost: &crate::route::VirtualHost,
+    route: &crate::route::Route,
+    h: &mut HeaderMap,
+) {
+    route.response_headers.apply(h);
+    vhost.response_headers.apply(h);
+    table.response_headers.apply(h);
+}
+
+/// Envoy's `mutateRequestHeaders` for what Remora implements: hop-by-hop removal, `x-forwarded-for` and
+/// `-proto`, internal-only headers, `x-request-id`.
+fn mutate_request_headers(conn: &Conn, hcm: &HcmConfig, h: &mut HeaderMap) {
+    // Hop-by-hop headers, and the tokens `connection` lists.
+    if let Some(c) = h.get(header::CONNECTION).cloned() {
+        if let Ok(c) = c.to_str() {
+            for token in c.split(',') {
+                let token = token.trim();
+                if !token.is_empty() && !token.eq_ignore_ascii_case("te") {
+                    if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                        h.remove(n);
+                    }
+                }
+            }
+        }
+        h.remove(header::CONNECTION);
+    }
+    h.remove(header::UPGRADE);
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(&X_ENVOY_INTERNAL);
+    // `te` may only carry `trailers` upstream.
+    if let Some(te) = h.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            h.remove(header::TE);
+        }
+    }
+
+    let mut edge = false;
+    if hcm.use_remote_address {
+        edge = true;
+        if !hcm.skip_xff_append {
+            let ip = if conn.remote.ip().is_loopback() {
+                conn.local.ip()
+            } else {
+                conn.remote.ip()
+            };
+            append_xff(h, ip);
+        }
+        if hcm.xff_num_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+    }
+    if !h.contains_key(&X_FORWARDED_PROTO) {
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    // No address is internal unless configured (Envoy's default since 1.33): clients may not steer retries
+    // and timeouts with x-envoy-* headers.
+    for n in &INTERNAL_ONLY {
+        h.remove(n);
+    }
+    if hcm.generate_request_id {
+        let force = edge && !hcm.preserve_external_request_id;
+        if force || !h.contains_key(&X_REQUEST_ID) {
+            h.insert(X_REQUEST_ID.clone(), conn.worker.new_request_id());
+        }
+    }
+}
+
+fn append_xff(h: &mut HeaderMap, ip: std::net::IpAddr) {
+    let mut v = String::with_capacity(64);
+    if let Some(old) = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        v.push_str(old);
+        v.push(',');
+    }
+    let _ = write!(v, "{ip}");
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+fn rewrite_path(action: &RouteAction, route: &crate::route::Route, parts: &mut http::request::Parts) {
+    let new_path = if let Some(prefix) = &action.prefix_rewrite {
+        let path = parts.uri.path();
+        let matched_len = match &route.matcher.path {
+            crate::route::PathMatch::Prefix(p)
+            | crate::route::PathMatch::Path(p)
+            | crate::route::PathMatch::Separated(p) => p.len().min(path.len()),
+            crate::route::PathMatch::Regex(_) => 0,
+        };
+        Some(format!("{prefix}{}", &path[matched_len..]))
+    } else {
+        action
+            .regex_rewrite
+            .as_ref()
+            .map(|(re, sub)| re.replace_all(parts.uri.path(), sub.as_str()).into_owned())
+    };
+    let Some(mut new_path) = new_path else { return };
+    if let Some(q) = parts.uri.query() {
+        new_path.push('?');
+        new_path.push_str(q);
+    }
+    if let Ok(pq) = PathAndQuery::try_from(new_path) {
+        if let Some(orig) = parts
+            .uri
+            .path_and_query()
+            .and_then(|p| HeaderValue::from_str(p.as_str()).ok())
+        {
+            parts.headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), orig);
+        }
+        let mut up = std::mem::take(&mut parts.uri).into_parts();
+        up.path_and_query = Some(pq);
+        parts.uri = Uri::from_parts(up).unwrap_or_default();
+    }
+}
+
+fn redirect_response(r: &Redirect, authority: &str, uri: &Uri, conn: &Conn) -> Response<Body> {
+    let _ = conn;
+    let scheme = r
+        .scheme
+        .clone()
+        .unwrap_or_else(|| uri.scheme_str().unwrap_or("http").to_string());
+    let (req_host, req_port) = match authority.rsplit_once(':') {
+        Some((h, p))
+            if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']') || authority.ends_with(']') =>
+        {
+            if authority.ends_with(']') {
+                (authority.to_string(), None)
+            } else {
+                (h.to_string(), p.parse::<u16>().ok())
+            }
+        }
+        _ => (authority.to_string(), None),
+    };
+    let host = r.host.clone().unwrap_or(req_host);
+    let port = r.port.or(if r.host.is_some() || r.scheme.is_some() {
+        None
+    } else {
+        req_port
+    });
+    let port = port.filter(|p| !((scheme == "http" && *p == 80) || (scheme == "https" && *p == 443)));
+    let mut path = match (&r.path, &r.prefix_rewrite, &r.regex_rewrite) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(_prefix), _) => uri.path().to_string(),
+        (None, None, Some((re, sub))) => re.replace_all(uri.path(), sub.as_str()).into_owned(),
+        _ => uri.path().to_string(),
+    };
+    if !r.strip_query && !path.contains('?') {
+        if let Some(q) = uri.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+    }
+    let mut loc = format!("{scheme}://{host}");
+    if let Some(p) = port {
+        let _ = write!(loc, ":{p}");
+    }
+    loc.push_str(&path);
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&loc) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// Send the request to a host of `cluster` and turn the outcome into the downstream response.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    conn: &Rc<Conn>,
+    cluster: &Arc<Cluster>,
+    action: &RouteAction,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    info: &mut StreamInfo,
+    start: Instant,
+) -> Response<Body> {
+    let cs = &cluster.stats;
+    let host = {
+        let mut rng = conn.worker.rng.borrow_mut();
+        cluster.pick(&mut rng)
+    };
+    let Some(host) = host else {
+        cs.upstream_cx_none_healthy.inc();
+        info.flags.push(Flag::NoHealthyUpstream);
+        info.details = "no_healthy_upstream";
+        cs.upstream_rq.record(503);
+        cs.upstream_rq_completed.inc();
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    };
+
+    if let Some(t) = action.timeout {
+        if let Ok(v) = HeaderValue::from_str(&t.as_millis().to_string()) {
+            parts.headers.insert(X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(), v);
+        }
+    }
+    match &action.host_rewrite {
+        HostRewrite::None => {}
+        HostRewrite::Literal(v) => {
+            parts.headers.insert(header::HOST, v.clone());
+            set_authority(&mut parts.uri, v.to_str().unwrap_or_default());
+        }
+        HostRewrite::Auto => {
+            let name = if host.hostname.is_empty() {
+                host.address_str.as_str()
+            } else {
+                host.hostname.as_str()
+            };
+            if let Ok(v) = HeaderValue::from_str(name) {
+                parts.headers.insert(header::HOST, v);
+            }
+            set_authority(&mut parts.uri, name);
+        }
+    }
+
+    let protocol = match cluster.config.protocol {
+        Protocol::Downstream if parts.version == Version::HTTP_2 => Protocol::Http2,
+        Protocol::Downstream => Protocol::Http1,
+        p => p,
+    };
+    let deadline = action.timeout.map(|t| start + t);
+
+    cs.upstream_rq_total.inc();
+    cs.upstream_rq_active.inc();
+    host.stats.rq_total.fetch_add(1, Relaxed);
+    host.stats.rq_active.fetch_add(1, Relaxed);
+    let upstream_start = Instant::now();
+    let mut guard = UpstreamGuard {
+        cluster: cluster.clone(),
+        host: host.clone(),
+        start: upstream_start,
+        done: false,
+    };
+
+    let sent = send(conn, cluster, &host, protocol, parts, Body::incoming(body));
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, sent).await {
+            Ok(r) => r,
+            Err(_) => Err(SendError::Timeout),
+        },
+        None => sent.await,
+    };
+    let (resp, h1) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let (status, flag, body) = match &e {
+                SendError::Timeout => {
+                    cs.upstream_rq_timeout.inc();
+                    host.stats.rq_timeout.fetch_add(1, Relaxed);
+                    info.details = "response_timeout";
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Flag::UpstreamRequestTimeout,
+                        "upstream request timeout".to_string(),
+                    )
+                }
+                SendError::Connect(ConnectError::Timeout) => {
+                    info.details = "upstream_reset_before_response_started{connection_timeout}";
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Flag::UpstreamConnectionFailure,
+                        reset_body("connection timeout"),
+                    )
+                }
+                SendError::Connect(ConnectError::Refused(err)) => {
+                    info.details = "upstream_reset_before_response_started{remote_connection_failure}";
+                    let reason = format!(
+                        "remote connection failure, transport failure reason: delayed connect error: {}",
+                        crate::util::strerror(err)
+                    );
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Flag::UpstreamConnectionFailure,
+                        reset_body(&reason),
+                    )
+                }
+                SendError::Connect(ConnectError::Handshake(_)) => {
+                    info.details = "upstream_reset_before_response_started{protocol_error}";
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        Flag::UpstreamProtocolError,
+                        reset_body("protocol error"),
+                    )
+                }
+                SendError::Upstream(err) => {
+                    cs.upstream_rq_rx_reset.inc();
+                    if is_protocol_error(err) {
+                        info.details = "upstream_reset_before_response_started{protocol_error}";
+                        (
+                            StatusCode::BAD_GATEWAY,
+                            Flag::UpstreamProtocolError,
+                            reset_body("protocol error"),
+                        )
+                    } else if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
+                        info.details = "upstream_reset_before_response_started{connection_termination}";
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Flag::UpstreamConnectionTermination,
+                            reset_body("connection termination"),
+                        )
+                    } else {
+                        info.details = "upstream_reset_before_response_started{remote_reset}";
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Flag::UpstreamRemoteReset,
+                            reset_body("remote reset"),
+                        )
+                    }
+                }
+            };
+            info.flags.push(flag);
+            host.stats.rq_error.fetch_add(1, Relaxed);
+            cs.upstream_rq.record(status.as_u16());
+            cs.upstream_rq_completed.inc();
+            guard.finish(false);
+            return local_reply_owned(status, body);
+        }
+    };
+
+    let (mut rparts, rbody) = resp.into_parts();
+    let service_time = upstream_start.elapsed().as_millis() as u64;
+    remove_hop_by_hop_response(&mut rparts.headers);
+    rparts.headers.insert(
+        X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+        HeaderValue::from(service_time),
+    );
+    if rparts.version != Version::HTTP_11 {
+        rparts.version = Version::HTTP_11;
+    }
+    let status = rparts.status.as_u16();
+    cs.upstream_rq.record(status);
+    info.details = "via_upstream";
+    guard.done = true;
+    let done = UpstreamDone {
+        guard,
+        status,
+        pool: h1.map(|s| (conn.worker.pools.clone(), s)),
+    };
+    let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+    Response::from_parts(
+        rparts,
+        Body::incoming(rbody)
+            .with_deadline(deadline)
+            .on_end(Box::new(done)),
+    )
+}
+
+fn is_protocol_error(e: &hyper::Error) -> bool {
+    e.is_parse() || e.is_parse_status() || e.is_parse_too_large() || e.is_user()
+}
+
+fn reset_body(reason: &str) -> String {
+    format!("upstream connect error or disconnect/reset before headers. reset reason: {reason}")
+}
+
+fn set_authority(uri: &mut Uri, host: &str) {
+    if uri.authority().is_none() {
+        return;
+    }
+    if let Ok(a) = Authority::try_from(host) {
+        let mut p = std::mem::take(uri).into_parts();
+        p.authority = Some(a);
+        *uri = Uri::from_parts(p).unwrap_or_default();
+    }
+}
+
+fn remove_hop_by_hop_response(h: &mut HeaderMap) {
+    if let Some(c) = h.get(header::CONNECTION).cloned() {
+        if let Ok(c) = c.to_str() {
+            for token in c.split(',') {
+                if let Ok(n) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                    h.remove(n);
+                }
+            }
+        }
+        h.remove(header::CONNECTION);
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::UPGRADE);
+}
+
+enum SendError {
+    Timeout,
+    Connect(ConnectError),
+    Upstream(hyper::Error),
+}
+
+type H1Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// Send on a pooled connection of the right protocol. A pooled HTTP/1.1 connection that turns out closed before
+/// the request was written is replaced by a new one, once.
+async fn send(
+    conn: &Rc<Conn>,
+    cluster: &Arc<Cluster>,
+    host: &Arc<Host>,
+    protocol: Protocol,
+    mut parts: http::request::Parts,
+    body: Body,
+) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
+    let pools = &conn.worker.pools;
+    match protocol {
+        Protocol::Http2 => {
+            let mut sender = pools.http2(cluster, host).await.map_err(SendError::Connect)?;
+            make_absolute(&mut parts);
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+            let resp = sender
+                .send_request(Request::from_parts(parts, body))
+                .await
+                .map_err(SendError::Upstream)?;
+            Ok((resp, None))
+        }
+        _ => {
+            make_origin_form(&mut parts);
+            parts.version = Version::HTTP_11;
+            let mut req = Request::from_parts(parts, body);
+            for attempt in 0..2 {
+                let mut sender = pools.http1(cluster, host).await.map_err(SendError::Connect)?;
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, Some(sender))),
+                    Err(mut e) => match e.take_message() {
+                        Some(r) if attempt == 0 => req = r,
+                        _ => return Err(SendError::Upstream(e.into_error())),
+                    },
+                }
+            }
+            unreachable_send()
+        }
+    }
+}
+
+fn unreachable_send() -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
+    Err(SendError::Connect(ConnectError::Timeout))
+}
+
+/// HTTP/1.1 upstream: origin-form request target, and `host` from the authority when the request had one.
+fn make_origin_form(parts: &mut http::request::Parts) {
+    if let Some(a) = parts.uri.authority() {
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(pq);
+    }
+}
+
+/// HTTP/2 upstream: absolute URI with the authority from `host`.
+fn make_absolute(parts: &mut http::request::Parts) {
+    if parts.uri.authority().is_some() {
+        return;
+    }
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+    let mut p = std::mem::take(&mut parts.uri).into_parts();
+    p.scheme = Some(Scheme::HTTP);
+    p.authority = Some(authority.unwrap_or_else(|| Authority::from_static("localhost")));
+    if p.path_and_query.is_none() {
+        p.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(p).unwrap_or_default();
+}
+
+/// Keeps the cluster's and host's active request counts right however the request ends.
+struct UpstreamGuard {
+    cluster: Arc<Cluster>,
+    host: Arc<Host>,
+    start: Instant,
+    done: bool,
+}
+
+impl UpstreamGuard {
+    fn finish(&mut self, success: bool) {
+        let cs = &self.cluster.stats;
+        cs.upstream_rq_active.dec();
+        self.host.stats.rq_active.fetch_sub(1, Relaxed);
+        if success {
+            self.host.stats.rq_success.fetch_add(1, Relaxed);
+            cs.upstream_rq_completed.inc();
+            cs.upstream_rq_time
+                .record(self.start.elapsed().as_millis() as u64);
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for UpstreamGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            // The downstream went away while waiting for the upstream.
+            self.cluster.stats.upstream_rq_tx_reset.inc();
+            self.finish(false);
+        }
+    }
+}
+
+/// What happens when an upstream response body has been forwarded.
+struct UpstreamDone {
+    guard: UpstreamGuard,
+    status: u16,
+    pool: Option<(Rc<crate::upstream::pool::Pools>, H1Sender)>,
+}
+
+impl EndOfStream for UpstreamDone {
+    fn end(&mut self, complete: bool, _bytes: u64) {
+        let host_id = self.guard.host.id;
+        self.guard.finish(complete && self.status < 500);
+        if !complete || self.status >= 500 {
+            self.guard.host.stats.rq_error.fetch_add(1, Relaxed);
+            if complete {
+                self.guard.cluster.stats.upstream_rq_completed.inc();
+                self.guard
+                    .cluster
+                    .stats
+                    .upstream_rq_time
+                    .record(self.guard.start.elapsed().as_millis() as u64);
+            }
+        }
+        if complete {
+            if let Some((pools, sender)) = self.pool.take() {
+                pools.put_http1(host_id, sender);
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Listeners: accepting connections on each worker and serving HTTP/1.1 and h2c on them.
+//!
+//! Every worker accepts on its own duplicate of each listening socket (the kernel wakes one), serves each
+//! connection with hyper on its own thread, and watches the server's drain signal: on drain, HTTP/1.1
+//! connections finish their request with `connection: close` and HTTP/2 connections get a GOAWAY.
+
+pub mod config;
+pub mod hcm;
+
+use crate::runtime::{LocalExec, Worker};
+use crate::server::Shared;
+use config::{Codec, HcmConfig, ListenerConfig, ListenerStats};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// One downstream connection's context, shared by its requests.
+pub struct Conn {
+    pub listener: Arc<ListenerConfig>,
+    pub hcm: Arc<HcmConfig>,
+    pub shared: Arc<Shared>,
+    pub worker: Rc<Worker>,
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    draining: Cell<bool>,
+    /// 0 until the first request, then 1 (HTTP/1.x) or 2 (HTTP/2): which `downstream_cx_http*` counts it.
+    protocol: Cell<u8>,
+}
+
+impl Conn {
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Count the connection's protocol once its first request shows it.
+    pub fn saw_request(&self, h2: bool) {
+        if self.protocol.get() != 0 {
+            return;
+        }
+        let s = &self.hcm.stats;
+        if h2 {
+            self.protocol.set(2);
+            s.downstream_cx_http2_total.inc();
+            s.downstream_cx_http2_active.inc();
+        } else {
+            self.protocol.set(1);
+            s.downstream_cx_http1_total.inc();
+            s.downstream_cx_http1_active.inc();
+        }
+    }
+}
+
+/// A bound listener with its stats, ready to be served by workers.
+pub struct Bound {
+    pub config: Arc<ListenerConfig>,
+    pub socket: std::net::TcpListener,
+    pub stats: Arc<ListenerStats>,
+}
+
+/// Bind a listener's socket (non-blocking, `SO_REUSEADDR`), so that a bind failure is reported before serving.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+/// Accept on `socket` until `drain` is raised, serving each connection on this worker.
+pub async fn accept_loop(
+    bound: Arc<Bound>,
+    shared: Arc<Shared>,
+    worker: Rc<Worker>,
+    drain: watch::Receiver<bool>,
+) {
+    let socket = match bound.socket.try_clone().and_then(TcpListener::from_std) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(listener = %bound.config.name, error = %e, "cannot accept on listener");
+            return;
+        }
+    };
+    let mut stop = drain.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|d| *d) => break,
+            res = socket.accept() => match res {
+                Ok((stream, remote)) => {
+                    let local = stream.local_addr().unwrap_or(bound.config.address);
+                    let conn = Rc::new(Conn {
+                        listener: bound.config.clone(),
+                        hcm: bound.config.hcm.clone(),
+                        shared: shared.clone(),
+                        worker: worker.clone(),
+                        remote,
+                        local,
+                        draining: Cell::new(false),
+                        protocol: Cell::new(0),
+                    });
+                    tokio::task::spawn_local(serve_connection(conn, stream, bound.stats.clone(), drain.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %bound.config.name, error = %e, "accept failed");
+                    // Out of descriptors and the like: back off briefly rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    conn: Rc<Conn>,
+    stream: TcpStream,
+    lstats: Arc<ListenerStats>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let opened = Instant::now();
+    let _guard = conn.worker.track_connection();
+    let _ = stream.set_nodelay(true);
+    let hcm = conn.hcm.clone();
+    let hs = &hcm.stats;
+    lstats.downstream_cx_total.inc();
+    lstats.downstream_cx_active.inc();
+    hs.downstream_cx_total.inc();
+    hs.downstream_cx_active.inc();
+    conn.shared.server_stats.total_connections.inc();
+
+    let mut builder = auto::Builder::new(LocalExec);
+    match hcm.codec {
+        Codec::Http1 => builder = builder.http1_only(),
+        Codec::Http2 => builder = builder.http2_only(),
+        Codec::Auto => {}
+    }
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
+        .max_headers(hcm.max_headers_count as usize);
+    if let Some(t) = hcm.request_headers_timeout {
+        builder.http1().header_read_timeout(t);
+    } else {
+        builder.http1().header_read_timeout(None);
+    }
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(hcm.max_request_headers_kb * 1024)
+        .max_concurrent_streams(Some(2147483647));
+
+    let svc_conn = conn.clone();
+    let svc = service_fn(move |req| hcm::handle(svc_conn.clone(), req));
+    let io = TokioIo::new(CountedStream {
+        stream,
+        rx: hs.downstream_cx_rx_bytes_total.clone(),
+        tx: hs.downstream_cx_tx_bytes_total.clone(),
+    });
+    let serve = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(serve);
+    let mut drained = *drain.borrow();
+    if drained {
+        conn.draining.set(true);
+        serve.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            res = serve.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(remote = %conn.remote, error = %e, "downstream connection ended with an error");
+                }
+                break;
+            }
+            changed = drain.changed(), if !drained => {
+                if changed.is_err() || *drain.borrow() {
+                    drained = true;
+                    conn.draining.set(true);
+                    hs.downstream_cx_drain_close.inc();
+                    serve.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+    match conn.protocol.get() {
+        1 => hs.downstream_cx_http1_active.dec(),
+        2 => hs.downstream_cx_http2_active.dec(),
+        _ => {}
+    }
+    let ms = opened.elapsed().as_millis() as u64;
+    lstats.downstream_cx_active.dec();
+    lstats.downstream_cx_destroy.inc();
+    lstats.downstream_cx_length_ms.record(ms);
+    hs.downstream_cx_active.dec();
+    hs.downstream_cx_destroy.inc();
+    hs.downstream_cx_length_ms.record(ms);
+}
+
+/// A downstream TCP stream that counts its bytes.
+struct CountedStream {
+    stream: TcpStream,
+    rx: crate::stats::Counter,
+    tx: crate::stats::Counter,
+}
+
+impl tokio::io::AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.rx.add(n as u64);
+        }
+        res
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &res {
+            self.tx.add(*n as u64);
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &res {
+            self.tx.add(*n as u64);
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,336 @@
+//! Route tables: virtual hosts chosen by `:authority`, routes matched in order, and what a route does.
+//!
+//! Everything here is built once per configuration snapshot (header names parsed, regexes compiled, wildcard
+//! domains sorted) so that matching a request does no allocation and no string look-up by name.
+//!
+//! Implements `envoy.config.route.v3.RouteConfiguration`, `VirtualHost`, `Route`, `RouteMatch`, `RouteAction`,
+//! `RedirectAction` and `DirectResponseAction` for the fields lowered in `config::route`.
+
+mod matcher;
+
+pub use matcher::{HeaderMatch, HeaderMatcher, QueryMatcher, StringMatcher};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Uri};
+use regex::Regex;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// A cluster a route names, resolved to a slot in the snapshot's cluster table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClusterId(pub u32);
+
+/// Adds and removals of headers (`request_headers_to_add` / `_remove`, and the response ones).
+#[derive(Clone, Debug, Default)]
+pub struct HeaderMods {
+    pub add: Vec<HeaderAdd>,
+    pub remove: Vec<HeaderName>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HeaderAdd {
+    pub name: HeaderName,
+    pub value: HeaderValue,
+    pub action: AppendAction,
+}
+
+/// `HeaderValueOption.append_action` (and the deprecated `append`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendAction {
+    AppendIfExistsOrAdd,
+    AddIfAbsent,
+    OverwriteIfExistsOrAdd,
+    OverwriteIfExists,
+}
+
+impl HeaderMods {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Apply: removals first, then additions, as Envoy does.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for a in &self.add {
+            match a.action {
+                AppendAction::AppendIfExistsOrAdd => {
+                    headers.append(a.name.clone(), a.value.clone());
+                }
+                AppendAction::AddIfAbsent => {
+                    if !headers.contains_key(&a.name) {
+                        headers.insert(a.name.clone(), a.value.clone());
+                    }
+                }
+                AppendAction::OverwriteIfExistsOrAdd => {
+                    headers.insert(a.name.clone(), a.value.clone());
+                }
+                AppendAction::OverwriteIfExists => {
+                    if headers.contains_key(&a.name) {
+                        headers.insert(a.name.clone(), a.value.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One `RouteConfiguration`.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Exact domains (lowercase) to the virtual host index.
+    exact: HashMap<String, usize>,
+    /// `*.example.com` and `*-bar.example.com`: (suffix, vhost), longest suffix first.
+    suffixes: Vec<(String, usize)>,
+    /// `example.*`: (prefix, vhost), longest prefix first.
+    prefixes: Vec<(String, usize)>,
+    /// `*`.
+    default: Option<usize>,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+    /// Whether any header or query matcher is used; when not, matching skips that work.
+    pub ignore_port_in_host_matching: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub action: Action,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+}
+
+#[derive(Debug)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    pub case_sensitive: bool,
+    pub headers: Vec<HeaderMatcher>,
+    pub query: Vec<QueryMatcher>,
+    /// `grpc: {}`: only requests with `content-type: application/grpc*`.
+    pub grpc: bool,
+}
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Prefix(String),
+    Path(String),
+    /// Matched against the whole path without the query string.
+    Regex(Regex),
+    /// `path_separated_prefix`: the path equals the prefix or continues with `/` (or `?`).
+    Separated(String),
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Forward(Box<RouteAction>),
+    Redirect(Box<Redirect>),
+    Direct {
+        status: http::StatusCode,
+        body: Option<Bytes>,
+    },
+}
+
+#[derive(Debug)]
+pub struct RouteAction {
+    pub cluster: ClusterSpecifier,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(Regex, String)>,
+    pub host_rewrite: HostRewrite,
+    /// `timeout` (default 15 s); `None` when set to 0 (disabled).
+    pub timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub enum ClusterSpecifier {
+    Cluster(ClusterId, String),
+    Weighted {
+        clusters: Vec<(ClusterId, String, u32)>,
+        total: u32,
+    },
+    /// The cluster is named by this request header; missing or unknown gives 503 (NC).
+    Header(HeaderName),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostRewrite {
+    None,
+    Literal(HeaderValue),
+    /// `auto_host_rewrite`: the upstream host's hostname (for DNS clusters), else its address.
+    Auto,
+}
+
+#[derive(Debug, Default)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(Regex, String)>,
+    pub status: u16,
+    pub strip_query: bool,
+}
+
+/// What matching a request produced.
+pub struct Matched<'t> {
+    pub vhost: &'t VirtualHost,
+    pub route: &'t Route,
+}
+
+impl RouteTable {
+    /// Index the virtual hosts' domains. Domains are already validated (lowercase, one wildcard at most, no
+    /// duplicates) by lowering.
+    pub fn new(name: String, virtual_hosts: Vec<VirtualHost>) -> Self {
+        let mut t = RouteTable {
+            name,
+            ..Default::default()
+        };
+        for (i, vh) in virtual_hosts.iter().enumerate() {
+            for d in &vh.domains {
+                if d == "*" {
+                    t.default = Some(i);
+                } else if let Some(s) = d.strip_prefix('*') {
+                    t.suffixes.push((s.to_string(), i));
+                } else if let Some(p) = d.strip_suffix('*') {
+                    t.prefixes.push((p.to_string(), i));
+                } else {
+                    t.exact.insert(d.clone(), i);
+                }
+            }
+        }
+        // Longest wildcard first; ties keep configuration order (sort is stable).
+        t.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        t.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        t.virtual_hosts = virtual_hosts;
+        t
+    }
+
+    /// The virtual host for an authority, as Envoy picks it: exact, then the longest suffix wildcard, then the
+    /// longest prefix wildcard, then `*`. A port is kept for matching (Envoy matches `host:port` unless the
+    /// domains list the host alone, which [`Self::find_vhost`] retries without the port).
+    pub fn find_vhost(&self, authority: &str) -> Option<&VirtualHost> {
+        let mut buf = [0u8; 256];
+        let host = lower(authority, &mut buf);
+        self.lookup(host)
+            .or_else(|| {
+                // Envoy's `strip_matching_host_port` is off by default, but a domain without port still matches
+                // a host carrying the default port for the scheme only; we retry without any port, which is what
+                // `ignore_port_in_host_matching` asks for.
+                if self.ignore_port_in_host_matching {
+                    strip_port(host).and_then(|h| self.lookup(h))
+                } else {
+                    None
+                }
+            })
+            .map(|i| &self.virtual_hosts[i])
+            .or_else(|| self.default.map(|i| &self.virtual_hosts[i]))
+    }
+
+    fn lookup(&self, host: &str) -> Option<usize> {
+        if let Some(&i) = self.exact.get(host) {
+            return Some(i);
+        }
+        for (suffix, i) in &self.suffixes {
+            // The wildcard matches at least one character.
+            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
+                return Some(*i);
+            }
+        }
+        for (prefix, i) in &self.prefixes {
+            if host.len() > prefix.len() && host.starts_with(prefix.as_str()) {
+                return Some(*i);
+            }
+        }
+        None
+    }
+
+    /// Match a request: the virtual host by authority, then the first route whose conditions all hold.
+    pub fn route<'t>(&'t self, authority: &str, uri: &Uri, headers: &HeaderMap) -> Option<Matched<'t>> {
+        let vhost = self.find_vhost(authority)?;
+        let path = uri.path();
+        let query = uri.query();
+        vhost
+            .routes
+            .iter()
+            .find(|r| r.matcher.matches(path, query, headers))
+            .map(|route| Matched { vhost, route })
+    }
+}
+
+fn strip_port(host: &str) -> Option<&str> {
+    // `[::1]:80` and `host:80`; a bare IPv6 address has no port to strip.
+    let (h, port) = host.rsplit_once(':')?;
+    let bracketed = h.starts_with('[') && h.ends_with(']');
+    (port.bytes().all(|b| b.is_ascii_digit()) && (bracketed || !h.contains(':'))).then_some(h)
+}
+
+/// The authority in lowercase, without allocating when it is short.
+fn lower<'b>(s: &'b str, buf: &'b mut [u8; 256]) -> &'b str {
+    if !s.bytes().any(|b| b.is_ascii_uppercase()) || s.len() > buf.len() {
+        return s;
+    }
+    let out = &mut buf[..s.len()];
+    out.copy_from_slice(s.as_bytes());
+    out.make_ascii_lowercase();
+    std::str::from_utf8(out).unwrap_or(s)
+}
+
+impl RouteMatch {
+    pub fn matches(&self, path: &str, query: Option<&str>, headers: &HeaderMap) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
+            PathMatch::Path(p) => {
+                if self.case_sensitive {
+                    path == p
+                } else {
+                    path.eq_ignore_ascii_case(p)
+                }
+            }
+            PathMatch::Regex(re) => re.is_match(path),
+            PathMatch::Separated(p) => {
+                starts_with(path, p, self.case_sensitive)
+                    && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+            }
+        };
+        if !path_ok {
+            return false;
+        }
+        if self.grpc && !is_grpc(headers) {
+            return false;
+        }
+        if !self.headers.iter().all(|m| m.matches(headers)) {
+            return false;
+        }
+        self.query.is_empty() || self.query.iter().all(|m| m.matches(query.unwrap_or("")))
+    }
+}
+
+fn starts_with(path: &str, prefix: &str, case_sensitive: bool) -> bool {
+    if case_sensitive {
+        path.starts_with(prefix)
+    } else {
+        path.len() >= prefix.len() && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    }
+}
+
+/// `content-type` begins with `application/grpc`.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}

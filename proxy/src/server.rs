@@ -1,0 +1,385 @@
+//! The server: what every thread shares, start-up, and the drain-then-exit lifecycle.
+//!
+//! Start-up builds the clusters and binds every listener before serving anything, so that a bad address is an
+//! error at start, not a half-running proxy. Workers then accept and serve; the main thread runs the admin
+//! server and waits for a signal. On SIGTERM or SIGINT (or `/quitquitquit`, or `/drain_listeners`) the server
+//! turns `DRAINING`: listeners close (new connections are refused), `/ready` answers 503, open connections finish
+//! their in-flight requests (HTTP/1.1 responses carry `connection: close`, HTTP/2 gets GOAWAY), and once they
+//! are done, or `--drain-time-s` has passed, the process exits 0.
+
+use crate::cli::Options;
+use crate::config::Bootstrap;
+use crate::listener::config::ListenerStats;
+use crate::listener::{self, Bound};
+use crate::route::ClusterId;
+use crate::stats::{Counter, Gauge, Store};
+use crate::upstream::Cluster;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// `envoy.admin.v3.ServerInfo.State`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    Live = 0,
+    Draining = 1,
+    PreInitializing = 2,
+    Initializing = 3,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Live => "LIVE",
+            State::Draining => "DRAINING",
+            State::PreInitializing => "PRE_INITIALIZING",
+            State::Initializing => "INITIALIZING",
+        }
+    }
+}
+
+/// The clusters of the current configuration, by [`ClusterId`].
+#[derive(Default, Debug)]
+pub struct ClusterSnapshot {
+    slots: Vec<Option<Arc<Cluster>>>,
+    names: HashMap<String, ClusterId>,
+}
+
+impl ClusterSnapshot {
+    #[inline]
+    pub fn get(&self, id: ClusterId) -> Option<&Arc<Cluster>> {
+        self.slots.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.names.get(name).and_then(|id| self.get(*id))
+    }
+
+    /// Every cluster, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.slots.iter().flatten()
+    }
+}
+
+/// Gives each cluster name a stable [`ClusterId`] for the process's lifetime, so that route tables built
+/// before a cluster exists (or after it changed) still point at the right slot.
+#[derive(Default, Debug)]
+pub struct ClusterIds(Mutex<HashMap<String, ClusterId>>);
+
+impl ClusterIds {
+    pub fn id(&self, name: &str) -> ClusterId {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let next = ClusterId(m.len() as u32);
+        *m.entry(name.to_string()).or_insert(next)
+    }
+}
+
+/// `server.*` stats.
+#[derive(Debug)]
+pub struct ServerStats {
+    pub live: Gauge,
+    pub state: Gauge,
+    pub uptime: Gauge,
+    pub concurrency: Gauge,
+    pub total_connections: Counter,
+    pub memory_physical_size: Gauge,
+    pub memory_allocated: Gauge,
+    pub memory_heap_size: Gauge,
+    pub version: Gauge,
+    pub days_until_first_cert_expiring: Gauge,
+    pub initialization_time_ms: crate::stats::Histogram,
+}
+
+impl ServerStats {
+    fn new(store: &Arc<Store>) -> Self {
+        let s = store.scope("server.");
+        ServerStats {
+            live: s.gauge("live"),
+            state: s.gauge("state"),
+            uptime: s.gauge("uptime"),
+            concurrency: s.gauge("concurrency"),
+            total_connections: s.counter("total_connections"),
+            memory_physical_size: s.gauge("memory_physical_size"),
+            memory_allocated: s.gauge("memory_allocated"),
+            memory_heap_size: s.gauge("memory_heap_size"),
+            version: s.gauge("version"),
+            days_until_first_cert_expiring: s.gauge("days_until_first_cert_expiring"),
+            initialization_time_ms: s.histogram("initialization_time_ms"),
+        }
+    }
+}
+
+/// What every thread shares.
+pub struct Shared {
+    pub clusters: ArcSwap<ClusterSnapshot>,
+    pub cluster_ids: ClusterIds,
+    pub store: Arc<Store>,
+    pub server_stats: ServerStats,
+    pub options: Options,
+    pub bootstrap: Bootstrap,
+    state: AtomicU8,
+    health_failed: AtomicBool,
+    drain: watch::Sender<bool>,
+    quit: tokio::sync::Notify,
+    pub started: SystemTime,
+    pub start_instant: Instant,
+    /// The addresses listeners bound, by listener name (port 0 resolved).
+    pub listener_addrs: Mutex<Vec<(String, SocketAddr)>>,
+}
+
+impl Shared {
+    pub fn state(&self) -> State {
+        if self.health_failed.load(SeqCst) {
+            return State::Draining;
+        }
+        match self.state.load(SeqCst) {
+            0 => State::Live,
+            1 => State::Draining,
+            2 => State::PreInitializing,
+            _ => State::Initializing,
+        }
+    }
+
+    fn set_state(&self, s: State) {
+        self.state.store(s as u8, SeqCst);
+        self.update_state_gauges();
+    }
+
+    fn update_state_gauges(&self) {
+        let s = self.state();
+        self.server_stats.state.set(s as i64);
+        self.server_stats.live.set(i64::from(s == State::Live));
+    }
+
+    /// `/healthcheck/fail` and `/healthcheck/ok`.
+    pub fn set_health_failed(&self, failed: bool) {
+        self.health_failed.store(failed, SeqCst);
+        self.update_state_gauges();
+    }
+
+    /// Stop accepting and let open connections finish.
+    pub fn start_drain(&self) {
+        if self.state.load(SeqCst) != State::Draining as u8 {
+            tracing::info!("draining: listeners closed, finishing in-flight requests");
+        }
+        self.set_state(State::Draining);
+        self.drain.send_replace(true);
+    }
+
+    /// Drain, then exit.
+    pub fn quit(&self) {
+        self.start_drain();
+        self.quit.notify_one();
+    }
+
+    pub fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.drain.subscribe()
+    }
+}
+
+/// Build clusters from the bootstrap.
+fn build_clusters(b: &Bootstrap, store: &Arc<Store>, ids: &ClusterIds) -> ClusterSnapshot {
+    let mut snap = ClusterSnapshot::default();
+    for c in &b.clusters {
+        let id = ids.id(&c.name);
+        let scope = store.scope(format!("cluster.{}.", c.stat_name));
+        let cluster = Cluster::new(c.clone(), &scope, false);
+        if snap.slots.len() <= id.0 as usize {
+            snap.slots.resize(id.0 as usize + 1, None);
+        }
+        snap.slots[id.0 as usize] = Some(cluster);
+        snap.names.insert(c.name.clone(), id);
+    }
+    snap
+}
+
+/// Run the server until it has drained and should exit. Returns the process exit code.
+pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
+    let store = bootstrap.store.clone();
+    let server_stats = ServerStats::new(&store);
+    let cluster_ids = std::mem::take(&mut bootstrap.cluster_ids);
+    let clusters = build_clusters(&bootstrap, &store, &cluster_ids);
+    let (drain_tx, _) = watch::channel(false);
+    let concurrency = options.concurrency;
+    let shared = Arc::new(Shared {
+        clusters: ArcSwap::from_pointee(clusters),
+        cluster_ids,
+        store: store.clone(),
+        server_stats,
+        options,
+        bootstrap,
+        state: AtomicU8::new(State::PreInitializing as u8),
+        health_failed: AtomicBool::new(false),
+        drain: drain_tx,
+        quit: tokio::sync::Notify::new(),
+        started: SystemTime::now(),
+        start_instant: Instant::now(),
+        listener_addrs: Mutex::new(Vec::new()),
+    });
+    shared.server_stats.concurrency.set(concurrency as i64);
+    shared.update_state_gauges();
+
+    // Bind every listener first: a failure stops start-up with its address.
+    let mut bound = Vec::new();
+    for l in &shared.bootstrap.listeners {
+        match listener::bind(l.address) {
+            Ok(socket) => {
+                let addr = socket.local_addr().unwrap_or(l.address);
+                shared
+                    .listener_addrs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((l.name.clone(), addr));
+                let stats = Arc::new(ListenerStats::new(&store.scope(l.stat_scope.clone())));
+                bound.push(Arc::new(Bound {
+                    config: l.clone(),
+                    socket,
+                    stats,
+                }));
+                tracing::info!(listener = %l.name, address = %addr, "listening");
+            }
+            Err(e) => {
+                tracing::error!(listener = %l.name, address = %l.address, error = %e, "cannot bind listener");
+                eprintln!("error: listener '{}': cannot bind {}: {e}", l.name, l.address);
+                return 1;
+            }
+        }
+    }
+
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the main runtime: {e}");
+            return 1;
+        }
+    };
+
+    // Workers.
+    let worker_bound = bound.clone();
+    let worker_shared = shared.clone();
+    let drain_time = Duration::from_secs(shared.options.drain_time_s);
+    let workers = crate::runtime::spawn_workers(concurrency, move |worker| {
+        let bound = worker_bound.clone();
+        let shared = worker_shared.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for b in &bound {
+                tasks.push(tokio::task::spawn_local(listener::accept_loop(
+                    b.clone(),
+                    shared.clone(),
+                    worker.clone(),
+                    shared.drain_signal(),
+                )));
+            }
+            drop(bound);
+            for t in tasks {
+                let _ = t.await;
+            }
+            // Draining: wait for this worker's connections, bounded by --drain-time-s.
+            let _ = tokio::time::timeout(drain_time, worker.connections_closed()).await;
+            worker.pools.clear();
+        }
+    });
+    let workers = match workers {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: cannot start worker threads: {e}");
+            return 1;
+        }
+    };
+    drop(bound);
+
+    let code = rt.block_on(async {
+        let admin = match &shared.bootstrap.admin {
+            Some(a) => match crate::admin::start(shared.clone(), a.address).await {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    eprintln!("error: admin: cannot bind {}: {e}", a.address);
+                    return 1;
+                }
+            },
+            None => None,
+        };
+        if let (Some(addr), Some(path)) = (admin, &shared.options.admin_address_path) {
+            if let Err(e) = std::fs::write(path, addr.to_string()) {
+                tracing::error!(path = %path, error = %e, "cannot write --admin-address-path");
+            }
+        }
+        shared.set_state(State::Live);
+        shared
+            .server_stats
+            .initialization_time_ms
+            .record(shared.start_instant.elapsed().as_millis() as u64);
+        tracing::info!("all listeners started; server LIVE");
+
+        let ticker_shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let s = &ticker_shared.server_stats;
+                s.uptime
+                    .set(ticker_shared.start_instant.elapsed().as_secs() as i64);
+                if let Some(rss) = crate::util::rss_bytes() {
+                    s.memory_physical_size.set(rss as i64);
+                    s.memory_allocated.set(rss as i64);
+                    s.memory_heap_size.set(rss as i64);
+                }
+            }
+        });
+
+        wait_for_quit(&shared).await;
+        shared.start_drain();
+        0
+    });
+    if code != 0 {
+        shared.start_drain();
+    }
+    // Workers finish their connections (bounded by the drain time) and exit.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+        let _ = done_tx.send(());
+    });
+    let grace = drain_time + Duration::from_secs(1);
+    if done_rx.recv_timeout(grace).is_err() {
+        tracing::warn!("workers did not finish within the drain time; exiting");
+    }
+    tracing::info!("exiting");
+    code
+}
+
+async fn wait_for_quit(shared: &Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let term_recv = async {
+        match term.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let int_recv = async {
+        match int.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term_recv => tracing::info!("SIGTERM received"),
+        _ = int_recv => tracing::info!("SIGINT received"),
+        _ = shared.quit.notified() => tracing::info!("quit requested"),
+    }
+}

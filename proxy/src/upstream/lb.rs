@@ -1,0 +1,168 @@
+//! Load balancers over a [`HostSet`]: round robin, least request (power of N choices), random.
+//!
+//! Randomness comes from a small per-worker generator that tests seed ([`Rng::seeded`]).
+
+use super::{Host, HostSet, LbPolicy};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// A xorshift64* generator: fast, not cryptographic, seedable for tests.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn seeded(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
+
+    /// Seeded from the clock and the thread, for workers.
+    pub fn from_entropy() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let addr = &t as *const u64 as u64;
+        Rng::seeded(t ^ addr.rotate_left(32) ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    #[inline]
+    pub fn below(&mut self, n: usize) -> usize {
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
+    }
+}
+
+/// Pick one of the set's healthy hosts, or any host when none is healthy is not Envoy's default: with no healthy
+/// host the pick fails (panic mode is added with priorities).
+pub fn pick<'s>(
+    policy: LbPolicy,
+    set: &'s HostSet,
+    rr: &AtomicUsize,
+    rng: &mut Rng,
+) -> Option<&'s Arc<Host>> {
+    let healthy = &set.healthy;
+    let n = healthy.len();
+    if n == 0 {
+        return None;
+    }
+    if n == 1 {
+        return Some(&set.hosts[healthy[0]]);
+    }
+    let i = match policy {
+        LbPolicy::RoundRobin => {
+            if set.hosts.iter().all(|h| h.weight == set.hosts[0].weight) {
+                rr.fetch_add(1, Relaxed) % n
+            } else {
+                weighted_rr(set, rr)
+            }
+        }
+        LbPolicy::Random => rng.below(n),
+        LbPolicy::LeastRequest { choice_count } => {
+            let mut best = rng.below(n);
+            for _ in 1..choice_count.max(1) {
+                let c = rng.below(n);
+                let active = |i: usize| set.hosts[healthy[i]].stats.rq_active.load(Relaxed);
+                if active(c) < active(best) {
+                    best = c;
+                }
+            }
+            best
+        }
+    };
+    Some(&set.hosts[healthy[i]])
+}
+
+/// Weighted round robin by stepping through the cumulative weights.
+fn weighted_rr(set: &HostSet, rr: &AtomicUsize) -> usize {
+    let total: usize = set.healthy.iter().map(|&i| set.hosts[i].weight as usize).sum();
+    let mut k = rr.fetch_add(1, Relaxed) % total.max(1);
+    for (pos, &i) in set.healthy.iter().enumerate() {
+        let w = set.hosts[i].weight as usize;
+        if k < w {
+            return pos;
+        }
+        k -= w;
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{EndpointConfig, EndpointHealth, Locality};
+
+    fn set(weights: &[u32]) -> HostSet {
+        HostSet::new(
+            weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| {
+                    Host::new(&EndpointConfig {
+                        address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                        hostname: String::new(),
+                        weight: w,
+                        priority: 0,
+                        locality: Locality::default(),
+                        health: EndpointHealth::Unknown,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    fn counts(policy: LbPolicy, s: &HostSet, n: usize) -> Vec<usize> {
+        let rr = AtomicUsize::new(0);
+        let mut rng = Rng::seeded(7);
+        let mut c = vec![0; s.hosts.len()];
+        for _ in 0..n {
+            let h = pick(policy, s, &rr, &mut rng).unwrap();
+            c[s.hosts.iter().position(|x| x.id == h.id).unwrap()] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_is_even_and_weighted() {
+        assert_eq!(
+            counts(LbPolicy::RoundRobin, &set(&[1, 1, 1]), 300),
+            [100, 100, 100]
+        );
+        assert_eq!(counts(LbPolicy::RoundRobin, &set(&[1, 3]), 400), [100, 300]);
+    }
+
+    #[test]
+    fn random_and_least_request_spread() {
+        for p in [LbPolicy::Random, LbPolicy::LeastRequest { choice_count: 2 }] {
+            let c = counts(p, &set(&[1, 1, 1, 1]), 4000);
+            assert!(c.iter().all(|&x| (800..1200).contains(&x)), "{p:?} {c:?}");
+        }
+    }
+
+    #[test]
+    fn least_request_prefers_idle_hosts() {
+        let s = set(&[1, 1]);
+        s.hosts[0].stats.rq_active.store(10, Relaxed);
+        let c = counts(LbPolicy::LeastRequest { choice_count: 2 }, &s, 1000);
+        // Host 0 wins only when both choices land on it (1/4 of picks).
+        assert!(c[0] < 320 && c[0] > 180, "{c:?}");
+    }
+
+    #[test]
+    fn unhealthy_hosts_are_skipped() {
+        let mut s = set(&[1, 1]);
+        s.healthy = vec![1];
+        assert_eq!(counts(LbPolicy::RoundRobin, &s, 10), [0, 10]);
+        s.healthy.clear();
+        assert!(pick(LbPolicy::Random, &s, &AtomicUsize::new(0), &mut Rng::seeded(1)).is_none());
+    }
+}

@@ -1,0 +1,251 @@
+//! Per-worker upstream connection pools.
+//!
+//! Each worker thread runs its own single-threaded runtime, and keeps its own pools in a `RefCell`: taking and
+//! returning a connection is a vector push and pop, with no lock and no atomic. HTTP/1.1 pools keep idle
+//! connections (most recently used first); an HTTP/2 pool keeps one multiplexed connection per host.
+//!
+//! A pooled HTTP/1.1 connection returns to its pool when the response body has been read to its end; one whose
+//! response was abandoned is dropped, and hyper closes it.
+
+use super::{Cluster, Host};
+use crate::body::Body;
+use crate::runtime::LocalExec;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::TokioIo;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Why an upstream connection could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection timeout")]
+    Timeout,
+    #[error("connection failure, transport failure reason: delayed connect error: {0}")]
+    Refused(io::Error),
+    #[error("connection failure: {0}")]
+    Handshake(hyper::Error),
+}
+
+#[derive(Default)]
+struct HostPool {
+    idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    h2: Option<http2::SendRequest<Body>>,
+}
+
+/// The pools of one worker.
+#[derive(Default)]
+pub struct Pools {
+    hosts: RefCell<HashMap<u64, HostPool>>,
+}
+
+impl Pools {
+    pub fn new() -> Rc<Self> {
+        Rc::new(Pools::default())
+    }
+
+    /// An idle HTTP/1.1 connection to `host`, or a new one.
+    pub async fn http1(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+    ) -> Result<http1::SendRequest<Body>, ConnectError> {
+        loop {
+            let candidate = {
+                let mut hosts = self.hosts.borrow_mut();
+                let pool = hosts.entry(host.id).or_default();
+                pool.idle.pop()
+            };
+            let Some((mut sender, since)) = candidate else {
+                break;
+            };
+            if sender.is_closed() {
+                continue;
+            }
+            if let Some(idle) = cluster.config.idle_timeout {
+                if since.elapsed() >= idle {
+                    continue;
+                }
+            }
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        let io = connect(cluster, host).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        cluster.stats.upstream_cx_http1_total.inc();
+        tokio::task::spawn_local(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Give a connection back after its response ended.
+    pub fn put_http1(&self, host_id: u64, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut hosts = self.hosts.borrow_mut();
+        hosts
+            .entry(host_id)
+            .or_default()
+            .idle
+            .push((sender, Instant::now()));
+    }
+
+    /// The shared HTTP/2 connection to `host`, made if there is none or it closed.
+    pub async fn http2(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        {
+            let mut hosts = self.hosts.borrow_mut();
+            let pool = hosts.entry(host.id).or_default();
+            if let Some(s) = &pool.h2 {
+                if !s.is_closed() && s.is_ready() {
+                    return Ok(s.clone());
+                }
+                pool.h2 = None;
+            }
+        }
+        let io = connect(cluster, host).await?;
+        let (sender, conn) = http2::Builder::new(LocalExec)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
+        cluster.stats.upstream_cx_http2_total.inc();
+        tokio::task::spawn_local(async move {
+            let _ = conn.await;
+        });
+        let mut hosts = self.hosts.borrow_mut();
+        hosts.entry(host.id).or_default().h2 = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Drop every pooled connection (the worker is stopping).
+    pub fn clear(&self) {
+        self.hosts.borrow_mut().clear();
+    }
+
+    /// Drop pools of hosts that no longer exist (called when membership changes).
+    pub fn retain(&self, live: impl Fn(u64) -> bool) {
+        self.hosts.borrow_mut().retain(|id, _| live(*id));
+    }
+}
+
+/// Open a TCP connection to `host` within the cluster's `connect_timeout`, counting it.
+async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<CountedIo>, ConnectError> {
+    let stats = &cluster.stats;
+    let start = Instant::now();
+    let res = tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(host.address)).await;
+    let stream = match res {
+        Err(_) => {
+            stats.upstream_cx_connect_timeout.inc();
+            stats.upstream_cx_connect_fail.inc();
+            host.stats.cx_connect_fail.fetch_add(1, Relaxed);
+            return Err(ConnectError::Timeout);
+        }
+        Ok(Err(e)) => {
+            stats.upstream_cx_connect_fail.inc();
+            host.stats.cx_connect_fail.fetch_add(1, Relaxed);
+            return Err(ConnectError::Refused(e));
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    stats.upstream_cx_total.inc();
+    stats.upstream_cx_active.inc();
+    host.stats.cx_total.fetch_add(1, Relaxed);
+    host.stats.cx_active.fetch_add(1, Relaxed);
+    stats
+        .upstream_cx_connect_ms
+        .record(start.elapsed().as_millis() as u64);
+    Ok(TokioIo::new(CountedIo {
+        stream,
+        cluster: cluster.clone(),
+        host: host.clone(),
+        opened: Instant::now(),
+    }))
+}
+
+/// A TCP stream that counts its bytes into the cluster's stats and its lifetime on close.
+pub struct CountedIo {
+    stream: TcpStream,
+    cluster: Arc<Cluster>,
+    host: Arc<Host>,
+    opened: Instant,
+}
+
+impl Drop for CountedIo {
+    fn drop(&mut self) {
+        let s = &self.cluster.stats;
+        s.upstream_cx_active.dec();
+        s.upstream_cx_destroy.inc();
+        s.upstream_cx_length_ms
+            .record(self.opened.elapsed().as_millis() as u64);
+        self.host.stats.cx_active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl AsyncRead for CountedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.cluster.stats.upstream_cx_rx_bytes_total.add(n as u64);
+        }
+        res
+    }
+}
+
+impl AsyncWrite for CountedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.cluster.stats.upstream_cx_tx_bytes_total.add(*n as u64);
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.cluster.stats.upstream_cx_tx_bytes_total.add(*n as u64);
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,4 @@
+//! End-to-end tests: the real `remora` binary between in-process clients and origins (see `harness`).
+
+mod harness;
+mod harness_selftest;
