@@ -146,7 +146,10 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
 
     let filters = h.list("http_filters");
     if filters.is_empty() {
-        h.err("http_filters", "needs envoy.filters.http.router as its last filter");
+        h.err(
+            "http_filters",
+            "needs envoy.filters.http.router as its last filter",
+        );
     }
     for (i, f) in filters.iter().enumerate() {
         let name = f.string("name").unwrap_or_default();

@@ -222,8 +222,7 @@ pub fn prometheus(store: &Store, sel: &Select) -> String {
     let mut counters: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     let mut gauges: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     type Tags = Vec<(&'static str, String)>;
-    let mut hists: BTreeMap<String, Vec<(Tags, super::HistogramSnapshot)>> =
-        BTreeMap::new();
+    let mut hists: BTreeMap<String, Vec<(Tags, super::HistogramSnapshot)>> = BTreeMap::new();
     for (name, m) in store.snapshot() {
         if !sel.keep(&name, &m) {
             continue;
