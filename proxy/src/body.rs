@@ -11,6 +11,8 @@ use pin_project::{pin_project, pinned_drop};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Errors that end a body early.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -35,8 +37,60 @@ pub struct Body {
     /// At most two hooks: the upstream request's and the downstream request's.
     hooks: [Option<Box<dyn EndOfStream>>; 2],
     bytes: u64,
-    /// Ends the body with an error at this instant (route timeout over the response body).
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Route timeout and stream idle timeout over a response body.
+    watchdog: Option<Box<Watchdog>>,
+    /// Marked on every frame: the stream's last activity, which the idle timeout watches.
+    activity: Option<Activity>,
+}
+
+/// The last time a stream moved, shared by its request and response bodies.
+pub type Activity = std::rc::Rc<std::cell::Cell<Instant>>;
+
+/// Ends a body with an error when the route's deadline passes or the stream has been idle too long.
+pub struct Watchdog {
+    pub deadline: Option<Instant>,
+    pub idle: Option<(Duration, Activity)>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Watchdog {
+    /// `None` when there is nothing to watch.
+    pub fn new(deadline: Option<Instant>, idle: Option<(Duration, Activity)>) -> Option<Box<Watchdog>> {
+        let first = Watchdog::next(deadline, idle.as_ref())?;
+        Some(Box::new(Watchdog { deadline, idle, sleep: Box::pin(tokio::time::sleep_until(first)) }))
+    }
+
+    fn next(deadline: Option<Instant>, idle: Option<&(Duration, Activity)>) -> Option<Instant> {
+        let idle_at = idle.map(|(d, a)| a.get() + *d);
+        match (deadline, idle_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Ready with the reason once a limit has passed; re-arms itself when only activity moved the idle limit.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Expired> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            if self.deadline.is_some_and(|d| d <= now) {
+                return Poll::Ready(Expired::Deadline);
+            }
+            match Watchdog::next(self.deadline, self.idle.as_ref()) {
+                Some(next) if next > now => self.sleep.as_mut().reset(next),
+                _ => return Poll::Ready(Expired::Idle),
+            }
+        }
+    }
+}
+
+/// Which limit a [`Watchdog`] saw pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expired {
+    Deadline,
+    Idle,
 }
 
 impl Body {
@@ -62,7 +116,8 @@ impl Body {
             kind,
             hooks: [None, None],
             bytes: 0,
-            deadline: None,
+            watchdog: None,
+            activity: None,
         }
     }
 
@@ -79,8 +134,15 @@ impl Body {
         self
     }
 
-    pub fn with_deadline(mut self, deadline: Option<Pin<Box<tokio::time::Sleep>>>) -> Self {
-        self.deadline = deadline;
+    /// End the body with an error when the watchdog fires.
+    pub fn with_watchdog(mut self, watchdog: Option<Box<Watchdog>>) -> Self {
+        self.watchdog = watchdog;
+        self
+    }
+
+    /// Mark `activity` on every frame.
+    pub fn with_activity(mut self, activity: Option<Activity>) -> Self {
+        self.activity = activity;
         self
     }
 
@@ -93,10 +155,14 @@ impl Body {
     }
 }
 
-/// The route timeout expired while the response body was streaming.
+/// The route timeout or the stream idle timeout expired while the body was streaming.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream request timeout")]
-pub struct BodyTimeout;
+pub enum BodyTimeout {
+    #[error("upstream request timeout")]
+    Route,
+    #[error("stream timeout")]
+    Idle,
+}
 
 impl HttpBody for Body {
     type Data = Bytes;
@@ -107,10 +173,14 @@ impl HttpBody for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        if let Some(d) = this.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
+        if let Some(w) = this.watchdog.as_mut() {
+            if let Poll::Ready(why) = w.poll_expired(cx) {
                 Body::finish(this.hooks, false, *this.bytes);
-                return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+                let e = match why {
+                    Expired::Deadline => BodyTimeout::Route,
+                    Expired::Idle => BodyTimeout::Idle,
+                };
+                return Poll::Ready(Some(Err(Box::new(e))));
             }
         }
         let mut kind = this.kind;
@@ -128,6 +198,9 @@ impl HttpBody for Body {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     *this.bytes += d.len() as u64;
+                }
+                if let Some(a) = this.activity.as_ref() {
+                    a.set(Instant::now());
                 }
                 // hyper stops polling a body that reports its end, so the end is noticed here.
                 if kind_at_end(&kind) {
