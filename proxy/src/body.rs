@@ -57,7 +57,11 @@ impl Watchdog {
     /// `None` when there is nothing to watch.
     pub fn new(deadline: Option<Instant>, idle: Option<(Duration, Activity)>) -> Option<Box<Watchdog>> {
         let first = Watchdog::next(deadline, idle.as_ref())?;
-        Some(Box::new(Watchdog { deadline, idle, sleep: Box::pin(tokio::time::sleep_until(first)) }))
+        Some(Box::new(Watchdog {
+            deadline,
+            idle,
+            sleep: Box::pin(tokio::time::sleep_until(first)),
+        }))
     }
 
     fn next(deadline: Option<Instant>, idle: Option<&(Duration, Activity)>) -> Option<Instant> {

@@ -344,7 +344,9 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
                 let _ = w.join();
             }
         });
-        tokio::time::timeout(drain_time + Duration::from_secs(1), join).await.is_ok()
+        tokio::time::timeout(drain_time + Duration::from_secs(1), join)
+            .await
+            .is_ok()
     });
     if !joined {
         tracing::warn!("workers did not finish within the drain time; exiting");
@@ -367,7 +369,11 @@ async fn serve_listeners(shared: &Arc<Shared>, worker: &std::rc::Rc<crate::runti
             for b in current.iter() {
                 if !serving.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(b))) {
                     serving.push(Arc::downgrade(b));
-                    tokio::task::spawn_local(listener::accept_loop(b.clone(), shared.clone(), worker.clone()));
+                    tokio::task::spawn_local(listener::accept_loop(
+                        b.clone(),
+                        shared.clone(),
+                        worker.clone(),
+                    ));
                 }
             }
         }

@@ -18,9 +18,9 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
 use tokio::time::Instant;
@@ -532,7 +532,10 @@ async fn forward(
     };
     let deadline = action.timeout.map(|t| start + t);
     // The stream idle timeout watches both directions: request body frames and response body frames.
-    let activity = conn.hcm.stream_idle_timeout.map(|_| Rc::new(std::cell::Cell::new(Instant::now())));
+    let activity = conn
+        .hcm
+        .stream_idle_timeout
+        .map(|_| Rc::new(std::cell::Cell::new(Instant::now())));
     let idle = conn.hcm.stream_idle_timeout.zip(activity.clone());
 
     cs.upstream_rq_total.inc();
@@ -540,7 +543,12 @@ async fn forward(
     host.stats.rq_total.fetch_add(1, Relaxed);
     host.stats.rq_active.fetch_add(1, Relaxed);
     let upstream_start = Instant::now();
-    let mut guard = UpstreamGuard { cluster: cluster.clone(), host: host.clone(), start: upstream_start, done: false };
+    let mut guard = UpstreamGuard {
+        cluster: cluster.clone(),
+        host: host.clone(),
+        start: upstream_start,
+        done: false,
+    };
 
     let req_body = Body::incoming(body).with_activity(activity.clone());
     let sent = send(conn, cluster, &host, protocol, parts, req_body);
@@ -567,7 +575,11 @@ async fn forward(
                 SendError::Idle => {
                     hcm_stats(conn).downstream_rq_idle_timeout.inc();
                     info.details = "stream_idle_timeout";
-                    (StatusCode::GATEWAY_TIMEOUT, Flag::StreamIdleTimeout, "stream timeout".to_string())
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Flag::StreamIdleTimeout,
+                        "stream timeout".to_string(),
+                    )
                 }
                 SendError::Timeout => {
                     cs.upstream_rq_timeout.inc();

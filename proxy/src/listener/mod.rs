@@ -68,8 +68,17 @@ pub struct Bound {
 }
 
 impl Bound {
-    pub fn new(config: Arc<ListenerConfig>, socket: std::net::TcpListener, stats: Arc<ListenerStats>) -> Arc<Self> {
-        Arc::new(Bound { config, socket, stats, stop: watch::channel(false).0 })
+    pub fn new(
+        config: Arc<ListenerConfig>,
+        socket: std::net::TcpListener,
+        stats: Arc<ListenerStats>,
+    ) -> Arc<Self> {
+        Arc::new(Bound {
+            config,
+            socket,
+            stats,
+            stop: watch::channel(false).0,
+        })
     }
 
     pub fn drain(&self) {
