@@ -20,7 +20,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Called once when a body ends (`complete` is false when it was dropped or failed before its end).
 pub trait EndOfStream {
     fn end(&mut self, complete: bool, bytes: u64);
+
+    /// Called when the body's trailers pass (before [`EndOfStream::end`]); gRPC carries `grpc-status` here.
+    fn trailers(&mut self, _trailers: &http::HeaderMap) {}
 }
+
+/// How many hooks a body holds: the upstream request's, the downstream request's, and two for HTTP filters.
+const HOOKS: usize = 4;
 
 #[pin_project(project = KindProj)]
 enum Kind {
@@ -34,8 +40,9 @@ enum Kind {
 pub struct Body {
     #[pin]
     kind: Kind,
-    /// At most two hooks: the upstream request's and the downstream request's.
-    hooks: [Option<Box<dyn EndOfStream>>; 2],
+    /// The upstream request's, the downstream request's, and HTTP filters' (adaptive concurrency, admission
+    /// control).
+    hooks: [Option<Box<dyn EndOfStream>>; HOOKS],
     bytes: u64,
     /// Route timeout and stream idle timeout over a response body.
     watchdog: Option<Box<Watchdog>>,
@@ -118,7 +125,7 @@ impl Body {
     fn from_kind(kind: Kind) -> Self {
         Body {
             kind,
-            hooks: [None, None],
+            hooks: [None, None, None, None],
             bytes: 0,
             watchdog: None,
             activity: None,
@@ -126,7 +133,7 @@ impl Body {
     }
 
     /// Run `hook` when the body ends (immediately if it is already at its end). Hooks run in the order added;
-    /// a body takes two at most, and a third runs at once as if the body had been dropped.
+    /// a body takes four at most, and a fifth runs at once as if the body had been dropped.
     pub fn on_end(mut self, mut hook: Box<dyn EndOfStream>) -> Self {
         if self.is_end_stream() {
             hook.end(true, self.bytes);
@@ -150,7 +157,7 @@ impl Body {
         self
     }
 
-    fn finish(hooks: &mut [Option<Box<dyn EndOfStream>>; 2], complete: bool, bytes: u64) {
+    fn finish(hooks: &mut [Option<Box<dyn EndOfStream>>; HOOKS], complete: bool, bytes: u64) {
         for h in hooks.iter_mut() {
             if let Some(mut h) = h.take() {
                 h.end(complete, bytes);
@@ -202,6 +209,10 @@ impl HttpBody for Body {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     *this.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref() {
+                    for h in this.hooks.iter_mut().flatten() {
+                        h.trailers(t);
+                    }
                 }
                 if let Some(a) = this.activity.as_ref() {
                     a.set(Instant::now());
