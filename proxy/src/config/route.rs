@@ -19,6 +19,7 @@ pub fn lower_table(
     rc: &Node,
     ids: &ClusterIds,
     static_clusters: Option<&HashSet<String>>,
+    store: &std::sync::Arc<crate::stats::Store>,
 ) -> Option<RouteTable> {
     let name = rc.string("name").unwrap_or_default();
     let validate = rc
@@ -33,7 +34,7 @@ pub fn lower_table(
     rc.unsupported("vhds");
     rc.unsupported("cluster_specifier_plugins");
     rc.unsupported("request_mirror_policies");
-    rc.unsupported("typed_per_filter_config");
+    let table_rl = per_filter_config(rc, store);
     rc.unsupported("max_direct_response_body_size_bytes");
     rc.unsupported("metadata");
 
@@ -75,7 +76,7 @@ pub fn lower_table(
         let routes = vh
             .list("routes")
             .iter()
-            .filter_map(|r| lower_route(r, ids, known))
+            .filter_map(|r| lower_route(r, ids, known, store))
             .collect();
         let request_headers = header_mods(&vh, "request_headers_to_add", "request_headers_to_remove");
         let response_headers = header_mods(&vh, "response_headers_to_add", "response_headers_to_remove");
@@ -83,7 +84,7 @@ pub fn lower_table(
         vh.unsupported("virtual_clusters");
         vh.unsupported("rate_limits");
         vh.unsupported("cors");
-        vh.unsupported("typed_per_filter_config");
+        let local_rate_limit = per_filter_config(&vh, store);
         vh.unsupported("include_request_attempt_count");
         vh.unsupported("include_attempt_count_in_response");
         vh.unsupported("retry_policy");
@@ -99,16 +100,23 @@ pub fn lower_table(
             routes,
             request_headers,
             response_headers,
+            local_rate_limit,
         });
     }
     let mut t = RouteTable::new(name, vhosts);
     t.request_headers = request_headers;
     t.response_headers = response_headers;
     t.ignore_port_in_host_matching = ignore_port;
+    t.local_rate_limit = table_rl;
     Some(t)
 }
 
-fn lower_route(r: &Node, ids: &ClusterIds, known: Option<&HashSet<String>>) -> Option<Route> {
+fn lower_route(
+    r: &Node,
+    ids: &ClusterIds,
+    known: Option<&HashSet<String>>,
+    store: &std::sync::Arc<crate::stats::Store>,
+) -> Option<Route> {
     let name = r.string("name").unwrap_or_default();
     let matcher = match r.msg("match") {
         Some(m) => lower_match(&m)?,
@@ -142,7 +150,7 @@ fn lower_route(r: &Node, ids: &ClusterIds, known: Option<&HashSet<String>>) -> O
     let response_headers = header_mods(r, "response_headers_to_add", "response_headers_to_remove");
     r.unsupported("metadata");
     r.unsupported("decorator");
-    r.unsupported("typed_per_filter_config");
+    let local_rate_limit = per_filter_config(r, store);
     r.unsupported("tracing");
     r.unsupported("per_request_buffer_limit_bytes");
     r.unsupported("stat_prefix");
@@ -152,6 +160,7 @@ fn lower_route(r: &Node, ids: &ClusterIds, known: Option<&HashSet<String>>) -> O
         action,
         request_headers,
         response_headers,
+        local_rate_limit,
     })
 }
 
@@ -574,4 +583,32 @@ fn query_matcher(q: &Node) -> Option<QueryMatcher> {
         return None;
     };
     Some(QueryMatcher { name, value })
+}
+
+/// `typed_per_filter_config`: per-route settings of HTTP filters. Remora's only per-route filter config is the
+/// local rate limit; any other is refused with its path.
+fn per_filter_config(
+    n: &Node,
+    store: &std::sync::Arc<crate::stats::Store>,
+) -> Option<crate::route::LocalRateLimit> {
+    let mut out = None;
+    for (key, any) in n.map("typed_per_filter_config") {
+        let Some(cfg) = any.unpack() else { continue };
+        if cfg.type_name() == super::listener::LOCAL_RATELIMIT {
+            if let Some(c) = crate::filters::local_ratelimit::lower(&cfg, true) {
+                out = Some(crate::filters::local_ratelimit::LocalRateLimiter::new(
+                    &c,
+                    &store.scope(""),
+                    tokio::time::Instant::now(),
+                ));
+            }
+        } else {
+            cfg.err_here(format!(
+                "{key}: per-route config {} is not supported by Remora",
+                cfg.type_name()
+            ));
+            cfg.mark_all();
+        }
+    }
+    out
 }

@@ -69,6 +69,16 @@ pub struct HcmConfig {
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
     pub stats: HcmStats,
+    /// The HTTP filters before the router, in configuration order.
+    pub filters: Vec<HttpFilter>,
+}
+
+/// One configured HTTP filter; its shared state serves every worker.
+#[derive(Debug, Clone)]
+pub enum HttpFilter {
+    AdaptiveConcurrency(Arc<crate::filters::adaptive_concurrency::Controller>),
+    AdmissionControl(Arc<crate::filters::admission_control::AdmissionController>),
+    LocalRateLimit(Arc<crate::filters::local_ratelimit::LocalRateLimiter>),
 }
 
 /// `http.<stat_prefix>.*` and `listener.<address>.http.<stat_prefix>.*`.

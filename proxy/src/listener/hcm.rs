@@ -8,7 +8,7 @@
 use super::config::{HcmConfig, ServerHeader, Underscores};
 use super::Conn;
 use crate::body::{Body, EndOfStream, Expired, Watchdog};
-use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction};
+use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction, RouteTable};
 use crate::upstream::pool::ConnectError;
 use crate::upstream::{Cluster, Host, Protocol};
 use bytes::Bytes;
@@ -52,8 +52,9 @@ static INTERNAL_ONLY: [HeaderName; 13] = [
     HeaderName::from_static("x-envoy-original-url"),
 ];
 
-/// Envoy's response flags (`%RESPONSE_FLAGS%`).
+/// Envoy's response flags (`%RESPONSE_FLAGS%`), in Envoy's order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Flag {
     NoHealthyUpstream,
     UpstreamRequestTimeout,
@@ -66,9 +67,26 @@ pub enum Flag {
     DownstreamConnectionTermination,
     UpstreamProtocolError,
     StreamIdleTimeout,
+    RateLimited,
 }
 
 impl Flag {
+    /// Every flag Remora sets, in the order Envoy prints them.
+    pub const ALL: [Flag; 12] = [
+        Flag::NoHealthyUpstream,
+        Flag::UpstreamRequestTimeout,
+        Flag::UpstreamRemoteReset,
+        Flag::UpstreamConnectionFailure,
+        Flag::UpstreamConnectionTermination,
+        Flag::UpstreamOverflow,
+        Flag::NoRouteFound,
+        Flag::RateLimited,
+        Flag::DownstreamConnectionTermination,
+        Flag::StreamIdleTimeout,
+        Flag::UpstreamProtocolError,
+        Flag::NoClusterFound,
+    ];
+
     pub fn short(self) -> &'static str {
         match self {
             Flag::NoHealthyUpstream => "UH",
@@ -82,15 +100,40 @@ impl Flag {
             Flag::DownstreamConnectionTermination => "DC",
             Flag::UpstreamProtocolError => "UPE",
             Flag::StreamIdleTimeout => "SI",
+            Flag::RateLimited => "RL",
         }
     }
 }
 
 /// What the access log and stats learn about one request.
-#[derive(Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct StreamInfo {
-    pub flags: Vec<Flag>,
+    /// Set flags, one bit per [`Flag`] (by discriminant).
+    pub flags: u32,
     pub details: &'static str,
+}
+
+impl StreamInfo {
+    pub fn set(&mut self, f: Flag) {
+        self.flags |= 1 << f as u8;
+    }
+
+    pub fn has(&self, f: Flag) -> bool {
+        self.flags & (1 << f as u8) != 0
+    }
+
+    /// The set flags' short names in Envoy's order.
+    pub fn flag_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        Flag::ALL.iter().filter(|f| self.has(**f)).map(|f| f.short())
+    }
+}
+
+/// The route a request matched, carried in the request's extensions through the HTTP filters to the router.
+#[derive(Clone)]
+pub struct MatchedRoute {
+    pub table: Arc<RouteTable>,
+    pub vhost: usize,
+    pub route: usize,
 }
 
 /// The entry point for each request on a downstream connection.
@@ -109,7 +152,30 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
     }
     let head_only = req.method() == http::Method::HEAD;
     let mut info = StreamInfo::default();
-    let resp = route_and_forward(&conn, &hcm, req, &mut info, start).await;
+    let resp = match prepare(&conn, &hcm, req, &mut info) {
+        Err(local) => local,
+        Ok((req, matched)) if hcm.filters.is_empty() => dispatch(&conn, req, matched, &mut info, start).await,
+        Ok((mut req, matched)) => {
+            if let Some(m) = &matched {
+                if let Some(rl) = m.table.local_rate_limit(m.vhost, m.route) {
+                    req.extensions_mut()
+                        .insert(crate::filters::local_ratelimit::RouteLocalRateLimit(rl.clone()));
+                }
+                req.extensions_mut().insert(m.clone());
+            }
+            let mut resp = conn.call_filters(req).await;
+            if let Some(i) = resp.extensions_mut().remove::<StreamInfo>() {
+                info = i;
+            }
+            if let Some(r) = resp.extensions().get::<crate::filters::FilterReply>() {
+                info.details = r.details;
+                if r.flag.is_some() {
+                    info.set(Flag::RateLimited);
+                }
+            }
+            resp
+        }
+    };
     let (mut parts, body) = resp.into_parts();
     finish_response_headers(&hcm, &mut parts.headers, conn.draining());
     let status = parts.status.as_u16();
@@ -191,20 +257,19 @@ fn local_reply_owned(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-async fn route_and_forward(
+/// The connection manager's work before routing: header rules, the authority, and the route match.
+#[allow(clippy::result_large_err)]
+fn prepare(
     conn: &Rc<Conn>,
     hcm: &Arc<HcmConfig>,
     req: Request<Incoming>,
     info: &mut StreamInfo,
-    start: Instant,
-) -> Response<Body> {
+) -> Result<(Request<Incoming>, Option<MatchedRoute>), Response<Body>> {
     let (mut parts, body) = req.into_parts();
-
-    // Connection manager header rules.
     if hcm.underscores != Underscores::Allow && parts.headers.keys().any(|k| k.as_str().contains('_')) {
         if hcm.underscores == Underscores::Reject {
             info.details = "http1.unexpected_underscore";
-            return local_reply(StatusCode::BAD_REQUEST, "Bad Request");
+            return Err(local_reply(StatusCode::BAD_REQUEST, "Bad Request"));
         }
         let names: Vec<HeaderName> = parts
             .headers
@@ -218,26 +283,52 @@ async fn route_and_forward(
     }
     mutate_request_headers(conn, hcm, &mut parts.headers);
 
+    // The authority (`:authority`, or `host`), held as shared bytes: no copy.
     let authority = match parts.uri.authority() {
-        Some(a) => a.as_str().to_owned(),
-        None => match parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-            Some(h) => h.to_owned(),
+        Some(a) => HeaderValue::from_str(a.as_str()).unwrap_or(HeaderValue::from_static("")),
+        None => match parts.headers.get(header::HOST) {
+            Some(h) => h.clone(),
             None => {
                 info.details = "missing_host_header";
-                return local_reply(StatusCode::BAD_REQUEST, "");
+                return Err(local_reply(StatusCode::BAD_REQUEST, ""));
             }
         },
     };
-
-    let table = hcm.routes.load();
+    let authority: HeaderValue = authority;
+    let table = hcm.routes.load_full();
     hcm.stats.rq_total.inc();
-    let Some(m) = table.route(&authority, &parts.uri, &parts.headers) else {
+    let matched = table
+        .route_index(authority.to_str().unwrap_or(""), &parts.uri, &parts.headers)
+        .map(|(vhost, route)| MatchedRoute {
+            table: table.clone(),
+            vhost,
+            route,
+        });
+    Ok((Request::from_parts(parts, body), matched))
+}
+
+/// The router: a local reply for no route, a direct response or a redirect, else forward to the cluster.
+async fn dispatch(
+    conn: &Rc<Conn>,
+    req: Request<Incoming>,
+    matched: Option<MatchedRoute>,
+    info: &mut StreamInfo,
+    start: Instant,
+) -> Response<Body> {
+    let hcm = &conn.hcm;
+    let Some(m) = matched else {
         hcm.stats.no_route.inc();
-        info.flags.push(Flag::NoRouteFound);
+        info.set(Flag::NoRouteFound);
         info.details = "route_not_found";
         return local_reply(StatusCode::NOT_FOUND, "");
     };
-    let (vhost, route) = (m.vhost, m.route);
+    let (mut parts, body) = req.into_parts();
+    let table = &m.table;
+    let (vhost, route) = (
+        &table.virtual_hosts[m.vhost],
+        &table.virtual_hosts[m.vhost].routes[m.route],
+    );
+
     let action = match &route.action {
         Action::Direct { status, body } => {
             hcm.stats.rq_direct_response.inc();
@@ -254,14 +345,23 @@ async fn route_and_forward(
                 None => Response::new(Body::empty()),
             };
             *r.status_mut() = *status;
-            apply_response_mods(&table, vhost, route, r.headers_mut());
+            apply_response_mods(table, vhost, route, r.headers_mut());
             return r;
         }
         Action::Redirect(redirect) => {
             hcm.stats.rq_redirect.inc();
             info.details = "direct_response";
+            let authority = match parts.uri.authority() {
+                Some(a) => a.as_str().to_string(),
+                None => parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("")
+                    .to_string(),
+            };
             let mut r = redirect_response(redirect, &authority, &parts.uri, conn);
-            apply_response_mods(&table, vhost, route, r.headers_mut());
+            apply_response_mods(table, vhost, route, r.headers_mut());
             return r;
         }
         Action::Forward(a) => a,
@@ -291,7 +391,7 @@ async fn route_and_forward(
     };
     let Some(cluster) = cluster.cloned() else {
         hcm.stats.no_cluster.inc();
-        info.flags.push(Flag::NoClusterFound);
+        info.set(Flag::NoClusterFound);
         info.details = "cluster_not_found";
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
@@ -304,7 +404,7 @@ async fn route_and_forward(
     rewrite_path(action, route, &mut parts);
 
     let mut resp = forward(conn, &cluster, action, parts, body, info, start).await;
-    apply_response_mods(&table, vhost, route, resp.headers_mut());
+    apply_response_mods(table, vhost, route, resp.headers_mut());
     resp
 }
 
@@ -494,7 +594,7 @@ async fn forward(
     };
     let Some(host) = host else {
         cs.upstream_cx_none_healthy.inc();
-        info.flags.push(Flag::NoHealthyUpstream);
+        info.set(Flag::NoHealthyUpstream);
         info.details = "no_healthy_upstream";
         cs.upstream_rq.record(503);
         cs.upstream_rq_completed.inc();
@@ -645,7 +745,7 @@ async fn forward(
                     }
                 }
             };
-            info.flags.push(flag);
+            info.set(flag);
             host.stats.rq_error.fetch_add(1, Relaxed);
             cs.upstream_rq.record(status.as_u16());
             cs.upstream_rq_completed.inc();
@@ -873,4 +973,33 @@ impl EndOfStream for UpstreamDone {
 
 fn hcm_stats(conn: &Conn) -> &super::config::HcmStats {
     &conn.hcm.stats
+}
+
+/// The router as the innermost service of the HTTP filter chain. It takes the route matched before the chain
+/// from the request's extensions and hands its [`StreamInfo`] back in the response's.
+#[derive(Clone)]
+pub struct RouterService {
+    pub conn: Rc<Conn>,
+}
+
+impl tower::Service<Request<Incoming>> for RouterService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let matched = req.extensions_mut().remove::<MatchedRoute>();
+            let mut info = StreamInfo::default();
+            let mut resp = dispatch(&conn, req, matched, &mut info, start).await;
+            resp.extensions_mut().insert(info);
+            Ok(resp)
+        })
+    }
 }

@@ -92,9 +92,13 @@ pub struct RouteTable {
     default: Option<usize>,
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
-    /// Whether any header or query matcher is used; when not, matching skips that work.
     pub ignore_port_in_host_matching: bool,
+    /// `typed_per_filter_config` for `envoy.filters.http.local_ratelimit`.
+    pub local_rate_limit: Option<LocalRateLimit>,
 }
+
+/// A per-route local rate limiter (`typed_per_filter_config`).
+pub type LocalRateLimit = std::sync::Arc<crate::filters::local_ratelimit::LocalRateLimiter>;
 
 #[derive(Debug, Default)]
 pub struct VirtualHost {
@@ -103,6 +107,7 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
+    pub local_rate_limit: Option<LocalRateLimit>,
 }
 
 #[derive(Debug)]
@@ -112,6 +117,7 @@ pub struct Route {
     pub action: Action,
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
+    pub local_rate_limit: Option<LocalRateLimit>,
 }
 
 #[derive(Debug)]
@@ -257,6 +263,25 @@ impl RouteTable {
             }
         }
         None
+    }
+
+    /// Match a request; the indexes of the virtual host and the route.
+    pub fn route_index(&self, authority: &str, uri: &Uri, headers: &HeaderMap) -> Option<(usize, usize)> {
+        let m = self.route(authority, uri, headers)?;
+        let vi = self.virtual_hosts.iter().position(|v| std::ptr::eq(v, m.vhost))?;
+        let ri = m.vhost.routes.iter().position(|r| std::ptr::eq(r, m.route))?;
+        Some((vi, ri))
+    }
+
+    /// The local rate limit for a matched route: the route's own, else its virtual host's, else the table's
+    /// (`typed_per_filter_config`, most specific wins).
+    pub fn local_rate_limit(&self, vhost: usize, route: usize) -> Option<&LocalRateLimit> {
+        let vh = self.virtual_hosts.get(vhost)?;
+        vh.routes
+            .get(route)
+            .and_then(|r| r.local_rate_limit.as_ref())
+            .or(vh.local_rate_limit.as_ref())
+            .or(self.local_rate_limit.as_ref())
     }
 
     /// Match a request: the virtual host by authority, then the first route whose conditions all hold.

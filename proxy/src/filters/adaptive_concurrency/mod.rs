@@ -400,7 +400,7 @@ where
                 permit: Some(p),
             },
             Err(()) => ResponseFuture::Rejected {
-                resp: Some(self.controller.rejection()),
+                resp: Some(Box::new(self.controller.rejection())),
             },
         }
     }
@@ -415,7 +415,7 @@ pub enum ResponseFuture<F> {
         permit: Option<Permit>,
     },
     Rejected {
-        resp: Option<Response<Body>>,
+        resp: Option<Box<Response<Body>>>,
     },
 }
 
@@ -435,7 +435,7 @@ where
                 Poll::Ready(resp)
             }
             ResponseFutureProj::Rejected { resp } => match resp.take() {
-                Some(r) => Poll::Ready(Ok(r)),
+                Some(r) => Poll::Ready(Ok(*r)),
                 None => Poll::Pending,
             },
         }
