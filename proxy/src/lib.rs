@@ -31,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod listener;
 pub mod logging;
+pub mod retry;
 pub mod route;
 pub mod runtime;
 pub mod server;
