@@ -32,6 +32,7 @@ pub mod config;
 pub mod filters;
 pub mod listener;
 pub mod logging;
+pub mod retry;
 pub mod route;
 pub mod runtime;
 pub mod server;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod listener;
 pub mod load;
 pub mod node;
+pub mod resilience;
 pub mod route;
 
 pub use bootstrap::{Admin, Bootstrap, NodeInfo};

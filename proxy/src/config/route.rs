@@ -522,7 +522,7 @@ fn string_matcher(s: &Node) -> Option<StringMatcher> {
     }
 }
 
-fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
+pub(super) fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
     let name = h.string("name").unwrap_or_default();
     let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
         h.err(

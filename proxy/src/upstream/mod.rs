@@ -4,7 +4,9 @@
 //! [`HostSet`] that discovery replaces as a whole; a request loads it once. Connection pools are per worker (see
 //! [`pool`]), keyed by host id, so that a request takes a pooled connection without a lock.
 
+pub mod breaker;
 pub mod lb;
+pub mod outlier;
 pub mod pool;
 
 use crate::stats::{CodeStats, Counter, Gauge, Histogram, Scope};
