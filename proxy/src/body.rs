@@ -33,6 +33,121 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Incoming(#[pin] Incoming),
+    Tee(TeeReader),
+}
+
+/// A downstream request body shared by the attempts of one request, so that a retry can send it again.
+///
+/// The first attempt streams the body as it arrives and keeps a copy of what passed, up to a limit. A retry
+/// replays the copy and then goes on reading where the downstream body stands. Once more than the limit has
+/// passed, the copy is dropped and no further attempt can be made ([`Tee::replayable`] turns false): Envoy's
+/// `per_request_buffer_limit_bytes`.
+#[derive(Clone)]
+pub struct Tee(std::rc::Rc<std::cell::RefCell<TeeState>>);
+
+struct TeeState {
+    source: Option<Incoming>,
+    kept: Vec<Bytes>,
+    kept_bytes: usize,
+    trailers: Option<http::HeaderMap>,
+    limit: usize,
+    overflowed: bool,
+    ended: bool,
+}
+
+impl Tee {
+    pub fn new(source: Incoming, limit: usize) -> Tee {
+        Tee(std::rc::Rc::new(std::cell::RefCell::new(TeeState {
+            source: Some(source),
+            kept: Vec::new(),
+            kept_bytes: 0,
+            trailers: None,
+            limit,
+            overflowed: false,
+            ended: false,
+        })))
+    }
+
+    /// Whether another attempt can be sent the whole body.
+    pub fn replayable(&self) -> bool {
+        !self.0.borrow().overflowed
+    }
+
+    /// A body for one attempt: what was kept, then the rest of the source.
+    pub fn attempt(&self) -> Body {
+        Body::from_kind(Kind::Tee(TeeReader {
+            tee: self.clone(),
+            next: 0,
+            trailers_sent: false,
+        }))
+    }
+}
+
+/// One attempt's reading position in a [`Tee`].
+pub struct TeeReader {
+    tee: Tee,
+    /// Index into `kept` of the next chunk to replay.
+    next: usize,
+    trailers_sent: bool,
+}
+
+impl TeeReader {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut st = self.tee.0.borrow_mut();
+        if self.next < st.kept.len() {
+            let b = st.kept[self.next].clone();
+            self.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if st.ended {
+            if !self.trailers_sent {
+                self.trailers_sent = true;
+                if let Some(t) = st.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let Some(src) = st.source.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(src).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                st.ended = true;
+                st.source = None;
+                self.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e) as BoxError))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    if !st.overflowed {
+                        st.kept_bytes += d.len();
+                        if st.kept_bytes > st.limit {
+                            st.overflowed = true;
+                            st.kept.clear();
+                        } else {
+                            st.kept.push(d.clone());
+                        }
+                    }
+                    self.next = st.kept.len();
+                } else if let Some(t) = frame.trailers_ref() {
+                    st.trailers = Some(t.clone());
+                    st.ended = true;
+                    st.source = None;
+                    self.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn at_end(&self) -> bool {
+        let st = self.tee.0.borrow();
+        self.next >= st.kept.len() && st.ended && (self.trailers_sent || st.trailers.is_none())
+            || (self.next >= st.kept.len() && st.source.as_ref().is_some_and(|s| s.is_end_stream()))
+    }
 }
 
 /// A request or response body.
@@ -204,6 +319,7 @@ impl HttpBody for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
+            KindProj::Tee(t) => t.poll_frame(cx),
         };
         match &res {
             Poll::Ready(Some(Ok(f))) => {
@@ -238,6 +354,7 @@ impl HttpBody for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(i) => i.size_hint(),
+            Kind::Tee(_) => SizeHint::default(),
         }
     }
 }
@@ -247,6 +364,7 @@ fn kind_at_end(kind: &Kind) -> bool {
         Kind::Empty => true,
         Kind::Full(b) => b.is_none(),
         Kind::Incoming(i) => i.is_end_stream(),
+        Kind::Tee(t) => t.at_end(),
     }
 }
 

@@ -313,6 +313,9 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
             .record(shared.start_instant.elapsed().as_millis() as u64);
         tracing::info!("all listeners started; server LIVE");
 
+        for c in shared.clusters.load().iter() {
+            start_outlier_sweeps(c);
+        }
         let ticker_shared = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -355,6 +358,22 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     // Do not wait for a worker that overran the drain time.
     rt.shutdown_background();
     code
+}
+
+/// Run a cluster's outlier detection sweep every `interval` on the main thread, for as long as it exists.
+pub fn start_outlier_sweeps(cluster: &Arc<Cluster>) {
+    let Some(d) = &cluster.outlier else { return };
+    let interval = d.config().interval;
+    let weak = Arc::downgrade(cluster);
+    tokio::spawn(async move {
+        let mut rng = crate::upstream::lb::Rng::from_entropy();
+        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+        loop {
+            tick.tick().await;
+            let Some(c) = weak.upgrade() else { break };
+            c.outlier_sweep(&mut rng);
+        }
+    });
 }
 
 /// Run an accept loop for every listener in the set as the set changes, until the server drains.

@@ -1,6 +1,7 @@
 //! Lowering `envoy.config.route.v3.RouteConfiguration` into a [`RouteTable`].
 
 use super::node::Node;
+use super::resilience::lower_retry_policy;
 use crate::route::{
     Action, AppendAction, ClusterSpecifier, HeaderAdd, HeaderMatch, HeaderMatcher, HeaderMods, HostRewrite,
     PathMatch, QueryMatcher, Redirect, Route, RouteAction, RouteMatch, RouteTable, StringMatcher,
@@ -85,12 +86,15 @@ pub fn lower_table(
         vh.unsupported("rate_limits");
         vh.unsupported("cors");
         let local_rate_limit = per_filter_config(&vh, store);
-        vh.unsupported("include_request_attempt_count");
-        vh.unsupported("include_attempt_count_in_response");
-        vh.unsupported("retry_policy");
+        let include_request_attempt_count = vh.bool("include_request_attempt_count");
+        let include_attempt_count_in_response = vh.bool("include_attempt_count_in_response");
+        let retry_policy = vh
+            .msg("retry_policy")
+            .and_then(|p| lower_retry_policy(&p))
+            .map(std::sync::Arc::new);
         vh.unsupported("retry_policy_typed_config");
         vh.unsupported("hedge_policy");
-        vh.unsupported("per_request_buffer_limit_bytes");
+        let per_request_buffer_limit = vh.wrapped_u32("per_request_buffer_limit_bytes");
         vh.unsupported("request_mirror_policies");
         vh.unsupported("matcher");
         vh.unsupported("metadata");
@@ -101,6 +105,10 @@ pub fn lower_table(
             request_headers,
             response_headers,
             local_rate_limit,
+            retry_policy,
+            include_request_attempt_count,
+            include_attempt_count_in_response,
+            per_request_buffer_limit,
         });
     }
     let mut t = RouteTable::new(name, vhosts);
@@ -152,7 +160,7 @@ fn lower_route(
     r.unsupported("decorator");
     let local_rate_limit = per_filter_config(r, store);
     r.unsupported("tracing");
-    r.unsupported("per_request_buffer_limit_bytes");
+    let per_request_buffer_limit = r.wrapped_u32("per_request_buffer_limit_bytes");
     r.unsupported("stat_prefix");
     Some(Route {
         name,
@@ -161,6 +169,7 @@ fn lower_route(
         request_headers,
         response_headers,
         local_rate_limit,
+        per_request_buffer_limit,
     })
 }
 
@@ -309,7 +318,6 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         "append_x_forwarded_host",
         "path_rewrite_policy",
         "metadata_match",
-        "retry_policy",
         "retry_policy_typed_config",
         "request_mirror_policies",
         "priority",
@@ -328,6 +336,10 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
     ] {
         a.unsupported(f);
     }
+    let retry_policy = a
+        .msg("retry_policy")
+        .and_then(|p| lower_retry_policy(&p))
+        .map(std::sync::Arc::new);
     Some(RouteAction {
         cluster,
         prefix_rewrite,
@@ -335,6 +347,7 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         host_rewrite,
         timeout,
         idle_timeout,
+        retry_policy,
     })
 }
 

@@ -7,14 +7,18 @@
 
 use super::config::{HcmConfig, ServerHeader, Underscores};
 use super::Conn;
-use crate::body::{Body, EndOfStream, Expired, Watchdog};
+use crate::body::{Body, EndOfStream, Expired, Tee, Watchdog};
+use crate::retry::{ResetReason, RetryPolicy, RetryState, RetryStatus, Timeouts};
 use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction, RouteTable};
+use crate::upstream::breaker::Priority;
+use crate::upstream::outlier::Outcome;
 use crate::upstream::pool::ConnectError;
 use crate::upstream::{Cluster, Host, Protocol};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -32,6 +36,8 @@ static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal"
 static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+static X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -68,11 +74,12 @@ pub enum Flag {
     UpstreamProtocolError,
     StreamIdleTimeout,
     RateLimited,
+    UpstreamRetryLimitExceeded,
 }
 
 impl Flag {
     /// Every flag Remora sets, in the order Envoy prints them.
-    pub const ALL: [Flag; 12] = [
+    pub const ALL: [Flag; 13] = [
         Flag::NoHealthyUpstream,
         Flag::UpstreamRequestTimeout,
         Flag::UpstreamRemoteReset,
@@ -82,6 +89,7 @@ impl Flag {
         Flag::NoRouteFound,
         Flag::RateLimited,
         Flag::DownstreamConnectionTermination,
+        Flag::UpstreamRetryLimitExceeded,
         Flag::StreamIdleTimeout,
         Flag::UpstreamProtocolError,
         Flag::NoClusterFound,
@@ -101,6 +109,7 @@ impl Flag {
             Flag::UpstreamProtocolError => "UPE",
             Flag::StreamIdleTimeout => "SI",
             Flag::RateLimited => "RL",
+            Flag::UpstreamRetryLimitExceeded => "URX",
         }
     }
 }
@@ -403,7 +412,19 @@ async fn dispatch(
     table.request_headers.apply(&mut parts.headers);
     rewrite_path(action, route, &mut parts);
 
-    let mut resp = forward(conn, &cluster, action, parts, body, info, start).await;
+    let buffer_limit = route.per_request_buffer_limit.or(vhost.per_request_buffer_limit);
+    let mut resp = forward(
+        conn,
+        &cluster,
+        action,
+        vhost,
+        buffer_limit,
+        parts,
+        body,
+        info,
+        start,
+    )
+    .await;
     apply_response_mods(table, vhost, route, resp.headers_mut());
     resp
 }
@@ -576,61 +597,55 @@ fn redirect_response(r: &Redirect, authority: &str, uri: &Uri, conn: &Conn) -> R
     resp
 }
 
-/// Send the request to a host of `cluster` and turn the outcome into the downstream response.
+/// Send the request to hosts of `cluster`, retrying as the route's policy says and the cluster's breakers
+/// afford, and turn the outcome into the downstream response.
+///
+/// The loop per attempt: pick a host (skipping ejected ones, and previous hosts when the policy asks), send on
+/// a pooled connection under the per-try and global deadlines, report the outcome to outlier detection, then
+/// ask the retry state whether the outcome is retriable and the budget whether a retry is affordable.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     conn: &Rc<Conn>,
     cluster: &Arc<Cluster>,
     action: &RouteAction,
+    vhost: &crate::route::VirtualHost,
+    buffer_limit: Option<u32>,
     mut parts: http::request::Parts,
     body: Incoming,
     info: &mut StreamInfo,
     start: Instant,
 ) -> Response<Body> {
     let cs = &cluster.stats;
-    let host = {
-        let mut rng = conn.worker.rng.borrow_mut();
-        cluster.pick(&mut rng)
-    };
-    let Some(host) = host else {
-        cs.upstream_cx_none_healthy.inc();
-        info.set(Flag::NoHealthyUpstream);
-        info.details = "no_healthy_upstream";
-        cs.upstream_rq.record(503);
-        cs.upstream_rq_completed.inc();
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-    };
-
-    if let Some(t) = action.timeout {
-        if let Ok(v) = HeaderValue::from_str(&t.as_millis().to_string()) {
-            parts.headers.insert(X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(), v);
-        }
+    let policy = action
+        .retry_policy
+        .clone()
+        .or_else(|| vhost.retry_policy.clone())
+        .unwrap_or_else(RetryPolicy::none);
+    let timeouts = Timeouts::resolve(action.timeout, &policy, &mut parts.headers);
+    let mut retry = RetryState::new(&policy, &mut parts.headers);
+    let deadline = timeouts.global.map(|t| start + t);
+    if let Some(t) = timeouts.per_try.or(timeouts.global) {
+        parts.headers.insert(
+            X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
+            HeaderValue::from(t.as_millis() as u64),
+        );
     }
-    match &action.host_rewrite {
-        HostRewrite::None => {}
-        HostRewrite::Literal(v) => {
-            parts.headers.insert(header::HOST, v.clone());
-            set_authority(&mut parts.uri, v.to_str().unwrap_or_default());
-        }
-        HostRewrite::Auto => {
-            let name = if host.hostname.is_empty() {
-                host.address_str.as_str()
-            } else {
-                host.hostname.as_str()
-            };
-            if let Ok(v) = HeaderValue::from_str(name) {
-                parts.headers.insert(header::HOST, v);
-            }
-            set_authority(&mut parts.uri, name);
-        }
+    if let HostRewrite::Literal(v) = &action.host_rewrite {
+        parts.headers.insert(header::HOST, v.clone());
+        set_authority(&mut parts.uri, v.to_str().unwrap_or_default());
     }
-
     let protocol = match cluster.config.protocol {
         Protocol::Downstream if parts.version == Version::HTTP_2 => Protocol::Http2,
         Protocol::Downstream => Protocol::Http1,
         p => p,
     };
-    let deadline = action.timeout.map(|t| start + t);
+
+    // Circuit breaker: the cluster's `max_requests`.
+    let resources = cluster.breakers.resources(Priority::Default).clone();
+    let Some(_rq_permit) = resources.try_request() else {
+        return overflow_reply(cs, info, false);
+    };
+
     // The stream idle timeout watches both directions: request body frames and response body frames.
     let activity = conn
         .hcm
@@ -638,148 +653,369 @@ async fn forward(
         .map(|_| Rc::new(std::cell::Cell::new(Instant::now())));
     let idle = conn.hcm.stream_idle_timeout.zip(activity.clone());
 
-    cs.upstream_rq_total.inc();
-    cs.upstream_rq_active.inc();
-    host.stats.rq_total.fetch_add(1, Relaxed);
-    host.stats.rq_active.fetch_add(1, Relaxed);
-    let upstream_start = Instant::now();
-    let mut guard = UpstreamGuard {
-        cluster: cluster.clone(),
-        host: host.clone(),
-        start: upstream_start,
-        done: false,
+    // With retries possible, the body is kept (up to the buffer limit) for replay while it streams.
+    let limit = buffer_limit.unwrap_or(conn.listener.buffer_limit) as usize;
+    let (tee, mut single) = if retry.is_some() && !body.is_end_stream() {
+        (Some(Tee::new(body, limit)), None)
+    } else {
+        (None, Some(body))
     };
+    let mut _retry_permit = None;
+    let mut last_reset = None;
 
-    let req_body = Body::incoming(body).with_activity(activity.clone());
-    let sent = send(conn, cluster, &host, protocol, parts, req_body);
-    let result = match Watchdog::new(deadline, idle.clone()) {
-        Some(mut w) => {
-            tokio::pin!(sent);
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = sent.as_mut().poll(cx) {
-                    return Poll::Ready(r);
-                }
-                w.poll_expired(cx).map(|why| match why {
-                    Expired::Deadline => Err(SendError::Timeout),
-                    Expired::Idle => Err(SendError::Idle),
-                })
-            })
-            .await
+    loop {
+        let picked = {
+            let mut rng = conn.worker.rng.borrow_mut();
+            match &retry {
+                Some(r) => r.select_host(|| cluster.pick(&mut rng), |(_, h)| h.id),
+                None => cluster.pick(&mut rng),
+            }
+        };
+        let Some((index, host)) = picked else {
+            cs.upstream_cx_none_healthy.inc();
+            info.set(Flag::NoHealthyUpstream);
+            info.details = "no_healthy_upstream";
+            cs.upstream_rq.record(503);
+            cs.upstream_rq_completed.inc();
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        let attempt = retry.as_ref().map_or(1, |r| r.attempt_count());
+        if let Some(r) = retry.as_mut() {
+            r.on_host_attempted(host.id);
         }
-        None => sent.await,
-    };
-    let (resp, h1) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let (status, flag, body) = match &e {
-                SendError::Idle => {
-                    hcm_stats(conn).downstream_rq_idle_timeout.inc();
-                    info.details = "stream_idle_timeout";
-                    (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        Flag::StreamIdleTimeout,
-                        "stream timeout".to_string(),
-                    )
+
+        // This attempt's request: the parts themselves for a single attempt, a copy when there may be more.
+        let mut attempt_parts = if tee.is_some() || retry.is_some() {
+            let mut p = Request::new(()).into_parts().0;
+            p.method = parts.method.clone();
+            p.uri = parts.uri.clone();
+            p.version = parts.version;
+            p.headers = parts.headers.clone();
+            p
+        } else {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+        };
+        if vhost.include_request_attempt_count {
+            attempt_parts
+                .headers
+                .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+        }
+        if action.host_rewrite == HostRewrite::Auto {
+            let name = if host.hostname.is_empty() {
+                host.address_str.as_str()
+            } else {
+                host.hostname.as_str()
+            };
+            if let Ok(v) = HeaderValue::from_str(name) {
+                attempt_parts.headers.insert(header::HOST, v);
+            }
+            set_authority(&mut attempt_parts.uri, name);
+        }
+        let req_body = match (&tee, single.take()) {
+            (Some(t), _) => t.attempt(),
+            (None, Some(b)) => Body::incoming(b),
+            (None, None) => Body::empty(),
+        }
+        .with_activity(activity.clone());
+
+        cs.upstream_rq_total.inc();
+        cs.upstream_rq_active.inc();
+        host.stats.rq_total.fetch_add(1, Relaxed);
+        host.stats.rq_active.fetch_add(1, Relaxed);
+        let upstream_start = Instant::now();
+        let mut guard = UpstreamGuard {
+            cluster: cluster.clone(),
+            host: host.clone(),
+            start: upstream_start,
+            done: false,
+        };
+
+        let per_try = timeouts.per_try.map(|t| upstream_start + t);
+        let attempt_deadline = match (deadline, per_try) {
+            (Some(d), Some(p)) => Some(d.min(p)),
+            (d, p) => d.or(p),
+        };
+        let sent = send(conn, cluster, &host, protocol, attempt_parts, req_body);
+        let result = match Watchdog::new(attempt_deadline, idle.clone()) {
+            Some(mut w) => {
+                tokio::pin!(sent);
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = sent.as_mut().poll(cx) {
+                        return Poll::Ready(r);
+                    }
+                    w.poll_expired(cx).map(|why| match why {
+                        Expired::Deadline if deadline.is_some_and(|d| Instant::now() >= d) => {
+                            Err(SendError::Timeout)
+                        }
+                        Expired::Deadline => Err(SendError::PerTryTimeout),
+                        Expired::Idle => Err(SendError::Idle),
+                    })
+                })
+                .await
+            }
+            None => sent.await,
+        };
+
+        let (resp, h1) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // Outlier detection sees local-origin failures; the retry policy sees a reset reason.
+                let (outcome, reason) = match &e {
+                    SendError::Connect(_) => {
+                        (Some(Outcome::ConnectFailed), Some(ResetReason::ConnectFailure))
+                    }
+                    SendError::Upstream(err) if is_refused_stream(err) => {
+                        (Some(Outcome::ConnectFailed), Some(ResetReason::RefusedStream))
+                    }
+                    SendError::Upstream(_) => (Some(Outcome::ConnectFailed), Some(ResetReason::Reset)),
+                    SendError::PerTryTimeout => (Some(Outcome::Timeout), Some(ResetReason::PerTryTimeout)),
+                    SendError::Timeout | SendError::Idle => (Some(Outcome::Timeout), None),
+                };
+                if let Some(o) = outcome {
+                    cluster.record_outcome(index, o, &mut conn.worker.rng.borrow_mut());
                 }
-                SendError::Timeout => {
-                    cs.upstream_rq_timeout.inc();
+                host.stats.rq_error.fetch_add(1, Relaxed);
+                if matches!(e, SendError::PerTryTimeout) {
+                    cs.upstream_rq_per_try_timeout.inc();
                     host.stats.rq_timeout.fetch_add(1, Relaxed);
-                    info.details = "response_timeout";
-                    (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        Flag::UpstreamRequestTimeout,
-                        "upstream request timeout".to_string(),
-                    )
                 }
-                SendError::Connect(ConnectError::Timeout) => {
-                    info.details = "upstream_reset_before_response_started{connection_timeout}";
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Flag::UpstreamConnectionFailure,
-                        reset_body("connection timeout"),
-                    )
-                }
-                SendError::Connect(ConnectError::Refused(err)) => {
-                    info.details = "upstream_reset_before_response_started{remote_connection_failure}";
-                    let reason = format!(
-                        "remote connection failure, transport failure reason: delayed connect error: {}",
-                        crate::util::strerror(err)
-                    );
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Flag::UpstreamConnectionFailure,
-                        reset_body(&reason),
-                    )
-                }
-                SendError::Connect(ConnectError::Handshake(_)) => {
-                    info.details = "upstream_reset_before_response_started{protocol_error}";
-                    (
-                        StatusCode::BAD_GATEWAY,
-                        Flag::UpstreamProtocolError,
-                        reset_body("protocol error"),
-                    )
-                }
-                SendError::Upstream(err) => {
-                    cs.upstream_rq_rx_reset.inc();
-                    if is_protocol_error(err) {
-                        info.details = "upstream_reset_before_response_started{protocol_error}";
-                        (
-                            StatusCode::BAD_GATEWAY,
-                            Flag::UpstreamProtocolError,
-                            reset_body("protocol error"),
-                        )
-                    } else if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
-                        info.details = "upstream_reset_before_response_started{connection_termination}";
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            Flag::UpstreamConnectionTermination,
-                            reset_body("connection termination"),
-                        )
-                    } else {
-                        info.details = "upstream_reset_before_response_started{remote_reset}";
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            Flag::UpstreamRemoteReset,
-                            reset_body("remote reset"),
-                        )
+                guard.finish(false);
+                if let (Some(r), Some(reason)) = (retry.as_mut(), reason) {
+                    if tee.as_ref().is_none_or(Tee::replayable) {
+                        let status = {
+                            let mut rng = conn.worker.rng.borrow_mut();
+                            r.should_retry_reset(
+                                reason,
+                                || resources.try_retry(),
+                                &cluster.retry_stats,
+                                &mut rng,
+                            )
+                        };
+                        match status {
+                            RetryStatus::Yes { backoff, permit } => {
+                                _retry_permit = Some(permit);
+                                last_reset = Some(());
+                                if !backoff_within(backoff, deadline).await {
+                                    return timeout_reply(cs, &host, info);
+                                }
+                                continue;
+                            }
+                            RetryStatus::NoOverflow => info.set(Flag::UpstreamOverflow),
+                            RetryStatus::NoRetryLimitExceeded => info.set(Flag::UpstreamRetryLimitExceeded),
+                            RetryStatus::No => {}
+                        }
                     }
                 }
-            };
-            info.set(flag);
-            host.stats.rq_error.fetch_add(1, Relaxed);
-            cs.upstream_rq.record(status.as_u16());
-            cs.upstream_rq_completed.inc();
-            guard.finish(false);
-            return local_reply_owned(status, body);
+                return error_reply(cs, &host, &e, info, attempt > 1 && last_reset.is_some(), conn);
+            }
+        };
+
+        let status = resp.status().as_u16();
+        cluster.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
+        if let Some(r) = retry.as_mut() {
+            if tee.as_ref().is_none_or(Tee::replayable) {
+                let decision = {
+                    let mut rng = conn.worker.rng.borrow_mut();
+                    r.should_retry_response(
+                        status,
+                        resp.headers(),
+                        || resources.try_retry(),
+                        &cluster.retry_stats,
+                        &mut rng,
+                    )
+                };
+                match decision {
+                    RetryStatus::Yes { backoff, permit } => {
+                        // The retried response is counted under `retry.`, not as a response to the client.
+                        cs.retry_rq.record(status);
+                        host.stats.rq_error.fetch_add(1, Relaxed);
+                        guard.finish(false);
+                        drop(resp);
+                        _retry_permit = Some(permit);
+                        last_reset = None;
+                        if !backoff_within(backoff, deadline).await {
+                            return timeout_reply(cs, &host, info);
+                        }
+                        continue;
+                    }
+                    RetryStatus::NoOverflow => info.set(Flag::UpstreamOverflow),
+                    RetryStatus::NoRetryLimitExceeded => info.set(Flag::UpstreamRetryLimitExceeded),
+                    RetryStatus::No => {}
+                }
+            }
+        }
+
+        let (mut rparts, rbody) = resp.into_parts();
+        let service_time = upstream_start.elapsed().as_millis() as u64;
+        remove_hop_by_hop_response(&mut rparts.headers);
+        rparts.headers.insert(
+            X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+            HeaderValue::from(service_time),
+        );
+        if vhost.include_attempt_count_in_response {
+            rparts
+                .headers
+                .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+        }
+        rparts.version = Version::HTTP_11;
+        cs.upstream_rq.record(status);
+        info.details = "via_upstream";
+        guard.done = true;
+        let done = UpstreamDone {
+            guard,
+            status,
+            pool: h1.map(|s| (conn.worker.pools.clone(), s)),
+        };
+        let watchdog = Watchdog::new(deadline, idle);
+        return Response::from_parts(
+            rparts,
+            Body::incoming(rbody)
+                .with_watchdog(watchdog)
+                .on_end(Box::new(done)),
+        );
+    }
+}
+
+/// Sleep the back-off; `false` when the global deadline comes first.
+async fn backoff_within(backoff: std::time::Duration, deadline: Option<Instant>) -> bool {
+    let wake = Instant::now() + backoff;
+    match deadline {
+        Some(d) if d <= wake => {
+            tokio::time::sleep_until(d).await;
+            false
+        }
+        _ => {
+            tokio::time::sleep_until(wake).await;
+            true
+        }
+    }
+}
+
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    let mut src = e.source();
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// 503 with `x-envoy-overloaded` (response flag UO): a circuit breaker refused the request.
+fn overflow_reply(cs: &crate::upstream::ClusterStats, info: &mut StreamInfo, _retry: bool) -> Response<Body> {
+    info.set(Flag::UpstreamOverflow);
+    info.details = "upstream_reset_before_response_started{overflow}";
+    cs.upstream_rq.record(503);
+    cs.upstream_rq_completed.inc();
+    let mut r = local_reply_owned(StatusCode::SERVICE_UNAVAILABLE, reset_body("overflow"));
+    r.headers_mut()
+        .insert(X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true"));
+    r
+}
+
+fn timeout_reply(cs: &crate::upstream::ClusterStats, host: &Host, info: &mut StreamInfo) -> Response<Body> {
+    cs.upstream_rq_timeout.inc();
+    host.stats.rq_timeout.fetch_add(1, Relaxed);
+    info.set(Flag::UpstreamRequestTimeout);
+    info.details = "response_timeout";
+    cs.upstream_rq.record(504);
+    cs.upstream_rq_completed.inc();
+    local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+}
+
+/// The local reply for a failed last attempt, as Envoy words it.
+fn error_reply(
+    cs: &crate::upstream::ClusterStats,
+    host: &Host,
+    e: &SendError,
+    info: &mut StreamInfo,
+    retried: bool,
+    conn: &Conn,
+) -> Response<Body> {
+    let reset = |reason: &str| {
+        let retried = if retried { "retried and the latest " } else { "" };
+        format!("upstream connect error or disconnect/reset before headers. {retried}reset reason: {reason}")
+    };
+    let (status, flag, body) = match e {
+        SendError::Idle => {
+            hcm_stats(conn).downstream_rq_idle_timeout.inc();
+            info.details = "stream_idle_timeout";
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                Flag::StreamIdleTimeout,
+                "stream timeout".to_string(),
+            )
+        }
+        SendError::Timeout => return timeout_reply(cs, host, info),
+        SendError::PerTryTimeout => {
+            info.details = "upstream_per_try_timeout";
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                Flag::UpstreamRequestTimeout,
+                "upstream request timeout".to_string(),
+            )
+        }
+        SendError::Connect(ConnectError::Timeout) => {
+            info.details = "upstream_reset_before_response_started{connection_timeout}";
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::UpstreamConnectionFailure,
+                reset("connection timeout"),
+            )
+        }
+        SendError::Connect(ConnectError::Refused(err)) => {
+            info.details = "upstream_reset_before_response_started{remote_connection_failure}";
+            let reason = format!(
+                "remote connection failure, transport failure reason: delayed connect error: {}",
+                crate::util::strerror(err)
+            );
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::UpstreamConnectionFailure,
+                reset(&reason),
+            )
+        }
+        SendError::Connect(ConnectError::Overflow) => return overflow_reply(cs, info, false),
+        SendError::Connect(ConnectError::Handshake(_)) => {
+            info.details = "upstream_reset_before_response_started{protocol_error}";
+            (
+                StatusCode::BAD_GATEWAY,
+                Flag::UpstreamProtocolError,
+                reset("protocol error"),
+            )
+        }
+        SendError::Upstream(err) => {
+            cs.upstream_rq_rx_reset.inc();
+            if is_protocol_error(err) {
+                info.details = "upstream_reset_before_response_started{protocol_error}";
+                (
+                    StatusCode::BAD_GATEWAY,
+                    Flag::UpstreamProtocolError,
+                    reset("protocol error"),
+                )
+            } else if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
+                info.details = "upstream_reset_before_response_started{connection_termination}";
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::UpstreamConnectionTermination,
+                    reset("connection termination"),
+                )
+            } else {
+                info.details = "upstream_reset_before_response_started{remote_reset}";
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::UpstreamRemoteReset,
+                    reset("remote reset"),
+                )
+            }
         }
     };
-
-    let (mut rparts, rbody) = resp.into_parts();
-    let service_time = upstream_start.elapsed().as_millis() as u64;
-    remove_hop_by_hop_response(&mut rparts.headers);
-    rparts.headers.insert(
-        X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-        HeaderValue::from(service_time),
-    );
-    if rparts.version != Version::HTTP_11 {
-        rparts.version = Version::HTTP_11;
-    }
-    let status = rparts.status.as_u16();
-    cs.upstream_rq.record(status);
-    info.details = "via_upstream";
-    guard.done = true;
-    let done = UpstreamDone {
-        guard,
-        status,
-        pool: h1.map(|s| (conn.worker.pools.clone(), s)),
-    };
-    let watchdog = Watchdog::new(deadline, idle);
-    Response::from_parts(
-        rparts,
-        Body::incoming(rbody)
-            .with_watchdog(watchdog)
-            .on_end(Box::new(done)),
-    )
+    info.set(flag);
+    cs.upstream_rq.record(status.as_u16());
+    cs.upstream_rq_completed.inc();
+    local_reply_owned(status, body)
 }
 
 fn is_protocol_error(e: &hyper::Error) -> bool {
@@ -820,6 +1056,7 @@ fn remove_hop_by_hop_response(h: &mut HeaderMap) {
 
 enum SendError {
     Timeout,
+    PerTryTimeout,
     Idle,
     Connect(ConnectError),
     Upstream(hyper::Error),

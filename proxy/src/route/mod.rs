@@ -108,6 +108,11 @@ pub struct VirtualHost {
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
     pub local_rate_limit: Option<LocalRateLimit>,
+    /// `retry_policy`, used by routes that have none of their own.
+    pub retry_policy: Option<std::sync::Arc<crate::retry::RetryPolicy>>,
+    pub include_request_attempt_count: bool,
+    pub include_attempt_count_in_response: bool,
+    pub per_request_buffer_limit: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -118,6 +123,8 @@ pub struct Route {
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
     pub local_rate_limit: Option<LocalRateLimit>,
+    /// `per_request_buffer_limit_bytes`: how much of a request body is kept for retries.
+    pub per_request_buffer_limit: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -159,6 +166,7 @@ pub struct RouteAction {
     /// `timeout` (default 15 s); `None` when set to 0 (disabled).
     pub timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    pub retry_policy: Option<std::sync::Arc<crate::retry::RetryPolicy>>,
 }
 
 #[derive(Debug)]
