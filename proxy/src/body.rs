@@ -11,6 +11,8 @@ use pin_project::{pin_project, pinned_drop};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Errors that end a body early.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -18,7 +20,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Called once when a body ends (`complete` is false when it was dropped or failed before its end).
 pub trait EndOfStream {
     fn end(&mut self, complete: bool, bytes: u64);
+
+    /// Called when the body's trailers pass (before [`EndOfStream::end`]); gRPC carries `grpc-status` here.
+    fn trailers(&mut self, _trailers: &http::HeaderMap) {}
 }
+
+/// How many hooks a body holds: the upstream request's, the downstream request's, and two for HTTP filters.
+const HOOKS: usize = 4;
 
 #[pin_project(project = KindProj)]
 enum Kind {
@@ -32,11 +40,68 @@ enum Kind {
 pub struct Body {
     #[pin]
     kind: Kind,
-    /// At most two hooks: the upstream request's and the downstream request's.
-    hooks: [Option<Box<dyn EndOfStream>>; 2],
+    /// The upstream request's, the downstream request's, and HTTP filters' (adaptive concurrency, admission
+    /// control).
+    hooks: [Option<Box<dyn EndOfStream>>; HOOKS],
     bytes: u64,
-    /// Ends the body with an error at this instant (route timeout over the response body).
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Route timeout and stream idle timeout over a response body.
+    watchdog: Option<Box<Watchdog>>,
+    /// Marked on every frame: the stream's last activity, which the idle timeout watches.
+    activity: Option<Activity>,
+}
+
+/// The last time a stream moved, shared by its request and response bodies.
+pub type Activity = std::rc::Rc<std::cell::Cell<Instant>>;
+
+/// Ends a body with an error when the route's deadline passes or the stream has been idle too long.
+pub struct Watchdog {
+    pub deadline: Option<Instant>,
+    pub idle: Option<(Duration, Activity)>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Watchdog {
+    /// `None` when there is nothing to watch.
+    pub fn new(deadline: Option<Instant>, idle: Option<(Duration, Activity)>) -> Option<Box<Watchdog>> {
+        let first = Watchdog::next(deadline, idle.as_ref())?;
+        Some(Box::new(Watchdog {
+            deadline,
+            idle,
+            sleep: Box::pin(tokio::time::sleep_until(first)),
+        }))
+    }
+
+    fn next(deadline: Option<Instant>, idle: Option<&(Duration, Activity)>) -> Option<Instant> {
+        let idle_at = idle.map(|(d, a)| a.get() + *d);
+        match (deadline, idle_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Ready with the reason once a limit has passed; re-arms itself when only activity moved the idle limit.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Expired> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            if self.deadline.is_some_and(|d| d <= now) {
+                return Poll::Ready(Expired::Deadline);
+            }
+            match Watchdog::next(self.deadline, self.idle.as_ref()) {
+                Some(next) if next > now => self.sleep.as_mut().reset(next),
+                _ => return Poll::Ready(Expired::Idle),
+            }
+        }
+    }
+}
+
+/// Which limit a [`Watchdog`] saw pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expired {
+    Deadline,
+    Idle,
 }
 
 impl Body {
@@ -60,14 +125,15 @@ impl Body {
     fn from_kind(kind: Kind) -> Self {
         Body {
             kind,
-            hooks: [None, None],
+            hooks: [None, None, None, None],
             bytes: 0,
-            deadline: None,
+            watchdog: None,
+            activity: None,
         }
     }
 
     /// Run `hook` when the body ends (immediately if it is already at its end). Hooks run in the order added;
-    /// a body takes two at most, and a third runs at once as if the body had been dropped.
+    /// a body takes four at most, and a fifth runs at once as if the body had been dropped.
     pub fn on_end(mut self, mut hook: Box<dyn EndOfStream>) -> Self {
         if self.is_end_stream() {
             hook.end(true, self.bytes);
@@ -79,12 +145,19 @@ impl Body {
         self
     }
 
-    pub fn with_deadline(mut self, deadline: Option<Pin<Box<tokio::time::Sleep>>>) -> Self {
-        self.deadline = deadline;
+    /// End the body with an error when the watchdog fires.
+    pub fn with_watchdog(mut self, watchdog: Option<Box<Watchdog>>) -> Self {
+        self.watchdog = watchdog;
         self
     }
 
-    fn finish(hooks: &mut [Option<Box<dyn EndOfStream>>; 2], complete: bool, bytes: u64) {
+    /// Mark `activity` on every frame.
+    pub fn with_activity(mut self, activity: Option<Activity>) -> Self {
+        self.activity = activity;
+        self
+    }
+
+    fn finish(hooks: &mut [Option<Box<dyn EndOfStream>>; HOOKS], complete: bool, bytes: u64) {
         for h in hooks.iter_mut() {
             if let Some(mut h) = h.take() {
                 h.end(complete, bytes);
@@ -93,10 +166,14 @@ impl Body {
     }
 }
 
-/// The route timeout expired while the response body was streaming.
+/// The route timeout or the stream idle timeout expired while the body was streaming.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream request timeout")]
-pub struct BodyTimeout;
+pub enum BodyTimeout {
+    #[error("upstream request timeout")]
+    Route,
+    #[error("stream timeout")]
+    Idle,
+}
 
 impl HttpBody for Body {
     type Data = Bytes;
@@ -107,10 +184,14 @@ impl HttpBody for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        if let Some(d) = this.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
+        if let Some(w) = this.watchdog.as_mut() {
+            if let Poll::Ready(why) = w.poll_expired(cx) {
                 Body::finish(this.hooks, false, *this.bytes);
-                return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+                let e = match why {
+                    Expired::Deadline => BodyTimeout::Route,
+                    Expired::Idle => BodyTimeout::Idle,
+                };
+                return Poll::Ready(Some(Err(Box::new(e))));
             }
         }
         let mut kind = this.kind;
@@ -128,6 +209,13 @@ impl HttpBody for Body {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     *this.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref() {
+                    for h in this.hooks.iter_mut().flatten() {
+                        h.trailers(t);
+                    }
+                }
+                if let Some(a) = this.activity.as_ref() {
+                    a.set(Instant::now());
                 }
                 // hyper stops polling a body that reports its end, so the end is noticed here.
                 if kind_at_end(&kind) {

@@ -389,8 +389,9 @@ fn data_source(d: &Node) -> Option<Bytes> {
     None
 }
 
-fn header_mods(n: &Node, add: &str, remove: &str) -> HeaderMods {
-    let mut mods = HeaderMods::default();
+/// A repeated `HeaderValueOption` field (`response_headers_to_add` and the like).
+pub(crate) fn header_adds(n: &Node, add: &str) -> Vec<HeaderAdd> {
+    let mut adds = Vec::new();
     for hv in n.list(add) {
         let append = hv.wrapped_bool("append");
         let action = match hv.enum_name("append_action").as_str() {
@@ -426,13 +427,21 @@ fn header_mods(n: &Node, add: &str, remove: &str) -> HeaderMods {
                 } else if value.is_empty() {
                     // Envoy skips an empty value unless keep_empty_value.
                 } else {
-                    mods.add.push(HeaderAdd { name, value, action });
+                    adds.push(HeaderAdd { name, value, action });
                 }
             }
             (Err(_), _) => h.err("key", format!("{key:?} is not a header name")),
             (_, Err(_)) => h.err("value", "is not a valid header value"),
         }
     }
+    adds
+}
+
+fn header_mods(n: &Node, add: &str, remove: &str) -> HeaderMods {
+    let mut mods = HeaderMods {
+        add: header_adds(n, add),
+        remove: Vec::new(),
+    };
     for name in n.strings(remove) {
         match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
             Ok(h) => mods.remove.push(h),

@@ -7,7 +7,7 @@
 
 use super::config::{HcmConfig, ServerHeader, Underscores};
 use super::Conn;
-use crate::body::{Body, EndOfStream};
+use crate::body::{Body, EndOfStream, Expired, Watchdog};
 use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction};
 use crate::upstream::pool::ConnectError;
 use crate::upstream::{Cluster, Host, Protocol};
@@ -18,9 +18,11 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use tokio::time::Instant;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -63,6 +65,7 @@ pub enum Flag {
     NoClusterFound,
     DownstreamConnectionTermination,
     UpstreamProtocolError,
+    StreamIdleTimeout,
 }
 
 impl Flag {
@@ -78,6 +81,7 @@ impl Flag {
             Flag::NoClusterFound => "NC",
             Flag::DownstreamConnectionTermination => "DC",
             Flag::UpstreamProtocolError => "UPE",
+            Flag::StreamIdleTimeout => "SI",
         }
     }
 }
@@ -527,6 +531,12 @@ async fn forward(
         p => p,
     };
     let deadline = action.timeout.map(|t| start + t);
+    // The stream idle timeout watches both directions: request body frames and response body frames.
+    let activity = conn
+        .hcm
+        .stream_idle_timeout
+        .map(|_| Rc::new(std::cell::Cell::new(Instant::now())));
+    let idle = conn.hcm.stream_idle_timeout.zip(activity.clone());
 
     cs.upstream_rq_total.inc();
     cs.upstream_rq_active.inc();
@@ -540,18 +550,37 @@ async fn forward(
         done: false,
     };
 
-    let sent = send(conn, cluster, &host, protocol, parts, Body::incoming(body));
-    let result = match deadline {
-        Some(d) => match tokio::time::timeout_at(d, sent).await {
-            Ok(r) => r,
-            Err(_) => Err(SendError::Timeout),
-        },
+    let req_body = Body::incoming(body).with_activity(activity.clone());
+    let sent = send(conn, cluster, &host, protocol, parts, req_body);
+    let result = match Watchdog::new(deadline, idle.clone()) {
+        Some(mut w) => {
+            tokio::pin!(sent);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = sent.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                w.poll_expired(cx).map(|why| match why {
+                    Expired::Deadline => Err(SendError::Timeout),
+                    Expired::Idle => Err(SendError::Idle),
+                })
+            })
+            .await
+        }
         None => sent.await,
     };
     let (resp, h1) = match result {
         Ok(r) => r,
         Err(e) => {
             let (status, flag, body) = match &e {
+                SendError::Idle => {
+                    hcm_stats(conn).downstream_rq_idle_timeout.inc();
+                    info.details = "stream_idle_timeout";
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Flag::StreamIdleTimeout,
+                        "stream timeout".to_string(),
+                    )
+                }
                 SendError::Timeout => {
                     cs.upstream_rq_timeout.inc();
                     host.stats.rq_timeout.fetch_add(1, Relaxed);
@@ -644,11 +673,11 @@ async fn forward(
         status,
         pool: h1.map(|s| (conn.worker.pools.clone(), s)),
     };
-    let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+    let watchdog = Watchdog::new(deadline, idle);
     Response::from_parts(
         rparts,
         Body::incoming(rbody)
-            .with_deadline(deadline)
+            .with_watchdog(watchdog)
             .on_end(Box::new(done)),
     )
 }
@@ -691,6 +720,7 @@ fn remove_hop_by_hop_response(h: &mut HeaderMap) {
 
 enum SendError {
     Timeout,
+    Idle,
     Connect(ConnectError),
     Upstream(hyper::Error),
 }
@@ -839,4 +869,8 @@ impl EndOfStream for UpstreamDone {
             }
         }
     }
+}
+
+fn hcm_stats(conn: &Conn) -> &super::config::HcmStats {
+    &conn.hcm.stats
 }

@@ -62,6 +62,28 @@ pub struct Bound {
     pub config: Arc<ListenerConfig>,
     pub socket: std::net::TcpListener,
     pub stats: Arc<ListenerStats>,
+    /// Raised to stop accepting and drain this listener's connections (server drain, or the listener was
+    /// removed or replaced).
+    pub stop: watch::Sender<bool>,
+}
+
+impl Bound {
+    pub fn new(
+        config: Arc<ListenerConfig>,
+        socket: std::net::TcpListener,
+        stats: Arc<ListenerStats>,
+    ) -> Arc<Self> {
+        Arc::new(Bound {
+            config,
+            socket,
+            stats,
+            stop: watch::channel(false).0,
+        })
+    }
+
+    pub fn drain(&self) {
+        self.stop.send_replace(true);
+    }
 }
 
 /// Bind a listener's socket (non-blocking, `SO_REUSEADDR`), so that a bind failure is reported before serving.
@@ -82,13 +104,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
-/// Accept on `socket` until `drain` is raised, serving each connection on this worker.
-pub async fn accept_loop(
-    bound: Arc<Bound>,
-    shared: Arc<Shared>,
-    worker: Rc<Worker>,
-    drain: watch::Receiver<bool>,
-) {
+/// Accept on the listener until it is stopped, serving each connection on this worker.
+pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Worker>) {
+    let drain = bound.stop.subscribe();
     let socket = match bound.socket.try_clone().and_then(TcpListener::from_std) {
         Ok(s) => s,
         Err(e) => {

@@ -334,3 +334,134 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vh(name: &str, domains: &[&str]) -> VirtualHost {
+        VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn virtual_host_search_order() {
+        let t = RouteTable::new(
+            "rc".into(),
+            vec![
+                vh("exact", &["www.foo.com"]),
+                vh("suffix", &["*.foo.com"]),
+                vh("longer-suffix", &["*-bar.foo.com"]),
+                vh("prefix", &["foo.*"]),
+                vh("any", &["*"]),
+                vh("port", &["api.foo.com:8080"]),
+            ],
+        );
+        let pick = |h: &str| t.find_vhost(h).map(|v| v.name.as_str());
+        assert_eq!(pick("www.foo.com"), Some("exact"));
+        assert_eq!(pick("WWW.Foo.com"), Some("exact"));
+        assert_eq!(pick("a.foo.com"), Some("suffix"));
+        assert_eq!(pick("baz-bar.foo.com"), Some("longer-suffix"));
+        // The wildcard matches at least one character.
+        assert_eq!(pick("-bar.foo.com"), Some("suffix"));
+        assert_eq!(pick("foo.org"), Some("prefix"));
+        assert_eq!(pick("other"), Some("any"));
+        // A port is part of the host unless the table ignores it.
+        assert_eq!(pick("www.foo.com:80"), Some("any"));
+        assert_eq!(pick("api.foo.com:8080"), Some("port"));
+        assert_eq!(pick("a.foo.com:80"), Some("any"));
+        assert_eq!(pick("foo.com:80"), Some("prefix"));
+    }
+
+    #[test]
+    fn ignore_port_in_host_matching() {
+        let mut t = RouteTable::new(
+            "rc".into(),
+            vec![vh("exact", &["www.foo.com"]), vh("v6", &["[::1]"])],
+        );
+        assert!(t.find_vhost("www.foo.com:8080").is_none());
+        t.ignore_port_in_host_matching = true;
+        assert_eq!(
+            t.find_vhost("www.foo.com:8080").map(|v| v.name.as_str()),
+            Some("exact")
+        );
+        assert_eq!(t.find_vhost("[::1]:8080").map(|v| v.name.as_str()), Some("v6"));
+    }
+
+    fn m(path: PathMatch, case_sensitive: bool) -> RouteMatch {
+        RouteMatch {
+            path,
+            case_sensitive,
+            headers: Vec::new(),
+            query: Vec::new(),
+            grpc: false,
+        }
+    }
+
+    #[test]
+    fn path_matchers() {
+        let h = HeaderMap::new();
+        let prefix = m(PathMatch::Prefix("/foo".into()), true);
+        assert!(prefix.matches("/foobar", None, &h));
+        assert!(!prefix.matches("/Foo", None, &h));
+        assert!(m(PathMatch::Prefix("/foo".into()), false).matches("/FOO/x", None, &h));
+        let exact = m(PathMatch::Path("/foo".into()), true);
+        assert!(exact.matches("/foo", Some("a=1"), &h));
+        assert!(!exact.matches("/foo/", None, &h));
+        let sep = m(PathMatch::Separated("/api".into()), true);
+        assert!(sep.matches("/api", None, &h));
+        assert!(sep.matches("/api/v1", None, &h));
+        assert!(!sep.matches("/apis", None, &h));
+        let re = m(PathMatch::Regex(Regex::new("^(?:/v[0-9]+/.*)$").unwrap()), true);
+        assert!(re.matches("/v1/x", None, &h));
+        assert!(!re.matches("/x/v1/x", None, &h));
+    }
+
+    #[test]
+    fn grpc_match_needs_grpc_content_type() {
+        let mut g = m(PathMatch::Prefix("/".into()), true);
+        g.grpc = true;
+        let mut h = HeaderMap::new();
+        assert!(!g.matches("/x", None, &h));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(g.matches("/x", None, &h));
+    }
+
+    #[test]
+    fn header_mods_apply_in_envoy_order() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        let mods = HeaderMods {
+            add: vec![
+                HeaderAdd {
+                    name: HeaderName::from_static("x-a"),
+                    value: HeaderValue::from_static("2"),
+                    action: AppendAction::AppendIfExistsOrAdd,
+                },
+                HeaderAdd {
+                    name: HeaderName::from_static("x-b"),
+                    value: HeaderValue::from_static("3"),
+                    action: AppendAction::AddIfAbsent,
+                },
+                HeaderAdd {
+                    name: HeaderName::from_static("x-c"),
+                    value: HeaderValue::from_static("4"),
+                    action: AppendAction::OverwriteIfExists,
+                },
+            ],
+            remove: vec![HeaderName::from_static("x-gone")],
+        };
+        mods.apply(&mut h);
+        assert_eq!(h.get_all("x-a").iter().count(), 2);
+        assert_eq!(h.get("x-b").unwrap(), "3");
+        assert!(h.get("x-c").is_none());
+        assert!(h.get("x-gone").is_none());
+    }
+}
