@@ -80,7 +80,6 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #12"]
 async fn sigterm_refuses_new_connections_while_draining() {
     let (_origin, mut proxy, in_flight, _) = drain_started().await;
     assert!(
@@ -98,21 +97,29 @@ async fn sigterm_refuses_new_connections_while_draining() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #13"]
 async fn ready_is_503_draining_during_drain() {
     let (_origin, mut proxy, in_flight, _) = drain_started().await;
-    let ready = proxy
+    // The signal is handled asynchronously: poll (bounded) until /ready stops saying LIVE.
+    let client = proxy
         .remora
         .admin_client()
         .clone()
-        .with_timeout(Duration::from_secs(1))
-        .try_get("/ready", &[])
-        .await;
+        .with_timeout(Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let ready = loop {
+        let ready = client
+            .try_get("/ready", &[])
+            .await
+            .unwrap_or_else(|e| panic!("/ready did not answer during drain: {e}"));
+        if ready.status != StatusCode::OK || Instant::now() >= deadline {
+            break ready;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
     assert!(
         !in_flight.is_finished(),
         "checked while the request was still in flight"
     );
-    let ready = ready.unwrap_or_else(|e| panic!("/ready did not answer during drain: {e}"));
     assert_eq!(
         (ready.status, ready.text().as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
