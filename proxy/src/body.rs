@@ -247,6 +247,14 @@ impl Body {
         }
     }
 
+    /// The bytes of a body made with [`Body::full`] (local replies), not yet read.
+    pub fn full_bytes(&self) -> Option<Bytes> {
+        match &self.kind {
+            Kind::Full(b) => b.clone(),
+            _ => None,
+        }
+    }
+
     /// Run `hook` when the body ends (immediately if it is already at its end). Hooks run in the order added;
     /// a body takes four at most, and a fifth runs at once as if the body had been dropped.
     pub fn on_end(mut self, mut hook: Box<dyn EndOfStream>) -> Self {

@@ -46,7 +46,6 @@ async fn ready_is_live_with_200() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #10"]
 async fn server_info_has_envoys_fields_in_order() {
     let (_origin, proxy) = world(0).await;
     let reply = proxy.remora.admin_client().get("/server_info", &[]).await;
@@ -202,7 +201,6 @@ async fn clusters_text_has_envoys_lines_for_a_host() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #11"]
 async fn clusters_json_has_statuses_and_host_stats() {
     let (origin, proxy) = world(2).await;
     let (status, text) = proxy.remora.admin_get("/clusters?format=json").await;

@@ -57,7 +57,6 @@ async fn random_reaches_both_hosts() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #14"]
 async fn least_request_avoids_the_busy_host() {
     // Choices are drawn with replacement (as Envoy does); with 20 of them both hosts are seen on all but
     // 2^-19 of picks, so the busier host loses.

@@ -56,7 +56,6 @@ async fn unary_failure_keeps_status_message_and_metadata() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #4"]
 async fn many_unary_calls_multiplex_one_upstream_connection() {
     let (upstream, _proxy, client) = world().await;
     let mut calls = tokio::task::JoinSet::new();
@@ -127,7 +126,6 @@ async fn bidi_failure_arrives_after_the_replies_sent_so_far() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #3"]
 async fn grpc_call_to_a_dead_upstream_is_unavailable() {
     let dead = crate::support::closed_port();
     let table = routes(vec![to_cluster(json!({"prefix": "/"}), "dead")]);

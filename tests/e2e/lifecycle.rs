@@ -373,7 +373,6 @@ async fn validate_accepts_a_good_config_without_binding() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #9"]
 async fn validate_reports_every_error_with_its_path() {
     let origin = Upstream::start("origin").await;
     let mut config = config(&origin);
@@ -403,8 +402,8 @@ async fn validate_reports_two_unsupported_fields_in_different_places() {
     config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         ["route_config"]["virtual_hosts"][0]["require_tls"] = json!("ALL");
     config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        ["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["retry_policy"] =
-        json!({"retry_on": "5xx"});
+        ["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["request_mirror_policies"] =
+        json!([{"cluster": "origin"}]);
     let (code, _, stderr) =
         crate::harness::validate(&serde_json::to_string_pretty(&config).unwrap_or_default()).await;
     assert_eq!(code, 1);
@@ -414,7 +413,7 @@ async fn validate_reports_two_unsupported_fields_in_different_places() {
     );
     assert!(
         stderr.contains(&format!(
-            "{hcm}.route_config.virtual_hosts[0].routes[0].route.retry_policy"
+            "{hcm}.route_config.virtual_hosts[0].routes[0].route.request_mirror_policies"
         )),
         "{stderr}"
     );

@@ -138,7 +138,6 @@ async fn chunked_request_body_reaches_the_upstream_whole() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #8"]
 async fn expect_100_continue_is_answered_by_the_proxy() {
     let w = world().await;
     let mut conn = RawConn::connect(w.proxy.addr).await;
@@ -236,7 +235,6 @@ async fn upstream_trailers_pass_through_to_an_h2_client() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #7"]
 async fn codec_type_http1_refuses_h2c_and_http2_refuses_http1() {
     let origin = Upstream::start("o").await;
     for (codec, h1_ok) in [("HTTP1", true), ("HTTP2", false)] {

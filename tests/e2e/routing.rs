@@ -170,7 +170,6 @@ async fn query_parameter_and_grpc_matchers() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #1"]
 async fn weighted_clusters_split_traffic_by_weight() {
     let (ups, clusters) = origins(&["light", "heavy"]).await;
     let table = routes(vec![json!({
@@ -366,7 +365,6 @@ async fn auto_host_rewrite_uses_the_endpoint_hostname() {
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: see /tmp/e2e-failures.md #2"]
 async fn auto_host_rewrite_leaves_the_host_when_the_endpoint_has_no_hostname() {
     // Envoy rewrites only to a non-empty host name (router.cc: `autoHostRewrite() && !hostname().empty()`);
     // a STATIC endpoint without `hostname` leaves the request's host as it was.

@@ -65,7 +65,6 @@ pub fn server_info(shared: &Shared) -> Value {
             "user_agent_name": "remora",
             "user_agent_build_version": {"version": version_json()},
         },
-        "command_line": o.command_line,
     })
 }
 

@@ -407,7 +407,10 @@ fn clusters_json(shared: &Shared) -> serde_json::Value {
                             gauge("cx_active", s.cx_active.load(Relaxed)),
                             gauge("rq_active", s.rq_active.load(Relaxed)),
                         ],
-                        "health_status": {"eds_health_status": h.health.name()},
+                        "health_status": {"eds_health_status": match h.health {
+                            crate::upstream::EndpointHealth::Unknown => "HEALTHY",
+                            other => other.name(),
+                        }},
                         "weight": h.weight,
                         "hostname": h.hostname,
                         "locality": {"region": h.locality.region, "zone": h.locality.zone, "sub_zone": h.locality.sub_zone},

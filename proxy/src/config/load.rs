@@ -72,19 +72,41 @@ pub fn message_from_text(
 }
 
 /// Check, normalise and map a JSON value onto the message `desc`.
-pub fn message_from_value(
+pub fn message_from_value(value: Value, desc: &MessageDescriptor) -> Result<DynamicMessage, ConfigErrors> {
+    let (msg, errs) = message_from_value_lenient(value, desc)?;
+    if errs.is_empty() {
+        Ok(msg)
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+/// Like [`message_from_value`], but a field that is unknown or has a value of the wrong type is left out and
+/// reported, and the rest is still mapped, so that `--mode validate` can go on to report what lowering finds.
+pub fn message_from_value_lenient(
     mut value: Value,
     desc: &MessageDescriptor,
-) -> Result<DynamicMessage, ConfigErrors> {
+) -> Result<(DynamicMessage, Vec<ConfigError>), ConfigErrors> {
     let mut errs = Vec::new();
     let mut path = String::new();
     normalize_message(&mut value, desc, &mut path, &mut errs);
-    if !errs.is_empty() {
-        return Err(ConfigErrors(errs));
-    }
     let opts = DeserializeOptions::new().deny_unknown_fields(true);
-    DynamicMessage::deserialize_with_options(desc.clone(), value, &opts)
-        .map_err(|e| ConfigErrors(vec![ConfigError::new("", e.to_string())]))
+    match DynamicMessage::deserialize_with_options(desc.clone(), value, &opts) {
+        Ok(m) => Ok((m, errs)),
+        Err(e) => {
+            errs.push(ConfigError::new("", e.to_string()));
+            Err(ConfigErrors(errs))
+        }
+    }
+}
+
+/// [`message_from_value_lenient`] from text.
+pub fn message_from_text_lenient(
+    text: &str,
+    format: Format,
+    desc: &MessageDescriptor,
+) -> Result<(DynamicMessage, Vec<ConfigError>), ConfigErrors> {
+    message_from_value_lenient(parse_text(text, format)?, desc)
 }
 
 fn push_field(path: &mut String, name: &str) {
@@ -105,7 +127,16 @@ fn kind_name(v: &Value) -> &'static str {
     }
 }
 
-fn normalize_message(
+fn normalize_message(v: &mut Value, desc: &MessageDescriptor, path: &mut String, errs: &mut Vec<ConfigError>) {
+    let before = errs.len();
+    normalize_message_inner(v, desc, path, errs);
+    // A well-known type (duration, Any, wrapper) that could not be read is left out as a whole.
+    if errs.len() > before && desc.full_name().starts_with("google.protobuf.") {
+        *v = Value::Null;
+    }
+}
+
+fn normalize_message_inner(
     v: &mut Value,
     desc: &MessageDescriptor,
     path: &mut String,
@@ -127,9 +158,11 @@ fn normalize_message(
                 path.clone(),
                 format!("expected an object ({}), found {}", desc.name(), kind_name(v)),
             ));
+            *v = Value::Null;
         }
         return;
     };
+    let mut unknown = Vec::new();
     for (key, val) in map.iter_mut() {
         let Some(field) = desc
             .get_field_by_name(key)
@@ -142,6 +175,7 @@ fn normalize_message(
                 format!("unknown field in {}", desc.full_name()),
             ));
             path.truncate(at);
+            unknown.push(key.clone());
             continue;
         };
         if val.is_null() {
@@ -160,6 +194,7 @@ fn normalize_message(
                             normalize_single(ev, &value_field.kind(), path, errs);
                             path.truncate(at2);
                         }
+                        entries.retain(|_, v| !v.is_null());
                     }
                 }
                 other => errs.push(ConfigError::new(
@@ -180,15 +215,29 @@ fn normalize_message(
                     normalize_single(item, &field.kind(), path, errs);
                     path.truncate(at2);
                 }
+                items.retain(|x| !x.is_null());
             }
         } else {
             normalize_single(val, &field.kind(), path, errs);
         }
         path.truncate(at);
     }
+    // What could not be read is left out (and reported), so that the rest can still be lowered.
+    for k in unknown {
+        map.remove(&k);
+    }
 }
 
 fn normalize_single(v: &mut Value, kind: &Kind, path: &mut String, errs: &mut Vec<ConfigError>) {
+    let before = errs.len();
+    normalize_kind(v, kind, path, errs);
+    // A scalar that could not be read is left out; a message keeps what could be read of it.
+    if errs.len() > before && !matches!(kind, Kind::Message(_)) {
+        *v = Value::Null;
+    }
+}
+
+fn normalize_kind(v: &mut Value, kind: &Kind, path: &mut String, errs: &mut Vec<ConfigError>) {
     let bad = |want: &str, v: &Value| {
         ConfigError::new(path.clone(), format!("expected {want}, found {}", kind_name(v)))
     };

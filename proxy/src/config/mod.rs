@@ -31,6 +31,19 @@ const BOOTSTRAP: &str = "envoy.config.bootstrap.v3.Bootstrap";
 /// Read the bootstrap as the command line names it: `-c` (or the embedded default), with `--config-yaml`
 /// merged over it as protobuf `MergeFrom` does, then the `--service-*` flags applied to `node`.
 pub fn read_bootstrap_message(opts: &Options) -> Result<DynamicMessage, ConfigErrors> {
+    let (msg, errs) = read_bootstrap_message_lenient(opts)?;
+    if errs.is_empty() {
+        Ok(msg)
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+/// [`read_bootstrap_message`], keeping what could be read when some fields could not (for `--mode validate`).
+pub fn read_bootstrap_message_lenient(
+    opts: &Options,
+) -> Result<(DynamicMessage, Vec<ConfigError>), ConfigErrors> {
+    let mut errors = Vec::new();
     let desc = descriptors::message(BOOTSTRAP).ok_or_else(|| {
         ConfigErrors::from(ConfigError::new(
             "",
@@ -42,21 +55,25 @@ pub fn read_bootstrap_message(opts: &Options) -> Result<DynamicMessage, ConfigEr
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigErrors::from(ConfigError::new("", format!("cannot read {path}: {e}"))))?;
             let fmt = Format::detect(Some(path), &text);
-            load::message_from_text(&text, fmt, &desc).map_err(|e| e.with_source(path))?
+            let (m, errs) =
+                load::message_from_text_lenient(&text, fmt, &desc).map_err(|e| e.with_source(path))?;
+            errors.extend(ConfigErrors(errs).with_source(path).0);
+            m
         }
         None if opts.config_yaml.is_some() => DynamicMessage::new(desc.clone()),
         None => load::message_from_text(DEFAULT_CONFIG, Format::Yaml, &desc)
             .map_err(|e| e.with_source("<embedded default>"))?,
     };
     if let Some(yaml) = &opts.config_yaml {
-        let overlay =
-            load::message_from_text(yaml, Format::Yaml, &desc).map_err(|e| e.with_source("--config-yaml"))?;
+        let (overlay, errs) = load::message_from_text_lenient(yaml, Format::Yaml, &desc)
+            .map_err(|e| e.with_source("--config-yaml"))?;
+        errors.extend(ConfigErrors(errs).with_source("--config-yaml").0);
         msg.merge(overlay.encode_to_vec().as_slice()).map_err(|e| {
             ConfigErrors::from(ConfigError::new("", format!("--config-yaml: cannot merge: {e}")))
         })?;
     }
     apply_node_flags(&mut msg, opts);
-    Ok(msg)
+    Ok((msg, errors))
 }
 
 /// `--service-cluster`, `--service-node` and `--service-zone` override `node.cluster`, `node.id` and
@@ -88,7 +105,7 @@ fn apply_node_flags(msg: &mut DynamicMessage, opts: &Options) {
 
 /// Read and lower the bootstrap. Every problem is reported, not only the first.
 pub fn load_bootstrap(opts: &Options) -> Result<Bootstrap, ConfigErrors> {
-    let msg = read_bootstrap_message(opts)?;
+    let (msg, mut errors) = read_bootstrap_message_lenient(opts)?;
     let source = opts.config_path.clone().unwrap_or_else(|| {
         if opts.config_yaml.is_some() {
             "--config-yaml".to_string()
@@ -96,5 +113,12 @@ pub fn load_bootstrap(opts: &Options) -> Result<Bootstrap, ConfigErrors> {
             "<embedded default>".to_string()
         }
     });
-    bootstrap::lower(msg, &crate::stats::Store::new()).map_err(|e| e.with_source(&source))
+    match bootstrap::lower(msg, &crate::stats::Store::new()) {
+        Ok(b) if errors.is_empty() => Ok(b),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(e) => {
+            errors.extend(e.with_source(&source).0);
+            Err(ConfigErrors(errors))
+        }
+    }
 }

@@ -125,9 +125,10 @@ impl<'a> Node<'a> {
         self.errs.push(self.path.clone(), message);
     }
 
-    /// Mark a field handled without reading it (a documented no-op).
+    /// Mark a field handled without reading it (a documented no-op). A name this version of Envoy's API does
+    /// not have is ignored: such a field cannot be set.
     pub fn mark(&self, name: &str) {
-        if let Some(fd) = self.fd(name) {
+        if let Some(fd) = self.msg.descriptor().get_field_by_name(name) {
             self.used.borrow_mut().push(fd.number());
         }
     }
@@ -156,9 +157,10 @@ impl<'a> Node<'a> {
         }
     }
 
-    /// Refuse the field if it is set, with `why` (or "not supported by Remora").
+    /// Refuse the field if it is set. A name this version of Envoy's API does not have is ignored: such a field
+    /// cannot be set (and an unread set field is refused on drop anyway).
     pub fn unsupported(&self, name: &str) {
-        if self.value(name).is_some() {
+        if self.msg.descriptor().get_field_by_name(name).is_some() && self.value(name).is_some() {
             self.err(name, "not supported by Remora");
         }
     }

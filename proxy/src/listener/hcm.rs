@@ -160,6 +160,7 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
         s.downstream_rq_http1_total.inc();
     }
     let head_only = req.method() == http::Method::HEAD;
+    let grpc = crate::route::is_grpc(req.headers());
     let mut info = StreamInfo::default();
     let resp = match prepare(&conn, &hcm, req, &mut info) {
         Err(local) => local,
@@ -184,6 +185,11 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
             }
             resp
         }
+    };
+    let resp = if grpc && info.details != "via_upstream" {
+        grpc_local_reply(resp)
+    } else {
+        resp
     };
     let (mut parts, body) = resp.into_parts();
     finish_response_headers(&hcm, &mut parts.headers, conn.draining());
@@ -240,6 +246,62 @@ fn finish_response_headers(hcm: &HcmConfig, h: &mut HeaderMap, draining: bool) {
     }
 }
 
+/// A local reply to a gRPC request, as Envoy's `sendLocalReply` makes it: status 200, `content-type:
+/// application/grpc`, the HTTP status mapped to a `grpc-status`, the body as `grpc-message`, no body (a
+/// trailers-only response).
+fn grpc_local_reply(resp: Response<Body>) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    if parts.status == StatusCode::OK {
+        return Response::from_parts(parts, body);
+    }
+    let code = match parts.status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    // The local reply bodies are static text; recover it from the content-length'd full body.
+    let message = local_reply_text(&body);
+    let mut r = Response::new(Body::empty());
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code));
+    if !message.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(&message)) {
+            h.insert("grpc-message", v);
+        }
+    }
+    for (k, v) in parts.headers.iter() {
+        if k == header::CONTENT_TYPE || k == header::CONTENT_LENGTH {
+            continue;
+        }
+        h.append(k.clone(), v.clone());
+    }
+    r
+}
+
+/// The text of a local reply's body (local replies are one in-memory chunk).
+fn local_reply_text(body: &Body) -> String {
+    body.full_bytes()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// gRPC's percent-encoding of `grpc-message`: everything outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode_grpc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// A local reply as Envoy builds it: `text/plain` with the body, or no body at all.
 pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(Body::full(Bytes::from_static(body.as_bytes())));
@@ -275,6 +337,22 @@ fn prepare(
     info: &mut StreamInfo,
 ) -> Result<(Request<Incoming>, Option<MatchedRoute>), Response<Body>> {
     let (mut parts, body) = req.into_parts();
+    // hyper enforces the header limit from 8 KiB up; a smaller `max_request_headers_kb` is checked here.
+    if hcm.max_request_headers_kb < 8 {
+        let size: usize = parts
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+        if size > hcm.max_request_headers_kb as usize * 1024 {
+            info.details = "http1.headers_too_large";
+            return Err(local_reply(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large",
+            ));
+        }
+    }
     if hcm.underscores != Underscores::Allow && parts.headers.keys().any(|k| k.as_str().contains('_')) {
         if hcm.underscores == Underscores::Reject {
             info.details = "http1.unexpected_underscore";
@@ -462,6 +540,12 @@ fn mutate_request_headers(conn: &Conn, hcm: &HcmConfig, h: &mut HeaderMap) {
     h.remove(&PROXY_CONNECTION);
     h.remove(header::TRANSFER_ENCODING);
     h.remove(&X_ENVOY_INTERNAL);
+    // The connection manager answers `expect: 100-continue` itself (hyper sends the 100 when the body is read).
+    if h.get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        h.remove(header::EXPECT);
+    }
     // `te` may only carry `trailers` upstream.
     if let Some(te) = h.get(header::TE) {
         if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
@@ -700,12 +784,9 @@ async fn forward(
                 .headers
                 .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
         }
-        if action.host_rewrite == HostRewrite::Auto {
-            let name = if host.hostname.is_empty() {
-                host.address_str.as_str()
-            } else {
-                host.hostname.as_str()
-            };
+        // `auto_host_rewrite`: the host's hostname (DNS clusters); a host without one leaves `host` alone.
+        if action.host_rewrite == HostRewrite::Auto && !host.hostname.is_empty() {
+            let name = host.hostname.as_str();
             if let Ok(v) = HeaderValue::from_str(name) {
                 attempt_parts.headers.insert(header::HOST, v);
             }

@@ -243,7 +243,7 @@ async fn serve_connection(
         rx: hs.downstream_cx_rx_bytes_total.clone(),
         tx: hs.downstream_cx_tx_bytes_total.clone(),
     });
-    let serve = builder.serve_connection_with_upgrades(io, svc);
+    let serve = builder.serve_connection(io, svc);
     tokio::pin!(serve);
     let mut drained = *drain.borrow();
     if drained {

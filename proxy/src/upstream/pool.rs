@@ -42,6 +42,8 @@ pub enum ConnectError {
 struct HostPool {
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
     h2: Option<http2::SendRequest<Body>>,
+    /// Set while this worker makes the host's HTTP/2 connection; woken when it is made (or failed).
+    h2_connecting: Option<Rc<tokio::sync::Notify>>,
 }
 
 /// The pools of one worker.
@@ -113,16 +115,53 @@ impl Pools {
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
-        {
-            let mut hosts = self.hosts.borrow_mut();
-            let pool = hosts.entry(host.id).or_default();
-            if let Some(s) = &pool.h2 {
-                if !s.is_closed() && s.is_ready() {
-                    return Ok(s.clone());
+        // One connection per host per worker: requests that arrive while it is being made wait for it.
+        loop {
+            let wait = {
+                let mut hosts = self.hosts.borrow_mut();
+                let pool = hosts.entry(host.id).or_default();
+                if let Some(s) = &pool.h2 {
+                    if !s.is_closed() {
+                        return Ok(s.clone());
+                    }
+                    pool.h2 = None;
                 }
-                pool.h2 = None;
+                match &pool.h2_connecting {
+                    Some(n) => n.clone(),
+                    None => {
+                        pool.h2_connecting = Some(Rc::new(tokio::sync::Notify::new()));
+                        break;
+                    }
+                }
+            };
+            let notified = wait.notified();
+            tokio::pin!(notified);
+            // Register before re-checking, so that a wake-up between the check and the wait is not lost.
+            notified.as_mut().enable();
+            let still_connecting = self
+                .hosts
+                .borrow()
+                .get(&host.id)
+                .is_some_and(|p| p.h2_connecting.is_some());
+            if still_connecting {
+                notified.await;
             }
         }
+        // Whatever happens to this request (even if it is dropped mid-connect), the waiters are woken.
+        let _wake = ConnectingGuard {
+            pools: self,
+            host: host.id,
+        };
+        let sender = self.connect_h2(cluster, host).await?;
+        self.hosts.borrow_mut().entry(host.id).or_default().h2 = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn connect_h2(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
         let io = connect(cluster, host).await?;
         let (sender, conn) = http2::Builder::new(LocalExec)
             .timer(hyper_util::rt::TokioTimer::new())
@@ -133,8 +172,6 @@ impl Pools {
         tokio::task::spawn_local(async move {
             let _ = conn.await;
         });
-        let mut hosts = self.hosts.borrow_mut();
-        hosts.entry(host.id).or_default().h2 = Some(sender.clone());
         Ok(sender)
     }
 
@@ -146,6 +183,22 @@ impl Pools {
     /// Drop pools of hosts that no longer exist (called when membership changes).
     pub fn retain(&self, live: impl Fn(u64) -> bool) {
         self.hosts.borrow_mut().retain(|id, _| live(*id));
+    }
+}
+
+/// Clears a host's "HTTP/2 connection being made" mark and wakes the requests waiting on it.
+struct ConnectingGuard<'a> {
+    pools: &'a Pools,
+    host: u64,
+}
+
+impl Drop for ConnectingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pools.hosts.borrow_mut().get_mut(&self.host) {
+            if let Some(n) = pool.h2_connecting.take() {
+                n.notify_waiters();
+            }
+        }
     }
 }
 
