@@ -25,6 +25,7 @@
 //! HTTP/2 stream, and closes an HTTP/1.1 connection whose response was not read to its end), and the request's
 //! stats are completed by drop guards, so counts and active gauges stay right.
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cli;
