@@ -163,6 +163,8 @@ pub struct Body {
     watchdog: Option<Box<Watchdog>>,
     /// Marked on every frame: the stream's last activity, which the idle timeout watches.
     activity: Option<Activity>,
+    /// Counts data bytes (request bodies, for the access log).
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The last time a stream moved, shared by its request and response bodies.
@@ -244,6 +246,7 @@ impl Body {
             bytes: 0,
             watchdog: None,
             activity: None,
+            counter: None,
         }
     }
 
@@ -277,6 +280,12 @@ impl Body {
     /// Mark `activity` on every frame.
     pub fn with_activity(mut self, activity: Option<Activity>) -> Self {
         self.activity = activity;
+        self
+    }
+
+    /// Add each data frame's length to `counter`.
+    pub fn with_counter(mut self, counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>) -> Self {
+        self.counter = counter;
         self
     }
 
@@ -340,6 +349,9 @@ impl HttpBody for Body {
                 }
                 if let Some(a) = this.activity.as_ref() {
                     a.set(Instant::now());
+                }
+                if let (Some(c), Some(d)) = (this.counter.as_ref(), f.data_ref()) {
+                    c.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 // hyper stops polling a body that reports its end, so the end is noticed here.
                 if kind_at_end(&kind) {

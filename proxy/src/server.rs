@@ -354,6 +354,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     if !joined {
         tracing::warn!("workers did not finish within the drain time; exiting");
     }
+    shared.bootstrap.access_logs.flush_all();
     tracing::info!("exiting");
     // Do not wait for a worker that overran the drain time.
     rt.shutdown_background();

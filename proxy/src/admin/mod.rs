@@ -45,6 +45,7 @@ const ENDPOINTS: &[(&str, &str, bool)] = &[
         "print server state, return 200 if LIVE, otherwise return 503",
         false,
     ),
+    ("/reopen_logs", "reopen access logs", true),
     ("/reset_counters", "reset all counters to zero", true),
     ("/server_info", "print server version/status information", false),
     ("/stats", "print server stats", false),
@@ -233,6 +234,12 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
         }
         "/quitquitquit" => {
             shared.quit();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/reopen_logs" => {
+            // File I/O: off the admin's runtime thread.
+            let logs = shared.bootstrap.access_logs.clone();
+            let _ = std::thread::spawn(move || logs.reopen_all()).join();
             text(StatusCode::OK, "OK\n")
         }
         "/reset_counters" => {

@@ -41,12 +41,19 @@ pub struct Bootstrap {
     pub message: DynamicMessage,
     /// The store the listeners' stat handles live in; the server serves it.
     pub store: Arc<Store>,
+    /// The access log files of every connection manager (flushed at exit, reopened by `/reopen_logs`).
+    pub access_logs: Arc<crate::access_log::Manager>,
 }
 
 /// Lower a parsed bootstrap, collecting every error.
 pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, ConfigErrors> {
     let errs = Errors::default();
     let ids = ClusterIds::default();
+    let logs =
+        match crate::access_log::Manager::new(&store.scope(""), crate::access_log::DEFAULT_FLUSH_INTERVAL) {
+            Ok(m) => Arc::new(m),
+            Err(e) => return Err(single("", format!("cannot start the access log writer: {e}"))),
+        };
     let (node, admin, listeners, clusters) = {
         let root = Node::root(&msg, "", &errs);
         let node = root.msg("node").map(|n| lower_node(&n)).unwrap_or_default();
@@ -67,6 +74,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                 let ctx = listener::Ctx {
                     ids: &ids,
                     store,
+                    logs: &logs,
                     static_clusters: &names,
                 };
                 let listeners: Vec<Arc<ListenerConfig>> = sr
@@ -110,6 +118,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         cluster_ids: ids,
         message: msg,
         store: store.clone(),
+        access_logs: logs,
     })
 }
 

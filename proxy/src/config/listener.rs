@@ -28,6 +28,8 @@ pub struct Ctx<'a> {
     pub ids: &'a ClusterIds,
     /// Where the connection manager's stat handles are created.
     pub store: &'a Arc<Store>,
+    /// The access log files.
+    pub logs: &'a crate::access_log::Manager,
     /// Static clusters, for `validate_clusters` of inline route tables.
     pub static_clusters: &'a HashSet<String>,
 }
@@ -288,6 +290,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
 
     let table = table?;
     let lscope = ctx.store.scope(format!("{listener_scope}http.{stat_prefix}."));
+    let access_logs = crate::access_log::lower(&h.list("access_log"), ctx.logs);
     Some(HcmConfig {
         stats: HcmStats::new(&http_scope, &lscope),
         stat_prefix,
@@ -310,6 +313,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         idle_timeout,
         drain_timeout,
         filters: http_filters,
+        access_logs,
     })
 }
 

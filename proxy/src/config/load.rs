@@ -127,7 +127,12 @@ fn kind_name(v: &Value) -> &'static str {
     }
 }
 
-fn normalize_message(v: &mut Value, desc: &MessageDescriptor, path: &mut String, errs: &mut Vec<ConfigError>) {
+fn normalize_message(
+    v: &mut Value,
+    desc: &MessageDescriptor,
+    path: &mut String,
+    errs: &mut Vec<ConfigError>,
+) {
     let before = errs.len();
     normalize_message_inner(v, desc, path, errs);
     // A well-known type (duration, Any, wrapper) that could not be read is left out as a whole.

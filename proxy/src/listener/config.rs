@@ -71,6 +71,8 @@ pub struct HcmConfig {
     pub stats: HcmStats,
     /// The HTTP filters before the router, in configuration order.
     pub filters: Vec<HttpFilter>,
+    /// `access_log`: written when each response is done.
+    pub access_logs: Vec<crate::access_log::AccessLog>,
 }
 
 /// One configured HTTP filter; its shared state serves every worker.

@@ -115,11 +115,21 @@ impl Flag {
 }
 
 /// What the access log and stats learn about one request.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct StreamInfo {
     /// Set flags, one bit per [`Flag`] (by discriminant).
     pub flags: u32,
     pub details: &'static str,
+    /// The host of the last attempt and its cluster's stat name (`%UPSTREAM_HOST%`, `%UPSTREAM_CLUSTER%`).
+    pub upstream: Option<(std::net::SocketAddr, Arc<Cluster>)>,
+    /// When the upstream response's headers arrived (`%RESPONSE_DURATION%`).
+    pub response_at: Option<Instant>,
+    /// The route matched (`%ROUTE_NAME%`).
+    pub route: Option<MatchedRoute>,
+    /// Request body bytes read from the client, counted only while access logs need them.
+    pub rx_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub transport_failure: Option<String>,
 }
 
 impl StreamInfo {
@@ -162,7 +172,26 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
     let head_only = req.method() == http::Method::HEAD;
     let grpc = crate::route::is_grpc(req.headers());
     let mut info = StreamInfo::default();
-    let resp = match prepare(&conn, &hcm, req, &mut info) {
+    let log = (!hcm.access_logs.is_empty()).then(|| {
+        info.rx_bytes = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        Box::new(LogState {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            start_time: std::time::SystemTime::now(),
+            response_headers: HeaderMap::new(),
+            trailers: None,
+            info: StreamInfo::default(),
+        })
+    });
+    let mut log = log;
+    let prepared = prepare(&conn, &hcm, req, &mut info);
+    if let (Some(l), Ok((req, _))) = (log.as_mut(), &prepared) {
+        // The headers as the router sees them (with `x-request-id` and `x-forwarded-*`).
+        l.headers = req.headers().clone();
+    }
+    let resp = match prepared {
         Err(local) => local,
         Ok((req, matched)) if hcm.filters.is_empty() => dispatch(&conn, req, matched, &mut info, start).await,
         Ok((mut req, matched)) => {
@@ -173,9 +202,12 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
                 }
                 req.extensions_mut().insert(m.clone());
             }
+            req.extensions_mut().insert(info.clone());
             let mut resp = conn.call_filters(req).await;
             if let Some(i) = resp.extensions_mut().remove::<StreamInfo>() {
+                let rx = info.rx_bytes.take();
                 info = i;
+                info.rx_bytes = rx;
             }
             if let Some(r) = resp.extensions().get::<crate::filters::FilterReply>() {
                 info.details = r.details;
@@ -194,10 +226,17 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
     let (mut parts, body) = resp.into_parts();
     finish_response_headers(&hcm, &mut parts.headers, conn.draining());
     let status = parts.status.as_u16();
+    let log = log.map(|mut l| {
+        l.response_headers = parts.headers.clone();
+        l.info = info;
+        l
+    });
     let done = RequestDone {
         hcm: hcm.clone(),
+        conn: conn.clone(),
         start,
         status,
+        log,
     };
     let body = if head_only { Body::empty() } else { body };
     Ok(Response::from_parts(parts, body.on_end(Box::new(done))))
@@ -206,12 +245,73 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
 /// Per-request completion: counted when the response body has gone out (or the client went away).
 struct RequestDone {
     hcm: Arc<HcmConfig>,
+    conn: Rc<Conn>,
     start: Instant,
     status: u16,
+    /// What the access logs need, kept only when the connection manager has any.
+    log: Option<Box<LogState>>,
+}
+
+/// A request's headers and outcome, kept for the access logs until the response is done.
+struct LogState {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    start_time: std::time::SystemTime,
+    response_headers: HeaderMap,
+    trailers: Option<HeaderMap>,
+    info: StreamInfo,
+}
+
+impl RequestDone {
+    fn write_logs(&self, l: &LogState, complete: bool, bytes: u64) {
+        use crate::access_log::LogRecord;
+        let mut flags: Vec<&'static str> = l.info.flag_names().collect();
+        if !complete {
+            flags.push(Flag::DownstreamConnectionTermination.short());
+        }
+        let route_name = l.info.route.as_ref().and_then(|m| {
+            let r = &m.table.virtual_hosts.get(m.vhost)?.routes.get(m.route)?.name;
+            (!r.is_empty()).then_some(r.as_str())
+        });
+        let mut rec = LogRecord::new(&l.method, &l.uri, l.version, &l.headers, l.start_time);
+        rec.response_code = Some(self.status);
+        rec.response_headers = Some(&l.response_headers);
+        rec.response_trailers = l.trailers.as_ref();
+        rec.duration = Some(self.start.elapsed());
+        rec.response_duration = l
+            .info
+            .response_at
+            .map(|t| t.saturating_duration_since(self.start));
+        rec.bytes_received = l.info.rx_bytes.as_ref().map_or(0, |c| c.load(Relaxed));
+        rec.bytes_sent = bytes;
+        rec.response_flags = &flags;
+        rec.response_code_details = l.info.details;
+        rec.upstream_host = l.info.upstream.as_ref().map(|(a, _)| *a);
+        rec.upstream_cluster = l.info.upstream.as_ref().map(|(_, c)| c.config.stat_name.as_str());
+        rec.upstream_transport_failure_reason = l.info.transport_failure.as_deref();
+        rec.downstream_remote_address = Some(self.conn.remote);
+        rec.downstream_local_address = Some(self.conn.local);
+        rec.route_name = route_name;
+        rec.connection_id = self.conn.id;
+        for log in &self.hcm.access_logs {
+            log.log(&rec);
+        }
+    }
 }
 
 impl EndOfStream for RequestDone {
-    fn end(&mut self, complete: bool, _bytes: u64) {
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(l) = self.log.as_mut() {
+            l.trailers = Some(trailers.clone());
+        }
+    }
+
+    fn end(&mut self, complete: bool, bytes: u64) {
+        if let Some(l) = self.log.take() {
+            self.write_logs(&l, complete, bytes);
+        }
         let s = &self.hcm.stats;
         s.downstream_rq_active.dec();
         s.downstream_rq_completed.inc();
@@ -409,6 +509,7 @@ async fn dispatch(
         info.details = "route_not_found";
         return local_reply(StatusCode::NOT_FOUND, "");
     };
+    info.route = Some(m.clone());
     let (mut parts, body) = req.into_parts();
     let table = &m.table;
     let (vhost, route) = (
@@ -797,7 +898,9 @@ async fn forward(
             (None, Some(b)) => Body::incoming(b),
             (None, None) => Body::empty(),
         }
-        .with_activity(activity.clone());
+        .with_activity(activity.clone())
+        .with_counter(info.rx_bytes.clone());
+        info.upstream = Some((host.address, cluster.clone()));
 
         cs.upstream_rq_total.inc();
         cs.upstream_rq_active.inc();
@@ -892,6 +995,7 @@ async fn forward(
         };
 
         let status = resp.status().as_u16();
+        info.response_at = Some(Instant::now());
         cluster.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
         if let Some(r) = retry.as_mut() {
             if tee.as_ref().is_none_or(Tee::replayable) {
@@ -1048,6 +1152,7 @@ fn error_reply(
         }
         SendError::Connect(ConnectError::Refused(err)) => {
             info.details = "upstream_reset_before_response_started{remote_connection_failure}";
+            info.transport_failure = Some(format!("delayed_connect_error:_{}", crate::util::strerror(err)));
             let reason = format!(
                 "remote connection failure, transport failure reason: delayed connect error: {}",
                 crate::util::strerror(err)
@@ -1314,7 +1419,7 @@ impl tower::Service<Request<Incoming>> for RouterService {
         Box::pin(async move {
             let start = Instant::now();
             let matched = req.extensions_mut().remove::<MatchedRoute>();
-            let mut info = StreamInfo::default();
+            let mut info = req.extensions_mut().remove::<StreamInfo>().unwrap_or_default();
             let mut resp = dispatch(&conn, req, matched, &mut info, start).await;
             resp.extensions_mut().insert(info);
             Ok(resp)

@@ -21,8 +21,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+static NEXT_CONNECTION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// One downstream connection's context, shared by its requests.
 pub struct Conn {
+    /// `%CONNECTION_ID%`: unique for the process's lifetime.
+    pub id: u64,
     pub listener: Arc<ListenerConfig>,
     pub hcm: Arc<HcmConfig>,
     pub shared: Arc<Shared>,
@@ -175,6 +179,7 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
                 Ok((stream, remote)) => {
                     let local = stream.local_addr().unwrap_or(bound.config.address);
                     let conn = Rc::new(Conn {
+                        id: NEXT_CONNECTION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                         listener: bound.config.clone(),
                         hcm: bound.config.hcm.clone(),
                         shared: shared.clone(),
