@@ -306,6 +306,23 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
                 tracing::error!(path = %path, error = %e, "cannot write --admin-address-path");
             }
         }
+        // DNS clusters resolve once before the server is LIVE (Envoy's cluster initialisation), bounded.
+        let (first_tx, mut first_rx) = tokio::sync::mpsc::channel(64);
+        let mut dns_clusters = 0;
+        for c in shared.clusters.load().iter() {
+            if let crate::upstream::Discovery::Dns(cfg) = &c.config.discovery {
+                let scope = shared.store.scope(format!("cluster.{}.", c.config.stat_name));
+                crate::upstream::dns::spawn(c, cfg.clone(), &scope, first_tx.clone());
+                dns_clusters += 1;
+            }
+        }
+        drop(first_tx);
+        let _ = tokio::time::timeout(Duration::from_secs(15), async {
+            for _ in 0..dns_clusters {
+                first_rx.recv().await;
+            }
+        })
+        .await;
         shared.set_state(State::Live);
         shared
             .server_stats

@@ -2,6 +2,7 @@
 
 mod admin;
 mod balancing;
+mod dns;
 mod grpc;
 mod harness;
 mod harness_selftest;

@@ -170,6 +170,18 @@ fn lower_admin(a: &Node) -> Option<Admin> {
 
 /// An `envoy.config.core.v3.Address` that must be an IP and port.
 pub fn socket_address(a: &Node) -> Option<SocketAddr> {
+    let (host, port) = host_port(a)?;
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Some(SocketAddr::new(ip, port)),
+        Err(_) => {
+            a.err("socket_address.address", format!("{host:?} is not an IP address"));
+            None
+        }
+    }
+}
+
+/// An `envoy.config.core.v3.Address` as a host (an IP or a DNS name) and a port.
+pub fn host_port(a: &Node) -> Option<(String, u16)> {
     a.unsupported("pipe");
     a.unsupported("envoy_internal_address");
     let Some(sa) = a.msg("socket_address") else {
@@ -189,13 +201,11 @@ pub fn socket_address(a: &Node) -> Option<SocketAddr> {
         sa.err("port_value", format!("{port} is not a port"));
         return None;
     }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => Some(SocketAddr::new(ip, port as u16)),
-        Err(_) => {
-            sa.err("address", format!("{host:?} is not an IP address"));
-            None
-        }
+    if host.is_empty() {
+        sa.err("address", "is required");
+        return None;
     }
+    Some((host, port as u16))
 }
 
 /// Errors found outside the lowering walk (e.g. while reading a file) as [`ConfigErrors`].

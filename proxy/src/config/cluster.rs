@@ -1,10 +1,12 @@
 //! Lowering `envoy.config.cluster.v3.Cluster`.
 
-use super::bootstrap::socket_address;
+use super::bootstrap::{host_port, socket_address};
 use super::node::Node;
+use crate::upstream::dns::{self, DnsConfig, Family};
 use crate::upstream::{
     ClusterConfig, Discovery, EndpointConfig, EndpointHealth, LbPolicy, Locality, Protocol,
 };
+use std::net::SocketAddr;
 use std::time::Duration;
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -19,17 +21,23 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| name.clone());
     let ty = c.enum_name("type");
-    let discovery = match ty.as_str() {
-        "STATIC" => Discovery::Static,
+    let dns = match ty.as_str() {
+        "STATIC" => false,
+        "STRICT_DNS" | "LOGICAL_DNS" => true,
         other => {
             c.err("type", format!("{other} is not supported by Remora"));
-            Discovery::Static
+            false
         }
     };
     c.unsupported("cluster_type");
     c.unsupported("eds_cluster_config");
-    // Address families only matter to DNS clusters.
-    c.mark("dns_lookup_family");
+    let dns_settings = if dns { Some(lower_dns(c)) } else { None };
+    if !dns {
+        // Address families and resolvers only matter to DNS clusters, as in Envoy.
+        c.mark("dns_lookup_family");
+        c.mark("dns_refresh_rate");
+        c.mark("respect_dns_ttl");
+    }
     let connect_timeout = c.duration("connect_timeout").unwrap_or(Duration::from_secs(5));
     let lb = c.enum_name("lb_policy");
     let lb_policy = match lb.as_str() {
@@ -121,6 +129,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     }
 
     let mut endpoints = Vec::new();
+    let mut targets = Vec::new();
     if let Some(la) = c.msg("load_assignment") {
         la.mark("cluster_name");
         for (li, lle) in la.list("endpoints").iter().enumerate() {
@@ -171,7 +180,19 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
                     e.err("address", "an endpoint needs an address");
                     continue;
                 };
-                if let Some(address) = socket_address(&addr) {
+                if dns {
+                    if let Some((name, port)) = host_port(&addr) {
+                        let template = EndpointConfig {
+                            address: SocketAddr::from(([0, 0, 0, 0], port)),
+                            hostname,
+                            weight,
+                            priority,
+                            locality: locality.clone(),
+                            health,
+                        };
+                        targets.push(dns::Target { name, port, template });
+                    }
+                } else if let Some(address) = socket_address(&addr) {
                     endpoints.push(EndpointConfig {
                         address,
                         hostname,
@@ -197,6 +218,22 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     c.unsupported("transport_socket");
     c.unsupported("common_lb_config");
 
+    let discovery = match dns_settings {
+        Some(mut d) => {
+            if ty == "LOGICAL_DNS" {
+                d.logical = true;
+                if targets.len() != 1 {
+                    c.err(
+                        "load_assignment",
+                        "a LOGICAL_DNS cluster takes exactly one endpoint",
+                    );
+                }
+            }
+            d.targets = targets;
+            Discovery::Dns(std::sync::Arc::new(d))
+        }
+        None => Discovery::Static,
+    };
     Some(ClusterConfig {
         name,
         stat_name,
@@ -234,4 +271,94 @@ fn lower_common_options(c: &Node, idle: &mut Option<Duration>, max_rq: &mut Opti
     c.unsupported("max_stream_duration");
     c.unsupported("headers_with_underscores_action");
     c.unsupported("max_response_headers_kb");
+}
+
+/// The DNS settings of a `STRICT_DNS` or `LOGICAL_DNS` cluster (targets are filled in by the caller).
+fn lower_dns(c: &Node) -> DnsConfig {
+    let family = match c.enum_name("dns_lookup_family").as_str() {
+        "V4_ONLY" => Family::V4Only,
+        "V6_ONLY" => Family::V6Only,
+        "V4_PREFERRED" => Family::V4Preferred,
+        "ALL" => Family::All,
+        _ => Family::Auto,
+    };
+    let refresh = c.duration("dns_refresh_rate").unwrap_or(Duration::from_secs(5));
+    if refresh < Duration::from_millis(1) {
+        c.err("dns_refresh_rate", "must be at least 1ms");
+    }
+    let failure_refresh = c.msg("dns_failure_refresh_rate").map(|f| {
+        let base = f.duration("base_interval").unwrap_or(Duration::from_secs(5));
+        let max = f.duration("max_interval").unwrap_or(base * 10);
+        if max < base {
+            f.err("max_interval", "must be at least base_interval");
+        }
+        (base, max.max(base))
+    });
+    let respect_ttl = c.bool("respect_dns_ttl");
+    let mut resolvers = Vec::new();
+    let mut use_tcp = false;
+    for a in c.list("dns_resolvers") {
+        if let Some(sa) = socket_address(&a) {
+            resolvers.push(sa);
+        }
+    }
+    if let Some(rc) = c.msg("dns_resolution_config") {
+        for a in rc.list("resolvers") {
+            if let Some(sa) = socket_address(&a) {
+                resolvers.push(sa);
+            }
+        }
+        if let Some(o) = rc.msg("dns_resolver_options") {
+            use_tcp = o.bool("use_tcp_for_dns_lookups");
+            o.unsupported("no_default_search_domain");
+        }
+    }
+    if let Some(t) = c.msg("typed_dns_resolver_config") {
+        t.mark("name");
+        if let Some(cfg) = t.any("typed_config") {
+            match cfg.type_name().as_str() {
+                "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig" => {
+                    for a in cfg.list("resolvers") {
+                        if let Some(sa) = socket_address(&a) {
+                            resolvers.push(sa);
+                        }
+                    }
+                    if let Some(o) = cfg.msg("dns_resolver_options") {
+                        use_tcp = o.bool("use_tcp_for_dns_lookups");
+                        o.unsupported("no_default_search_domain");
+                    }
+                    cfg.unsupported("use_resolvers_as_fallback");
+                    cfg.unsupported("filter_unroutable_families");
+                    cfg.unsupported("udp_max_queries");
+                    cfg.unsupported("query_timeout_seconds");
+                    cfg.unsupported("query_tries");
+                    cfg.unsupported("rotate_nameservers");
+                    cfg.unsupported("edns0_max_payload_size");
+                    cfg.unsupported("max_udp_channel_duration");
+                }
+                "envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig" => {
+                    // The system's resolver configuration, which is what an empty resolver list means.
+                    cfg.unsupported("num_retries");
+                    cfg.unsupported("num_resolver_threads");
+                }
+                other => {
+                    cfg.err_here(format!("DNS resolver {other} is not supported by Remora"));
+                    cfg.mark_all();
+                }
+            }
+        }
+    }
+    c.unsupported("use_tcp_for_dns_lookups");
+    c.unsupported("dns_jitter");
+    c.unsupported("wait_for_warm_on_init");
+    DnsConfig {
+        logical: false,
+        targets: Vec::new(),
+        refresh,
+        failure_refresh,
+        respect_ttl,
+        family,
+        resolvers,
+        use_tcp,
+    }
 }

@@ -5,6 +5,7 @@
 //! [`pool`]), keyed by host id, so that a request takes a pooled connection without a lock.
 
 pub mod breaker;
+pub mod dns;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
@@ -55,9 +56,12 @@ pub enum LbPolicy {
 }
 
 /// How a cluster finds its hosts.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Discovery {
     Static,
+    /// `STRICT_DNS` (every address of every name is a host) or `LOGICAL_DNS` (the first address of the one
+    /// name).
+    Dns(std::sync::Arc<dns::DnsConfig>),
 }
 
 /// A cluster's configuration, lowered from `envoy.config.cluster.v3.Cluster`.

@@ -21,6 +21,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod client;
+mod dns;
 mod grpc;
 mod load;
 mod process;
@@ -30,6 +31,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use client::{build_request, get, h2c_client, http1_client, ClientError, HttpClient, Reply};
+pub use dns::DnsServer;
 pub use grpc::{
     BidiCall, EchoReply, EchoRequest, GrpcClient, GrpcUpstream, UnaryOutcome, BIDI_PATH, CACHE_GET_PATH,
     ECHO_TRAILER, FAIL_DETAIL, UNARY_PATH,
