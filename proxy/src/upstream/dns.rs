@@ -118,9 +118,7 @@ async fn resolve_all(
             .lookup_ip(t.name.as_str())
             .await
             .map_err(|e| format!("{}: {e}", t.name))?;
-        let left = lookup
-            .valid_until()
-            .saturating_duration_since(std::time::Instant::now());
+        let left = ttl_left(lookup.valid_until());
         ttl = Some(ttl.map_or(left, |t| t.min(left)));
         let mut addrs = lookup.iter().map(|ip| SocketAddr::new(ip, t.port));
         if cfg.logical {
@@ -132,6 +130,12 @@ async fn resolve_all(
         }
     }
     Ok((out, ttl))
+}
+
+/// The TTL left on records hickory says are valid until `until` (hickory uses std's clock for this).
+#[allow(clippy::disallowed_types)]
+fn ttl_left(until: std::time::Instant) -> Duration {
+    until.saturating_duration_since(std::time::Instant::now())
 }
 
 /// The hosts for these addresses, reusing the cluster's current host for an address it already has.
