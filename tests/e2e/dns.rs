@@ -83,7 +83,7 @@ async fn strict_dns_follows_record_changes_under_load_without_failures() {
     })
     .await;
     dns.set("svc.test", &[IpAddr::from([127, 0, 0, 3])]);
-    let report = traffic.await.expect("load task");
+    let report = traffic.await.unwrap_or_else(|e| panic!("load task: {e}"));
     report.assert_all_ok();
     assert!(b.requests() > 0, "the new address took traffic");
     let before = a.requests();

@@ -32,8 +32,8 @@ impl Drop for DnsServer {
 
 impl DnsServer {
     pub async fn start() -> DnsServer {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
-        let addr = sock.local_addr().expect("dns addr");
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind dns: {e}"));
+        let addr = sock.local_addr().unwrap_or_else(|e| panic!("dns addr: {e}"));
         let table = Arc::new(Mutex::new(Table {
             ttl: 1,
             ..Default::default()
@@ -66,7 +66,7 @@ impl DnsServer {
 
     /// Set a name's addresses (replacing any), and stop failing it.
     pub fn set(&self, name: &str, ips: &[IpAddr]) {
-        let mut t = self.table.lock().expect("dns table");
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         t.records
             .insert(name.trim_end_matches('.').to_ascii_lowercase(), ips.to_vec());
         t.failing.retain(|n| n != name);
@@ -82,7 +82,7 @@ impl DnsServer {
     }
 
     pub fn set_ttl(&self, ttl: u32) {
-        self.table.lock().expect("dns table").ttl = ttl;
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).ttl = ttl;
     }
 
     pub fn queries(&self) -> u64 {
