@@ -1,4 +1,5 @@
 //! End-to-end tests: the real `remora` binary between in-process clients and origins (see `harness`).
 
+mod corpus;
 mod harness;
 mod harness_selftest;
