@@ -29,6 +29,7 @@ pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod listener;
 pub mod logging;
 pub mod route;
