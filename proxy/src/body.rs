@@ -11,6 +11,8 @@ use pin_project::{pin_project, pinned_drop};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Errors that end a body early.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -18,13 +20,134 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Called once when a body ends (`complete` is false when it was dropped or failed before its end).
 pub trait EndOfStream {
     fn end(&mut self, complete: bool, bytes: u64);
+
+    /// Called when the body's trailers pass (before [`EndOfStream::end`]); gRPC carries `grpc-status` here.
+    fn trailers(&mut self, _trailers: &http::HeaderMap) {}
 }
+
+/// How many hooks a body holds: the upstream request's, the downstream request's, and two for HTTP filters.
+const HOOKS: usize = 4;
 
 #[pin_project(project = KindProj)]
 enum Kind {
     Empty,
     Full(Option<Bytes>),
     Incoming(#[pin] Incoming),
+    Tee(TeeReader),
+}
+
+/// A downstream request body shared by the attempts of one request, so that a retry can send it again.
+///
+/// The first attempt streams the body as it arrives and keeps a copy of what passed, up to a limit. A retry
+/// replays the copy and then goes on reading where the downstream body stands. Once more than the limit has
+/// passed, the copy is dropped and no further attempt can be made ([`Tee::replayable`] turns false): Envoy's
+/// `per_request_buffer_limit_bytes`.
+#[derive(Clone)]
+pub struct Tee(std::rc::Rc<std::cell::RefCell<TeeState>>);
+
+struct TeeState {
+    source: Option<Incoming>,
+    kept: Vec<Bytes>,
+    kept_bytes: usize,
+    trailers: Option<http::HeaderMap>,
+    limit: usize,
+    overflowed: bool,
+    ended: bool,
+}
+
+impl Tee {
+    pub fn new(source: Incoming, limit: usize) -> Tee {
+        Tee(std::rc::Rc::new(std::cell::RefCell::new(TeeState {
+            source: Some(source),
+            kept: Vec::new(),
+            kept_bytes: 0,
+            trailers: None,
+            limit,
+            overflowed: false,
+            ended: false,
+        })))
+    }
+
+    /// Whether another attempt can be sent the whole body.
+    pub fn replayable(&self) -> bool {
+        !self.0.borrow().overflowed
+    }
+
+    /// A body for one attempt: what was kept, then the rest of the source.
+    pub fn attempt(&self) -> Body {
+        Body::from_kind(Kind::Tee(TeeReader {
+            tee: self.clone(),
+            next: 0,
+            trailers_sent: false,
+        }))
+    }
+}
+
+/// One attempt's reading position in a [`Tee`].
+pub struct TeeReader {
+    tee: Tee,
+    /// Index into `kept` of the next chunk to replay.
+    next: usize,
+    trailers_sent: bool,
+}
+
+impl TeeReader {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut st = self.tee.0.borrow_mut();
+        if self.next < st.kept.len() {
+            let b = st.kept[self.next].clone();
+            self.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if st.ended {
+            if !self.trailers_sent {
+                self.trailers_sent = true;
+                if let Some(t) = st.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let Some(src) = st.source.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(src).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                st.ended = true;
+                st.source = None;
+                self.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e) as BoxError))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    if !st.overflowed {
+                        st.kept_bytes += d.len();
+                        if st.kept_bytes > st.limit {
+                            st.overflowed = true;
+                            st.kept.clear();
+                        } else {
+                            st.kept.push(d.clone());
+                        }
+                    }
+                    self.next = st.kept.len();
+                } else if let Some(t) = frame.trailers_ref() {
+                    st.trailers = Some(t.clone());
+                    st.ended = true;
+                    st.source = None;
+                    self.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn at_end(&self) -> bool {
+        let st = self.tee.0.borrow();
+        self.next >= st.kept.len() && st.ended && (self.trailers_sent || st.trailers.is_none())
+            || (self.next >= st.kept.len() && st.source.as_ref().is_some_and(|s| s.is_end_stream()))
+    }
 }
 
 /// A request or response body.
@@ -32,11 +155,68 @@ enum Kind {
 pub struct Body {
     #[pin]
     kind: Kind,
-    /// At most two hooks: the upstream request's and the downstream request's.
-    hooks: [Option<Box<dyn EndOfStream>>; 2],
+    /// The upstream request's, the downstream request's, and HTTP filters' (adaptive concurrency, admission
+    /// control).
+    hooks: [Option<Box<dyn EndOfStream>>; HOOKS],
     bytes: u64,
-    /// Ends the body with an error at this instant (route timeout over the response body).
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Route timeout and stream idle timeout over a response body.
+    watchdog: Option<Box<Watchdog>>,
+    /// Marked on every frame: the stream's last activity, which the idle timeout watches.
+    activity: Option<Activity>,
+}
+
+/// The last time a stream moved, shared by its request and response bodies.
+pub type Activity = std::rc::Rc<std::cell::Cell<Instant>>;
+
+/// Ends a body with an error when the route's deadline passes or the stream has been idle too long.
+pub struct Watchdog {
+    pub deadline: Option<Instant>,
+    pub idle: Option<(Duration, Activity)>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Watchdog {
+    /// `None` when there is nothing to watch.
+    pub fn new(deadline: Option<Instant>, idle: Option<(Duration, Activity)>) -> Option<Box<Watchdog>> {
+        let first = Watchdog::next(deadline, idle.as_ref())?;
+        Some(Box::new(Watchdog {
+            deadline,
+            idle,
+            sleep: Box::pin(tokio::time::sleep_until(first)),
+        }))
+    }
+
+    fn next(deadline: Option<Instant>, idle: Option<&(Duration, Activity)>) -> Option<Instant> {
+        let idle_at = idle.map(|(d, a)| a.get() + *d);
+        match (deadline, idle_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Ready with the reason once a limit has passed; re-arms itself when only activity moved the idle limit.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Expired> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            if self.deadline.is_some_and(|d| d <= now) {
+                return Poll::Ready(Expired::Deadline);
+            }
+            match Watchdog::next(self.deadline, self.idle.as_ref()) {
+                Some(next) if next > now => self.sleep.as_mut().reset(next),
+                _ => return Poll::Ready(Expired::Idle),
+            }
+        }
+    }
+}
+
+/// Which limit a [`Watchdog`] saw pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expired {
+    Deadline,
+    Idle,
 }
 
 impl Body {
@@ -60,14 +240,15 @@ impl Body {
     fn from_kind(kind: Kind) -> Self {
         Body {
             kind,
-            hooks: [None, None],
+            hooks: [None, None, None, None],
             bytes: 0,
-            deadline: None,
+            watchdog: None,
+            activity: None,
         }
     }
 
     /// Run `hook` when the body ends (immediately if it is already at its end). Hooks run in the order added;
-    /// a body takes two at most, and a third runs at once as if the body had been dropped.
+    /// a body takes four at most, and a fifth runs at once as if the body had been dropped.
     pub fn on_end(mut self, mut hook: Box<dyn EndOfStream>) -> Self {
         if self.is_end_stream() {
             hook.end(true, self.bytes);
@@ -79,12 +260,19 @@ impl Body {
         self
     }
 
-    pub fn with_deadline(mut self, deadline: Option<Pin<Box<tokio::time::Sleep>>>) -> Self {
-        self.deadline = deadline;
+    /// End the body with an error when the watchdog fires.
+    pub fn with_watchdog(mut self, watchdog: Option<Box<Watchdog>>) -> Self {
+        self.watchdog = watchdog;
         self
     }
 
-    fn finish(hooks: &mut [Option<Box<dyn EndOfStream>>; 2], complete: bool, bytes: u64) {
+    /// Mark `activity` on every frame.
+    pub fn with_activity(mut self, activity: Option<Activity>) -> Self {
+        self.activity = activity;
+        self
+    }
+
+    fn finish(hooks: &mut [Option<Box<dyn EndOfStream>>; HOOKS], complete: bool, bytes: u64) {
         for h in hooks.iter_mut() {
             if let Some(mut h) = h.take() {
                 h.end(complete, bytes);
@@ -93,10 +281,14 @@ impl Body {
     }
 }
 
-/// The route timeout expired while the response body was streaming.
+/// The route timeout or the stream idle timeout expired while the body was streaming.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream request timeout")]
-pub struct BodyTimeout;
+pub enum BodyTimeout {
+    #[error("upstream request timeout")]
+    Route,
+    #[error("stream timeout")]
+    Idle,
+}
 
 impl HttpBody for Body {
     type Data = Bytes;
@@ -107,10 +299,14 @@ impl HttpBody for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        if let Some(d) = this.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
+        if let Some(w) = this.watchdog.as_mut() {
+            if let Poll::Ready(why) = w.poll_expired(cx) {
                 Body::finish(this.hooks, false, *this.bytes);
-                return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+                let e = match why {
+                    Expired::Deadline => BodyTimeout::Route,
+                    Expired::Idle => BodyTimeout::Idle,
+                };
+                return Poll::Ready(Some(Err(Box::new(e))));
             }
         }
         let mut kind = this.kind;
@@ -123,11 +319,19 @@ impl HttpBody for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
+            KindProj::Tee(t) => t.poll_frame(cx),
         };
         match &res {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     *this.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref() {
+                    for h in this.hooks.iter_mut().flatten() {
+                        h.trailers(t);
+                    }
+                }
+                if let Some(a) = this.activity.as_ref() {
+                    a.set(Instant::now());
                 }
                 // hyper stops polling a body that reports its end, so the end is noticed here.
                 if kind_at_end(&kind) {
@@ -150,6 +354,7 @@ impl HttpBody for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(i) => i.size_hint(),
+            Kind::Tee(_) => SizeHint::default(),
         }
     }
 }
@@ -159,6 +364,7 @@ fn kind_at_end(kind: &Kind) -> bool {
         Kind::Empty => true,
         Kind::Full(b) => b.is_none(),
         Kind::Incoming(i) => i.is_end_stream(),
+        Kind::Tee(t) => t.at_end(),
     }
 }
 

@@ -103,7 +103,7 @@ fn route_table(text: &str) -> Option<RouteTable> {
     let ids = ClusterIds::default();
     let table = {
         let node = Node::root(&msg, "", &errs);
-        lower_route::lower_table(&node, &ids, None)
+        lower_route::lower_table(&node, &ids, None, &Store::new())
     };
     errs.is_empty().then_some(table).flatten()
 }

@@ -24,7 +24,7 @@ where
 pub struct Worker {
     pub id: usize,
     pub pools: Rc<Pools>,
-    pub rng: RefCell<Rng>,
+    pub rng: crate::filters::SharedRng,
     connections: Cell<usize>,
     idle: tokio::sync::Notify,
 }
@@ -34,7 +34,7 @@ impl Worker {
         Rc::new(Worker {
             id,
             pools: Pools::new(),
-            rng: RefCell::new(Rng::from_entropy()),
+            rng: Rc::new(RefCell::new(Rng::from_entropy())),
             connections: Cell::new(0),
             idle: tokio::sync::Notify::new(),
         })

@@ -131,6 +131,8 @@ pub struct Shared {
     pub start_instant: Instant,
     /// The addresses listeners bound, by listener name (port 0 resolved).
     pub listener_addrs: Mutex<Vec<(String, SocketAddr)>>,
+    /// The listeners workers serve; each worker starts an accept loop for every listener it has not seen.
+    listeners: watch::Sender<Arc<Vec<Arc<Bound>>>>,
 }
 
 impl Shared {
@@ -169,7 +171,17 @@ impl Shared {
             tracing::info!("draining: listeners closed, finishing in-flight requests");
         }
         self.set_state(State::Draining);
+        for b in self.listeners.borrow().iter() {
+            b.drain();
+        }
+        // Dropping the set closes the sockets once the workers' accept loops have let go of them.
+        self.listeners.send_replace(Arc::new(Vec::new()));
         self.drain.send_replace(true);
+    }
+
+    /// The current listener set, to serve.
+    pub fn listener_set(&self) -> watch::Receiver<Arc<Vec<Arc<Bound>>>> {
+        self.listeners.subscribe()
     }
 
     /// Drain, then exit.
@@ -221,6 +233,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         started: SystemTime::now(),
         start_instant: Instant::now(),
         listener_addrs: Mutex::new(Vec::new()),
+        listeners: watch::channel(Arc::new(Vec::new())).0,
     });
     shared.server_stats.concurrency.set(concurrency as i64);
     shared.update_state_gauges();
@@ -237,11 +250,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
                     .unwrap_or_else(|e| e.into_inner())
                     .push((l.name.clone(), addr));
                 let stats = Arc::new(ListenerStats::new(&store.scope(l.stat_scope.clone())));
-                bound.push(Arc::new(Bound {
-                    config: l.clone(),
-                    socket,
-                    stats,
-                }));
+                bound.push(Bound::new(l.clone(), socket, stats));
                 tracing::info!(listener = %l.name, address = %addr, "listening");
             }
             Err(e) => {
@@ -260,27 +269,15 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         }
     };
 
+    shared.listeners.send_replace(Arc::new(bound));
+
     // Workers.
-    let worker_bound = bound.clone();
     let worker_shared = shared.clone();
     let drain_time = Duration::from_secs(shared.options.drain_time_s);
     let workers = crate::runtime::spawn_workers(concurrency, move |worker| {
-        let bound = worker_bound.clone();
         let shared = worker_shared.clone();
         async move {
-            let mut tasks = Vec::new();
-            for b in &bound {
-                tasks.push(tokio::task::spawn_local(listener::accept_loop(
-                    b.clone(),
-                    shared.clone(),
-                    worker.clone(),
-                    shared.drain_signal(),
-                )));
-            }
-            drop(bound);
-            for t in tasks {
-                let _ = t.await;
-            }
+            serve_listeners(&shared, &worker).await;
             // Draining: wait for this worker's connections, bounded by --drain-time-s.
             let _ = tokio::time::timeout(drain_time, worker.connections_closed()).await;
             worker.pools.clear();
@@ -293,8 +290,6 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
             return 1;
         }
     };
-    drop(bound);
-
     let code = rt.block_on(async {
         let admin = match &shared.bootstrap.admin {
             Some(a) => match crate::admin::start(shared.clone(), a.address).await {
@@ -318,6 +313,9 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
             .record(shared.start_instant.elapsed().as_millis() as u64);
         tracing::info!("all listeners started; server LIVE");
 
+        for c in shared.clusters.load().iter() {
+            start_outlier_sweeps(c);
+        }
         let ticker_shared = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -341,20 +339,68 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     if code != 0 {
         shared.start_drain();
     }
-    // Workers finish their connections (bounded by the drain time) and exit.
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for w in workers {
-            let _ = w.join();
-        }
-        let _ = done_tx.send(());
+    // Workers finish their connections (bounded by the drain time) and exit; the admin keeps answering
+    // (`/ready` says DRAINING) until they have.
+    let joined = rt.block_on(async {
+        let join = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        tokio::time::timeout(drain_time + Duration::from_secs(1), join)
+            .await
+            .is_ok()
     });
-    let grace = drain_time + Duration::from_secs(1);
-    if done_rx.recv_timeout(grace).is_err() {
+    if !joined {
         tracing::warn!("workers did not finish within the drain time; exiting");
     }
     tracing::info!("exiting");
+    // Do not wait for a worker that overran the drain time.
+    rt.shutdown_background();
     code
+}
+
+/// Run a cluster's outlier detection sweep every `interval` on the main thread, for as long as it exists.
+pub fn start_outlier_sweeps(cluster: &Arc<Cluster>) {
+    let Some(d) = &cluster.outlier else { return };
+    let interval = d.config().interval;
+    let weak = Arc::downgrade(cluster);
+    tokio::spawn(async move {
+        let mut rng = crate::upstream::lb::Rng::from_entropy();
+        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+        loop {
+            tick.tick().await;
+            let Some(c) = weak.upgrade() else { break };
+            c.outlier_sweep(&mut rng);
+        }
+    });
+}
+
+/// Run an accept loop for every listener in the set as the set changes, until the server drains.
+async fn serve_listeners(shared: &Arc<Shared>, worker: &std::rc::Rc<crate::runtime::Worker>) {
+    let mut set = shared.listener_set();
+    let mut drain = shared.drain_signal();
+    let mut serving: Vec<std::sync::Weak<Bound>> = Vec::new();
+    loop {
+        {
+            let current = set.borrow_and_update().clone();
+            serving.retain(|w| w.strong_count() > 0);
+            for b in current.iter() {
+                if !serving.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(b))) {
+                    serving.push(Arc::downgrade(b));
+                    tokio::task::spawn_local(listener::accept_loop(
+                        b.clone(),
+                        shared.clone(),
+                        worker.clone(),
+                    ));
+                }
+            }
+        }
+        tokio::select! {
+            changed = set.changed() => if changed.is_err() { break },
+            _ = drain.wait_for(|d| *d) => break,
+        }
+    }
 }
 
 async fn wait_for_quit(shared: &Arc<Shared>) {

@@ -1,6 +1,15 @@
 //! End-to-end tests: the real `remora` binary between in-process clients and origins (see `harness`).
 
+mod admin;
+mod balancing;
 mod corpus;
 mod fuzz_replay;
+mod grpc;
 mod harness;
 mod harness_selftest;
+mod headers;
+mod lifecycle;
+mod local_replies;
+mod protocols;
+mod routing;
+mod support;

@@ -266,23 +266,53 @@ fn help() -> String {
 }
 
 fn clusters_text(shared: &Shared) -> String {
+    use crate::upstream::breaker::Priority;
     let mut out = String::new();
     let snap = shared.clusters.load();
+    let now = tokio::time::Instant::now();
     for c in snap.iter() {
         let n = c.name();
         let _ = writeln!(out, "{n}::observability_name::{}", c.config.stat_name);
-        for prio in ["default_priority", "high_priority"] {
+        if let Some(d) = &c.outlier {
+            let sr = d.success_rate_threshold(false);
+            let lsr = d.success_rate_threshold(true);
+            let _ = writeln!(
+                out,
+                "{n}::outlier::success_rate_average::{}",
+                sr.map_or(-1.0, |s| s.0)
+            );
+            let _ = writeln!(
+                out,
+                "{n}::outlier::success_rate_ejection_threshold::{}",
+                sr.map_or(-1.0, |s| s.1)
+            );
+            let _ = writeln!(
+                out,
+                "{n}::outlier::local_origin_success_rate_average::{}",
+                lsr.map_or(-1.0, |s| s.0)
+            );
+            let _ = writeln!(
+                out,
+                "{n}::outlier::local_origin_success_rate_ejection_threshold::{}",
+                lsr.map_or(-1.0, |s| s.1)
+            );
+        }
+        for (prio, p) in [
+            ("default_priority", Priority::Default),
+            ("high_priority", Priority::High),
+        ] {
+            let t = c.config.circuit_breakers.thresholds(p);
             for (k, v) in [
-                ("max_connections", 1024),
-                ("max_pending_requests", 1024),
-                ("max_requests", 1024),
-                ("max_retries", 3),
+                ("max_connections", t.max_connections),
+                ("max_pending_requests", t.max_pending_requests),
+                ("max_requests", t.max_requests),
+                ("max_retries", t.max_retries),
             ] {
                 let _ = writeln!(out, "{n}::{prio}::{k}::{v}");
             }
         }
         let _ = writeln!(out, "{n}::added_via_api::{}", c.added_via_api);
-        for h in c.hosts().hosts.iter() {
+        for (i, h) in c.hosts().hosts.iter().enumerate() {
             let a = &h.address_str;
             let s = &h.stats;
             for (k, v) in [
@@ -297,28 +327,59 @@ fn clusters_text(shared: &Shared) -> String {
             ] {
                 let _ = writeln!(out, "{n}::{a}::{k}::{v}");
             }
+            let status = c.outlier.as_ref().and_then(|d| d.host_status(i));
+            let ejected = status.as_ref().is_some_and(|s| s.ejected);
             let _ = writeln!(out, "{n}::{a}::hostname::{}", h.hostname);
-            let _ = writeln!(out, "{n}::{a}::health_flags::{}", health_flags(h));
+            let _ = writeln!(out, "{n}::{a}::health_flags::{}", health_flags(h, ejected));
             let _ = writeln!(out, "{n}::{a}::weight::{}", h.weight);
             let _ = writeln!(out, "{n}::{a}::region::{}", h.locality.region);
             let _ = writeln!(out, "{n}::{a}::zone::{}", h.locality.zone);
             let _ = writeln!(out, "{n}::{a}::sub_zone::{}", h.locality.sub_zone);
             let _ = writeln!(out, "{n}::{a}::canary::false");
             let _ = writeln!(out, "{n}::{a}::priority::{}", h.priority);
-            let _ = writeln!(out, "{n}::{a}::success_rate::-1");
-            let _ = writeln!(out, "{n}::{a}::local_origin_success_rate::-1");
+            let sr = status.as_ref().and_then(|s| s.success_rate).unwrap_or(-1.0);
+            let lsr = status
+                .as_ref()
+                .and_then(|s| s.local_origin_success_rate)
+                .unwrap_or(-1.0);
+            let _ = writeln!(out, "{n}::{a}::success_rate::{sr}");
+            let _ = writeln!(out, "{n}::{a}::local_origin_success_rate::{lsr}");
+            // Beyond Envoy: why the host is or is not receiving traffic.
+            if let Some(s) = &status {
+                if s.times_ejected > 0 || s.ejected {
+                    let until = s
+                        .ejected_until
+                        .map(|u| u.saturating_duration_since(now).as_secs_f64());
+                    let _ = writeln!(
+                        out,
+                        "{n}::{a}::outlier::ejected::{}::reason::{}::times_ejected::{}::returns_in_s::{}",
+                        s.ejected,
+                        s.last_reason.map_or("none", |r| r.envoy_name()),
+                        s.times_ejected,
+                        until.map_or("-".to_string(), |u| format!("{u:.1}"))
+                    );
+                }
+            }
         }
     }
     out
 }
 
-fn health_flags(h: &crate::upstream::Host) -> String {
+fn health_flags(h: &crate::upstream::Host, ejected: bool) -> String {
     use crate::upstream::EndpointHealth::*;
-    match h.health {
-        Unknown | Healthy => "healthy".into(),
-        Degraded => "/degraded_eds_health".into(),
-        Unhealthy | Draining | Timeout => "/failed_eds_health".into(),
+    let mut flags = String::new();
+    if ejected {
+        flags.push_str("/failed_outlier_check");
     }
+    match h.health {
+        Unknown | Healthy => {}
+        Degraded => flags.push_str("/degraded_eds_health"),
+        Unhealthy | Draining | Timeout => flags.push_str("/failed_eds_health"),
+    }
+    if flags.is_empty() {
+        flags.push_str("healthy");
+    }
+    flags
 }
 
 fn clusters_json(shared: &Shared) -> serde_json::Value {

@@ -186,8 +186,13 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         la.unsupported("policy");
         la.unsupported("named_endpoints");
     }
-    c.unsupported("circuit_breakers");
-    c.unsupported("outlier_detection");
+    let circuit_breakers = c
+        .msg("circuit_breakers")
+        .map(|b| super::resilience::lower_circuit_breakers(&b))
+        .unwrap_or_default();
+    let outlier = c
+        .msg("outlier_detection")
+        .and_then(|o| super::resilience::lower_outlier_detection(&o));
     c.unsupported("health_checks");
     c.unsupported("transport_socket");
     c.unsupported("common_lb_config");
@@ -203,6 +208,8 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         max_requests_per_connection,
         endpoints,
         buffer_limit,
+        circuit_breakers,
+        outlier,
     })
 }
 

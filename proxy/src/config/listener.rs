@@ -3,9 +3,13 @@
 use super::bootstrap::socket_address;
 use super::node::Node;
 use super::route;
-use crate::listener::config::{Codec, HcmConfig, HcmStats, ListenerConfig, ServerHeader, Underscores};
+use crate::filters::{adaptive_concurrency, admission_control, local_ratelimit};
+use crate::listener::config::{
+    Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, ServerHeader, Underscores,
+};
 use crate::server::ClusterIds;
 use crate::stats::Store;
+use crate::upstream::lb::Rng;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use std::collections::HashSet;
@@ -14,6 +18,10 @@ use std::time::Duration;
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+const ADAPTIVE_CONCURRENCY: &str =
+    "envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency";
+const ADMISSION_CONTROL: &str = "envoy.extensions.filters.http.admission_control.v3.AdmissionControl";
+pub(crate) const LOCAL_RATELIMIT: &str = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
 /// What lowering a listener needs from the rest of the bootstrap.
 pub struct Ctx<'a> {
@@ -133,7 +141,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         }
     };
     let table = match h.msg("route_config") {
-        Some(rc) => route::lower_table(&rc, ctx.ids, Some(ctx.static_clusters)),
+        Some(rc) => route::lower_table(&rc, ctx.ids, Some(ctx.static_clusters), ctx.store),
         None => {
             if !h.has("rds") {
                 h.err_here("needs route_config (rds is not supported by Remora yet)");
@@ -144,6 +152,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     h.unsupported("rds");
     h.unsupported("scoped_routes");
 
+    let http_scope = ctx.store.scope(format!("http.{stat_prefix}."));
     let filters = h.list("http_filters");
     if filters.is_empty() {
         h.err(
@@ -151,27 +160,66 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
             "needs envoy.filters.http.router as its last filter",
         );
     }
+    let mut http_filters = Vec::new();
     for (i, f) in filters.iter().enumerate() {
         let name = f.string("name").unwrap_or_default();
         let ty = f.any("typed_config");
-        let is_router = match &ty {
-            Some(t) => t.type_name() == ROUTER,
-            // Envoy finds a filter by name when typed_config is absent.
-            None => name == "envoy.filters.http.router" || name == "envoy.router",
-        };
         f.unsupported("config_discovery");
         f.unsupported("is_optional");
         f.unsupported("disabled");
-        if !is_router {
-            let what = ty.as_ref().map(|t| t.type_name().to_string()).unwrap_or(name);
-            f.err_here(format!("HTTP filter {what} is not supported by Remora"));
-            if let Some(t) = &ty {
+        // Envoy finds a filter by name when typed_config is absent.
+        let type_name = match &ty {
+            Some(t) => t.type_name(),
+            None => match name.as_str() {
+                "envoy.filters.http.router" | "envoy.router" => ROUTER.to_string(),
+                other => {
+                    f.err(
+                        "typed_config",
+                        format!("HTTP filter {other:?} needs a typed_config"),
+                    );
+                    continue;
+                }
+            },
+        };
+        let last = i + 1 == filters.len();
+        if type_name == ROUTER {
+            if !last {
+                f.err_here("the router must be the last HTTP filter");
+            }
+            // Router options (suppress_envoy_headers, upstream_log, ...) are refused field by field.
+            continue;
+        }
+        if last {
+            f.err_here("the last HTTP filter must be envoy.filters.http.router");
+        }
+        let Some(t) = &ty else { continue };
+        let now = tokio::time::Instant::now();
+        match type_name.as_str() {
+            ADAPTIVE_CONCURRENCY => {
+                if let Some(cfg) = adaptive_concurrency::lower(t) {
+                    let c =
+                        adaptive_concurrency::Controller::new(&cfg, &http_scope, now, Rng::from_entropy());
+                    http_filters.push(HttpFilter::AdaptiveConcurrency(c));
+                }
+            }
+            ADMISSION_CONTROL => {
+                if let Some(cfg) = admission_control::lower(t) {
+                    http_filters.push(HttpFilter::AdmissionControl(
+                        admission_control::AdmissionController::new(cfg, &http_scope),
+                    ));
+                }
+            }
+            LOCAL_RATELIMIT => {
+                if let Some(cfg) = local_ratelimit::lower(t, false) {
+                    let l = local_ratelimit::LocalRateLimiter::new(&cfg, &ctx.store.scope(""), now);
+                    http_filters.push(HttpFilter::LocalRateLimit(l));
+                }
+            }
+            other => {
+                t.err_here(format!("HTTP filter {other} is not supported by Remora"));
                 t.mark_all();
             }
-        } else if i + 1 != filters.len() {
-            f.err_here("the router must be the last HTTP filter");
         }
-        // Router options (suppress_envoy_headers, upstream_log, ...) are refused field by field when `ty` drops.
     }
 
     let use_remote_address = h.wrapped_bool("use_remote_address").unwrap_or(false);
@@ -239,7 +287,6 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     let drain_timeout = h.duration("drain_timeout").unwrap_or(Duration::from_secs(5));
 
     let table = table?;
-    let http_scope = ctx.store.scope(format!("http.{stat_prefix}."));
     let lscope = ctx.store.scope(format!("{listener_scope}http.{stat_prefix}."));
     Some(HcmConfig {
         stats: HcmStats::new(&http_scope, &lscope),
@@ -262,6 +309,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         stream_idle_timeout,
         idle_timeout,
         drain_timeout,
+        filters: http_filters,
     })
 }
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod listener;
 pub mod load;
 pub mod node;
+pub mod resilience;
 pub mod route;
 
 pub use bootstrap::{Admin, Bootstrap, NodeInfo};
@@ -124,7 +125,7 @@ pub fn validate_resources(
                     listener::lower(n, &ctx);
                 }
                 ROUTES => {
-                    route::lower_table(n, &ids, None);
+                    route::lower_table(n, &ids, None, &store);
                 }
                 other => {
                     n.mark_all();

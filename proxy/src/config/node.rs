@@ -238,6 +238,14 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// A repeated `uint32` field.
+    pub fn u32s(&self, name: &str) -> Vec<u32> {
+        match self.value(name).as_deref() {
+            Some(Value::List(items)) => items.iter().filter_map(Value::as_u32).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// A singular message field.
     pub fn msg(&self, name: &str) -> Option<Node<'_>> {
         let path = self.child_path(name);

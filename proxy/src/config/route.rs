@@ -1,6 +1,7 @@
 //! Lowering `envoy.config.route.v3.RouteConfiguration` into a [`RouteTable`].
 
 use super::node::Node;
+use super::resilience::lower_retry_policy;
 use crate::route::{
     Action, AppendAction, ClusterSpecifier, HeaderAdd, HeaderMatch, HeaderMatcher, HeaderMods, HostRewrite,
     PathMatch, QueryMatcher, Redirect, Route, RouteAction, RouteMatch, RouteTable, StringMatcher,
@@ -19,6 +20,7 @@ pub fn lower_table(
     rc: &Node,
     ids: &ClusterIds,
     static_clusters: Option<&HashSet<String>>,
+    store: &std::sync::Arc<crate::stats::Store>,
 ) -> Option<RouteTable> {
     let name = rc.string("name").unwrap_or_default();
     let validate = rc
@@ -33,7 +35,7 @@ pub fn lower_table(
     rc.unsupported("vhds");
     rc.unsupported("cluster_specifier_plugins");
     rc.unsupported("request_mirror_policies");
-    rc.unsupported("typed_per_filter_config");
+    let table_rl = per_filter_config(rc, store);
     rc.unsupported("max_direct_response_body_size_bytes");
     rc.unsupported("metadata");
 
@@ -75,7 +77,7 @@ pub fn lower_table(
         let routes = vh
             .list("routes")
             .iter()
-            .filter_map(|r| lower_route(r, ids, known))
+            .filter_map(|r| lower_route(r, ids, known, store))
             .collect();
         let request_headers = header_mods(&vh, "request_headers_to_add", "request_headers_to_remove");
         let response_headers = header_mods(&vh, "response_headers_to_add", "response_headers_to_remove");
@@ -83,13 +85,16 @@ pub fn lower_table(
         vh.unsupported("virtual_clusters");
         vh.unsupported("rate_limits");
         vh.unsupported("cors");
-        vh.unsupported("typed_per_filter_config");
-        vh.unsupported("include_request_attempt_count");
-        vh.unsupported("include_attempt_count_in_response");
-        vh.unsupported("retry_policy");
+        let local_rate_limit = per_filter_config(&vh, store);
+        let include_request_attempt_count = vh.bool("include_request_attempt_count");
+        let include_attempt_count_in_response = vh.bool("include_attempt_count_in_response");
+        let retry_policy = vh
+            .msg("retry_policy")
+            .and_then(|p| lower_retry_policy(&p))
+            .map(std::sync::Arc::new);
         vh.unsupported("retry_policy_typed_config");
         vh.unsupported("hedge_policy");
-        vh.unsupported("per_request_buffer_limit_bytes");
+        let per_request_buffer_limit = vh.wrapped_u32("per_request_buffer_limit_bytes");
         vh.unsupported("request_mirror_policies");
         vh.unsupported("matcher");
         vh.unsupported("metadata");
@@ -99,16 +104,27 @@ pub fn lower_table(
             routes,
             request_headers,
             response_headers,
+            local_rate_limit,
+            retry_policy,
+            include_request_attempt_count,
+            include_attempt_count_in_response,
+            per_request_buffer_limit,
         });
     }
     let mut t = RouteTable::new(name, vhosts);
     t.request_headers = request_headers;
     t.response_headers = response_headers;
     t.ignore_port_in_host_matching = ignore_port;
+    t.local_rate_limit = table_rl;
     Some(t)
 }
 
-fn lower_route(r: &Node, ids: &ClusterIds, known: Option<&HashSet<String>>) -> Option<Route> {
+fn lower_route(
+    r: &Node,
+    ids: &ClusterIds,
+    known: Option<&HashSet<String>>,
+    store: &std::sync::Arc<crate::stats::Store>,
+) -> Option<Route> {
     let name = r.string("name").unwrap_or_default();
     let matcher = match r.msg("match") {
         Some(m) => lower_match(&m)?,
@@ -142,9 +158,9 @@ fn lower_route(r: &Node, ids: &ClusterIds, known: Option<&HashSet<String>>) -> O
     let response_headers = header_mods(r, "response_headers_to_add", "response_headers_to_remove");
     r.unsupported("metadata");
     r.unsupported("decorator");
-    r.unsupported("typed_per_filter_config");
+    let local_rate_limit = per_filter_config(r, store);
     r.unsupported("tracing");
-    r.unsupported("per_request_buffer_limit_bytes");
+    let per_request_buffer_limit = r.wrapped_u32("per_request_buffer_limit_bytes");
     r.unsupported("stat_prefix");
     Some(Route {
         name,
@@ -152,6 +168,8 @@ fn lower_route(r: &Node, ids: &ClusterIds, known: Option<&HashSet<String>>) -> O
         action,
         request_headers,
         response_headers,
+        local_rate_limit,
+        per_request_buffer_limit,
     })
 }
 
@@ -300,7 +318,6 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         "append_x_forwarded_host",
         "path_rewrite_policy",
         "metadata_match",
-        "retry_policy",
         "retry_policy_typed_config",
         "request_mirror_policies",
         "priority",
@@ -319,6 +336,10 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
     ] {
         a.unsupported(f);
     }
+    let retry_policy = a
+        .msg("retry_policy")
+        .and_then(|p| lower_retry_policy(&p))
+        .map(std::sync::Arc::new);
     Some(RouteAction {
         cluster,
         prefix_rewrite,
@@ -326,6 +347,7 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         host_rewrite,
         timeout,
         idle_timeout,
+        retry_policy,
     })
 }
 
@@ -389,8 +411,9 @@ fn data_source(d: &Node) -> Option<Bytes> {
     None
 }
 
-fn header_mods(n: &Node, add: &str, remove: &str) -> HeaderMods {
-    let mut mods = HeaderMods::default();
+/// A repeated `HeaderValueOption` field (`response_headers_to_add` and the like).
+pub(crate) fn header_adds(n: &Node, add: &str) -> Vec<HeaderAdd> {
+    let mut adds = Vec::new();
     for hv in n.list(add) {
         let append = hv.wrapped_bool("append");
         let action = match hv.enum_name("append_action").as_str() {
@@ -426,13 +449,21 @@ fn header_mods(n: &Node, add: &str, remove: &str) -> HeaderMods {
                 } else if value.is_empty() {
                     // Envoy skips an empty value unless keep_empty_value.
                 } else {
-                    mods.add.push(HeaderAdd { name, value, action });
+                    adds.push(HeaderAdd { name, value, action });
                 }
             }
             (Err(_), _) => h.err("key", format!("{key:?} is not a header name")),
             (_, Err(_)) => h.err("value", "is not a valid header value"),
         }
     }
+    adds
+}
+
+fn header_mods(n: &Node, add: &str, remove: &str) -> HeaderMods {
+    let mut mods = HeaderMods {
+        add: header_adds(n, add),
+        remove: Vec::new(),
+    };
     for name in n.strings(remove) {
         match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
             Ok(h) => mods.remove.push(h),
@@ -504,7 +535,7 @@ fn string_matcher(s: &Node) -> Option<StringMatcher> {
     }
 }
 
-fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
+pub(super) fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
     let name = h.string("name").unwrap_or_default();
     let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
         h.err(
@@ -565,4 +596,32 @@ fn query_matcher(q: &Node) -> Option<QueryMatcher> {
         return None;
     };
     Some(QueryMatcher { name, value })
+}
+
+/// `typed_per_filter_config`: per-route settings of HTTP filters. Remora's only per-route filter config is the
+/// local rate limit; any other is refused with its path.
+fn per_filter_config(
+    n: &Node,
+    store: &std::sync::Arc<crate::stats::Store>,
+) -> Option<crate::route::LocalRateLimit> {
+    let mut out = None;
+    for (key, any) in n.map("typed_per_filter_config") {
+        let Some(cfg) = any.unpack() else { continue };
+        if cfg.type_name() == super::listener::LOCAL_RATELIMIT {
+            if let Some(c) = crate::filters::local_ratelimit::lower(&cfg, true) {
+                out = Some(crate::filters::local_ratelimit::LocalRateLimiter::new(
+                    &c,
+                    &store.scope(""),
+                    tokio::time::Instant::now(),
+                ));
+            }
+        } else {
+            cfg.err_here(format!(
+                "{key}: per-route config {} is not supported by Remora",
+                cfg.type_name()
+            ));
+            cfg.mark_all();
+        }
+    }
+    out
 }

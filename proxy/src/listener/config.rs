@@ -69,6 +69,16 @@ pub struct HcmConfig {
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
     pub stats: HcmStats,
+    /// The HTTP filters before the router, in configuration order.
+    pub filters: Vec<HttpFilter>,
+}
+
+/// One configured HTTP filter; its shared state serves every worker.
+#[derive(Debug, Clone)]
+pub enum HttpFilter {
+    AdaptiveConcurrency(Arc<crate::filters::adaptive_concurrency::Controller>),
+    AdmissionControl(Arc<crate::filters::admission_control::AdmissionController>),
+    LocalRateLimit(Arc<crate::filters::local_ratelimit::LocalRateLimiter>),
 }
 
 /// `http.<stat_prefix>.*` and `listener.<address>.http.<stat_prefix>.*`.
@@ -96,6 +106,7 @@ pub struct HcmStats {
     pub downstream_rq_rx_reset: Counter,
     pub downstream_rq_tx_reset: Counter,
     pub downstream_rq_timeout: Counter,
+    pub downstream_rq_idle_timeout: Counter,
     pub downstream_rq_too_large: Counter,
     pub rq_total: Counter,
     pub no_route: Counter,
@@ -132,6 +143,7 @@ impl HcmStats {
             downstream_rq_rx_reset: http.counter("downstream_rq_rx_reset"),
             downstream_rq_tx_reset: http.counter("downstream_rq_tx_reset"),
             downstream_rq_timeout: http.counter("downstream_rq_timeout"),
+            downstream_rq_idle_timeout: http.counter("downstream_rq_idle_timeout"),
             downstream_rq_too_large: http.counter("downstream_rq_too_large"),
             rq_total: http.counter("rq_total"),
             no_route: http.counter("no_route"),

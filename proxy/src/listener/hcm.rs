@@ -7,20 +7,26 @@
 
 use super::config::{HcmConfig, ServerHeader, Underscores};
 use super::Conn;
-use crate::body::{Body, EndOfStream};
-use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction};
+use crate::body::{Body, EndOfStream, Expired, Tee, Watchdog};
+use crate::retry::{ResetReason, RetryPolicy, RetryState, RetryStatus, Timeouts};
+use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction, RouteTable};
+use crate::upstream::breaker::Priority;
+use crate::upstream::outlier::Outcome;
 use crate::upstream::pool::ConnectError;
 use crate::upstream::{Cluster, Host, Protocol};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use tokio::time::Instant;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -30,6 +36,8 @@ static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal"
 static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+static X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -50,8 +58,9 @@ static INTERNAL_ONLY: [HeaderName; 13] = [
     HeaderName::from_static("x-envoy-original-url"),
 ];
 
-/// Envoy's response flags (`%RESPONSE_FLAGS%`).
+/// Envoy's response flags (`%RESPONSE_FLAGS%`), in Envoy's order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Flag {
     NoHealthyUpstream,
     UpstreamRequestTimeout,
@@ -63,9 +72,29 @@ pub enum Flag {
     NoClusterFound,
     DownstreamConnectionTermination,
     UpstreamProtocolError,
+    StreamIdleTimeout,
+    RateLimited,
+    UpstreamRetryLimitExceeded,
 }
 
 impl Flag {
+    /// Every flag Remora sets, in the order Envoy prints them.
+    pub const ALL: [Flag; 13] = [
+        Flag::NoHealthyUpstream,
+        Flag::UpstreamRequestTimeout,
+        Flag::UpstreamRemoteReset,
+        Flag::UpstreamConnectionFailure,
+        Flag::UpstreamConnectionTermination,
+        Flag::UpstreamOverflow,
+        Flag::NoRouteFound,
+        Flag::RateLimited,
+        Flag::DownstreamConnectionTermination,
+        Flag::UpstreamRetryLimitExceeded,
+        Flag::StreamIdleTimeout,
+        Flag::UpstreamProtocolError,
+        Flag::NoClusterFound,
+    ];
+
     pub fn short(self) -> &'static str {
         match self {
             Flag::NoHealthyUpstream => "UH",
@@ -78,15 +107,42 @@ impl Flag {
             Flag::NoClusterFound => "NC",
             Flag::DownstreamConnectionTermination => "DC",
             Flag::UpstreamProtocolError => "UPE",
+            Flag::StreamIdleTimeout => "SI",
+            Flag::RateLimited => "RL",
+            Flag::UpstreamRetryLimitExceeded => "URX",
         }
     }
 }
 
 /// What the access log and stats learn about one request.
-#[derive(Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct StreamInfo {
-    pub flags: Vec<Flag>,
+    /// Set flags, one bit per [`Flag`] (by discriminant).
+    pub flags: u32,
     pub details: &'static str,
+}
+
+impl StreamInfo {
+    pub fn set(&mut self, f: Flag) {
+        self.flags |= 1 << f as u8;
+    }
+
+    pub fn has(&self, f: Flag) -> bool {
+        self.flags & (1 << f as u8) != 0
+    }
+
+    /// The set flags' short names in Envoy's order.
+    pub fn flag_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        Flag::ALL.iter().filter(|f| self.has(**f)).map(|f| f.short())
+    }
+}
+
+/// The route a request matched, carried in the request's extensions through the HTTP filters to the router.
+#[derive(Clone)]
+pub struct MatchedRoute {
+    pub table: Arc<RouteTable>,
+    pub vhost: usize,
+    pub route: usize,
 }
 
 /// The entry point for each request on a downstream connection.
@@ -105,7 +161,30 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
     }
     let head_only = req.method() == http::Method::HEAD;
     let mut info = StreamInfo::default();
-    let resp = route_and_forward(&conn, &hcm, req, &mut info, start).await;
+    let resp = match prepare(&conn, &hcm, req, &mut info) {
+        Err(local) => local,
+        Ok((req, matched)) if hcm.filters.is_empty() => dispatch(&conn, req, matched, &mut info, start).await,
+        Ok((mut req, matched)) => {
+            if let Some(m) = &matched {
+                if let Some(rl) = m.table.local_rate_limit(m.vhost, m.route) {
+                    req.extensions_mut()
+                        .insert(crate::filters::local_ratelimit::RouteLocalRateLimit(rl.clone()));
+                }
+                req.extensions_mut().insert(m.clone());
+            }
+            let mut resp = conn.call_filters(req).await;
+            if let Some(i) = resp.extensions_mut().remove::<StreamInfo>() {
+                info = i;
+            }
+            if let Some(r) = resp.extensions().get::<crate::filters::FilterReply>() {
+                info.details = r.details;
+                if r.flag.is_some() {
+                    info.set(Flag::RateLimited);
+                }
+            }
+            resp
+        }
+    };
     let (mut parts, body) = resp.into_parts();
     finish_response_headers(&hcm, &mut parts.headers, conn.draining());
     let status = parts.status.as_u16();
@@ -187,20 +266,19 @@ fn local_reply_owned(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-async fn route_and_forward(
+/// The connection manager's work before routing: header rules, the authority, and the route match.
+#[allow(clippy::result_large_err)]
+fn prepare(
     conn: &Rc<Conn>,
     hcm: &Arc<HcmConfig>,
     req: Request<Incoming>,
     info: &mut StreamInfo,
-    start: Instant,
-) -> Response<Body> {
+) -> Result<(Request<Incoming>, Option<MatchedRoute>), Response<Body>> {
     let (mut parts, body) = req.into_parts();
-
-    // Connection manager header rules.
     if hcm.underscores != Underscores::Allow && parts.headers.keys().any(|k| k.as_str().contains('_')) {
         if hcm.underscores == Underscores::Reject {
             info.details = "http1.unexpected_underscore";
-            return local_reply(StatusCode::BAD_REQUEST, "Bad Request");
+            return Err(local_reply(StatusCode::BAD_REQUEST, "Bad Request"));
         }
         let names: Vec<HeaderName> = parts
             .headers
@@ -214,26 +292,52 @@ async fn route_and_forward(
     }
     mutate_request_headers(conn, hcm, &mut parts.headers);
 
+    // The authority (`:authority`, or `host`), held as shared bytes: no copy.
     let authority = match parts.uri.authority() {
-        Some(a) => a.as_str().to_owned(),
-        None => match parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-            Some(h) => h.to_owned(),
+        Some(a) => HeaderValue::from_str(a.as_str()).unwrap_or(HeaderValue::from_static("")),
+        None => match parts.headers.get(header::HOST) {
+            Some(h) => h.clone(),
             None => {
                 info.details = "missing_host_header";
-                return local_reply(StatusCode::BAD_REQUEST, "");
+                return Err(local_reply(StatusCode::BAD_REQUEST, ""));
             }
         },
     };
-
-    let table = hcm.routes.load();
+    let authority: HeaderValue = authority;
+    let table = hcm.routes.load_full();
     hcm.stats.rq_total.inc();
-    let Some(m) = table.route(&authority, &parts.uri, &parts.headers) else {
+    let matched = table
+        .route_index(authority.to_str().unwrap_or(""), &parts.uri, &parts.headers)
+        .map(|(vhost, route)| MatchedRoute {
+            table: table.clone(),
+            vhost,
+            route,
+        });
+    Ok((Request::from_parts(parts, body), matched))
+}
+
+/// The router: a local reply for no route, a direct response or a redirect, else forward to the cluster.
+async fn dispatch(
+    conn: &Rc<Conn>,
+    req: Request<Incoming>,
+    matched: Option<MatchedRoute>,
+    info: &mut StreamInfo,
+    start: Instant,
+) -> Response<Body> {
+    let hcm = &conn.hcm;
+    let Some(m) = matched else {
         hcm.stats.no_route.inc();
-        info.flags.push(Flag::NoRouteFound);
+        info.set(Flag::NoRouteFound);
         info.details = "route_not_found";
         return local_reply(StatusCode::NOT_FOUND, "");
     };
-    let (vhost, route) = (m.vhost, m.route);
+    let (mut parts, body) = req.into_parts();
+    let table = &m.table;
+    let (vhost, route) = (
+        &table.virtual_hosts[m.vhost],
+        &table.virtual_hosts[m.vhost].routes[m.route],
+    );
+
     let action = match &route.action {
         Action::Direct { status, body } => {
             hcm.stats.rq_direct_response.inc();
@@ -250,14 +354,23 @@ async fn route_and_forward(
                 None => Response::new(Body::empty()),
             };
             *r.status_mut() = *status;
-            apply_response_mods(&table, vhost, route, r.headers_mut());
+            apply_response_mods(table, vhost, route, r.headers_mut());
             return r;
         }
         Action::Redirect(redirect) => {
             hcm.stats.rq_redirect.inc();
             info.details = "direct_response";
+            let authority = match parts.uri.authority() {
+                Some(a) => a.as_str().to_string(),
+                None => parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("")
+                    .to_string(),
+            };
             let mut r = redirect_response(redirect, &authority, &parts.uri, conn);
-            apply_response_mods(&table, vhost, route, r.headers_mut());
+            apply_response_mods(table, vhost, route, r.headers_mut());
             return r;
         }
         Action::Forward(a) => a,
@@ -287,7 +400,7 @@ async fn route_and_forward(
     };
     let Some(cluster) = cluster.cloned() else {
         hcm.stats.no_cluster.inc();
-        info.flags.push(Flag::NoClusterFound);
+        info.set(Flag::NoClusterFound);
         info.details = "cluster_not_found";
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
@@ -299,8 +412,20 @@ async fn route_and_forward(
     table.request_headers.apply(&mut parts.headers);
     rewrite_path(action, route, &mut parts);
 
-    let mut resp = forward(conn, &cluster, action, parts, body, info, start).await;
-    apply_response_mods(&table, vhost, route, resp.headers_mut());
+    let buffer_limit = route.per_request_buffer_limit.or(vhost.per_request_buffer_limit);
+    let mut resp = forward(
+        conn,
+        &cluster,
+        action,
+        vhost,
+        buffer_limit,
+        parts,
+        body,
+        info,
+        start,
+    )
+    .await;
+    apply_response_mods(table, vhost, route, resp.headers_mut());
     resp
 }
 
@@ -472,185 +597,425 @@ fn redirect_response(r: &Redirect, authority: &str, uri: &Uri, conn: &Conn) -> R
     resp
 }
 
-/// Send the request to a host of `cluster` and turn the outcome into the downstream response.
+/// Send the request to hosts of `cluster`, retrying as the route's policy says and the cluster's breakers
+/// afford, and turn the outcome into the downstream response.
+///
+/// The loop per attempt: pick a host (skipping ejected ones, and previous hosts when the policy asks), send on
+/// a pooled connection under the per-try and global deadlines, report the outcome to outlier detection, then
+/// ask the retry state whether the outcome is retriable and the budget whether a retry is affordable.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     conn: &Rc<Conn>,
     cluster: &Arc<Cluster>,
     action: &RouteAction,
+    vhost: &crate::route::VirtualHost,
+    buffer_limit: Option<u32>,
     mut parts: http::request::Parts,
     body: Incoming,
     info: &mut StreamInfo,
     start: Instant,
 ) -> Response<Body> {
     let cs = &cluster.stats;
-    let host = {
-        let mut rng = conn.worker.rng.borrow_mut();
-        cluster.pick(&mut rng)
-    };
-    let Some(host) = host else {
-        cs.upstream_cx_none_healthy.inc();
-        info.flags.push(Flag::NoHealthyUpstream);
-        info.details = "no_healthy_upstream";
-        cs.upstream_rq.record(503);
-        cs.upstream_rq_completed.inc();
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    let policy = action
+        .retry_policy
+        .clone()
+        .or_else(|| vhost.retry_policy.clone())
+        .unwrap_or_else(RetryPolicy::none);
+    let timeouts = Timeouts::resolve(action.timeout, &policy, &mut parts.headers);
+    let mut retry = RetryState::new(&policy, &mut parts.headers);
+    let deadline = timeouts.global.map(|t| start + t);
+    if let Some(t) = timeouts.per_try.or(timeouts.global) {
+        parts.headers.insert(
+            X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
+            HeaderValue::from(t.as_millis() as u64),
+        );
+    }
+    if let HostRewrite::Literal(v) = &action.host_rewrite {
+        parts.headers.insert(header::HOST, v.clone());
+        set_authority(&mut parts.uri, v.to_str().unwrap_or_default());
+    }
+    let protocol = match cluster.config.protocol {
+        Protocol::Downstream if parts.version == Version::HTTP_2 => Protocol::Http2,
+        Protocol::Downstream => Protocol::Http1,
+        p => p,
     };
 
-    if let Some(t) = action.timeout {
-        if let Ok(v) = HeaderValue::from_str(&t.as_millis().to_string()) {
-            parts.headers.insert(X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(), v);
+    // Circuit breaker: the cluster's `max_requests`.
+    let resources = cluster.breakers.resources(Priority::Default).clone();
+    let Some(_rq_permit) = resources.try_request() else {
+        return overflow_reply(cs, info, false);
+    };
+
+    // The stream idle timeout watches both directions: request body frames and response body frames.
+    let activity = conn
+        .hcm
+        .stream_idle_timeout
+        .map(|_| Rc::new(std::cell::Cell::new(Instant::now())));
+    let idle = conn.hcm.stream_idle_timeout.zip(activity.clone());
+
+    // With retries possible, the body is kept (up to the buffer limit) for replay while it streams.
+    let limit = buffer_limit.unwrap_or(conn.listener.buffer_limit) as usize;
+    let (tee, mut single) = if retry.is_some() && !body.is_end_stream() {
+        (Some(Tee::new(body, limit)), None)
+    } else {
+        (None, Some(body))
+    };
+    let mut _retry_permit = None;
+    let mut last_reset = None;
+
+    loop {
+        let picked = {
+            let mut rng = conn.worker.rng.borrow_mut();
+            match &retry {
+                Some(r) => r.select_host(|| cluster.pick(&mut rng), |(_, h)| h.id),
+                None => cluster.pick(&mut rng),
+            }
+        };
+        let Some((index, host)) = picked else {
+            cs.upstream_cx_none_healthy.inc();
+            info.set(Flag::NoHealthyUpstream);
+            info.details = "no_healthy_upstream";
+            cs.upstream_rq.record(503);
+            cs.upstream_rq_completed.inc();
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        let attempt = retry.as_ref().map_or(1, |r| r.attempt_count());
+        if let Some(r) = retry.as_mut() {
+            r.on_host_attempted(host.id);
         }
-    }
-    match &action.host_rewrite {
-        HostRewrite::None => {}
-        HostRewrite::Literal(v) => {
-            parts.headers.insert(header::HOST, v.clone());
-            set_authority(&mut parts.uri, v.to_str().unwrap_or_default());
+
+        // This attempt's request: the parts themselves for a single attempt, a copy when there may be more.
+        let mut attempt_parts = if tee.is_some() || retry.is_some() {
+            let mut p = Request::new(()).into_parts().0;
+            p.method = parts.method.clone();
+            p.uri = parts.uri.clone();
+            p.version = parts.version;
+            p.headers = parts.headers.clone();
+            p
+        } else {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+        };
+        if vhost.include_request_attempt_count {
+            attempt_parts
+                .headers
+                .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
         }
-        HostRewrite::Auto => {
+        if action.host_rewrite == HostRewrite::Auto {
             let name = if host.hostname.is_empty() {
                 host.address_str.as_str()
             } else {
                 host.hostname.as_str()
             };
             if let Ok(v) = HeaderValue::from_str(name) {
-                parts.headers.insert(header::HOST, v);
+                attempt_parts.headers.insert(header::HOST, v);
             }
-            set_authority(&mut parts.uri, name);
+            set_authority(&mut attempt_parts.uri, name);
         }
-    }
+        let req_body = match (&tee, single.take()) {
+            (Some(t), _) => t.attempt(),
+            (None, Some(b)) => Body::incoming(b),
+            (None, None) => Body::empty(),
+        }
+        .with_activity(activity.clone());
 
-    let protocol = match cluster.config.protocol {
-        Protocol::Downstream if parts.version == Version::HTTP_2 => Protocol::Http2,
-        Protocol::Downstream => Protocol::Http1,
-        p => p,
-    };
-    let deadline = action.timeout.map(|t| start + t);
+        cs.upstream_rq_total.inc();
+        cs.upstream_rq_active.inc();
+        host.stats.rq_total.fetch_add(1, Relaxed);
+        host.stats.rq_active.fetch_add(1, Relaxed);
+        let upstream_start = Instant::now();
+        let mut guard = UpstreamGuard {
+            cluster: cluster.clone(),
+            host: host.clone(),
+            start: upstream_start,
+            done: false,
+        };
 
-    cs.upstream_rq_total.inc();
-    cs.upstream_rq_active.inc();
-    host.stats.rq_total.fetch_add(1, Relaxed);
-    host.stats.rq_active.fetch_add(1, Relaxed);
-    let upstream_start = Instant::now();
-    let mut guard = UpstreamGuard {
-        cluster: cluster.clone(),
-        host: host.clone(),
-        start: upstream_start,
-        done: false,
-    };
+        let per_try = timeouts.per_try.map(|t| upstream_start + t);
+        let attempt_deadline = match (deadline, per_try) {
+            (Some(d), Some(p)) => Some(d.min(p)),
+            (d, p) => d.or(p),
+        };
+        let sent = send(conn, cluster, &host, protocol, attempt_parts, req_body);
+        let result = match Watchdog::new(attempt_deadline, idle.clone()) {
+            Some(mut w) => {
+                tokio::pin!(sent);
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = sent.as_mut().poll(cx) {
+                        return Poll::Ready(r);
+                    }
+                    w.poll_expired(cx).map(|why| match why {
+                        Expired::Deadline if deadline.is_some_and(|d| Instant::now() >= d) => {
+                            Err(SendError::Timeout)
+                        }
+                        Expired::Deadline => Err(SendError::PerTryTimeout),
+                        Expired::Idle => Err(SendError::Idle),
+                    })
+                })
+                .await
+            }
+            None => sent.await,
+        };
 
-    let sent = send(conn, cluster, &host, protocol, parts, Body::incoming(body));
-    let result = match deadline {
-        Some(d) => match tokio::time::timeout_at(d, sent).await {
+        let (resp, h1) = match result {
             Ok(r) => r,
-            Err(_) => Err(SendError::Timeout),
-        },
-        None => sent.await,
-    };
-    let (resp, h1) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let (status, flag, body) = match &e {
-                SendError::Timeout => {
-                    cs.upstream_rq_timeout.inc();
+            Err(e) => {
+                // Outlier detection sees local-origin failures; the retry policy sees a reset reason.
+                let (outcome, reason) = match &e {
+                    SendError::Connect(_) => {
+                        (Some(Outcome::ConnectFailed), Some(ResetReason::ConnectFailure))
+                    }
+                    SendError::Upstream(err) if is_refused_stream(err) => {
+                        (Some(Outcome::ConnectFailed), Some(ResetReason::RefusedStream))
+                    }
+                    SendError::Upstream(_) => (Some(Outcome::ConnectFailed), Some(ResetReason::Reset)),
+                    SendError::PerTryTimeout => (Some(Outcome::Timeout), Some(ResetReason::PerTryTimeout)),
+                    SendError::Timeout | SendError::Idle => (Some(Outcome::Timeout), None),
+                };
+                if let Some(o) = outcome {
+                    cluster.record_outcome(index, o, &mut conn.worker.rng.borrow_mut());
+                }
+                host.stats.rq_error.fetch_add(1, Relaxed);
+                if matches!(e, SendError::PerTryTimeout) {
+                    cs.upstream_rq_per_try_timeout.inc();
                     host.stats.rq_timeout.fetch_add(1, Relaxed);
-                    info.details = "response_timeout";
-                    (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        Flag::UpstreamRequestTimeout,
-                        "upstream request timeout".to_string(),
-                    )
                 }
-                SendError::Connect(ConnectError::Timeout) => {
-                    info.details = "upstream_reset_before_response_started{connection_timeout}";
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Flag::UpstreamConnectionFailure,
-                        reset_body("connection timeout"),
-                    )
-                }
-                SendError::Connect(ConnectError::Refused(err)) => {
-                    info.details = "upstream_reset_before_response_started{remote_connection_failure}";
-                    let reason = format!(
-                        "remote connection failure, transport failure reason: delayed connect error: {}",
-                        crate::util::strerror(err)
-                    );
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Flag::UpstreamConnectionFailure,
-                        reset_body(&reason),
-                    )
-                }
-                SendError::Connect(ConnectError::Handshake(_)) => {
-                    info.details = "upstream_reset_before_response_started{protocol_error}";
-                    (
-                        StatusCode::BAD_GATEWAY,
-                        Flag::UpstreamProtocolError,
-                        reset_body("protocol error"),
-                    )
-                }
-                SendError::Upstream(err) => {
-                    cs.upstream_rq_rx_reset.inc();
-                    if is_protocol_error(err) {
-                        info.details = "upstream_reset_before_response_started{protocol_error}";
-                        (
-                            StatusCode::BAD_GATEWAY,
-                            Flag::UpstreamProtocolError,
-                            reset_body("protocol error"),
-                        )
-                    } else if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
-                        info.details = "upstream_reset_before_response_started{connection_termination}";
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            Flag::UpstreamConnectionTermination,
-                            reset_body("connection termination"),
-                        )
-                    } else {
-                        info.details = "upstream_reset_before_response_started{remote_reset}";
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            Flag::UpstreamRemoteReset,
-                            reset_body("remote reset"),
-                        )
+                guard.finish(false);
+                if let (Some(r), Some(reason)) = (retry.as_mut(), reason) {
+                    if tee.as_ref().is_none_or(Tee::replayable) {
+                        let status = {
+                            let mut rng = conn.worker.rng.borrow_mut();
+                            r.should_retry_reset(
+                                reason,
+                                || resources.try_retry(),
+                                &cluster.retry_stats,
+                                &mut rng,
+                            )
+                        };
+                        match status {
+                            RetryStatus::Yes { backoff, permit } => {
+                                _retry_permit = Some(permit);
+                                last_reset = Some(());
+                                if !backoff_within(backoff, deadline).await {
+                                    return timeout_reply(cs, &host, info);
+                                }
+                                continue;
+                            }
+                            RetryStatus::NoOverflow => info.set(Flag::UpstreamOverflow),
+                            RetryStatus::NoRetryLimitExceeded => info.set(Flag::UpstreamRetryLimitExceeded),
+                            RetryStatus::No => {}
+                        }
                     }
                 }
-            };
-            info.flags.push(flag);
-            host.stats.rq_error.fetch_add(1, Relaxed);
-            cs.upstream_rq.record(status.as_u16());
-            cs.upstream_rq_completed.inc();
-            guard.finish(false);
-            return local_reply_owned(status, body);
+                return error_reply(cs, &host, &e, info, attempt > 1 && last_reset.is_some(), conn);
+            }
+        };
+
+        let status = resp.status().as_u16();
+        cluster.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
+        if let Some(r) = retry.as_mut() {
+            if tee.as_ref().is_none_or(Tee::replayable) {
+                let decision = {
+                    let mut rng = conn.worker.rng.borrow_mut();
+                    r.should_retry_response(
+                        status,
+                        resp.headers(),
+                        || resources.try_retry(),
+                        &cluster.retry_stats,
+                        &mut rng,
+                    )
+                };
+                match decision {
+                    RetryStatus::Yes { backoff, permit } => {
+                        // The retried response is counted under `retry.`, not as a response to the client.
+                        cs.retry_rq.record(status);
+                        host.stats.rq_error.fetch_add(1, Relaxed);
+                        guard.finish(false);
+                        drop(resp);
+                        _retry_permit = Some(permit);
+                        last_reset = None;
+                        if !backoff_within(backoff, deadline).await {
+                            return timeout_reply(cs, &host, info);
+                        }
+                        continue;
+                    }
+                    RetryStatus::NoOverflow => info.set(Flag::UpstreamOverflow),
+                    RetryStatus::NoRetryLimitExceeded => info.set(Flag::UpstreamRetryLimitExceeded),
+                    RetryStatus::No => {}
+                }
+            }
+        }
+
+        let (mut rparts, rbody) = resp.into_parts();
+        let service_time = upstream_start.elapsed().as_millis() as u64;
+        remove_hop_by_hop_response(&mut rparts.headers);
+        rparts.headers.insert(
+            X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+            HeaderValue::from(service_time),
+        );
+        if vhost.include_attempt_count_in_response {
+            rparts
+                .headers
+                .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+        }
+        rparts.version = Version::HTTP_11;
+        cs.upstream_rq.record(status);
+        info.details = "via_upstream";
+        guard.done = true;
+        let done = UpstreamDone {
+            guard,
+            status,
+            pool: h1.map(|s| (conn.worker.pools.clone(), s)),
+        };
+        let watchdog = Watchdog::new(deadline, idle);
+        return Response::from_parts(
+            rparts,
+            Body::incoming(rbody)
+                .with_watchdog(watchdog)
+                .on_end(Box::new(done)),
+        );
+    }
+}
+
+/// Sleep the back-off; `false` when the global deadline comes first.
+async fn backoff_within(backoff: std::time::Duration, deadline: Option<Instant>) -> bool {
+    let wake = Instant::now() + backoff;
+    match deadline {
+        Some(d) if d <= wake => {
+            tokio::time::sleep_until(d).await;
+            false
+        }
+        _ => {
+            tokio::time::sleep_until(wake).await;
+            true
+        }
+    }
+}
+
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    let mut src = e.source();
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// 503 with `x-envoy-overloaded` (response flag UO): a circuit breaker refused the request.
+fn overflow_reply(cs: &crate::upstream::ClusterStats, info: &mut StreamInfo, _retry: bool) -> Response<Body> {
+    info.set(Flag::UpstreamOverflow);
+    info.details = "upstream_reset_before_response_started{overflow}";
+    cs.upstream_rq.record(503);
+    cs.upstream_rq_completed.inc();
+    let mut r = local_reply_owned(StatusCode::SERVICE_UNAVAILABLE, reset_body("overflow"));
+    r.headers_mut()
+        .insert(X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true"));
+    r
+}
+
+fn timeout_reply(cs: &crate::upstream::ClusterStats, host: &Host, info: &mut StreamInfo) -> Response<Body> {
+    cs.upstream_rq_timeout.inc();
+    host.stats.rq_timeout.fetch_add(1, Relaxed);
+    info.set(Flag::UpstreamRequestTimeout);
+    info.details = "response_timeout";
+    cs.upstream_rq.record(504);
+    cs.upstream_rq_completed.inc();
+    local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+}
+
+/// The local reply for a failed last attempt, as Envoy words it.
+fn error_reply(
+    cs: &crate::upstream::ClusterStats,
+    host: &Host,
+    e: &SendError,
+    info: &mut StreamInfo,
+    retried: bool,
+    conn: &Conn,
+) -> Response<Body> {
+    let reset = |reason: &str| {
+        let retried = if retried { "retried and the latest " } else { "" };
+        format!("upstream connect error or disconnect/reset before headers. {retried}reset reason: {reason}")
+    };
+    let (status, flag, body) = match e {
+        SendError::Idle => {
+            hcm_stats(conn).downstream_rq_idle_timeout.inc();
+            info.details = "stream_idle_timeout";
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                Flag::StreamIdleTimeout,
+                "stream timeout".to_string(),
+            )
+        }
+        SendError::Timeout => return timeout_reply(cs, host, info),
+        SendError::PerTryTimeout => {
+            info.details = "upstream_per_try_timeout";
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                Flag::UpstreamRequestTimeout,
+                "upstream request timeout".to_string(),
+            )
+        }
+        SendError::Connect(ConnectError::Timeout) => {
+            info.details = "upstream_reset_before_response_started{connection_timeout}";
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::UpstreamConnectionFailure,
+                reset("connection timeout"),
+            )
+        }
+        SendError::Connect(ConnectError::Refused(err)) => {
+            info.details = "upstream_reset_before_response_started{remote_connection_failure}";
+            let reason = format!(
+                "remote connection failure, transport failure reason: delayed connect error: {}",
+                crate::util::strerror(err)
+            );
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::UpstreamConnectionFailure,
+                reset(&reason),
+            )
+        }
+        SendError::Connect(ConnectError::Overflow) => return overflow_reply(cs, info, false),
+        SendError::Connect(ConnectError::Handshake(_)) => {
+            info.details = "upstream_reset_before_response_started{protocol_error}";
+            (
+                StatusCode::BAD_GATEWAY,
+                Flag::UpstreamProtocolError,
+                reset("protocol error"),
+            )
+        }
+        SendError::Upstream(err) => {
+            cs.upstream_rq_rx_reset.inc();
+            if is_protocol_error(err) {
+                info.details = "upstream_reset_before_response_started{protocol_error}";
+                (
+                    StatusCode::BAD_GATEWAY,
+                    Flag::UpstreamProtocolError,
+                    reset("protocol error"),
+                )
+            } else if err.is_incomplete_message() || err.is_closed() || err.is_canceled() {
+                info.details = "upstream_reset_before_response_started{connection_termination}";
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::UpstreamConnectionTermination,
+                    reset("connection termination"),
+                )
+            } else {
+                info.details = "upstream_reset_before_response_started{remote_reset}";
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::UpstreamRemoteReset,
+                    reset("remote reset"),
+                )
+            }
         }
     };
-
-    let (mut rparts, rbody) = resp.into_parts();
-    let service_time = upstream_start.elapsed().as_millis() as u64;
-    remove_hop_by_hop_response(&mut rparts.headers);
-    rparts.headers.insert(
-        X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-        HeaderValue::from(service_time),
-    );
-    if rparts.version != Version::HTTP_11 {
-        rparts.version = Version::HTTP_11;
-    }
-    let status = rparts.status.as_u16();
-    cs.upstream_rq.record(status);
-    info.details = "via_upstream";
-    guard.done = true;
-    let done = UpstreamDone {
-        guard,
-        status,
-        pool: h1.map(|s| (conn.worker.pools.clone(), s)),
-    };
-    let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
-    Response::from_parts(
-        rparts,
-        Body::incoming(rbody)
-            .with_deadline(deadline)
-            .on_end(Box::new(done)),
-    )
+    info.set(flag);
+    cs.upstream_rq.record(status.as_u16());
+    cs.upstream_rq_completed.inc();
+    local_reply_owned(status, body)
 }
 
 fn is_protocol_error(e: &hyper::Error) -> bool {
@@ -691,6 +1056,8 @@ fn remove_hop_by_hop_response(h: &mut HeaderMap) {
 
 enum SendError {
     Timeout,
+    PerTryTimeout,
+    Idle,
     Connect(ConnectError),
     Upstream(hyper::Error),
 }
@@ -838,5 +1205,38 @@ impl EndOfStream for UpstreamDone {
                 pools.put_http1(host_id, sender);
             }
         }
+    }
+}
+
+fn hcm_stats(conn: &Conn) -> &super::config::HcmStats {
+    &conn.hcm.stats
+}
+
+/// The router as the innermost service of the HTTP filter chain. It takes the route matched before the chain
+/// from the request's extensions and hands its [`StreamInfo`] back in the response's.
+#[derive(Clone)]
+pub struct RouterService {
+    pub conn: Rc<Conn>,
+}
+
+impl tower::Service<Request<Incoming>> for RouterService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let matched = req.extensions_mut().remove::<MatchedRoute>();
+            let mut info = StreamInfo::default();
+            let mut resp = dispatch(&conn, req, matched, &mut info, start).await;
+            resp.extensions_mut().insert(info);
+            Ok(resp)
+        })
     }
 }

@@ -32,11 +32,63 @@ pub struct Conn {
     draining: Cell<bool>,
     /// 0 until the first request, then 1 (HTTP/1.x) or 2 (HTTP/2): which `downstream_cx_http*` counts it.
     protocol: Cell<u8>,
+    /// The HTTP filters over the router, built on the connection's first request when there are filters.
+    chain: std::cell::RefCell<Option<FilterChain>>,
 }
+
+/// The HTTP filter stack of one connection: tower layers over [`hcm::RouterService`].
+type FilterChain = tower::util::UnsyncBoxService<
+    http::Request<hyper::body::Incoming>,
+    http::Response<crate::body::Body>,
+    std::convert::Infallible,
+>;
 
 impl Conn {
     pub fn draining(&self) -> bool {
         self.draining.get()
+    }
+
+    /// Send a request through the connection's HTTP filters to the router.
+    pub fn call_filters(
+        self: &Rc<Self>,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> impl std::future::Future<Output = http::Response<crate::body::Body>> + use<> {
+        use tower::Service;
+        let mut slot = self.chain.borrow_mut();
+        let chain = slot.get_or_insert_with(|| self.build_chain());
+        // Every filter's readiness is its inner service's, and the router is always ready, so poll_ready is
+        // Ready at once; a filter that is not decides in `call` (tower's contract allows no panic here).
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = chain.poll_ready(&mut cx);
+        let fut = chain.call(req);
+        async move {
+            match fut.await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
+    }
+
+    fn build_chain(self: &Rc<Self>) -> FilterChain {
+        use crate::filters::{adaptive_concurrency, admission_control, local_ratelimit};
+        use config::HttpFilter;
+        use tower::Layer;
+        let rng = self.worker.rng.clone();
+        let mut svc = FilterChain::new(hcm::RouterService { conn: self.clone() });
+        for f in self.hcm.filters.iter().rev() {
+            svc = match f {
+                HttpFilter::AdaptiveConcurrency(c) => FilterChain::new(
+                    adaptive_concurrency::AdaptiveConcurrencyLayer::new(c.clone()).layer(svc),
+                ),
+                HttpFilter::AdmissionControl(c) => FilterChain::new(
+                    admission_control::AdmissionControlLayer::new(c.clone(), rng.clone()).layer(svc),
+                ),
+                HttpFilter::LocalRateLimit(l) => FilterChain::new(
+                    local_ratelimit::LocalRateLimitLayer::new(l.clone(), rng.clone()).layer(svc),
+                ),
+            };
+        }
+        svc
     }
 
     /// Count the connection's protocol once its first request shows it.
@@ -62,6 +114,28 @@ pub struct Bound {
     pub config: Arc<ListenerConfig>,
     pub socket: std::net::TcpListener,
     pub stats: Arc<ListenerStats>,
+    /// Raised to stop accepting and drain this listener's connections (server drain, or the listener was
+    /// removed or replaced).
+    pub stop: watch::Sender<bool>,
+}
+
+impl Bound {
+    pub fn new(
+        config: Arc<ListenerConfig>,
+        socket: std::net::TcpListener,
+        stats: Arc<ListenerStats>,
+    ) -> Arc<Self> {
+        Arc::new(Bound {
+            config,
+            socket,
+            stats,
+            stop: watch::channel(false).0,
+        })
+    }
+
+    pub fn drain(&self) {
+        self.stop.send_replace(true);
+    }
 }
 
 /// Bind a listener's socket (non-blocking, `SO_REUSEADDR`), so that a bind failure is reported before serving.
@@ -82,13 +156,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
-/// Accept on `socket` until `drain` is raised, serving each connection on this worker.
-pub async fn accept_loop(
-    bound: Arc<Bound>,
-    shared: Arc<Shared>,
-    worker: Rc<Worker>,
-    drain: watch::Receiver<bool>,
-) {
+/// Accept on the listener until it is stopped, serving each connection on this worker.
+pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Worker>) {
+    let drain = bound.stop.subscribe();
     let socket = match bound.socket.try_clone().and_then(TcpListener::from_std) {
         Ok(s) => s,
         Err(e) => {
@@ -113,6 +183,7 @@ pub async fn accept_loop(
                         local,
                         draining: Cell::new(false),
                         protocol: Cell::new(0),
+                        chain: std::cell::RefCell::new(None),
                     });
                     tokio::task::spawn_local(serve_connection(conn, stream, bound.stats.clone(), drain.clone()));
                 }

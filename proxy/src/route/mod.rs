@@ -92,9 +92,13 @@ pub struct RouteTable {
     default: Option<usize>,
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
-    /// Whether any header or query matcher is used; when not, matching skips that work.
     pub ignore_port_in_host_matching: bool,
+    /// `typed_per_filter_config` for `envoy.filters.http.local_ratelimit`.
+    pub local_rate_limit: Option<LocalRateLimit>,
 }
+
+/// A per-route local rate limiter (`typed_per_filter_config`).
+pub type LocalRateLimit = std::sync::Arc<crate::filters::local_ratelimit::LocalRateLimiter>;
 
 #[derive(Debug, Default)]
 pub struct VirtualHost {
@@ -103,6 +107,12 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
+    pub local_rate_limit: Option<LocalRateLimit>,
+    /// `retry_policy`, used by routes that have none of their own.
+    pub retry_policy: Option<std::sync::Arc<crate::retry::RetryPolicy>>,
+    pub include_request_attempt_count: bool,
+    pub include_attempt_count_in_response: bool,
+    pub per_request_buffer_limit: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -112,6 +122,9 @@ pub struct Route {
     pub action: Action,
     pub request_headers: HeaderMods,
     pub response_headers: HeaderMods,
+    pub local_rate_limit: Option<LocalRateLimit>,
+    /// `per_request_buffer_limit_bytes`: how much of a request body is kept for retries.
+    pub per_request_buffer_limit: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -153,6 +166,7 @@ pub struct RouteAction {
     /// `timeout` (default 15 s); `None` when set to 0 (disabled).
     pub timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    pub retry_policy: Option<std::sync::Arc<crate::retry::RetryPolicy>>,
 }
 
 #[derive(Debug)]
@@ -226,6 +240,7 @@ impl RouteTable {
     pub fn find_vhost(&self, authority: &str) -> Option<&VirtualHost> {
         let mut buf = [0u8; 256];
         let host = lower(authority, &mut buf);
+        let host: &str = &host;
         self.lookup(host)
             .or_else(|| {
                 // Envoy's `strip_matching_host_port` is off by default, but a domain without port still matches
@@ -259,6 +274,25 @@ impl RouteTable {
         None
     }
 
+    /// Match a request; the indexes of the virtual host and the route.
+    pub fn route_index(&self, authority: &str, uri: &Uri, headers: &HeaderMap) -> Option<(usize, usize)> {
+        let m = self.route(authority, uri, headers)?;
+        let vi = self.virtual_hosts.iter().position(|v| std::ptr::eq(v, m.vhost))?;
+        let ri = m.vhost.routes.iter().position(|r| std::ptr::eq(r, m.route))?;
+        Some((vi, ri))
+    }
+
+    /// The local rate limit for a matched route: the route's own, else its virtual host's, else the table's
+    /// (`typed_per_filter_config`, most specific wins).
+    pub fn local_rate_limit(&self, vhost: usize, route: usize) -> Option<&LocalRateLimit> {
+        let vh = self.virtual_hosts.get(vhost)?;
+        vh.routes
+            .get(route)
+            .and_then(|r| r.local_rate_limit.as_ref())
+            .or(vh.local_rate_limit.as_ref())
+            .or(self.local_rate_limit.as_ref())
+    }
+
     /// Match a request: the virtual host by authority, then the first route whose conditions all hold.
     pub fn route<'t>(&'t self, authority: &str, uri: &Uri, headers: &HeaderMap) -> Option<Matched<'t>> {
         let vhost = self.find_vhost(authority)?;
@@ -279,15 +313,19 @@ fn strip_port(host: &str) -> Option<&str> {
     (port.bytes().all(|b| b.is_ascii_digit()) && (bracketed || !h.contains(':'))).then_some(h)
 }
 
-/// The authority in lowercase, without allocating when it is short.
-fn lower<'b>(s: &'b str, buf: &'b mut [u8; 256]) -> &'b str {
-    if !s.bytes().any(|b| b.is_ascii_uppercase()) || s.len() > buf.len() {
-        return s;
+/// The authority in lowercase, without allocating unless it is longer than `buf` (and has uppercase letters).
+fn lower<'b>(s: &'b str, buf: &'b mut [u8; 256]) -> std::borrow::Cow<'b, str> {
+    use std::borrow::Cow;
+    if !s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Cow::Borrowed(s);
+    }
+    if s.len() > buf.len() {
+        return Cow::Owned(s.to_ascii_lowercase());
     }
     let out = &mut buf[..s.len()];
     out.copy_from_slice(s.as_bytes());
     out.make_ascii_lowercase();
-    std::str::from_utf8(out).unwrap_or(s)
+    Cow::Borrowed(std::str::from_utf8(out).unwrap_or(s))
 }
 
 impl RouteMatch {
@@ -333,4 +371,138 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vh(name: &str, domains: &[&str]) -> VirtualHost {
+        VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn virtual_host_search_order() {
+        let t = RouteTable::new(
+            "rc".into(),
+            vec![
+                vh("exact", &["www.foo.com"]),
+                vh("suffix", &["*.foo.com"]),
+                vh("longer-suffix", &["*-bar.foo.com"]),
+                vh("prefix", &["foo.*"]),
+                vh("any", &["*"]),
+                vh("port", &["api.foo.com:8080"]),
+            ],
+        );
+        let pick = |h: &str| t.find_vhost(h).map(|v| v.name.as_str());
+        assert_eq!(pick("www.foo.com"), Some("exact"));
+        assert_eq!(pick("WWW.Foo.com"), Some("exact"));
+        assert_eq!(pick("a.foo.com"), Some("suffix"));
+        assert_eq!(pick("baz-bar.foo.com"), Some("longer-suffix"));
+        // The wildcard matches at least one character.
+        assert_eq!(pick("-bar.foo.com"), Some("suffix"));
+        assert_eq!(pick("foo.org"), Some("prefix"));
+        assert_eq!(pick("other"), Some("any"));
+        // A port is part of the host unless the table ignores it.
+        assert_eq!(pick("www.foo.com:80"), Some("any"));
+        assert_eq!(pick("api.foo.com:8080"), Some("port"));
+        assert_eq!(pick("a.foo.com:80"), Some("any"));
+        assert_eq!(pick("foo.com:80"), Some("prefix"));
+        // Longer than the stack buffer for lowercasing (the route_match fuzz target checks this case invariant).
+        let long = format!("{}.FOO.COM", "a".repeat(300));
+        assert_eq!(pick(&long), Some("suffix"));
+    }
+
+    #[test]
+    fn ignore_port_in_host_matching() {
+        let mut t = RouteTable::new(
+            "rc".into(),
+            vec![vh("exact", &["www.foo.com"]), vh("v6", &["[::1]"])],
+        );
+        assert!(t.find_vhost("www.foo.com:8080").is_none());
+        t.ignore_port_in_host_matching = true;
+        assert_eq!(
+            t.find_vhost("www.foo.com:8080").map(|v| v.name.as_str()),
+            Some("exact")
+        );
+        assert_eq!(t.find_vhost("[::1]:8080").map(|v| v.name.as_str()), Some("v6"));
+    }
+
+    fn m(path: PathMatch, case_sensitive: bool) -> RouteMatch {
+        RouteMatch {
+            path,
+            case_sensitive,
+            headers: Vec::new(),
+            query: Vec::new(),
+            grpc: false,
+        }
+    }
+
+    #[test]
+    fn path_matchers() {
+        let h = HeaderMap::new();
+        let prefix = m(PathMatch::Prefix("/foo".into()), true);
+        assert!(prefix.matches("/foobar", None, &h));
+        assert!(!prefix.matches("/Foo", None, &h));
+        assert!(m(PathMatch::Prefix("/foo".into()), false).matches("/FOO/x", None, &h));
+        let exact = m(PathMatch::Path("/foo".into()), true);
+        assert!(exact.matches("/foo", Some("a=1"), &h));
+        assert!(!exact.matches("/foo/", None, &h));
+        let sep = m(PathMatch::Separated("/api".into()), true);
+        assert!(sep.matches("/api", None, &h));
+        assert!(sep.matches("/api/v1", None, &h));
+        assert!(!sep.matches("/apis", None, &h));
+        let re = m(PathMatch::Regex(Regex::new("^(?:/v[0-9]+/.*)$").unwrap()), true);
+        assert!(re.matches("/v1/x", None, &h));
+        assert!(!re.matches("/x/v1/x", None, &h));
+    }
+
+    #[test]
+    fn grpc_match_needs_grpc_content_type() {
+        let mut g = m(PathMatch::Prefix("/".into()), true);
+        g.grpc = true;
+        let mut h = HeaderMap::new();
+        assert!(!g.matches("/x", None, &h));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(g.matches("/x", None, &h));
+    }
+
+    #[test]
+    fn header_mods_apply_in_envoy_order() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        let mods = HeaderMods {
+            add: vec![
+                HeaderAdd {
+                    name: HeaderName::from_static("x-a"),
+                    value: HeaderValue::from_static("2"),
+                    action: AppendAction::AppendIfExistsOrAdd,
+                },
+                HeaderAdd {
+                    name: HeaderName::from_static("x-b"),
+                    value: HeaderValue::from_static("3"),
+                    action: AppendAction::AddIfAbsent,
+                },
+                HeaderAdd {
+                    name: HeaderName::from_static("x-c"),
+                    value: HeaderValue::from_static("4"),
+                    action: AppendAction::OverwriteIfExists,
+                },
+            ],
+            remove: vec![HeaderName::from_static("x-gone")],
+        };
+        mods.apply(&mut h);
+        assert_eq!(h.get_all("x-a").iter().count(), 2);
+        assert_eq!(h.get("x-b").unwrap(), "3");
+        assert!(h.get("x-c").is_none());
+        assert!(h.get("x-gone").is_none());
+    }
 }

@@ -4,8 +4,28 @@
 //! [`HostSet`] that discovery replaces as a whole; a request loads it once. Connection pools are per worker (see
 //! [`pool`]), keyed by host id, so that a request takes a pooled connection without a lock.
 
+pub mod breaker;
 pub mod lb;
+pub mod outlier;
 pub mod pool;
+
+fn log_outlier_event(cluster: &str, ev: &outlier::OutlierEvent) {
+    match ev {
+        outlier::OutlierEvent::Ejected {
+            address,
+            reason,
+            duration,
+            ..
+        } => {
+            tracing::info!(cluster, host = %address, reason = reason.envoy_name(), ?duration, "outlier detection: host ejected")
+        }
+        outlier::OutlierEvent::Returned {
+            address, ejected_for, ..
+        } => {
+            tracing::info!(cluster, host = %address, ?ejected_for, "outlier detection: host returned to service")
+        }
+    }
+}
 
 use crate::stats::{CodeStats, Counter, Gauge, Histogram, Scope};
 use arc_swap::ArcSwap;
@@ -57,6 +77,8 @@ pub struct ClusterConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub buffer_limit: u32,
+    pub circuit_breakers: breaker::CircuitBreakersConfig,
+    pub outlier: Option<outlier::OutlierConfig>,
 }
 
 /// One `lb_endpoints` entry.
@@ -184,6 +206,9 @@ pub struct ClusterStats {
     pub upstream_rq_active: Gauge,
     pub upstream_rq_completed: Counter,
     pub upstream_rq_timeout: Counter,
+    pub upstream_rq_per_try_timeout: Counter,
+    /// `retry.upstream_rq_<code>`: responses that were retried.
+    pub retry_rq: CodeStats,
     pub upstream_rq_rx_reset: Counter,
     pub upstream_rq_tx_reset: Counter,
     pub upstream_rq_pending_total: Counter,
@@ -221,6 +246,8 @@ impl ClusterStats {
             upstream_rq_active: scope.gauge("upstream_rq_active"),
             upstream_rq_completed: scope.counter("upstream_rq_completed"),
             upstream_rq_timeout: scope.counter("upstream_rq_timeout"),
+            upstream_rq_per_try_timeout: scope.counter("upstream_rq_per_try_timeout"),
+            retry_rq: CodeStats::new(&scope.scope("retry."), "upstream_rq"),
             upstream_rq_rx_reset: scope.counter("upstream_rq_rx_reset"),
             upstream_rq_tx_reset: scope.counter("upstream_rq_tx_reset"),
             upstream_rq_pending_total: scope.counter("upstream_rq_pending_total"),
@@ -258,6 +285,9 @@ impl ClusterStats {
 pub struct Cluster {
     pub config: ClusterConfig,
     pub stats: ClusterStats,
+    pub breakers: breaker::CircuitBreakers,
+    pub outlier: Option<outlier::Detector>,
+    pub retry_stats: crate::retry::RetryStats,
     hosts: ArcSwap<HostSet>,
     rr: AtomicUsize,
     pub added_via_api: bool,
@@ -267,14 +297,22 @@ impl Cluster {
     pub fn new(config: ClusterConfig, scope: &Scope, added_via_api: bool) -> Arc<Cluster> {
         let stats = ClusterStats::new(scope);
         let hosts: Vec<Arc<Host>> = config.endpoints.iter().map(Host::new).collect();
+        let breakers = breaker::CircuitBreakers::new(&config.circuit_breakers, scope);
+        let outlier = config
+            .outlier
+            .clone()
+            .map(|o| outlier::Detector::new(o, outlier::OutlierStats::new(scope), &hosts));
         let c = Cluster {
             config,
             stats,
+            breakers,
+            outlier,
+            retry_stats: crate::retry::RetryStats::new(scope),
             hosts: ArcSwap::from_pointee(HostSet::default()),
             rr: AtomicUsize::new(0),
             added_via_api,
         };
-        c.set_hosts(HostSet::new(hosts));
+        c.set_hosts(hosts);
         Arc::new(c)
     }
 
@@ -282,8 +320,30 @@ impl Cluster {
         &self.config.name
     }
 
-    /// Replace the membership and update `membership_*`.
-    pub fn set_hosts(&self, set: HostSet) {
+    /// Replace the membership (hosts that remain keep their outlier state, matched by id).
+    pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
+        if let Some(d) = &self.outlier {
+            d.set_hosts(&hosts);
+        }
+        self.publish(hosts);
+    }
+
+    /// Recompute which hosts take traffic (after an ejection or a return).
+    pub fn refresh_health(&self) {
+        let hosts = self.hosts.load().hosts.clone();
+        self.publish(hosts);
+    }
+
+    fn publish(&self, hosts: Vec<Arc<Host>>) {
+        let mut set = HostSet::new(hosts);
+        if let Some(d) = &self.outlier {
+            set.healthy.retain(|&i| !d.is_ejected(i));
+        }
+        self.store_set(set);
+    }
+
+    /// Update `membership_*` and swap the set in.
+    fn store_set(&self, set: HostSet) {
         let total = set.hosts.len() as i64;
         let healthy = set.healthy.len() as i64;
         let degraded = set
@@ -305,9 +365,35 @@ impl Cluster {
         self.hosts.load()
     }
 
-    /// Pick a host for a request, or `None` when no host may take traffic.
-    pub fn pick(&self, rng: &mut lb::Rng) -> Option<Arc<Host>> {
+    /// Pick a host for a request, with its index in the current set (for outlier detection), or `None` when no
+    /// host may take traffic.
+    pub fn pick(&self, rng: &mut lb::Rng) -> Option<(usize, Arc<Host>)> {
         let set = self.hosts.load();
-        lb::pick(self.config.lb_policy, &set, &self.rr, rng).cloned()
+        let h = lb::pick(self.config.lb_policy, &set, &self.rr, rng)?;
+        let i = set.hosts.iter().position(|x| x.id == h.id)?;
+        Some((i, h.clone()))
+    }
+
+    /// Report an attempt's outcome to the outlier detector; an ejection takes the host out of balancing now.
+    pub fn record_outcome(&self, index: usize, outcome: outlier::Outcome, rng: &mut lb::Rng) {
+        if let Some(d) = &self.outlier {
+            if let Some(ev) = d.record(index, outcome, tokio::time::Instant::now(), rng) {
+                log_outlier_event(self.name(), &ev);
+                self.refresh_health();
+            }
+        }
+    }
+
+    /// The interval sweep of outlier detection (success rate, failure percentage, returns).
+    pub fn outlier_sweep(&self, rng: &mut lb::Rng) {
+        if let Some(d) = &self.outlier {
+            let events = d.evaluate(tokio::time::Instant::now(), rng);
+            for ev in &events {
+                log_outlier_event(self.name(), ev);
+            }
+            if !events.is_empty() {
+                self.refresh_health();
+            }
+        }
     }
 }

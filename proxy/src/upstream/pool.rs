@@ -33,6 +33,9 @@ pub enum ConnectError {
     Refused(io::Error),
     #[error("connection failure: {0}")]
     Handshake(hyper::Error),
+    /// The cluster's `max_connections` circuit breaker is open.
+    #[error("overflow")]
+    Overflow,
 }
 
 #[derive(Default)]
@@ -149,6 +152,19 @@ impl Pools {
 /// Open a TCP connection to `host` within the cluster's `connect_timeout`, counting it.
 async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<CountedIo>, ConnectError> {
     let stats = &cluster.stats;
+    // Circuit breakers: the cluster's `max_connections`, and the host's `per_host_thresholds`.
+    let prio = super::breaker::Priority::Default;
+    if !cluster
+        .breakers
+        .host_connection_allowed(prio, host.stats.cx_active.load(Relaxed))
+    {
+        return Err(ConnectError::Overflow);
+    }
+    let permit = cluster
+        .breakers
+        .resources(prio)
+        .try_connection()
+        .ok_or(ConnectError::Overflow)?;
     let start = Instant::now();
     let res = tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(host.address)).await;
     let stream = match res {
@@ -178,6 +194,7 @@ async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<Cou
         cluster: cluster.clone(),
         host: host.clone(),
         opened: Instant::now(),
+        _permit: permit,
     }))
 }
 
@@ -187,6 +204,8 @@ pub struct CountedIo {
     cluster: Arc<Cluster>,
     host: Arc<Host>,
     opened: Instant,
+    /// The connection's unit of the `max_connections` breaker, released when it closes.
+    _permit: super::breaker::Permit,
 }
 
 impl Drop for CountedIo {

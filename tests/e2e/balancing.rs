@@ -1,0 +1,106 @@
+//! Load-balancing policies across the endpoints of one STATIC cluster.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{within, Upstream, DEFAULT_TIMEOUT, POLL_INTERVAL};
+use crate::support::{bootstrap, cluster, routes, to_cluster, Proxy};
+
+async fn two_hosts(policy: Option<Value>, extra: Value) -> (Upstream, Upstream, Proxy) {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut c = cluster("pair", &[a.addr(), b.addr()]);
+    if let Some(policy) = policy {
+        c["lb_policy"] = policy;
+    }
+    if let Value::Object(extra) = extra {
+        for (k, v) in extra {
+            c[k] = v;
+        }
+    }
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "pair")]);
+    // One worker: round robin is per worker, so its order is exact.
+    let proxy = Proxy::start(&bootstrap(table, vec![c], Value::Null), &["--concurrency", "1"]).await;
+    (a, b, proxy)
+}
+
+#[tokio::test]
+async fn round_robin_alternates_hosts() {
+    let (a, b, proxy) = two_hosts(None, Value::Null).await;
+    let client = proxy.h1();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let reply = client.get("/", &[]).await;
+        seen.push(reply.header("x-upstream").unwrap_or_default().to_owned());
+    }
+    assert!(seen.windows(2).all(|w| w[0] != w[1]), "not alternating: {seen:?}");
+    assert_eq!((a.requests(), b.requests()), (5, 5));
+}
+
+#[tokio::test]
+async fn random_reaches_both_hosts() {
+    let (a, b, proxy) = two_hosts(Some(json!("RANDOM")), Value::Null).await;
+    let client = proxy.h1();
+    for _ in 0..200 {
+        assert_eq!(client.get("/", &[]).await.status, StatusCode::OK);
+    }
+    // Expected 100 each; sd ~7.
+    assert!(
+        (60..=140).contains(&a.requests()),
+        "a {} b {}",
+        a.requests(),
+        b.requests()
+    );
+    assert_eq!(a.requests() + b.requests(), 200);
+}
+
+#[tokio::test]
+#[ignore = "proxy bug: see /tmp/e2e-failures.md #14"]
+async fn least_request_avoids_the_busy_host() {
+    // Choices are drawn with replacement (as Envoy does); with 20 of them both hosts are seen on all but
+    // 2^-19 of picks, so the busier host loses.
+    let (a, b, proxy) = two_hosts(
+        Some(json!("LEAST_REQUEST")),
+        json!({"least_request_lb_config": {"choice_count": 20}}),
+    )
+    .await;
+    // Occupy one host with slow requests, then see where quick ones go.
+    let slow_client = proxy.h1().with_timeout(Duration::from_secs(10));
+    let mut slow = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let client = slow_client.clone();
+        slow.spawn(async move { client.try_get("/delay/1500", &[]).await });
+    }
+    within(DEFAULT_TIMEOUT, "the slow requests to arrive", async {
+        while a.requests() + b.requests() < 3 {
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    })
+    .await;
+    let (busy, idle) = if a.requests() > b.requests() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let busy_before = busy.requests();
+    let idle_before = idle.requests();
+    assert!(busy_before >= 2, "a {} b {}", a.requests(), b.requests());
+    let quick = proxy.h1();
+    for _ in 0..10 {
+        assert_eq!(quick.get("/", &[]).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        busy.requests(),
+        busy_before,
+        "a quick request went to the busy host"
+    );
+    assert_eq!(idle.requests(), idle_before + 10);
+    while let Some(done) = slow.join_next().await {
+        let reply = done
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("slow request: {e}"));
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+}
