@@ -31,6 +31,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod filters;
+pub mod fuzzing;
 pub mod listener;
 pub mod logging;
 pub mod retry;

@@ -2,7 +2,9 @@
 
 mod admin;
 mod balancing;
+mod corpus;
 mod dns;
+mod fuzz_replay;
 mod grpc;
 mod harness;
 mod harness_selftest;

@@ -71,6 +71,51 @@ pub fn message_from_text(
     message_from_value(value, desc)
 }
 
+/// Parse a discovery-response-like document, the `resources:` list of `@type`d resources that a
+/// `path_config_source` file holds (read as `envoy.service.discovery.v3.DiscoveryResponse`, as Envoy does), and
+/// unpack each resource into a message of its own type. Errors have paths such as `resources[0].name`.
+pub fn resources_from_text(text: &str, format: Format) -> Result<Vec<DynamicMessage>, ConfigErrors> {
+    let desc = descriptors::message(DISCOVERY_RESPONSE).ok_or_else(|| {
+        ConfigErrors::from(ConfigError::new(
+            "",
+            format!("the descriptor set lacks {DISCOVERY_RESPONSE}"),
+        ))
+    })?;
+    let response = message_from_text(text, format, &desc)?;
+    let mut out = Vec::new();
+    let mut errs = Vec::new();
+    if let Some(prost_reflect::Value::List(items)) = response.get_field_by_name("resources").as_deref() {
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("resources[{i}]");
+            let Some(any) = item.as_message() else { continue };
+            let url = any
+                .get_field_by_name("type_url")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let bytes = any
+                .get_field_by_name("value")
+                .and_then(|v| v.as_bytes().cloned())
+                .unwrap_or_default();
+            // The walk has checked every URL already.
+            let Some(inner) = descriptors::message_for_type_url(&url) else {
+                errs.push(ConfigError::new(path, format!("unknown type {url:?}")));
+                continue;
+            };
+            match DynamicMessage::decode(inner, bytes) {
+                Ok(m) => out.push(m),
+                Err(e) => errs.push(ConfigError::new(path, format!("{url}: {e}"))),
+            }
+        }
+    }
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}
+
+const DISCOVERY_RESPONSE: &str = "envoy.service.discovery.v3.DiscoveryResponse";
+
 /// Check, normalise and map a JSON value onto the message `desc`.
 pub fn message_from_value(value: Value, desc: &MessageDescriptor) -> Result<DynamicMessage, ConfigErrors> {
     let (msg, errs) = message_from_value_lenient(value, desc)?;
@@ -428,6 +473,38 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::new(secs, nanos))
 }
 
+/// The `TypedStruct`s, which carry a message of another type as a `Struct` (`type_url` and `value`). Envoy's
+/// loader accepts them wherever an `Any` is expected and reads the inner message through the JSON mapping.
+const TYPED_STRUCTS: [&str; 2] = ["udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"];
+
+/// Rewrite an `Any` holding a `TypedStruct` in place into an `Any` of the type it names:
+/// `{"@type": TypedStruct, type_url: T, value: {...}}` becomes `{"@type": T, ...}`. Returns `T`.
+fn unwrap_typed_struct(map: &mut serde_json::Map<String, Value>) -> Result<String, String> {
+    let type_url = match map.get("type_url").or_else(|| map.get("typeUrl")) {
+        Some(Value::String(t)) if !t.is_empty() => t.clone(),
+        _ => return Err("a TypedStruct needs \"type_url\"".to_string()),
+    };
+    if let Some(k) = map
+        .keys()
+        .find(|k| !["@type", "type_url", "typeUrl", "value"].contains(&k.as_str()))
+    {
+        return Err(format!("unknown field {k:?} in a TypedStruct"));
+    }
+    let value = match map.remove("value") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(v)) => v,
+        Some(other) => {
+            return Err(format!(
+                "a TypedStruct's \"value\" must be an object, found {}",
+                kind_name(&other)
+            ))
+        }
+    };
+    *map = value;
+    map.insert("@type".to_string(), Value::String(type_url.clone()));
+    Ok(type_url)
+}
+
 fn normalize_any(v: &mut Value, path: &mut String, errs: &mut Vec<ConfigError>) {
     let Value::Object(map) = v else {
         errs.push(ConfigError::new(
@@ -436,10 +513,19 @@ fn normalize_any(v: &mut Value, path: &mut String, errs: &mut Vec<ConfigError>) 
         ));
         return;
     };
-    let Some(url) = map.get("@type").and_then(Value::as_str).map(str::to_string) else {
+    let Some(mut url) = map.get("@type").and_then(Value::as_str).map(str::to_string) else {
         errs.push(ConfigError::new(path.clone(), "an Any needs \"@type\""));
         return;
     };
+    if TYPED_STRUCTS.contains(&url.rsplit_once('/').map_or(url.as_str(), |(_, n)| n)) {
+        match unwrap_typed_struct(map) {
+            Ok(inner_url) => url = inner_url,
+            Err(e) => {
+                errs.push(ConfigError::new(path.clone(), e));
+                return;
+            }
+        }
+    }
     let Some(inner) = descriptors::message_for_type_url(&url) else {
         errs.push(ConfigError::new(
             path.clone(),
@@ -538,6 +624,79 @@ static_resources:
         assert_eq!(errs.0.len(), 2, "{errs}");
         assert_eq!(errs.0[0].path, "static_resources.clusters[0].connect_timeout");
         assert!(errs.0[1].message.contains("no.such.Type"));
+    }
+
+    #[test]
+    fn typed_struct_is_read_as_the_type_it_names() {
+        let yaml = r#"
+bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config:
+    "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+    type_url: type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+    value: {buffer_size_kb: 64}
+- name: x
+  typed_config:
+    "@type": type.googleapis.com/xds.type.v3.TypedStruct
+    type_url: type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#;
+        let m = message_from_text(yaml, Format::Yaml, &bootstrap()).unwrap();
+        let json = serde_json::to_value(&m).unwrap();
+        let ext = &json["bootstrapExtensions"];
+        assert_eq!(
+            ext[0]["typedConfig"]["@type"],
+            "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+        );
+        assert_eq!(ext[0]["typedConfig"]["bufferSizeKb"], 64);
+        assert_eq!(
+            ext[1]["typedConfig"]["@type"],
+            "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+        );
+
+        // The inner message is checked like any other, with the Any's path.
+        let bad = r#"
+bootstrap_extensions:
+- typed_config:
+    "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+    type_url: type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+    value: {buffer_size: 64}
+- typed_config: {"@type": type.googleapis.com/udpa.type.v1.TypedStruct, value: {}}
+- typed_config: {"@type": type.googleapis.com/xds.type.v3.TypedStruct, type_url: x, value: 3}
+"#;
+        let errs = message_from_text(bad, Format::Yaml, &bootstrap()).unwrap_err();
+        let lines: Vec<String> = errs.0.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].starts_with("bootstrap_extensions[0].typed_config.buffer_size: unknown field"));
+        assert!(lines[1].contains("needs \"type_url\""));
+        assert!(lines[2].contains("must be an object"));
+    }
+
+    #[test]
+    fn resources_of_a_discovery_response() {
+        // A single object where a list is expected, inside a resource, as dynamic-config-fs's lds.yaml has it.
+        let yaml = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: one
+  connect_timeout: {seconds: 1}
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: l
+  filter_chains: {filters: {name: envoy.filters.network.http_connection_manager}}
+"#;
+        let rs = resources_from_text(yaml, Format::Yaml).unwrap();
+        let names: Vec<String> = rs
+            .iter()
+            .map(|m| prost_reflect::ReflectMessage::descriptor(m).name().to_string())
+            .collect();
+        assert_eq!(names, ["Cluster", "Listener"]);
+        let errs = resources_from_text("resources: [{name: x}]", Format::Yaml).unwrap_err();
+        assert_eq!(errs.0[0].path, "resources[0]");
+        let errs = resources_from_text(
+            r#"{"resources": [{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "nam": 1}]}"#,
+            Format::Json,
+        )
+        .unwrap_err();
+        assert_eq!(errs.0[0].path, "resources[0].nam");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::cli::Options;
 use load::Format;
 use prost::Message;
 use prost_reflect::DynamicMessage;
+use std::collections::HashSet;
 
 /// The embedded default configuration (the development proxy), used when no `-c` or `--config-yaml` is given.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../config/default.yaml");
@@ -100,6 +101,61 @@ fn apply_node_flags(msg: &mut DynamicMessage, opts: &Options) {
                 m = next;
             }
         }
+    }
+}
+
+/// Lower resources that [`load::resources_from_text`] read (clusters, listeners, route tables), as a file-based
+/// discovery source would deliver them, and report every error with its path (`resources[2].lb_policy`). Route
+/// tables inline in listeners are checked against `clusters` (those the bootstrap and the other sources define)
+/// and the clusters among `resources`.
+pub fn validate_resources(
+    resources: &[DynamicMessage],
+    clusters: &HashSet<String>,
+) -> Result<(), ConfigErrors> {
+    const CLUSTER: &str = "envoy.config.cluster.v3.Cluster";
+    const LISTENER: &str = "envoy.config.listener.v3.Listener";
+    const ROUTES: &str = "envoy.config.route.v3.RouteConfiguration";
+    let errs = node::Errors::default();
+    let ids = crate::server::ClusterIds::default();
+    let store = crate::stats::Store::new();
+    {
+        let nodes: Vec<node::Node> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, m)| node::Node::root(m, format!("resources[{i}]"), &errs))
+            .collect();
+        let mut known = clusters.clone();
+        for n in nodes.iter().filter(|n| n.type_name() == CLUSTER) {
+            if let Some(c) = cluster::lower(n) {
+                known.insert(c.name);
+            }
+        }
+        let ctx = listener::Ctx {
+            ids: &ids,
+            store: &store,
+            static_clusters: &known,
+        };
+        for n in &nodes {
+            match n.type_name().as_str() {
+                CLUSTER => {}
+                LISTENER => {
+                    listener::lower(n, &ctx);
+                }
+                ROUTES => {
+                    route::lower_table(n, &ids, None, &store);
+                }
+                other => {
+                    n.mark_all();
+                    n.err_here(format!("{other} resources are not supported by Remora"));
+                }
+            }
+        }
+    }
+    let found = errs.take();
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(found))
     }
 }
 

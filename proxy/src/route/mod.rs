@@ -240,6 +240,7 @@ impl RouteTable {
     pub fn find_vhost(&self, authority: &str) -> Option<&VirtualHost> {
         let mut buf = [0u8; 256];
         let host = lower(authority, &mut buf);
+        let host: &str = &host;
         self.lookup(host)
             .or_else(|| {
                 // Envoy's `strip_matching_host_port` is off by default, but a domain without port still matches
@@ -312,15 +313,19 @@ fn strip_port(host: &str) -> Option<&str> {
     (port.bytes().all(|b| b.is_ascii_digit()) && (bracketed || !h.contains(':'))).then_some(h)
 }
 
-/// The authority in lowercase, without allocating when it is short.
-fn lower<'b>(s: &'b str, buf: &'b mut [u8; 256]) -> &'b str {
-    if !s.bytes().any(|b| b.is_ascii_uppercase()) || s.len() > buf.len() {
-        return s;
+/// The authority in lowercase, without allocating unless it is longer than `buf` (and has uppercase letters).
+fn lower<'b>(s: &'b str, buf: &'b mut [u8; 256]) -> std::borrow::Cow<'b, str> {
+    use std::borrow::Cow;
+    if !s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Cow::Borrowed(s);
+    }
+    if s.len() > buf.len() {
+        return Cow::Owned(s.to_ascii_lowercase());
     }
     let out = &mut buf[..s.len()];
     out.copy_from_slice(s.as_bytes());
     out.make_ascii_lowercase();
-    std::str::from_utf8(out).unwrap_or(s)
+    Cow::Borrowed(std::str::from_utf8(out).unwrap_or(s))
 }
 
 impl RouteMatch {
@@ -407,6 +412,9 @@ mod tests {
         assert_eq!(pick("api.foo.com:8080"), Some("port"));
         assert_eq!(pick("a.foo.com:80"), Some("any"));
         assert_eq!(pick("foo.com:80"), Some("prefix"));
+        // Longer than the stack buffer for lowercasing (the route_match fuzz target checks this case invariant).
+        let long = format!("{}.FOO.COM", "a".repeat(300));
+        assert_eq!(pick(&long), Some("suffix"));
     }
 
     #[test]

@@ -74,9 +74,7 @@ impl DnsServer {
 
     /// Answer SERVFAIL for a name until it is `set` again.
     pub fn fail(&self, name: &str) {
-        self.table
-            .lock()
-            .expect("dns table")
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
             .failing
             .push(name.to_string());
     }
