@@ -130,9 +130,18 @@ pub fn validate_resources(
                 known.insert(c.name);
             }
         }
+        let logs =
+            crate::access_log::Manager::new(&store.scope(""), crate::access_log::DEFAULT_FLUSH_INTERVAL)
+                .map_err(|e| {
+                    ConfigErrors::from(ConfigError::new(
+                        "",
+                        format!("cannot start the access log writer: {e}"),
+                    ))
+                })?;
         let ctx = listener::Ctx {
             ids: &ids,
             store: &store,
+            logs: &logs,
             static_clusters: &known,
         };
         for n in &nodes {

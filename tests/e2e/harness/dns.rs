@@ -32,7 +32,9 @@ impl Drop for DnsServer {
 
 impl DnsServer {
     pub async fn start() -> DnsServer {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind dns: {e}"));
+        let sock = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind dns: {e}"));
         let addr = sock.local_addr().unwrap_or_else(|e| panic!("dns addr: {e}"));
         let table = Arc::new(Mutex::new(Table {
             ttl: 1,
@@ -74,7 +76,9 @@ impl DnsServer {
 
     /// Answer SERVFAIL for a name until it is `set` again.
     pub fn fail(&self, name: &str) {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .failing
             .push(name.to_string());
     }
