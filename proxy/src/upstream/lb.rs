@@ -60,7 +60,7 @@ pub fn pick<'s>(
     }
     let i = match policy {
         LbPolicy::RoundRobin => {
-            if set.hosts.iter().all(|h| h.weight == set.hosts[0].weight) {
+            if set.uniform_weight {
                 rr.fetch_add(1, Relaxed) % n
             } else {
                 weighted_rr(set, rr)

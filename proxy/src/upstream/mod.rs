@@ -189,6 +189,8 @@ pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
     /// Indexes into `hosts` of hosts that may take traffic.
     pub healthy: Vec<usize>,
+    /// Every host has the same weight (round robin need not weigh).
+    pub uniform_weight: bool,
 }
 
 impl HostSet {
@@ -199,7 +201,8 @@ impl HostSet {
             .filter(|(_, h)| h.healthy())
             .map(|(i, _)| i)
             .collect();
-        HostSet { hosts, healthy }
+        let uniform_weight = hosts.windows(2).all(|w| w[0].weight == w[1].weight);
+        HostSet { hosts, healthy, uniform_weight }
     }
 }
 
