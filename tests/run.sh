@@ -9,6 +9,10 @@ need_pkgs=()
 for tool in curl; do
   command -v "$tool" >/dev/null 2>&1 || need_pkgs+=("$tool")
 done
+# Prometheus and promtool (tests/e2e/observability.rs), both from Debian's `prometheus`.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  need_pkgs+=(prometheus)
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -11,6 +11,7 @@ mod harness_selftest;
 mod headers;
 mod lifecycle;
 mod local_replies;
+mod observability;
 mod protocols;
 mod routing;
 mod support;

@@ -1,4 +1,4 @@
-//! The admin's renderings of the store: Envoy's text format and JSON.
+//! The admin's renderings of the store: Envoy's text format, JSON and Prometheus text exposition.
 
 use super::{Metric, Store};
 use std::fmt::Write;
@@ -153,8 +153,9 @@ fn extractors() -> &'static [Extractor] {
     })
 }
 
-/// Split a stat name into Prometheus name and labels with Envoy's default tag extraction.
-pub fn prometheus_name(name: &str) -> (String, Vec<(&'static str, String)>) {
+/// Apply Envoy's default tag extraction to a stat name: the tag-extracted name (still dotted, what Envoy groups
+/// and sorts by) and the tags in extraction order.
+pub fn extract_tags(name: &str) -> (String, Vec<(&'static str, String)>) {
     let mut rest = name.to_string();
     let mut tags: Vec<(&'static str, String)> = Vec::new();
     for x in extractors() {
@@ -177,17 +178,38 @@ pub fn prometheus_name(name: &str) -> (String, Vec<(&'static str, String)>) {
         rest = new.replace("..", ".");
         tags.push((x.tag, value));
     }
-    let mut out = String::from("envoy_");
-    for ch in rest.chars() {
-        out.push(if ch.is_ascii_alphanumeric() || ch == '_' {
+    (rest, tags)
+}
+
+/// Envoy's Prometheus metric name for a tag-extracted name: `envoy_` and the name with every character outside
+/// `[a-zA-Z0-9_]` replaced by `_`.
+fn sanitize(extracted: &str) -> String {
+    let mut out = String::with_capacity(extracted.len() + 6);
+    out.push_str("envoy_");
+    out.extend(extracted.chars().map(|ch| {
+        if ch.is_ascii_alphanumeric() || ch == '_' {
             ch
         } else {
             '_'
-        });
-    }
-    (out, tags)
+        }
+    }));
+    out
 }
 
+/// Split a stat name into Prometheus name and labels with Envoy's default tag extraction.
+pub fn prometheus_name(name: &str) -> (String, Vec<(&'static str, String)>) {
+    let (extracted, tags) = extract_tags(name);
+    (sanitize(&extracted), tags)
+}
+
+/// Envoy's order for stat names: element by element of the dotted name (its symbol table's `lessThan`), so
+/// `listener.x` sorts before `listener_manager.x` although `.` and `_` would sort the other way once sanitized.
+fn stat_name_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    a.split('.').cmp(b.split('.'))
+}
+
+/// The text between a series' braces: `k="v",...`, with `extra` (the histogram's `le`) last. Envoy writes
+/// the braces even when there is no label (`envoy_server_live{} 1`).
 fn labels(tags: &[(&'static str, String)], extra: Option<(&str, String)>) -> String {
     let mut parts: Vec<String> = tags
         .iter()
@@ -196,17 +218,14 @@ fn labels(tags: &[(&'static str, String)], extra: Option<(&str, String)>) -> Str
     if let Some((k, v)) = extra {
         parts.push(format!("{k}=\"{v}\""));
     }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
-    }
+    format!("{{{}}}", parts.join(","))
 }
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// A bucket bound as Envoy prints it (`{:.32g}`): `0.5`, `1`, `3600000`, never an exponent.
 fn prom_number(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{v:.0}")
@@ -215,72 +234,181 @@ fn prom_number(v: f64) -> String {
     }
 }
 
-/// `/stats/prometheus`: Envoy's layout: counters, then gauges, then histograms; one `# TYPE` line per name with
-/// its series sorted by labels; a blank line between groups.
+/// One series waiting to be written: its full stat name (the sort key within a group), tags and metric.
+struct Series {
+    name: String,
+    tags: Vec<(&'static str, String)>,
+    metric: Metric,
+}
+
+/// Series grouped by tag-extracted name, in Envoy's order.
+type Groups = Vec<(String, Vec<Series>)>;
+
+fn group(series: std::collections::HashMap<String, Vec<Series>>) -> Groups {
+    let mut groups: Groups = series.into_iter().collect();
+    groups.sort_by(|a, b| stat_name_cmp(&a.0, &b.0));
+    for (_, s) in &mut groups {
+        s.sort_by(|a, b| stat_name_cmp(&a.name, &b.name));
+    }
+    groups
+}
+
+/// `/stats/prometheus`, as Envoy's `PrometheusStatsFormatter` writes it: counters, then gauges, then
+/// histograms. Within each kind, one group per tag-extracted name in stat-name order, each opened by
+/// `# TYPE <name> <kind>` and closed by a blank line, its series in order of their full stat names. Every
+/// series has braces, `le` is the last label of a bucket, buckets are Envoy's default bounds and cumulative,
+/// then `+Inf`, `_sum` and `_count`. No `# HELP` lines.
 pub fn prometheus(store: &Store, sel: &Select) -> String {
-    use std::collections::BTreeMap;
-    let mut counters: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    let mut gauges: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    type Tags = Vec<(&'static str, String)>;
-    let mut hists: BTreeMap<String, Vec<(Tags, super::HistogramSnapshot)>> = BTreeMap::new();
+    use std::collections::HashMap;
+    let mut kinds: [HashMap<String, Vec<Series>>; 3] = Default::default();
     for (name, m) in store.snapshot() {
         if !sel.keep(&name, &m) {
             continue;
         }
-        let (pname, tags) = prometheus_name(&name);
-        match m {
-            Metric::Counter(c) => counters
-                .entry(pname)
-                .or_default()
-                .push((labels(&tags, None), c.value().to_string())),
-            Metric::Gauge(g) => gauges
-                .entry(pname)
-                .or_default()
-                .push((labels(&tags, None), g.value().to_string())),
-            Metric::Histogram(h) => hists.entry(pname).or_default().push((tags, h.snapshot())),
-        }
+        let (extracted, tags) = extract_tags(&name);
+        let kind = match m {
+            Metric::Counter(_) => 0,
+            Metric::Gauge(_) => 1,
+            Metric::Histogram(_) => 2,
+        };
+        kinds[kind].entry(extracted).or_default().push(Series {
+            name,
+            tags,
+            metric: m,
+        });
     }
     let mut out = String::new();
-    for (kind, group) in [("counter", &mut counters), ("gauge", &mut gauges)] {
-        for (name, series) in group.iter_mut() {
-            series.sort();
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (l, v) in series.iter() {
-                let _ = writeln!(out, "{name}{l} {v}");
+    for (kind, series) in ["counter", "gauge", "histogram"].into_iter().zip(kinds) {
+        for (extracted, series) in group(series) {
+            let pname = sanitize(&extracted);
+            let _ = writeln!(out, "# TYPE {pname} {kind}");
+            for s in &series {
+                write_series(&mut out, &pname, s);
             }
             out.push('\n');
         }
     }
-    for (name, series) in hists.iter_mut() {
-        series.sort_by(|a, b| a.0.cmp(&b.0));
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        for (tags, snap) in series.iter() {
+    out
+}
+
+fn write_series(out: &mut String, pname: &str, s: &Series) {
+    let tags = &s.tags;
+    match &s.metric {
+        Metric::Counter(c) => {
+            let _ = writeln!(out, "{pname}{} {}", labels(tags, None), c.value());
+        }
+        Metric::Gauge(g) => {
+            let _ = writeln!(out, "{pname}{} {}", labels(tags, None), g.value());
+        }
+        Metric::Histogram(h) => {
+            let snap = h.snapshot();
             let cum = snap.cumulative();
             for (i, bound) in super::histogram::ENVOY_BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{} {}",
-                    labels(tags, Some(("le", prom_number(*bound)))),
-                    cum[i]
-                );
+                let le = labels(tags, Some(("le", prom_number(*bound))));
+                let _ = writeln!(out, "{pname}_bucket{le} {}", cum[i]);
             }
-            let _ = writeln!(
-                out,
-                "{name}_bucket{} {}",
-                labels(tags, Some(("le", "+Inf".into()))),
-                snap.count
-            );
-            let _ = writeln!(out, "{name}_sum{} {}", labels(tags, None), snap.sum);
-            let _ = writeln!(out, "{name}_count{} {}", labels(tags, None), snap.count);
+            let le = labels(tags, Some(("le", "+Inf".into())));
+            let _ = writeln!(out, "{pname}_bucket{le} {}", snap.count);
+            let _ = writeln!(out, "{pname}_sum{} {}", labels(tags, None), snap.sum);
+            let _ = writeln!(out, "{pname}_count{} {}", labels(tags, None), snap.count);
         }
-        out.push('\n');
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::prometheus_name;
+    use super::{prometheus, prometheus_name, Select};
+    use crate::stats::Store;
+
+    /// Envoy's layout (`test/server/admin/prometheus_stats_test.cc`): kinds in order, groups by tag-extracted
+    /// name compared element by element, series by full stat name (not by label text), braces on every
+    /// series, `le` last, a blank line after every group.
+    #[test]
+    fn prometheus_layout_is_envoys() {
+        let store = Store::new();
+        for c in ["other", "backend"] {
+            store.counter(&format!("cluster.{c}.upstream_rq_5xx")).add(2);
+            store.counter(&format!("cluster.{c}.upstream_rq_2xx")).add(3);
+        }
+        store.counter("listener_manager.listener_added").inc();
+        store.counter("listener.127.0.0.1_80.no_filter_chain_match");
+        store.counter("listener.127.0.0.1_80.downstream_cx_total").inc();
+        store.gauge("server.live").set(1);
+        let h = store.histogram("server.initialization_time_ms");
+        for v in [0, 7, 7_000] {
+            h.record(v);
+        }
+        let got = prometheus(&store, &Select::default());
+        let want = r#"# TYPE envoy_cluster_upstream_rq_xx counter
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="backend"} 3
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="5",envoy_cluster_name="backend"} 2
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="other"} 3
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="5",envoy_cluster_name="other"} 2
+
+# TYPE envoy_listener_downstream_cx_total counter
+envoy_listener_downstream_cx_total{envoy_listener_address="127.0.0.1_80"} 1
+
+# TYPE envoy_listener_no_filter_chain_match counter
+envoy_listener_no_filter_chain_match{envoy_listener_address="127.0.0.1_80"} 0
+
+# TYPE envoy_listener_manager_listener_added counter
+envoy_listener_manager_listener_added{} 1
+
+# TYPE envoy_server_live gauge
+envoy_server_live{} 1
+
+# TYPE envoy_server_initialization_time_ms histogram
+envoy_server_initialization_time_ms_bucket{le="0.5"} 1
+envoy_server_initialization_time_ms_bucket{le="1"} 1
+envoy_server_initialization_time_ms_bucket{le="5"} 1
+envoy_server_initialization_time_ms_bucket{le="10"} 2
+envoy_server_initialization_time_ms_bucket{le="25"} 2
+envoy_server_initialization_time_ms_bucket{le="50"} 2
+envoy_server_initialization_time_ms_bucket{le="100"} 2
+envoy_server_initialization_time_ms_bucket{le="250"} 2
+envoy_server_initialization_time_ms_bucket{le="500"} 2
+envoy_server_initialization_time_ms_bucket{le="1000"} 2
+envoy_server_initialization_time_ms_bucket{le="2500"} 2
+envoy_server_initialization_time_ms_bucket{le="5000"} 2
+envoy_server_initialization_time_ms_bucket{le="10000"} 3
+envoy_server_initialization_time_ms_bucket{le="30000"} 3
+envoy_server_initialization_time_ms_bucket{le="60000"} 3
+envoy_server_initialization_time_ms_bucket{le="300000"} 3
+envoy_server_initialization_time_ms_bucket{le="600000"} 3
+envoy_server_initialization_time_ms_bucket{le="1800000"} 3
+envoy_server_initialization_time_ms_bucket{le="3600000"} 3
+envoy_server_initialization_time_ms_bucket{le="+Inf"} 3
+envoy_server_initialization_time_ms_sum{} 7007
+envoy_server_initialization_time_ms_count{} 3
+
+"#;
+        assert_eq!(got, want);
+    }
+
+    /// Tagged histogram series keep their tags in extraction order with `le` last, and `?usedonly` drops
+    /// what was never recorded, as Envoy's `OutputWithUsedOnly` shows.
+    #[test]
+    fn prometheus_histogram_tags_and_used_only() {
+        let store = Store::new();
+        store.histogram("cluster.b.upstream_rq_time").record(30);
+        store.histogram("cluster.a.upstream_rq_time");
+        store.counter("cluster.a.upstream_rq_total");
+        let all = prometheus(&store, &Select::default());
+        assert!(all.contains("envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=\"b\",le=\"50\"} 1\n"));
+        assert!(all.contains("envoy_cluster_upstream_rq_time_sum{envoy_cluster_name=\"a\"} 0\n"));
+        let a = all.find("{envoy_cluster_name=\"a\",le=\"0.5\"}");
+        let b = all.find("{envoy_cluster_name=\"b\",le=\"0.5\"}");
+        assert!(a < b, "series sorted by stat name");
+        let used = prometheus(
+            &store,
+            &Select {
+                used_only: true,
+                filter: None,
+            },
+        );
+        assert_eq!(used.matches("# TYPE").count(), 1, "{used}");
+        assert!(!used.contains("envoy_cluster_name=\"a\""), "{used}");
+    }
 
     #[test]
     fn envoy_default_tags() {
