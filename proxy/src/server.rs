@@ -12,7 +12,7 @@ use crate::config::Bootstrap;
 use crate::listener::config::ListenerStats;
 use crate::listener::{self, Bound};
 use crate::route::ClusterId;
-use crate::stats::{Counter, Gauge, Store};
+use crate::stats::{Gauge, Store};
 use crate::upstream::Cluster;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -87,7 +87,8 @@ pub struct ServerStats {
     pub state: Gauge,
     pub uptime: Gauge,
     pub concurrency: Gauge,
-    pub total_connections: Counter,
+    /// Open downstream connections (a gauge in Envoy).
+    pub total_connections: Gauge,
     pub memory_physical_size: Gauge,
     pub memory_allocated: Gauge,
     pub memory_heap_size: Gauge,
@@ -104,7 +105,7 @@ impl ServerStats {
             state: s.gauge("state"),
             uptime: s.gauge("uptime"),
             concurrency: s.gauge("concurrency"),
-            total_connections: s.counter("total_connections"),
+            total_connections: s.gauge("total_connections"),
             memory_physical_size: s.gauge("memory_physical_size"),
             memory_allocated: s.gauge("memory_allocated"),
             memory_heap_size: s.gauge("memory_heap_size"),

@@ -273,6 +273,7 @@ async fn serve_connection(
             }
         }
     }
+    conn.shared.server_stats.total_connections.dec();
     match conn.protocol.get() {
         1 => hs.downstream_cx_http1_active.dec(),
         2 => hs.downstream_cx_http2_active.dec(),
