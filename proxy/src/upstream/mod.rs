@@ -5,6 +5,7 @@
 //! [`pool`]), keyed by host id, so that a request takes a pooled connection without a lock.
 
 pub mod breaker;
+pub mod hash;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
