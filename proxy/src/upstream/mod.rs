@@ -9,6 +9,7 @@ pub mod hash;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
+pub mod priority;
 
 fn log_outlier_event(cluster: &str, ev: &outlier::OutlierEvent) {
     match ev {
