@@ -10,6 +10,7 @@ pub mod lb;
 pub mod outlier;
 pub mod pool;
 pub mod priority;
+pub mod zone;
 
 fn log_outlier_event(cluster: &str, ev: &outlier::OutlierEvent) {
     match ev {
