@@ -6,6 +6,7 @@
 
 pub mod breaker;
 pub mod hash;
+pub mod health_check;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
