@@ -191,8 +191,7 @@ impl Ring {
         let Some((ws, min_w, _)) = normalize(&weights) else {
             return Ring::default();
         };
-        let scale = ((min_w * cfg.minimum_ring_size as f64).ceil() / min_w)
-            .min(cfg.maximum_ring_size as f64);
+        let scale = ((min_w * cfg.minimum_ring_size as f64).ceil() / min_w).min(cfg.maximum_ring_size as f64);
         let mut entries = Vec::with_capacity(scale.ceil() as usize);
         let mut current = 0.0f64;
         let mut target = 0.0f64;
@@ -380,8 +379,7 @@ impl HashMethod {
     fn evaluate(&self, headers: &http::HeaderMap, source: Option<IpAddr>) -> Option<u64> {
         match self {
             HashMethod::Header(name) => {
-                let mut values: Vec<&[u8]> =
-                    headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
+                let mut values: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
                 match values.len() {
                     0 => None,
                     1 => Some(xxhash64(values[0], 0)),
@@ -489,10 +487,7 @@ mod tests {
     /// Maglev moves little beyond the new host's share. The ring also moves the keys of the entries that old hosts
     /// lose because the ring keeps its size (`minimum_ring_size`), each host getting `ceil(1024 / N)` entries: 103
     /// each for 10 hosts, 94 for 11, so about 9% more keys shift between old hosts. This is Envoy's behaviour too.
-    fn consistency(
-        max_moved: f64,
-        build: impl Fn(&[(&str, u32)]) -> Box<dyn Fn(u64) -> Option<usize>>,
-    ) {
+    fn consistency(max_moved: f64, build: impl Fn(&[(&str, u32)]) -> Box<dyn Fn(u64) -> Option<usize>>) {
         let n = names(11);
         let before: Vec<(&str, u32)> = n[..10].iter().map(|s| (s.as_str(), 1)).collect();
         let after: Vec<(&str, u32)> = n.iter().map(|s| (s.as_str(), 1)).collect();
@@ -508,7 +503,10 @@ mod tests {
         }
         let frac = f64::from(moved) / f64::from(total);
         let new_share = f64::from(to_new) / f64::from(total);
-        assert!((new_share - 1.0 / 11.0).abs() < 0.02, "to the new host: {new_share}");
+        assert!(
+            (new_share - 1.0 / 11.0).abs() < 0.02,
+            "to the new host: {new_share}"
+        );
         assert!(frac < max_moved, "moved {frac}");
     }
 

@@ -43,7 +43,7 @@ use tokio::net::TcpStream;
 /// What a check sends and expects.
 #[derive(Clone, Debug)]
 pub enum CheckKind {
-    Http(HttpCheck),
+    Http(Box<HttpCheck>),
     Tcp(TcpCheck),
 }
 
@@ -176,10 +176,17 @@ pub enum Transition {
 /// What happened to the host, for the event log and the membership update.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HealthEvent {
-    AddHealthy { first_check: bool },
-    EjectUnhealthy { failure: FailureType },
+    AddHealthy {
+        first_check: bool,
+    },
+    EjectUnhealthy {
+        failure: FailureType,
+    },
     /// A failure logged without a transition (the first check, or `always_log_health_check_failures`).
-    Failure { failure: FailureType, first_check: bool },
+    Failure {
+        failure: FailureType,
+        first_check: bool,
+    },
 }
 
 /// One host's active health-check state (`ActiveHealthCheckSession`).
@@ -413,7 +420,10 @@ impl Checker {
         if let Ok(v) = http::HeaderValue::from_str(host) {
             headers.insert(http::header::HOST, v);
         }
-        headers.insert(http::header::USER_AGENT, http::HeaderValue::from_static("Envoy/HC"));
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("Envoy/HC"),
+        );
         h.request_headers.apply(headers);
         let Ok(resp) = sender.send_request(req).await else {
             return network();
@@ -532,16 +542,11 @@ pub fn event_json(
         "timestamp": rfc3339(wall),
     });
     let (key, body) = match ev {
-        HealthEvent::AddHealthy { first_check } => {
-            ("add_healthy_event", json!({"first_check": first_check}))
-        }
+        HealthEvent::AddHealthy { first_check } => ("add_healthy_event", json!({"first_check": first_check})),
         HealthEvent::EjectUnhealthy { failure } => {
             ("eject_unhealthy_event", json!({"failure_type": failure.name()}))
         }
-        HealthEvent::Failure {
-            failure,
-            first_check,
-        } => (
+        HealthEvent::Failure { failure, first_check } => (
             "health_check_failure_event",
             json!({"failure_type": failure.name(), "first_check": first_check}),
         ),
@@ -591,13 +596,19 @@ impl Check for Checker {
     }
 }
 
+/// The host a runner checks, and its cluster (for the event log and the default `host`).
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub cluster: &'a str,
+    pub address: SocketAddr,
+}
+
 /// Check one host forever: the first check after `initial_jitter` (random up to it), then by
 /// [`next_interval`]. `had_traffic` reports whether the cluster has ever opened a connection; `on_change` gets
 /// the host's new health on every transition. Cancel by dropping (or aborting the task of) the future.
 pub async fn run<C: Check>(
     cfg: &HealthCheckConfig,
-    cluster: &str,
-    host: SocketAddr,
+    target: Target<'_>,
     mut checker: C,
     stats: &HealthCheckStats,
     mut rng: Rng,
@@ -612,7 +623,7 @@ pub async fn run<C: Check>(
     loop {
         let result = checker.run(cfg, stats).await;
         let (t, events) = state.record(result, cfg, stats);
-        log_events(cfg, cluster, host, &events);
+        log_events(cfg, target.cluster, target.address, &events);
         if t == Transition::Changed {
             on_change(state.healthy());
         }
@@ -649,18 +660,18 @@ mod tests {
     }
 
     fn http(path: &str) -> CheckKind {
-        CheckKind::Http(HttpCheck {
+        CheckKind::Http(Box::new(HttpCheck {
             path: path.into(),
             host: String::new(),
             method: http::Method::GET,
             send: None,
             receive: Vec::new(),
             response_buffer_size: 1024,
-            expected_statuses: vec![200..201],
+            expected_statuses: vec![Range { start: 200, end: 201 }],
             retriable_statuses: Vec::new(),
             request_headers: HeaderMods::default(),
             service_name_matcher: None,
-        })
+        }))
     }
 
     const NET: CheckResult = CheckResult::Failure {
@@ -691,11 +702,19 @@ mod tests {
         assert_eq!(h.record(NET, &c, &s).0, Transition::ChangePending);
         let (t, ev) = h.record(NET, &c, &s);
         assert_eq!(t, Transition::Changed);
-        assert_eq!(ev, [HealthEvent::EjectUnhealthy { failure: FailureType::Network }]);
+        assert_eq!(
+            ev,
+            [HealthEvent::EjectUnhealthy {
+                failure: FailureType::Network
+            }]
+        );
         assert_eq!(s.healthy.value(), 0);
         assert_eq!((s.failure.value(), s.network_failure.value()), (3, 3));
         // Back to healthy needs healthy_threshold (2) successes.
-        assert_eq!(h.record(CheckResult::Success, &c, &s).0, Transition::ChangePending);
+        assert_eq!(
+            h.record(CheckResult::Success, &c, &s).0,
+            Transition::ChangePending
+        );
         assert_eq!(h.record(CheckResult::Success, &c, &s).0, Transition::Changed);
         assert!(h.healthy());
     }
@@ -721,7 +740,10 @@ mod tests {
             }]
         );
         // Then a single success is not enough: healthy_threshold applies after the first check.
-        assert_eq!(h.record(CheckResult::Success, &c, &s).0, Transition::ChangePending);
+        assert_eq!(
+            h.record(CheckResult::Success, &c, &s).0,
+            Transition::ChangePending
+        );
     }
 
     #[test]
@@ -739,7 +761,10 @@ mod tests {
         j.interval_jitter = Duration::from_millis(1000);
         j.interval_jitter_percent = 10;
         let d = next_interval(&j, true, Transition::Unchanged, true, &mut Rng::seeded(3));
-        assert!(d >= Duration::from_secs(5) && d < Duration::from_millis(6500), "{d:?}");
+        assert!(
+            d >= Duration::from_secs(5) && d < Duration::from_millis(6500),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -797,10 +822,13 @@ mod tests {
         };
         let stats = HealthCheckStats::detached();
         let ch = changes.clone();
+        let target = Target {
+            cluster: "svc",
+            address: "127.0.0.1:1".parse().unwrap(),
+        };
         let task = run(
             &c,
-            "svc",
-            "127.0.0.1:1".parse().unwrap(),
+            target,
             script,
             &stats,
             Rng::seeded(1),
@@ -877,7 +905,7 @@ mod tests {
         }
         let mut busy = cfg(http("/busy"));
         if let CheckKind::Http(h) = &mut busy.kind {
-            h.retriable_statuses = vec![503..504];
+            h.retriable_statuses = vec![Range { start: 503, end: 504 }];
         }
         assert_eq!(checker.check(&busy, &stats).await, RETRIABLE);
         assert_eq!(checker.check(&cfg(http("/missing")), &stats).await, BAD_STATUS);
@@ -917,8 +945,14 @@ mod tests {
             c
         };
         let mut checker = Checker::new(addr, "svc");
-        assert_eq!(checker.check(&tcp(b"ping", b"pong"), &stats).await, CheckResult::Success);
-        assert_eq!(checker.check(&tcp(b"ping", b"pong"), &stats).await, CheckResult::Success);
+        assert_eq!(
+            checker.check(&tcp(b"ping", b"pong"), &stats).await,
+            CheckResult::Success
+        );
+        assert_eq!(
+            checker.check(&tcp(b"ping", b"pong"), &stats).await,
+            CheckResult::Success
+        );
         // A reply that never matches: the check times out.
         assert_eq!(
             checker.check(&tcp(b"pang", b"pong"), &stats).await,

@@ -189,9 +189,15 @@ pub fn level_in_panic(l: &LevelCounts, panic_threshold: u32) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostSource {
     /// The level is in panic: every host, regardless of health.
-    All { priority: usize },
-    Healthy { priority: usize },
-    Degraded { priority: usize },
+    All {
+        priority: usize,
+    },
+    Healthy {
+        priority: usize,
+    },
+    Degraded {
+        priority: usize,
+    },
 }
 
 impl HostSource {
@@ -389,9 +395,15 @@ mod tests {
     fn panic_doc_both_levels_degrade() {
         let row = |p0, p1, factor| PriorityLoad::compute(&[lv(p0, 0), lv(p1, 0)], factor, 50);
         let s = row(72, 72, 140);
-        assert_eq!((s.healthy_load.clone(), s.panic.clone()), (vec![100, 0], vec![false, false]));
+        assert_eq!(
+            (s.healthy_load.clone(), s.panic.clone()),
+            (vec![100, 0], vec![false, false])
+        );
         let s = row(71, 71, 140);
-        assert_eq!((s.healthy_load.clone(), s.panic.clone()), (vec![99, 1], vec![false, false]));
+        assert_eq!(
+            (s.healthy_load.clone(), s.panic.clone()),
+            (vec![99, 1], vec![false, false])
+        );
         assert_eq!(row(50, 60, 100).healthy_load, [50, 50]);
         assert_eq!(row(50, 60, 140).healthy_load, [70, 30]);
         assert_eq!(row(25, 100, 100).healthy_load, [25, 75]);

@@ -125,10 +125,16 @@ pub enum Inactive {
     LocalFewerThanTwoLocalities(usize),
     /// The local cluster has no host in this proxy's locality.
     LocalClusterLacksLocalZone,
-    ClusterTooSmall { healthy: u64, min_cluster_size: u64 },
+    ClusterTooSmall {
+        healthy: u64,
+        min_cluster_size: u64,
+    },
     RoutingDisabled,
     /// Checked per request in Envoy; latched here because it only changes with membership.
-    LocalClusterInPanic { available_percent: f64, threshold: u32 },
+    LocalClusterInPanic {
+        available_percent: f64,
+        threshold: u32,
+    },
     UpstreamInPanic,
 }
 
@@ -281,16 +287,12 @@ impl ZoneRouting {
                     (0, 0)
                 } else {
                     (
-                        if total_local_healthy > 0 {
-                            10000 * u64::from(local_count) / total_local_healthy
-                        } else {
-                            0
-                        },
-                        if total_upstream_healthy > 0 {
-                            10000 * u64::from(u.healthy) / total_upstream_healthy
-                        } else {
-                            0
-                        },
+                        (10000 * u64::from(local_count))
+                            .checked_div(total_local_healthy)
+                            .unwrap_or(0),
+                        (10000 * u64::from(u.healthy))
+                            .checked_div(total_upstream_healthy)
+                            .unwrap_or(0),
                     )
                 };
                 LocalityShare {
@@ -308,8 +310,8 @@ impl ZoneRouting {
             healthy: input.local_cluster.iter().map(|z| z.healthy).sum(),
             degraded: input.local_cluster.iter().map(|z| z.degraded).sum(),
         };
-        let local_cluster_panic = level_in_panic(&local_totals, input.panic_threshold).then(|| {
-            Inactive::LocalClusterInPanic {
+        let local_cluster_panic =
+            level_in_panic(&local_totals, input.panic_threshold).then(|| Inactive::LocalClusterInPanic {
                 available_percent: if local_totals.hosts == 0 {
                     0.0
                 } else {
@@ -317,8 +319,7 @@ impl ZoneRouting {
                         / f64::from(local_totals.hosts)
                 },
                 threshold: input.panic_threshold,
-            }
-        });
+            });
         let mut z = ZoneRouting {
             config,
             local_locality: local.clone(),
@@ -460,7 +461,11 @@ impl ZoneRouting {
     /// priority-0 requests: zone-routed ones by the formula, the others (and all when inactive) spread by
     /// healthy hosts as a host-level balancer spreads them.
     pub fn expected_shares(&self) -> Vec<f64> {
-        let total_healthy: f64 = self.localities.iter().map(|l| f64::from(l.upstream_healthy)).sum();
+        let total_healthy: f64 = self
+            .localities
+            .iter()
+            .map(|l| f64::from(l.upstream_healthy))
+            .sum();
         let plain: Vec<f64> = self
             .localities
             .iter()
@@ -632,7 +637,10 @@ mod tests {
     /// A random source returning the given numbers in order.
     fn seq(v: &[u64]) -> impl FnMut() -> u64 + '_ {
         let mut it = v.iter();
-        move || *it.next().expect("the pick drew more random numbers than expected")
+        move || {
+            *it.next()
+                .expect("the pick drew more random numbers than expected")
+        }
     }
 
     /// `RoundRobinLoadBalancerTest.ZoneAwareSmallCluster`/`RoutingSmallZone` in Envoy's load_balancer_impl_test:
@@ -884,7 +892,12 @@ mod tests {
                 fail_traffic_on_panic: false,
             };
             // Local 50/30/20%, upstream 20/40/40%: 40% stays local, residual b 10%, c 20%.
-            let z = compute(c, &[("a", 5), ("b", 3), ("c", 2)], &[("a", 2), ("b", 4), ("c", 4)], &stats);
+            let z = compute(
+                c,
+                &[("a", 5), ("b", 3), ("c", 2)],
+                &[("a", 2), ("b", 4), ("c", 4)],
+                &stats,
+            );
             let expect = z.expected_shares();
             if routing_enabled == 100 {
                 let want = [0.4, 0.6 / 3.0, 0.6 * 2.0 / 3.0];
@@ -903,7 +916,13 @@ mod tests {
                     ZonePick::AnyZone => {
                         any += 1;
                         let r = rng.below(10);
-                        counts[if r < 2 { 0 } else if r < 6 { 1 } else { 2 }] += 1;
+                        counts[if r < 2 {
+                            0
+                        } else if r < 6 {
+                            1
+                        } else {
+                            2
+                        }] += 1;
                     }
                     ZonePick::Fail => unreachable!(),
                 }
