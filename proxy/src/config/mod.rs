@@ -9,6 +9,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod descriptors;
 pub mod error;
+pub mod lb;
 pub mod listener;
 pub mod load;
 pub mod node;

@@ -459,7 +459,7 @@ pub(crate) fn header_adds(n: &Node, add: &str) -> Vec<HeaderAdd> {
     adds
 }
 
-fn header_mods(n: &Node, add: &str, remove: &str) -> HeaderMods {
+pub(crate) fn header_mods(n: &Node, add: &str, remove: &str) -> HeaderMods {
     let mut mods = HeaderMods {
         add: header_adds(n, add),
         remove: Vec::new(),
@@ -513,7 +513,7 @@ fn regex_rewrite(r: &Node) -> Option<(Regex, String)> {
     Some((re?, out))
 }
 
-fn string_matcher(s: &Node) -> Option<StringMatcher> {
+pub(crate) fn string_matcher(s: &Node) -> Option<StringMatcher> {
     let ic = s.bool("ignore_case");
     if let Some(v) = s.string("exact") {
         Some(StringMatcher::Exact(v, ic))

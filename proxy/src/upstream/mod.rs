@@ -6,9 +6,13 @@
 
 pub mod breaker;
 pub mod dns;
+pub mod hash;
+pub mod health_check;
 pub mod lb;
 pub mod outlier;
 pub mod pool;
+pub mod priority;
+pub mod zone;
 
 fn log_outlier_event(cluster: &str, ev: &outlier::OutlierEvent) {
     match ev {
