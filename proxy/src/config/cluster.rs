@@ -21,13 +21,34 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     let ty = c.enum_name("type");
     let discovery = match ty.as_str() {
         "STATIC" => Discovery::Static,
+        "EDS" => {
+            let service_name = match c.msg("eds_cluster_config") {
+                Some(e) => {
+                    if let Some(src) = e.msg("eds_config") {
+                        let _ = crate::xds::lower_config_source(&src, false);
+                    } else {
+                        e.err("eds_config", "an EDS cluster needs eds_config");
+                    }
+                    e.string("service_name").filter(|s| !s.is_empty())
+                }
+                None => {
+                    c.err("eds_cluster_config", "an EDS cluster needs eds_cluster_config");
+                    None
+                }
+            };
+            Discovery::Eds {
+                service_name: service_name.unwrap_or_else(|| name.clone()),
+            }
+        }
         other => {
             c.err("type", format!("{other} is not supported by Remora"));
             Discovery::Static
         }
     };
     c.unsupported("cluster_type");
-    c.unsupported("eds_cluster_config");
+    if !matches!(discovery, Discovery::Eds { .. }) {
+        c.unsupported("eds_cluster_config");
+    }
     // Address families only matter to DNS clusters.
     c.mark("dns_lookup_family");
     let connect_timeout = c.duration("connect_timeout").unwrap_or(Duration::from_secs(5));
@@ -120,72 +141,10 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         protocol = Protocol::Downstream;
     }
 
-    let mut endpoints = Vec::new();
-    if let Some(la) = c.msg("load_assignment") {
-        la.mark("cluster_name");
-        for (li, lle) in la.list("endpoints").iter().enumerate() {
-            let _ = li;
-            let locality = lle
-                .msg("locality")
-                .map(|l| Locality {
-                    region: l.string("region").unwrap_or_default(),
-                    zone: l.string("zone").unwrap_or_default(),
-                    sub_zone: l.string("sub_zone").unwrap_or_default(),
-                })
-                .unwrap_or_default();
-            let priority = lle.u32("priority");
-            if priority != 0 {
-                lle.err(
-                    "priority",
-                    "priorities other than 0 are not supported by Remora yet",
-                );
-            }
-            // Locality weights only act with locality-weighted balancing, which Envoy turns on separately.
-            lle.mark("load_balancing_weight");
-            lle.unsupported("load_balancer_endpoints");
-            lle.unsupported("leds_cluster_locality_config");
-            lle.unsupported("proximity");
-            for ep in lle.list("lb_endpoints") {
-                let weight = ep.wrapped_u32("load_balancing_weight").unwrap_or(1);
-                if weight == 0 {
-                    ep.err("load_balancing_weight", "must be at least 1");
-                }
-                let health = match ep.enum_name("health_status").as_str() {
-                    "HEALTHY" => EndpointHealth::Healthy,
-                    "UNHEALTHY" => EndpointHealth::Unhealthy,
-                    "DRAINING" => EndpointHealth::Draining,
-                    "TIMEOUT" => EndpointHealth::Timeout,
-                    "DEGRADED" => EndpointHealth::Degraded,
-                    _ => EndpointHealth::Unknown,
-                };
-                ep.unsupported("metadata");
-                ep.unsupported("endpoint_name");
-                let Some(e) = ep.msg("endpoint") else {
-                    ep.err_here("needs an endpoint");
-                    continue;
-                };
-                let hostname = e.string("hostname").unwrap_or_default();
-                e.unsupported("health_check_config");
-                e.unsupported("additional_addresses");
-                let Some(addr) = e.msg("address") else {
-                    e.err("address", "an endpoint needs an address");
-                    continue;
-                };
-                if let Some(address) = socket_address(&addr) {
-                    endpoints.push(EndpointConfig {
-                        address,
-                        hostname,
-                        weight,
-                        priority,
-                        locality: locality.clone(),
-                        health,
-                    });
-                }
-            }
-        }
-        la.unsupported("policy");
-        la.unsupported("named_endpoints");
-    }
+    let endpoints = c
+        .msg("load_assignment")
+        .map(|la| lower_load_assignment(&la))
+        .unwrap_or_default();
     let circuit_breakers = c
         .msg("circuit_breakers")
         .map(|b| super::resilience::lower_circuit_breakers(&b))
@@ -211,6 +170,75 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         circuit_breakers,
         outlier,
     })
+}
+
+/// `envoy.config.endpoint.v3.ClusterLoadAssignment`: a cluster's `load_assignment`, or an EDS resource.
+pub fn lower_load_assignment(la: &Node) -> Vec<EndpointConfig> {
+    let mut endpoints = Vec::new();
+    la.mark("cluster_name");
+    for (li, lle) in la.list("endpoints").iter().enumerate() {
+        let _ = li;
+        let locality = lle
+            .msg("locality")
+            .map(|l| Locality {
+                region: l.string("region").unwrap_or_default(),
+                zone: l.string("zone").unwrap_or_default(),
+                sub_zone: l.string("sub_zone").unwrap_or_default(),
+            })
+            .unwrap_or_default();
+        let priority = lle.u32("priority");
+        if priority != 0 {
+            lle.err(
+                "priority",
+                "priorities other than 0 are not supported by Remora yet",
+            );
+        }
+        // Locality weights only act with locality-weighted balancing, which Envoy turns on separately.
+        lle.mark("load_balancing_weight");
+        lle.unsupported("load_balancer_endpoints");
+        lle.unsupported("leds_cluster_locality_config");
+        lle.unsupported("proximity");
+        for ep in lle.list("lb_endpoints") {
+            let weight = ep.wrapped_u32("load_balancing_weight").unwrap_or(1);
+            if weight == 0 {
+                ep.err("load_balancing_weight", "must be at least 1");
+            }
+            let health = match ep.enum_name("health_status").as_str() {
+                "HEALTHY" => EndpointHealth::Healthy,
+                "UNHEALTHY" => EndpointHealth::Unhealthy,
+                "DRAINING" => EndpointHealth::Draining,
+                "TIMEOUT" => EndpointHealth::Timeout,
+                "DEGRADED" => EndpointHealth::Degraded,
+                _ => EndpointHealth::Unknown,
+            };
+            ep.unsupported("metadata");
+            ep.unsupported("endpoint_name");
+            let Some(e) = ep.msg("endpoint") else {
+                ep.err_here("needs an endpoint");
+                continue;
+            };
+            let hostname = e.string("hostname").unwrap_or_default();
+            e.unsupported("health_check_config");
+            e.unsupported("additional_addresses");
+            let Some(addr) = e.msg("address") else {
+                e.err("address", "an endpoint needs an address");
+                continue;
+            };
+            if let Some(address) = socket_address(&addr) {
+                endpoints.push(EndpointConfig {
+                    address,
+                    hostname,
+                    weight,
+                    priority,
+                    locality: locality.clone(),
+                    health,
+                });
+            }
+        }
+    }
+    la.unsupported("policy");
+    la.unsupported("named_endpoints");
+    endpoints
 }
 
 fn lower_http1_options(h: &Node) {

@@ -58,6 +58,11 @@ pub enum LbPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Discovery {
     Static,
+    /// `EDS`: hosts come from the `ClusterLoadAssignment` named `service_name` (the cluster's name unless
+    /// `eds_cluster_config.service_name` says otherwise).
+    Eds {
+        service_name: String,
+    },
 }
 
 /// A cluster's configuration, lowered from `envoy.config.cluster.v3.Cluster`.
