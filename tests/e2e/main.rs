@@ -11,3 +11,4 @@ mod local_replies;
 mod protocols;
 mod routing;
 mod support;
+mod xds;
