@@ -2,12 +2,19 @@
 //! management server.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::harness::{http1_client, Remora, TempDir, Upstream, DEFAULT_TIMEOUT};
-use crate::support::{cluster, routes, to_cluster};
+use bytes::Bytes;
+use http::Method;
+
+use crate::harness::xds as hx;
+use crate::harness::{
+    build_request, http1_client, load, Budget, Remora, TempDir, Upstream, XdsServer, DEFAULT_TIMEOUT,
+};
+use crate::support::{cluster, h2_cluster, routes, to_cluster};
 
 const HCM_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -67,7 +74,10 @@ async fn file_based_cds_and_lds_load_and_reload() {
     let lds = discovery_file(
         "1",
         vec![typed(
-            listener("main", json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])})),
+            listener(
+                "main",
+                json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+            ),
             LISTENER_TYPE,
         )],
     );
@@ -99,7 +109,10 @@ async fn file_based_cds_and_lds_load_and_reload() {
     // A bad file is rejected and the last good config keeps serving.
     let bad = discovery_file(
         "3",
-        vec![typed(json!({"name": "svc", "type": "STATIC", "lb_policy": "MAGLEV"}), CLUSTER_TYPE)],
+        vec![typed(
+            json!({"name": "svc", "type": "STATIC", "lb_policy": "MAGLEV"}),
+            CLUSTER_TYPE,
+        )],
     );
     write_atomically(&dir, "cds.yaml", &bad);
     proxy
@@ -114,4 +127,188 @@ async fn file_based_cds_and_lds_load_and_reload() {
         .await;
     let (_, listeners) = proxy.admin_get("/listeners").await;
     assert!(!listeners.contains("main"), "{listeners}");
+}
+
+fn eds_cluster(name: &str) -> Value {
+    json!({
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}}},
+    })
+}
+
+fn assignment(name: &str, addrs: &[SocketAddr]) -> Value {
+    let endpoints: Vec<Value> = addrs
+        .iter()
+        .map(|a| json!({"endpoint": {"address": {"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}}}))
+        .collect();
+    json!({"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]})
+}
+
+fn ads_bootstrap(xds: &XdsServer, api_type: &str) -> String {
+    json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": api_type, "transport_api_version": "V3", "set_node_on_first_message_only": true,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [h2_cluster("xds", &[xds.addr()])]},
+    })
+    .to_string()
+}
+
+/// A control plane with an EDS cluster `svc` on `up`, and listener `main` whose routes (`r1`) come from RDS.
+async fn ads_world(api_type: &str, up: &Upstream) -> (XdsServer, Remora) {
+    let xds = XdsServer::start().await;
+    xds.set(hx::CLUSTER, vec![eds_cluster("svc")]);
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[up.addr()])]);
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+        )],
+    );
+    let mut table = routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]);
+    table["name"] = json!("r1");
+    xds.set(hx::ROUTE, vec![table]);
+    let proxy = Remora::start(&ads_bootstrap(&xds, api_type), &[]).await;
+    proxy.wait_ready().await;
+    (xds, proxy)
+}
+
+async fn ads_pushes_config_and_nacks_bad_clusters(api_type: &str) {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let (xds, proxy) = ads_world(api_type, &a).await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+    assert_eq!(proxy.stat("cluster_manager.cds.update_success").await, 1);
+    assert_eq!(proxy.stat("listener_manager.lds.update_success").await, 1);
+    assert!(proxy.stat("http.ingress.rds.r1.update_success").await >= 1);
+    assert!(proxy.stat("cluster.svc.update_success").await >= 1);
+    assert_eq!(proxy.stat("cluster_manager.warming_clusters").await, 0);
+    assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
+    // The node went on the first request only.
+    let reqs = xds.requests();
+    assert!(reqs[0].has_field_by_name("node"), "{:?}", reqs[0]);
+    assert!(reqs[1..].iter().all(|r| !r.has_field_by_name("node")));
+
+    // A bad cluster is NACKed with its field path; the last good config keeps serving.
+    xds.set(
+        hx::CLUSTER,
+        vec![
+            eds_cluster("svc"),
+            json!({"name": "bad", "type": "STATIC", "lb_policy": "MAGLEV"}),
+        ],
+    );
+    let nack = xds
+        .wait_request("a NACK", DEFAULT_TIMEOUT, |r| {
+            hx::type_url(r) == hx::CLUSTER && hx::nack_message(r).is_some()
+        })
+        .await;
+    let detail = hx::nack_message(&nack).unwrap_or_default();
+    assert!(detail.contains("cluster \"bad\": lb_policy"), "{detail}");
+    assert!(detail.contains("MAGLEV"), "{detail}");
+    proxy
+        .wait_stat("cluster_manager.cds.update_rejected", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "a");
+
+    // Endpoint changes under load lose no request.
+    xds.set(hx::CLUSTER, vec![eds_cluster("svc")]);
+    let client = http1_client(addr);
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move {
+            load(&client, 4, Budget::For(Duration::from_millis(1500)), |_| {
+                build_request(Method::GET, "/", &[], Bytes::new())
+            })
+            .await
+        }
+    });
+    for i in 0..10 {
+        let set: Vec<SocketAddr> = match i % 3 {
+            0 => vec![b.addr()],
+            1 => vec![a.addr(), b.addr()],
+            _ => vec![a.addr()],
+        };
+        let before = proxy.stat("cluster.svc.update_success").await;
+        xds.set(hx::ENDPOINT, vec![assignment("svc", &set)]);
+        proxy
+            .wait_stat("cluster.svc.update_success", |v| v > before, DEFAULT_TIMEOUT)
+            .await;
+    }
+    let report = load.await.unwrap_or_else(|e| panic!("load task: {e}"));
+    report.assert_all_ok();
+    assert!(a.requests() > 0 && b.requests() > 0);
+
+    // Removing the cluster (omission in SotW, removed_resources in delta) leaves no route target: 503.
+    xds.set(hx::CLUSTER, vec![]);
+    proxy
+        .wait_stat("cluster_manager.cluster_removed", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    let reply = client.get("/", &[]).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn ads_sotw_pushes_config_and_nacks_bad_clusters() {
+    ads_pushes_config_and_nacks_bad_clusters("GRPC").await;
+}
+
+#[tokio::test]
+async fn ads_delta_pushes_config_and_nacks_bad_clusters() {
+    ads_pushes_config_and_nacks_bad_clusters("DELTA_GRPC").await;
+}
+
+#[tokio::test]
+async fn listener_change_drains_old_connections_and_rds_swaps_routes() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let (xds, proxy) = ads_world("GRPC", &a).await;
+    xds.set(
+        hx::CLUSTER,
+        vec![eds_cluster("svc"), cluster("other", &[b.addr()])],
+    );
+    proxy
+        .wait_stat("cluster_manager.cluster_added", |v| v >= 3, DEFAULT_TIMEOUT)
+        .await;
+    let addr = proxy.listener_addr("main").await;
+    let client = http1_client(addr);
+    assert_eq!(client.get("/", &[]).await.header("x-upstream"), Some("a"));
+
+    // RDS: a new table moves traffic on the same connection.
+    let mut table = routes(vec![to_cluster(json!({"prefix": "/"}), "other")]);
+    table["name"] = json!("r1");
+    xds.set(hx::ROUTE, vec![table]);
+    proxy
+        .wait_stat("http.ingress.rds.r1.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(client.get("/", &[]).await.header("x-upstream"), Some("b"));
+
+    // A changed listener keeps its port; the old one drains: its idle keep-alive connection is closed, and the
+    // client's next request goes on a new connection to the new listener.
+    let mut changed = listener(
+        "main",
+        json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+    );
+    changed["per_connection_buffer_limit_bytes"] = json!(65536);
+    xds.set(hx::LISTENER, vec![changed]);
+    proxy
+        .wait_stat("listener_manager.listener_modified", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.listener_addr("main").await, addr);
+    proxy
+        .wait_stat("http.ingress.downstream_cx_destroy", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    let reply = client.get("/", &[]).await;
+    assert_eq!(reply.header("x-upstream"), Some("b"));
+    assert_eq!(proxy.stat("http.ingress.downstream_cx_total").await, 2);
+    assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
 }
