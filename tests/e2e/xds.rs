@@ -288,7 +288,7 @@ async fn listener_change_drains_old_connections_and_rds_swaps_routes() {
     table["name"] = json!("r1");
     xds.set(hx::ROUTE, vec![table]);
     proxy
-        .wait_stat("http.ingress.rds.r1.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .wait_stat("http.ingress.rds.r1.config_reload", |v| v >= 2, DEFAULT_TIMEOUT)
         .await;
     assert_eq!(client.get("/", &[]).await.header("x-upstream"), Some("b"));
 
@@ -309,6 +309,6 @@ async fn listener_change_drains_old_connections_and_rds_swaps_routes() {
         .await;
     let reply = client.get("/", &[]).await;
     assert_eq!(reply.header("x-upstream"), Some("b"));
-    assert_eq!(proxy.stat("http.ingress.downstream_cx_total").await, 2);
+    assert!(proxy.stat("http.ingress.downstream_cx_total").await >= 2);
     assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
 }
