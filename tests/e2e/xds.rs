@@ -198,6 +198,24 @@ async fn ads_pushes_config_and_nacks_bad_clusters(api_type: &str) {
     let reqs = xds.requests();
     assert!(reqs[0].has_field_by_name("node"), "{:?}", reqs[0]);
     assert!(reqs[1..].iter().all(|r| !r.has_field_by_name("node")));
+    // /config_dump shows the dynamic resources with their versions, like Envoy's.
+    let (_, dump) = proxy.admin_get("/config_dump").await;
+    let dump: Value = serde_json::from_str(&dump).unwrap_or_else(|e| panic!("{e}: {dump}"));
+    let clusters = &dump["configs"][1]["dynamic_active_clusters"][0];
+    assert_eq!(clusters["cluster"]["name"], "svc", "{dump:#}");
+    assert!(
+        clusters["version_info"].is_string() && clusters["last_updated"].is_string(),
+        "{clusters:#}"
+    );
+    assert_eq!(
+        dump["configs"][2]["dynamic_listeners"][0]["name"], "main",
+        "{dump:#}"
+    );
+    assert!(dump["configs"][2]["dynamic_listeners"][0]["active_state"]["listener"].is_object());
+    assert_eq!(
+        dump["configs"][4]["dynamic_route_configs"][0]["route_config"]["name"], "r1",
+        "{dump:#}"
+    );
 
     // A bad cluster is NACKed with its field path; the last good config keeps serving.
     xds.set(
