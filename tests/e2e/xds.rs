@@ -147,6 +147,10 @@ fn assignment(name: &str, addrs: &[SocketAddr]) -> Value {
 }
 
 fn ads_bootstrap(xds: &XdsServer, api_type: &str) -> String {
+    ads_bootstrap_at(xds.addr(), api_type)
+}
+
+fn ads_bootstrap_at(control_plane: SocketAddr, api_type: &str) -> String {
     json!({
         "node": {"id": "n1", "cluster": "c1"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -156,7 +160,7 @@ fn ads_bootstrap(xds: &XdsServer, api_type: &str) -> String {
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
-        "static_resources": {"clusters": [h2_cluster("xds", &[xds.addr()])]},
+        "static_resources": {"clusters": [h2_cluster("xds", &[control_plane])]},
     })
     .to_string()
 }
@@ -329,4 +333,24 @@ async fn listener_change_drains_old_connections_and_rds_swaps_routes() {
     assert_eq!(reply.header("x-upstream"), Some("b"));
     assert!(proxy.stat("http.ingress.downstream_cx_total").await >= 2);
     assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
+}
+
+#[tokio::test]
+async fn initial_fetch_timeout_lets_the_server_go_live_without_a_control_plane() {
+    // A port nothing listens on: bind one, note it, drop it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut b: Value =
+        serde_json::from_str(&ads_bootstrap_at(dead, "GRPC")).unwrap_or_else(|e| panic!("{e}"));
+    b["dynamic_resources"]["cds_config"]["initial_fetch_timeout"] = json!("1s");
+    b["dynamic_resources"]["lds_config"]["initial_fetch_timeout"] = json!("1s");
+    let proxy = Remora::start(&b.to_string(), &[]).await;
+    let (status, _) = proxy.admin_get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    proxy.wait_ready().await;
+    assert_eq!(proxy.stat("cluster_manager.cds.init_fetch_timeout").await, 1);
+    assert_eq!(proxy.stat("listener_manager.lds.init_fetch_timeout").await, 1);
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
+    assert!(proxy.stat("cluster_manager.cds.update_failure").await >= 1);
 }
