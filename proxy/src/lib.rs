@@ -41,3 +41,4 @@ pub mod server;
 pub mod stats;
 pub mod upstream;
 pub mod util;
+pub mod xds;

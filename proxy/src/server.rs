@@ -45,7 +45,7 @@ impl State {
 }
 
 /// The clusters of the current configuration, by [`ClusterId`].
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct ClusterSnapshot {
     slots: Vec<Option<Arc<Cluster>>>,
     names: HashMap<String, ClusterId>,
@@ -64,6 +64,24 @@ impl ClusterSnapshot {
     /// Every cluster, in id order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Cluster>> {
         self.slots.iter().flatten()
+    }
+
+    /// Put `cluster` in slot `id` (replacing what was there).
+    pub fn insert(&mut self, id: ClusterId, cluster: Arc<Cluster>) {
+        if self.slots.len() <= id.0 as usize {
+            self.slots.resize(id.0 as usize + 1, None);
+        }
+        self.names.insert(cluster.name().to_string(), id);
+        self.slots[id.0 as usize] = Some(cluster);
+    }
+
+    /// Take the cluster named `name` out.
+    pub fn remove(&mut self, name: &str) {
+        if let Some(id) = self.names.remove(name) {
+            if let Some(slot) = self.slots.get_mut(id.0 as usize) {
+                *slot = None;
+            }
+        }
     }
 }
 
@@ -134,6 +152,8 @@ pub struct Shared {
     pub listener_addrs: Mutex<Vec<(String, SocketAddr)>>,
     /// The listeners workers serve; each worker starts an accept loop for every listener it has not seen.
     listeners: watch::Sender<Arc<Vec<Arc<Bound>>>>,
+    /// Clusters, listeners and route tables from xDS.
+    pub dynamic: crate::xds::manager::Dynamic,
 }
 
 impl Shared {
@@ -180,6 +200,44 @@ impl Shared {
         self.drain.send_replace(true);
     }
 
+    /// Serve `bound` (its accept loops start on every worker); `replaces` stops accepting and drains.
+    pub fn add_listener(&self, bound: Arc<Bound>, replaces: Option<&Arc<Bound>>) {
+        if self.state.load(SeqCst) == State::Draining as u8 {
+            return;
+        }
+        let addr = bound.socket.local_addr().unwrap_or(bound.config.address);
+        {
+            let mut addrs = self.listener_addrs.lock().unwrap_or_else(|e| e.into_inner());
+            addrs.retain(|(n, _)| *n != bound.config.name);
+            addrs.push((bound.config.name.clone(), addr));
+        }
+        tracing::info!(listener = %bound.config.name, address = %addr, "listening");
+        self.listeners.send_modify(|set| {
+            let mut v: Vec<Arc<Bound>> = set
+                .iter()
+                .filter(|b| !replaces.is_some_and(|r| Arc::ptr_eq(b, r)))
+                .cloned()
+                .collect();
+            v.push(bound);
+            *set = Arc::new(v);
+        });
+        if let Some(old) = replaces {
+            old.drain();
+        }
+    }
+
+    /// Stop serving `bound` and drain its connections.
+    pub fn remove_listener(&self, bound: &Arc<Bound>) {
+        self.listener_addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(n, _)| *n != bound.config.name);
+        self.listeners.send_modify(|set| {
+            *set = Arc::new(set.iter().filter(|b| !Arc::ptr_eq(b, bound)).cloned().collect());
+        });
+        bound.drain();
+    }
+
     /// The current listener set, to serve.
     pub fn listener_set(&self) -> watch::Receiver<Arc<Vec<Arc<Bound>>>> {
         self.listeners.subscribe()
@@ -202,12 +260,7 @@ fn build_clusters(b: &Bootstrap, store: &Arc<Store>, ids: &ClusterIds) -> Cluste
     for c in &b.clusters {
         let id = ids.id(&c.name);
         let scope = store.scope(format!("cluster.{}.", c.stat_name));
-        let cluster = Cluster::new(c.clone(), &scope, false);
-        if snap.slots.len() <= id.0 as usize {
-            snap.slots.resize(id.0 as usize + 1, None);
-        }
-        snap.slots[id.0 as usize] = Some(cluster);
-        snap.names.insert(c.name.clone(), id);
+        snap.insert(id, Cluster::new(c.clone(), &scope, false));
     }
     snap
 }
@@ -217,6 +270,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let store = bootstrap.store.clone();
     let server_stats = ServerStats::new(&store);
     let cluster_ids = std::mem::take(&mut bootstrap.cluster_ids);
+    let dynamic = crate::xds::manager::Dynamic::new(&store, std::mem::take(&mut bootstrap.rds));
     let clusters = build_clusters(&bootstrap, &store, &cluster_ids);
     let (drain_tx, _) = watch::channel(false);
     let concurrency = options.concurrency;
@@ -235,7 +289,11 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         start_instant: Instant::now(),
         listener_addrs: Mutex::new(Vec::new()),
         listeners: watch::channel(Arc::new(Vec::new())).0,
+        dynamic,
     });
+    shared
+        .dynamic
+        .count_static(shared.bootstrap.clusters.len(), shared.bootstrap.listeners.len());
     shared.server_stats.concurrency.set(concurrency as i64);
     shared.update_state_gauges();
 
@@ -244,15 +302,8 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     for l in &shared.bootstrap.listeners {
         match listener::bind(l.address) {
             Ok(socket) => {
-                let addr = socket.local_addr().unwrap_or(l.address);
-                shared
-                    .listener_addrs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((l.name.clone(), addr));
                 let stats = Arc::new(ListenerStats::new(&store.scope(l.stat_scope.clone())));
                 bound.push(Bound::new(l.clone(), socket, stats));
-                tracing::info!(listener = %l.name, address = %addr, "listening");
             }
             Err(e) => {
                 tracing::error!(listener = %l.name, address = %l.address, error = %e, "cannot bind listener");
@@ -270,7 +321,14 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         }
     };
 
-    shared.listeners.send_replace(Arc::new(bound));
+    // Listeners whose routes come from RDS wait for them; the others serve now.
+    for b in bound {
+        if b.config.hcm.rds_name.is_some() {
+            shared.dynamic.hold_static_listener(&shared, b);
+        } else {
+            shared.add_listener(b, None);
+        }
+    }
 
     // Workers.
     let worker_shared = shared.clone();
@@ -324,6 +382,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
             }
         })
         .await;
+        crate::xds::start(&shared).await;
         shared.set_state(State::Live);
         shared
             .server_stats

@@ -15,3 +15,4 @@ mod observability;
 mod protocols;
 mod routing;
 mod support;
+mod xds;

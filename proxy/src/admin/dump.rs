@@ -128,16 +128,80 @@ pub fn config_dump(shared: &Shared) -> Value {
         }
     }
     let mut clusters_dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump"});
+    let mut listeners_dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump"});
+    let mut routes_dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump"});
+    // Dynamic resources: what xDS gave, with the version and time each last changed.
+    let (mut active, mut warming, mut dyn_listeners) = (Vec::new(), Vec::new(), Vec::new());
+    {
+        let view = shared.dynamic.dump();
+        if !view.cds_version().is_empty() {
+            clusters_dump["version_info"] = json!(view.cds_version());
+        }
+        if !view.lds_version().is_empty() {
+            listeners_dump["version_info"] = json!(view.lds_version());
+        }
+        for c in view.clusters() {
+            let entry = json!({
+                "version_info": c.version,
+                "cluster": with_type(&to_json(&c.message), "envoy.config.cluster.v3.Cluster"),
+                "last_updated": crate::util::rfc3339(c.last_updated),
+            });
+            if c.warming {
+                warming.push(entry);
+            } else {
+                active.push(entry);
+            }
+        }
+        for (l, state) in view.listeners() {
+            let name = l
+                .message
+                .get_field_by_name("name")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let mut entry = json!({"name": name});
+            entry[state] = json!({
+                "version_info": l.version,
+                "listener": with_type(&to_json(&l.message), "envoy.config.listener.v3.Listener"),
+                "last_updated": crate::util::rfc3339(l.last_updated),
+            });
+            dyn_listeners.push(entry);
+        }
+    }
+    let dyn_routes: Vec<Value> = shared
+        .dynamic
+        .rds
+        .all()
+        .iter()
+        .filter_map(|r| {
+            let st = r.state.lock().unwrap_or_else(|e| e.into_inner());
+            let m = st.message.as_ref()?;
+            Some(json!({
+                "version_info": st.version,
+                "route_config": with_type(&to_json(m), "envoy.config.route.v3.RouteConfiguration"),
+                "last_updated": crate::util::rfc3339(st.last_updated.unwrap_or(shared.started)),
+            }))
+        })
+        .collect();
     if !clusters.is_empty() {
         clusters_dump["static_clusters"] = Value::Array(clusters);
     }
-    let mut listeners_dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump"});
+    if !active.is_empty() {
+        clusters_dump["dynamic_active_clusters"] = Value::Array(active);
+    }
+    if !warming.is_empty() {
+        clusters_dump["dynamic_warming_clusters"] = Value::Array(warming);
+    }
     if !listeners.is_empty() {
         listeners_dump["static_listeners"] = Value::Array(listeners);
     }
-    let mut routes_dump = json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump"});
+    if !dyn_listeners.is_empty() {
+        listeners_dump["dynamic_listeners"] = Value::Array(dyn_listeners);
+    }
     if !routes.is_empty() {
         routes_dump["static_route_configs"] = Value::Array(routes);
+    }
+    if !dyn_routes.is_empty() {
+        routes_dump["dynamic_route_configs"] = Value::Array(dyn_routes);
     }
     json!({"configs": [
         {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": bootstrap, "last_updated": updated},

@@ -43,21 +43,31 @@ pub struct Bootstrap {
     pub store: Arc<Store>,
     /// The access log files of every connection manager (flushed at exit, reopened by `/reopen_logs`).
     pub access_logs: Arc<crate::access_log::Manager>,
+    /// `dynamic_resources`: where CDS and LDS come from.
+    pub dynamic: crate::xds::DynamicResources,
+    /// The RDS tables static listeners subscribed to; the server keeps using them.
+    pub rds: crate::xds::RdsRegistry,
 }
 
 /// Lower a parsed bootstrap, collecting every error.
 pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, ConfigErrors> {
     let errs = Errors::default();
     let ids = ClusterIds::default();
+    let rds = crate::xds::RdsRegistry::default();
     let logs =
         match crate::access_log::Manager::new(&store.scope(""), crate::access_log::DEFAULT_FLUSH_INTERVAL) {
             Ok(m) => Arc::new(m),
             Err(e) => return Err(single("", format!("cannot start the access log writer: {e}"))),
         };
-    let (node, admin, listeners, clusters) = {
+    let (node, admin, listeners, clusters, dynamic) = {
         let root = Node::root(&msg, "", &errs);
         let node = root.msg("node").map(|n| lower_node(&n)).unwrap_or_default();
         let admin = root.msg("admin").and_then(|a| lower_admin(&a));
+        let dynamic = root
+            .msg("dynamic_resources")
+            .map(|d| crate::xds::lower_dynamic_resources(&d))
+            .unwrap_or_default();
+        let rds_registry = (!dynamic.is_empty()).then_some(&rds);
         let (listeners, clusters) = match root.msg("static_resources") {
             Some(sr) => {
                 let clusters: Vec<ClusterConfig> =
@@ -76,6 +86,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                     store,
                     logs: &logs,
                     static_clusters: &names,
+                    rds: rds_registry,
                 };
                 let listeners: Vec<Arc<ListenerConfig>> = sr
                     .list("listeners")
@@ -97,14 +108,27 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             }
             None => (Vec::new(), Vec::new()),
         };
-        root.unsupported("dynamic_resources");
+        if dynamic.ads.is_none() && !rds.names().is_empty() {
+            errs.push(
+                "dynamic_resources.ads_config",
+                "a connection manager uses rds, which needs ads_config",
+            );
+        }
+        if let Some(ads) = &dynamic.ads {
+            if !clusters.iter().any(|c| c.name == ads.cluster_name) {
+                errs.push(
+                    "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+                    format!("unknown static cluster {:?}", ads.cluster_name),
+                );
+            }
+        }
         root.unsupported("layered_runtime");
         root.unsupported("cluster_manager");
         root.unsupported("stats_config");
         root.unsupported("stats_sinks");
         root.unsupported("overload_manager");
         root.unsupported("tracing");
-        (node, admin, listeners, clusters)
+        (node, admin, listeners, clusters, dynamic)
     };
     let found = errs.take();
     if !found.is_empty() {
@@ -119,6 +143,8 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         message: msg,
         store: store.clone(),
         access_logs: logs,
+        dynamic,
+        rds,
     })
 }
 

@@ -1,12 +1,12 @@
 //! Lowering `envoy.config.cluster.v3.Cluster`.
 
 use super::bootstrap::{host_port, socket_address};
-use super::node::Node;
 use crate::upstream::dns::{self, DnsConfig, Family};
+use std::net::SocketAddr;
+use super::node::Node;
 use crate::upstream::{
     ClusterConfig, Discovery, EndpointConfig, EndpointHealth, LbPolicy, Locality, Protocol,
 };
-use std::net::SocketAddr;
 use std::time::Duration;
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -21,16 +21,39 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| name.clone());
     let ty = c.enum_name("type");
-    let dns = match ty.as_str() {
-        "STATIC" => false,
-        "STRICT_DNS" | "LOGICAL_DNS" => true,
+    let discovery = match ty.as_str() {
+        "STATIC" => Discovery::Static,
+        "EDS" => {
+            let service_name = match c.msg("eds_cluster_config") {
+                Some(e) => {
+                    if let Some(src) = e.msg("eds_config") {
+                        let _ = crate::xds::lower_config_source(&src, false);
+                    } else {
+                        e.err("eds_config", "an EDS cluster needs eds_config");
+                    }
+                    e.string("service_name").filter(|s| !s.is_empty())
+                }
+                None => {
+                    c.err("eds_cluster_config", "an EDS cluster needs eds_cluster_config");
+                    None
+                }
+            };
+            Discovery::Eds {
+                service_name: service_name.unwrap_or_else(|| name.clone()),
+            }
+        }
+        // DNS settings and targets are filled in below.
+        "STRICT_DNS" | "LOGICAL_DNS" => Discovery::Static,
         other => {
             c.err("type", format!("{other} is not supported by Remora"));
-            false
+            Discovery::Static
         }
     };
+    let dns = matches!(ty.as_str(), "STRICT_DNS" | "LOGICAL_DNS");
     c.unsupported("cluster_type");
-    c.unsupported("eds_cluster_config");
+    if !matches!(discovery, Discovery::Eds { .. }) {
+        c.unsupported("eds_cluster_config");
+    }
     let dns_settings = if dns { Some(lower_dns(c)) } else { None };
     if !dns {
         // Address families and resolvers only matter to DNS clusters, as in Envoy.
@@ -128,85 +151,23 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         protocol = Protocol::Downstream;
     }
 
-    let mut endpoints = Vec::new();
-    let mut targets = Vec::new();
-    if let Some(la) = c.msg("load_assignment") {
-        la.mark("cluster_name");
-        for (li, lle) in la.list("endpoints").iter().enumerate() {
-            let _ = li;
-            let locality = lle
-                .msg("locality")
-                .map(|l| Locality {
-                    region: l.string("region").unwrap_or_default(),
-                    zone: l.string("zone").unwrap_or_default(),
-                    sub_zone: l.string("sub_zone").unwrap_or_default(),
-                })
-                .unwrap_or_default();
-            let priority = lle.u32("priority");
-            if priority != 0 {
-                lle.err(
-                    "priority",
-                    "priorities other than 0 are not supported by Remora yet",
-                );
-            }
-            // Locality weights only act with locality-weighted balancing, which Envoy turns on separately.
-            lle.mark("load_balancing_weight");
-            lle.unsupported("load_balancer_endpoints");
-            lle.unsupported("leds_cluster_locality_config");
-            lle.unsupported("proximity");
-            for ep in lle.list("lb_endpoints") {
-                let weight = ep.wrapped_u32("load_balancing_weight").unwrap_or(1);
-                if weight == 0 {
-                    ep.err("load_balancing_weight", "must be at least 1");
-                }
-                let health = match ep.enum_name("health_status").as_str() {
-                    "HEALTHY" => EndpointHealth::Healthy,
-                    "UNHEALTHY" => EndpointHealth::Unhealthy,
-                    "DRAINING" => EndpointHealth::Draining,
-                    "TIMEOUT" => EndpointHealth::Timeout,
-                    "DEGRADED" => EndpointHealth::Degraded,
-                    _ => EndpointHealth::Unknown,
-                };
-                ep.unsupported("metadata");
-                ep.unsupported("endpoint_name");
-                let Some(e) = ep.msg("endpoint") else {
-                    ep.err_here("needs an endpoint");
-                    continue;
-                };
-                let hostname = e.string("hostname").unwrap_or_default();
-                e.unsupported("health_check_config");
-                e.unsupported("additional_addresses");
-                let Some(addr) = e.msg("address") else {
-                    e.err("address", "an endpoint needs an address");
-                    continue;
-                };
-                if dns {
-                    if let Some((name, port)) = host_port(&addr) {
-                        let template = EndpointConfig {
-                            address: SocketAddr::from(([0, 0, 0, 0], port)),
-                            hostname,
-                            weight,
-                            priority,
-                            locality: locality.clone(),
-                            health,
-                        };
-                        targets.push(dns::Target { name, port, template });
-                    }
-                } else if let Some(address) = socket_address(&addr) {
-                    endpoints.push(EndpointConfig {
-                        address,
-                        hostname,
-                        weight,
-                        priority,
-                        locality: locality.clone(),
-                        health,
-                    });
+    let (endpoints, targets) = c
+        .msg("load_assignment")
+        .map(|la| lower_endpoints(&la, dns))
+        .unwrap_or_default();
+    let discovery = match dns_settings {
+        Some(mut d) => {
+            if ty == "LOGICAL_DNS" {
+                d.logical = true;
+                if targets.len() != 1 {
+                    c.err("load_assignment", "a LOGICAL_DNS cluster takes exactly one endpoint");
                 }
             }
+            d.targets = targets;
+            Discovery::Dns(std::sync::Arc::new(d))
         }
-        la.unsupported("policy");
-        la.unsupported("named_endpoints");
-    }
+        None => discovery,
+    };
     let circuit_breakers = c
         .msg("circuit_breakers")
         .map(|b| super::resilience::lower_circuit_breakers(&b))
@@ -218,22 +179,6 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     c.unsupported("transport_socket");
     c.unsupported("common_lb_config");
 
-    let discovery = match dns_settings {
-        Some(mut d) => {
-            if ty == "LOGICAL_DNS" {
-                d.logical = true;
-                if targets.len() != 1 {
-                    c.err(
-                        "load_assignment",
-                        "a LOGICAL_DNS cluster takes exactly one endpoint",
-                    );
-                }
-            }
-            d.targets = targets;
-            Discovery::Dns(std::sync::Arc::new(d))
-        }
-        None => Discovery::Static,
-    };
     Some(ClusterConfig {
         name,
         stat_name,
@@ -248,6 +193,93 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         circuit_breakers,
         outlier,
     })
+}
+
+/// `envoy.config.endpoint.v3.ClusterLoadAssignment`: a cluster's `load_assignment`, or an EDS resource.
+pub fn lower_load_assignment(la: &Node) -> Vec<EndpointConfig> {
+    lower_endpoints(la, false).0
+}
+
+/// A load assignment's endpoints; for a DNS cluster, the names to resolve instead.
+fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Target>) {
+    let mut endpoints = Vec::new();
+    let mut targets = Vec::new();
+    la.mark("cluster_name");
+    for (li, lle) in la.list("endpoints").iter().enumerate() {
+        let _ = li;
+        let locality = lle
+            .msg("locality")
+            .map(|l| Locality {
+                region: l.string("region").unwrap_or_default(),
+                zone: l.string("zone").unwrap_or_default(),
+                sub_zone: l.string("sub_zone").unwrap_or_default(),
+            })
+            .unwrap_or_default();
+        let priority = lle.u32("priority");
+        if priority != 0 {
+            lle.err(
+                "priority",
+                "priorities other than 0 are not supported by Remora yet",
+            );
+        }
+        // Locality weights only act with locality-weighted balancing, which Envoy turns on separately.
+        lle.mark("load_balancing_weight");
+        lle.unsupported("load_balancer_endpoints");
+        lle.unsupported("leds_cluster_locality_config");
+        lle.unsupported("proximity");
+        for ep in lle.list("lb_endpoints") {
+            let weight = ep.wrapped_u32("load_balancing_weight").unwrap_or(1);
+            if weight == 0 {
+                ep.err("load_balancing_weight", "must be at least 1");
+            }
+            let health = match ep.enum_name("health_status").as_str() {
+                "HEALTHY" => EndpointHealth::Healthy,
+                "UNHEALTHY" => EndpointHealth::Unhealthy,
+                "DRAINING" => EndpointHealth::Draining,
+                "TIMEOUT" => EndpointHealth::Timeout,
+                "DEGRADED" => EndpointHealth::Degraded,
+                _ => EndpointHealth::Unknown,
+            };
+            ep.unsupported("metadata");
+            ep.unsupported("endpoint_name");
+            let Some(e) = ep.msg("endpoint") else {
+                ep.err_here("needs an endpoint");
+                continue;
+            };
+            let hostname = e.string("hostname").unwrap_or_default();
+            e.unsupported("health_check_config");
+            e.unsupported("additional_addresses");
+            let Some(addr) = e.msg("address") else {
+                e.err("address", "an endpoint needs an address");
+                continue;
+            };
+            if dns {
+                if let Some((name, port)) = host_port(&addr) {
+                    let template = EndpointConfig {
+                        address: SocketAddr::from(([0, 0, 0, 0], port)),
+                        hostname,
+                        weight,
+                        priority,
+                        locality: locality.clone(),
+                        health,
+                    };
+                    targets.push(dns::Target { name, port, template });
+                }
+            } else if let Some(address) = socket_address(&addr) {
+                endpoints.push(EndpointConfig {
+                    address,
+                    hostname,
+                    weight,
+                    priority,
+                    locality: locality.clone(),
+                    health,
+                });
+            }
+        }
+    }
+    la.unsupported("policy");
+    la.unsupported("named_endpoints");
+    (endpoints, targets)
 }
 
 fn lower_http1_options(h: &Node) {

@@ -32,6 +32,9 @@ pub struct Ctx<'a> {
     pub logs: &'a crate::access_log::Manager,
     /// Static clusters, for `validate_clusters` of inline route tables.
     pub static_clusters: &'a HashSet<String>,
+    /// Where a connection manager with `rds` finds its route table; `None` when the bootstrap has no
+    /// dynamic configuration.
+    pub rds: Option<&'a crate::xds::RdsRegistry>,
 }
 
 pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
@@ -142,16 +145,38 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
             Codec::Auto
         }
     };
-    let table = match h.msg("route_config") {
-        Some(rc) => route::lower_table(&rc, ctx.ids, Some(ctx.static_clusters), ctx.store),
-        None => {
-            if !h.has("rds") {
-                h.err_here("needs route_config (rds is not supported by Remora yet)");
+    let mut rds_name = None;
+    let routes = match (h.msg("route_config"), h.msg("rds")) {
+        (Some(rc), _) => route::lower_table(&rc, ctx.ids, Some(ctx.static_clusters), ctx.store)
+            .map(|t| Arc::new(ArcSwap::from_pointee(t))),
+        (None, Some(rds)) => {
+            let name = rds.string("route_config_name").unwrap_or_default();
+            if name.is_empty() {
+                rds.err("route_config_name", "is required");
             }
+            match rds.msg("config_source") {
+                Some(src) => {
+                    let _ = crate::xds::lower_config_source(&src, false);
+                }
+                None => rds.err("config_source", "is required"),
+            }
+            match ctx.rds {
+                Some(registry) if !name.is_empty() => {
+                    rds_name = Some(name.clone());
+                    Some(registry.subscribe(&name, &stat_prefix, ctx.store))
+                }
+                Some(_) => None,
+                None => {
+                    rds.err_here("RDS needs dynamic_resources with an ADS config source");
+                    None
+                }
+            }
+        }
+        (None, None) => {
+            h.err_here("needs route_config or rds");
             None
         }
     };
-    h.unsupported("rds");
     h.unsupported("scoped_routes");
 
     let http_scope = ctx.store.scope(format!("http.{stat_prefix}."));
@@ -288,14 +313,15 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     }
     let drain_timeout = h.duration("drain_timeout").unwrap_or(Duration::from_secs(5));
 
-    let table = table?;
+    let routes = routes?;
     let lscope = ctx.store.scope(format!("{listener_scope}http.{stat_prefix}."));
     let access_logs = crate::access_log::lower(&h.list("access_log"), ctx.logs);
     Some(HcmConfig {
         stats: HcmStats::new(&http_scope, &lscope),
         stat_prefix,
         codec,
-        routes: Arc::new(ArcSwap::from_pointee(table)),
+        routes,
+        rds_name,
         use_remote_address,
         xff_num_trusted_hops,
         skip_xff_append,

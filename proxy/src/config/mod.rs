@@ -143,6 +143,7 @@ pub fn validate_resources(
             ids: &ids,
             store: &store,
             logs: &logs,
+            rds: None,
             static_clusters: &known,
         };
         for n in &nodes {

@@ -51,6 +51,8 @@ pub struct HcmConfig {
     pub codec: Codec,
     /// The route table; an `ArcSwap` so that RDS can replace it under live connections.
     pub routes: Arc<ArcSwap<RouteTable>>,
+    /// `rds.route_config_name`: the table comes from RDS, and the listener warms until it has arrived.
+    pub rds_name: Option<String>,
     pub use_remote_address: bool,
     pub xff_num_trusted_hops: u32,
     pub skip_xff_append: bool,

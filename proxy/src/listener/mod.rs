@@ -114,6 +114,7 @@ impl Conn {
 }
 
 /// A bound listener with its stats, ready to be served by workers.
+#[derive(Debug)]
 pub struct Bound {
     pub config: Arc<ListenerConfig>,
     pub socket: std::net::TcpListener,

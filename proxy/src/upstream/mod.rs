@@ -66,6 +66,11 @@ pub enum Discovery {
     /// `STRICT_DNS` (every address of every name is a host) or `LOGICAL_DNS` (the first address of the one
     /// name).
     Dns(std::sync::Arc<dns::DnsConfig>),
+    /// `EDS`: hosts come from the `ClusterLoadAssignment` named `service_name` (the cluster's name unless
+    /// `eds_cluster_config.service_name` says otherwise).
+    Eds {
+        service_name: String,
+    },
 }
 
 /// A cluster's configuration, lowered from `envoy.config.cluster.v3.Cluster`.

@@ -26,6 +26,7 @@ mod grpc;
 mod load;
 mod process;
 mod upstream;
+pub mod xds;
 
 use std::future::Future;
 use std::time::Duration;
@@ -41,6 +42,7 @@ pub use process::{parse_listener_addr, parse_stats, validate, validate_command, 
 pub use upstream::{
     echo_response, full, reply, BoxError, Echo, Protocol, Upstream, UpstreamBody, UpstreamOptions,
 };
+pub use xds::XdsServer;
 
 /// How long a harness wait lasts unless the test says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

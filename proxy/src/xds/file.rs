@@ -1,0 +1,126 @@
+//! Filesystem subscriptions: `path_config_source` (and the deprecated `path`) for CDS and LDS.
+//!
+//! The file holds a `DiscoveryResponse` (YAML or JSON, `resources:` a list of `@type`d resources). A background
+//! task polls the file's metadata (inode, size, modification time) and, with `watched_directory`, the
+//! directory's, every [`POLL`]; any change reloads it. An atomic rename (`mv new.yaml cds.yaml`) gives the file
+//! a new inode and so is seen like an edit. As the protocol says, there is no ACK or NACK: a file that cannot
+//! be read counts `update_failure`, one that does not parse or lower counts `update_rejected`, and the last
+//! good configuration stays.
+
+use super::manager::Removal;
+use super::{decode_resources, Source, CLUSTER_TYPE, LISTENER_TYPE};
+use crate::config::descriptors;
+use crate::config::load::{self, Format};
+use crate::server::Shared;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the file's metadata is looked at.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// Which resource type a file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Cds,
+    Lds,
+}
+
+type Fingerprint = (Option<(u64, u64, i64, i64)>, Option<(u64, i64, i64)>);
+
+fn fingerprint(path: &Path, dir: Option<&Path>) -> Fingerprint {
+    let f = std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
+    let d = dir
+        .and_then(|d| std::fs::metadata(d).ok())
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()));
+    (f, d)
+}
+
+/// Load the file now (the initial fetch), then watch it in the background.
+pub async fn start(shared: &Arc<Shared>, kind: Kind, source: &Source) {
+    let Source::Path {
+        path,
+        watched_directory,
+    } = source
+    else {
+        return;
+    };
+    let path = path.clone();
+    let dir = watched_directory.clone();
+    let mut last = fingerprint(&path, dir.as_deref());
+    load(shared, kind, &path);
+    shared.dynamic.initial_done(kind == Kind::Cds);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tick.tick().await;
+            let now = fingerprint(&path, dir.as_deref());
+            if now != last {
+                last = now;
+                load(&shared, kind, &path);
+            }
+        }
+    });
+}
+
+/// Read, parse and apply the file once.
+pub fn load(shared: &Shared, kind: Kind, path: &PathBuf) {
+    let d = &shared.dynamic;
+    let stats = match kind {
+        Kind::Cds => &d.cds,
+        Kind::Lds => &d.lds,
+    };
+    let what = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            stats.update_attempt.inc();
+            stats.update_failure.inc();
+            tracing::warn!(path = %what, error = %e, "cannot read config file");
+            return;
+        }
+    };
+    let Some(desc) = descriptors::message("envoy.service.discovery.v3.DiscoveryResponse") else {
+        return;
+    };
+    let type_url = match kind {
+        Kind::Cds => CLUSTER_TYPE,
+        Kind::Lds => LISTENER_TYPE,
+    };
+    let parsed = load::message_from_text(&text, Format::detect(Some(&what), &text), &desc)
+        .and_then(|m| decode_resources(&m, type_url).map(|r| (m, r)));
+    let (msg, resources) = match parsed {
+        Ok(x) => x,
+        Err(e) => {
+            stats.update_attempt.inc();
+            stats.update_rejected.inc();
+            tracing::warn!(path = %what, errors = %e.with_source(&what), "config file rejected");
+            return;
+        }
+    };
+    let version = msg
+        .get_field_by_name("version_info")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let resources: Vec<_> = resources
+        .into_iter()
+        .map(|mut r| {
+            r.version = version.clone();
+            r
+        })
+        .collect();
+    let result = match kind {
+        Kind::Cds => d.apply_clusters(shared, &resources, &Removal::Omitted, &version),
+        Kind::Lds => d.apply_listeners(shared, &resources, &Removal::Omitted, &version),
+    };
+    match result {
+        Ok(()) => tracing::info!(path = %what, version = %version, "config file applied"),
+        Err(e) => {
+            tracing::warn!(path = %what, errors = %e, "config file rejected; keeping the last good config")
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! Dynamic configuration: the xDS client and the state it feeds.
+//!
+//! - [`manager`] owns every dynamically configured cluster, listener and route table, and applies an update
+//!   of one resource type atomically: all of it is lowered first, and either all of it takes effect or none
+//!   does (the errors, with their field paths, become the NACK's `error_detail`).
+//! - [`file`] watches `path_config_source` files (CDS and LDS from the filesystem).
+//! - [`ads`] speaks the aggregated discovery service over gRPC, state-of-the-world and delta.
+//!
+//! What is read from the bootstrap is lowered here: `dynamic_resources` and the `ConfigSource`s that name
+//! where each resource type comes from.
+
+pub mod ads;
+pub mod file;
+pub mod manager;
+
+use crate::config::error::{ConfigError, ConfigErrors};
+use crate::config::node::Node;
+use crate::route::RouteTable;
+use crate::stats::{Counter, Gauge, Scope, Store};
+use arc_swap::ArcSwap;
+use prost_reflect::{DynamicMessage, ReflectMessage};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// Envoy's default `initial_fetch_timeout`.
+pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where one resource type comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `ads: {}`: the aggregated stream of `dynamic_resources.ads_config`.
+    Ads,
+    /// `path_config_source` (or the deprecated `path`): a file holding a `DiscoveryResponse`.
+    Path {
+        path: PathBuf,
+        /// `watched_directory`: reload when this directory changes (an atomic rename into it).
+        watched_directory: Option<PathBuf>,
+    },
+}
+
+/// A lowered `envoy.config.core.v3.ConfigSource`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub source: Source,
+    /// `initial_fetch_timeout` (default 15 s); `None` when set to 0, which waits for ever.
+    pub initial_fetch_timeout: Option<Duration>,
+}
+
+/// `dynamic_resources.ads_config.api_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiType {
+    Grpc,
+    DeltaGrpc,
+}
+
+/// `dynamic_resources.ads_config`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdsConfig {
+    pub api_type: ApiType,
+    /// `grpc_services[0].envoy_grpc.cluster_name`: a static cluster that reaches the control plane.
+    pub cluster_name: String,
+    /// `set_node_on_first_message_only`.
+    pub node_on_first_message_only: bool,
+}
+
+/// `dynamic_resources`, lowered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DynamicResources {
+    pub ads: Option<AdsConfig>,
+    pub cds: Option<SourceConfig>,
+    pub lds: Option<SourceConfig>,
+}
+
+impl DynamicResources {
+    pub fn is_empty(&self) -> bool {
+        self.cds.is_none() && self.lds.is_none()
+    }
+}
+
+/// Lower a `ConfigSource`. `allow_path` is false where Remora only takes the resource over ADS (EDS, RDS).
+pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
+    let initial_fetch_timeout = match n.duration("initial_fetch_timeout") {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => Some(DEFAULT_INITIAL_FETCH_TIMEOUT),
+    };
+    let api = n.enum_name("resource_api_version");
+    if api != "V3" && api != "AUTO" {
+        n.err(
+            "resource_api_version",
+            format!("{api} is not supported by Remora"),
+        );
+    }
+    n.unsupported("authorities");
+    n.unsupported("api_config_source");
+    n.unsupported("self");
+    let ads = n.msg("ads").is_some();
+    let path = n.string("path").filter(|p| !p.is_empty());
+    let pcs = n.msg("path_config_source").map(|p| {
+        let path = p.string("path").unwrap_or_default();
+        if path.is_empty() {
+            p.err("path", "is required");
+        }
+        let dir = p
+            .msg("watched_directory")
+            .and_then(|w| w.string("path"))
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from);
+        (PathBuf::from(path), dir)
+    });
+    let source = match (ads, path, pcs) {
+        (true, None, None) => Source::Ads,
+        (false, Some(p), None) => Source::Path {
+            path: PathBuf::from(p),
+            watched_directory: None,
+        },
+        (false, None, Some((path, watched_directory))) => Source::Path {
+            path,
+            watched_directory,
+        },
+        (false, None, None) => {
+            n.err_here("needs ads or path_config_source (other config sources are not supported by Remora)");
+            return None;
+        }
+        _ => {
+            n.err_here("only one of ads, path and path_config_source may be set");
+            return None;
+        }
+    };
+    if !allow_path && source != Source::Ads {
+        n.err_here("only ads is supported by Remora for this resource type");
+        return None;
+    }
+    Some(SourceConfig {
+        source,
+        initial_fetch_timeout,
+    })
+}
+
+/// Lower `dynamic_resources`.
+pub fn lower_dynamic_resources(d: &Node) -> DynamicResources {
+    let cds = d.msg("cds_config").and_then(|c| lower_config_source(&c, true));
+    let lds = d.msg("lds_config").and_then(|c| lower_config_source(&c, true));
+    d.unsupported("cds_resources_locator");
+    d.unsupported("lds_resources_locator");
+    d.unsupported("default_config_source");
+    let ads = d.msg("ads_config").and_then(|a| lower_ads(&a));
+    let uses_ads = [&cds, &lds]
+        .iter()
+        .any(|s| s.as_ref().is_some_and(|s| s.source == Source::Ads));
+    if uses_ads && ads.is_none() && !d.has("ads_config") {
+        d.err(
+            "ads_config",
+            "a config source says ads, but there is no ads_config",
+        );
+    }
+    DynamicResources { ads, cds, lds }
+}
+
+fn lower_ads(a: &Node) -> Option<AdsConfig> {
+    let api_type = match a.enum_name("api_type").as_str() {
+        "GRPC" => ApiType::Grpc,
+        "DELTA_GRPC" => ApiType::DeltaGrpc,
+        other => {
+            a.err("api_type", format!("{other} is not supported by Remora for ADS"));
+            return None;
+        }
+    };
+    a.mark("transport_api_version");
+    let node_on_first_message_only = a.bool("set_node_on_first_message_only");
+    a.unsupported("cluster_names");
+    a.unsupported("refresh_delay");
+    a.unsupported("request_timeout");
+    a.unsupported("rate_limit_settings");
+    a.unsupported("config_validators");
+    let services = a.list("grpc_services");
+    if services.len() != 1 {
+        a.err("grpc_services", "exactly one gRPC service is supported by Remora");
+    }
+    let g = services.first()?;
+    g.unsupported("google_grpc");
+    g.unsupported("initial_metadata");
+    g.unsupported("retry_policy");
+    // A per-call deadline; the ADS stream lives for as long as the connection.
+    g.mark("timeout");
+    let Some(e) = g.msg("envoy_grpc") else {
+        g.err(
+            "envoy_grpc",
+            "is required (google_grpc is not supported by Remora)",
+        );
+        return None;
+    };
+    let cluster_name = e.string("cluster_name").unwrap_or_default();
+    if cluster_name.is_empty() {
+        e.err("cluster_name", "is required");
+    }
+    e.mark("authority");
+    e.unsupported("retry_policy");
+    e.unsupported("max_receive_message_length");
+    e.unsupported("skip_envoy_headers");
+    Some(AdsConfig {
+        api_type,
+        cluster_name,
+        node_on_first_message_only,
+    })
+}
+
+/// The statistics of one subscription (`configuration/overview/mgmt_server.rst`, "xDS subscription
+/// statistics"), under `cluster_manager.cds.`, `listener_manager.lds.`, `http.<prefix>.rds.<name>.` or
+/// `cluster.<name>.`.
+#[derive(Clone, Debug)]
+pub struct SubscriptionStats {
+    pub config_reload: Counter,
+    pub init_fetch_timeout: Counter,
+    pub update_attempt: Counter,
+    pub update_success: Counter,
+    pub update_failure: Counter,
+    pub update_rejected: Counter,
+    /// Milliseconds since the epoch of the last successful update.
+    pub update_time: Gauge,
+    /// A hash of the contents of the last accepted update.
+    pub version: Gauge,
+}
+
+impl SubscriptionStats {
+    pub fn new(scope: &Scope) -> Self {
+        SubscriptionStats {
+            config_reload: scope.counter("config_reload"),
+            init_fetch_timeout: scope.counter("init_fetch_timeout"),
+            update_attempt: scope.counter("update_attempt"),
+            update_success: scope.counter("update_success"),
+            update_failure: scope.counter("update_failure"),
+            update_rejected: scope.counter("update_rejected"),
+            update_time: scope.gauge("update_time"),
+            version: scope.gauge("version"),
+        }
+    }
+
+    /// Record an accepted update whose contents hash to `hash`; `changed` when it changed the config.
+    pub fn accepted(&self, hash: u64, changed: bool) {
+        self.update_success.inc();
+        if changed {
+            self.config_reload.inc();
+        }
+        self.version.set((hash >> 1) as i64);
+        let ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.update_time.set(ms);
+    }
+}
+
+/// FNV-1a over byte strings: the `version` gauge's hash, stable across runs.
+pub fn content_hash<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// One RDS route table, shared by every connection manager that names it.
+#[derive(Debug)]
+pub struct RdsRoute {
+    pub name: String,
+    /// What the connection managers read; an empty table (every request a 404 NR) until the first update.
+    pub table: Arc<ArcSwap<RouteTable>>,
+    pub stats: SubscriptionStats,
+    pub state: Mutex<RdsState>,
+}
+
+/// What `/config_dump` shows of an RDS table, and whether it has arrived.
+#[derive(Debug, Default)]
+pub struct RdsState {
+    pub received: bool,
+    pub version: String,
+    pub message: Option<DynamicMessage>,
+    pub last_updated: Option<SystemTime>,
+    pub raw: Vec<u8>,
+}
+
+impl RdsRoute {
+    pub fn received(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).received
+    }
+}
+
+/// Route tables by `route_config_name`. Connection managers subscribe while they are lowered; the RDS
+/// subscription asks for every name here.
+#[derive(Debug, Default)]
+pub struct RdsRegistry(Mutex<BTreeMap<String, Arc<RdsRoute>>>);
+
+impl RdsRegistry {
+    /// The table named `name`, created on first use with its stats under `http.<stat_prefix>.rds.<name>.`
+    /// (the first connection manager to name it, as in Envoy).
+    pub fn subscribe(&self, name: &str, stat_prefix: &str, store: &Arc<Store>) -> Arc<ArcSwap<RouteTable>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = m.entry(name.to_string()).or_insert_with(|| {
+            Arc::new(RdsRoute {
+                name: name.to_string(),
+                table: Arc::new(ArcSwap::from_pointee(RouteTable::new(
+                    name.to_string(),
+                    Vec::new(),
+                ))),
+                stats: SubscriptionStats::new(&store.scope(format!("http.{stat_prefix}.rds.{name}."))),
+                state: Mutex::default(),
+            })
+        });
+        entry.table.clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<RdsRoute>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every subscribed name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn all(&self) -> Vec<Arc<RdsRoute>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The name a resource is known by: `name`, or `cluster_name` for a `ClusterLoadAssignment`.
+fn resource_name(m: &DynamicMessage) -> String {
+    let field = if m.descriptor().full_name() == "envoy.config.endpoint.v3.ClusterLoadAssignment" {
+        "cluster_name"
+    } else {
+        "name"
+    };
+    m.get_field_by_name(field)
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Decode one `google.protobuf.Any` that must hold a `type_url` resource (or a `Resource` wrapping one).
+fn decode_any(any: &DynamicMessage, type_url: &str, path: &str) -> Result<manager::Resource, ConfigError> {
+    use prost_reflect::Value;
+    let url = any
+        .get_field_by_name("type_url")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let bytes = match any.get_field_by_name("value").as_deref() {
+        Some(Value::Bytes(b)) => b.clone(),
+        _ => Default::default(),
+    };
+    if url == "type.googleapis.com/envoy.service.discovery.v3.Resource" {
+        let desc = crate::config::descriptors::message("envoy.service.discovery.v3.Resource")
+            .ok_or_else(|| ConfigError::new(path, "no descriptor for Resource"))?;
+        let wrapper =
+            DynamicMessage::decode(desc, bytes).map_err(|e| ConfigError::new(path, e.to_string()))?;
+        return decode_wrapped(&wrapper, type_url, path);
+    }
+    if url != type_url {
+        return Err(ConfigError::new(
+            format!("{path}.type_url"),
+            format!("{url:?} where {type_url:?} was expected"),
+        ));
+    }
+    let desc = crate::config::descriptors::message_for_type_url(&url)
+        .ok_or_else(|| ConfigError::new(path, format!("unknown type {url:?}")))?;
+    let message =
+        DynamicMessage::decode(desc, bytes).map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
+    Ok(manager::Resource {
+        name: resource_name(&message),
+        version: String::new(),
+        message,
+    })
+}
+
+/// Decode an `envoy.service.discovery.v3.Resource` (delta responses): its `resource`, `name` and `version`.
+fn decode_wrapped(
+    wrapper: &DynamicMessage,
+    type_url: &str,
+    path: &str,
+) -> Result<manager::Resource, ConfigError> {
+    use prost_reflect::Value;
+    let Some(Value::Message(any)) = wrapper.get_field_by_name("resource").map(|v| v.into_owned()) else {
+        return Err(ConfigError::new(format!("{path}.resource"), "is required"));
+    };
+    let mut r = decode_any(&any, type_url, &format!("{path}.resource"))?;
+    let get = |f: &str| {
+        wrapper
+            .get_field_by_name(f)
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let name = get("name");
+    if !name.is_empty() {
+        r.name = name;
+    }
+    r.version = get("version");
+    Ok(r)
+}
+
+/// The resources of a `DiscoveryResponse` (or a `DeltaDiscoveryResponse`, whose entries are `Resource`s).
+pub fn decode_resources(
+    response: &DynamicMessage,
+    type_url: &str,
+) -> Result<Vec<manager::Resource>, ConfigErrors> {
+    use prost_reflect::Value;
+    let delta = response.descriptor().full_name() == "envoy.service.discovery.v3.DeltaDiscoveryResponse";
+    let list = match response.get_field_by_name("resources").as_deref() {
+        Some(Value::List(l)) => l.clone(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, v) in list.iter().enumerate() {
+        let Value::Message(m) = v else { continue };
+        let path = format!("resources[{i}]");
+        let r = if delta {
+            decode_wrapped(m, type_url, &path)
+        } else {
+            decode_any(m, type_url, &path)
+        };
+        match r {
+            Ok(r) => out.push(r),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Start every configured subscription and wait for the initial fetch: until the first CDS and LDS rounds
+/// are done and nothing warms, or `initial_fetch_timeout` has passed (after which the server goes live
+/// anyway, counting `init_fetch_timeout`).
+pub async fn start(shared: &Arc<crate::server::Shared>) {
+    let d = &shared.bootstrap.dynamic;
+    if d.is_empty() && shared.dynamic.rds.names().is_empty() {
+        return;
+    }
+    for (kind, cfg) in [(file::Kind::Cds, &d.cds), (file::Kind::Lds, &d.lds)] {
+        if let Some(cfg) = cfg {
+            file::start(shared, kind, &cfg.source).await;
+        }
+    }
+    if let Some(ads) = &d.ads {
+        tokio::spawn(ads::run(shared.clone(), ads.clone()));
+    }
+    let timeouts: Vec<Option<Duration>> = [&d.cds, &d.lds]
+        .into_iter()
+        .flatten()
+        .map(|c| c.initial_fetch_timeout)
+        .collect();
+    let timeout = if timeouts.is_empty() {
+        Some(DEFAULT_INITIAL_FETCH_TIMEOUT)
+    } else if timeouts.iter().any(Option::is_none) {
+        None
+    } else {
+        timeouts.into_iter().flatten().max()
+    };
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut changes = shared.dynamic.subscribe_changes();
+    loop {
+        if shared.dynamic.initialized(shared) {
+            tracing::info!("initial xDS fetch done");
+            return;
+        }
+        let changed = match deadline {
+            Some(dl) => tokio::time::timeout_at(dl, changes.changed()).await,
+            None => Ok(changes.changed().await),
+        };
+        match changed {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!("initial xDS fetch timed out; serving with what has arrived");
+                shared.dynamic.initial_fetch_timed_out(shared);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! [`XdsServer`]: an ADS management server for tests, state-of-the-world and delta on one port.
+//!
+//! Messages are Envoy's own (`DynamicMessage`s of Remora's descriptor pool, through Remora's
+//! `DynamicCodec`), served by tonic's generic `server::Grpc` on the harness's h2c server. A test sets the
+//! resources of a type as JSON ([`XdsServer::set`]); every open stream then gets the new state: SotW streams
+//! a full response per subscribed type (wildcard or the names asked for), delta streams only what changed
+//! and `removed_resources`. Every request the proxy sends is kept, so a test can wait for an ACK or a NACK
+//! ([`XdsServer::wait_request`]) and read its `error_detail`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use prost::Message;
+use prost_reflect::{DynamicMessage, Value as PValue};
+use remora::xds::ads::DynamicCodec;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::server::StreamingService;
+use tonic::{Status, Streaming};
+
+use super::upstream::{BoxFuture, Handler, Server};
+use super::{within, BoxError, Protocol, UpstreamOptions, POLL_INTERVAL};
+
+const SOTW: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+fn desc(name: &str) -> prost_reflect::MessageDescriptor {
+    remora::config::descriptors::message(name).unwrap_or_else(|| panic!("no descriptor {name}"))
+}
+
+fn s(m: &DynamicMessage, f: &str) -> String {
+    m.get_field_by_name(f)
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn strs(m: &DynamicMessage, f: &str) -> Vec<String> {
+    match m.get_field_by_name(f).as_deref() {
+        Some(PValue::List(l)) => l.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The `error_detail.message` of a request, if it is a NACK.
+pub fn nack_message(m: &DynamicMessage) -> Option<String> {
+    match m.get_field_by_name("error_detail").as_deref() {
+        Some(PValue::Message(st)) if m.has_field_by_name("error_detail") => Some(s(st, "message")),
+        _ => None,
+    }
+}
+
+pub fn type_url(m: &DynamicMessage) -> String {
+    s(m, "type_url")
+}
+
+pub fn response_nonce(m: &DynamicMessage) -> String {
+    s(m, "response_nonce")
+}
+
+pub fn version_info(m: &DynamicMessage) -> String {
+    s(m, "version_info")
+}
+
+fn any(type_url: &str, bytes: &[u8]) -> DynamicMessage {
+    let mut a = DynamicMessage::new(desc("google.protobuf.Any"));
+    a.set_field_by_name("type_url", PValue::String(type_url.to_owned()));
+    a.set_field_by_name("value", PValue::Bytes(bytes.to_vec().into()));
+    a
+}
+
+#[derive(Default)]
+struct State {
+    /// Encoded resources by type and name.
+    resources: Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
+    requests: Mutex<Vec<DynamicMessage>>,
+    nonce: AtomicU64,
+}
+
+/// The management server; see the module docs. Dropping it closes every stream.
+pub struct XdsServer {
+    server: Server,
+    state: Arc<State>,
+    version: Arc<watch::Sender<u64>>,
+}
+
+impl XdsServer {
+    pub async fn start() -> XdsServer {
+        let state = Arc::new(State::default());
+        let version = Arc::new(watch::channel(1u64).0);
+        let handler: Handler = {
+            let state = state.clone();
+            let version = version.clone();
+            Arc::new(move |req| {
+                let svc = Ads {
+                    state: state.clone(),
+                    version: version.subscribe(),
+                    delta: req.uri().path() == DELTA,
+                };
+                Box::pin(async move {
+                    let path = req.uri().path().to_owned();
+                    let resp = if path == SOTW || path == DELTA {
+                        let codec = DynamicCodec::new(desc(if svc.delta {
+                            "envoy.service.discovery.v3.DeltaDiscoveryRequest"
+                        } else {
+                            "envoy.service.discovery.v3.DiscoveryRequest"
+                        }));
+                        tonic::server::Grpc::new(codec).streaming(svc, req).await
+                    } else {
+                        Status::unimplemented(path).into_http()
+                    };
+                    let (parts, body) = resp.into_parts();
+                    http::Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+                }) as BoxFuture<_>
+            })
+        };
+        let options = UpstreamOptions {
+            protocol: Protocol::H2c,
+            bind: None,
+        };
+        XdsServer {
+            server: Server::start(&options, handler).await,
+            state,
+            version,
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr()
+    }
+
+    /// The current version (`version_info` of SotW responses).
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// Replace every resource of `type_url` with `resources` (JSON in Envoy's schema) and push the new state.
+    pub fn set(&self, type_url: &str, resources: Vec<Value>) {
+        let d = desc(type_url.rsplit('/').next().unwrap_or(type_url));
+        let mut map = BTreeMap::new();
+        for r in resources {
+            let name = r
+                .get("name")
+                .or_else(|| r.get("cluster_name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let m = remora::config::load::message_from_value(r, &d)
+                .unwrap_or_else(|e| panic!("test resource does not parse: {e}"));
+            map.insert(name, m.encode_to_vec());
+        }
+        self.state
+            .resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(type_url.to_owned(), map);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<DynamicMessage> {
+        self.state
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits (at most `timeout`) for a request that `accept` takes.
+    pub async fn wait_request(
+        &self,
+        what: &str,
+        timeout: Duration,
+        accept: impl Fn(&DynamicMessage) -> bool,
+    ) -> DynamicMessage {
+        within(timeout, what, async {
+            loop {
+                if let Some(r) = self.requests().into_iter().find(|r| accept(r)) {
+                    return r;
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        })
+        .await
+    }
+}
+
+struct Ads {
+    state: Arc<State>,
+    version: watch::Receiver<u64>,
+    delta: bool,
+}
+
+type Out = Pin<Box<dyn Stream<Item = Result<DynamicMessage, Status>> + Send>>;
+
+impl StreamingService<DynamicMessage> for Ads {
+    type Response = DynamicMessage;
+    type ResponseStream = Out;
+    type Future = BoxFuture<Result<tonic::Response<Out>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Streaming<DynamicMessage>>) -> Self::Future {
+        let (tx, rx) = mpsc::channel(64);
+        let inbound = request.into_inner();
+        let (state, version) = (self.state.clone(), self.version.clone());
+        if self.delta {
+            tokio::spawn(delta_session(state, version, inbound, tx));
+        } else {
+            tokio::spawn(sotw_session(state, version, inbound, tx));
+        }
+        Box::pin(async move { Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx)) as Out)) })
+    }
+}
+
+fn wildcard(t: &str) -> bool {
+    t == CLUSTER || t == LISTENER
+}
+
+async fn sotw_session(
+    state: Arc<State>,
+    mut version: watch::Receiver<u64>,
+    mut inbound: Streaming<DynamicMessage>,
+    tx: mpsc::Sender<Result<DynamicMessage, Status>>,
+) {
+    // Subscribed names by type; `None` is a wildcard.
+    let mut subs: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+    let send = |t: &str, names: &Option<Vec<String>>, v: u64| {
+        let res = state.resources.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = DynamicMessage::new(desc("envoy.service.discovery.v3.DiscoveryResponse"));
+        let list: Vec<PValue> = res
+            .get(t)
+            .into_iter()
+            .flatten()
+            .filter(|(n, _)| names.as_ref().is_none_or(|ns| ns.contains(n)))
+            .map(|(_, b)| PValue::Message(any(t, b)))
+            .collect();
+        m.set_field_by_name("version_info", PValue::String(v.to_string()));
+        m.set_field_by_name("type_url", PValue::String(t.to_owned()));
+        m.set_field_by_name("resources", PValue::List(list));
+        let nonce = state.nonce.fetch_add(1, Ordering::SeqCst).to_string();
+        m.set_field_by_name("nonce", PValue::String(nonce));
+        m
+    };
+    loop {
+        tokio::select! {
+            req = inbound.message() => {
+                let Ok(Some(req)) = req else { return };
+                state.requests.lock().unwrap_or_else(|e| e.into_inner()).push(req.clone());
+                let t = type_url(&req);
+                let names = strs(&req, "resource_names");
+                let names = if wildcard(&t) && names.is_empty() { None } else { Some(names) };
+                if subs.get(&t) != Some(&names) {
+                    let v = *version.borrow();
+                    let m = send(&t, &names, v);
+                    subs.insert(t, names);
+                    if tx.send(Ok(m)).await.is_err() { return }
+                }
+            }
+            changed = version.changed() => {
+                if changed.is_err() { return }
+                let v = *version.borrow_and_update();
+                for (t, names) in &subs {
+                    if tx.send(Ok(send(t, names, v))).await.is_err() { return }
+                }
+            }
+        }
+    }
+}
+
+async fn delta_session(
+    state: Arc<State>,
+    mut version: watch::Receiver<u64>,
+    mut inbound: Streaming<DynamicMessage>,
+    tx: mpsc::Sender<Result<DynamicMessage, Status>>,
+) {
+    struct Sub {
+        wildcard: bool,
+        names: HashSet<String>,
+        sent: HashMap<String, String>,
+    }
+    let mut subs: BTreeMap<String, Sub> = BTreeMap::new();
+    let diff = |t: &str, sub: &mut Sub, force: bool, v: u64| -> Option<DynamicMessage> {
+        let res = state.resources.lock().unwrap_or_else(|e| e.into_inner());
+        let current: BTreeMap<String, Vec<u8>> = res
+            .get(t)
+            .into_iter()
+            .flatten()
+            .filter(|(n, _)| sub.wildcard || sub.names.contains(*n))
+            .map(|(n, b)| (n.clone(), b.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (n, b) in &current {
+            let ver = format!("{:x}", remora::xds::content_hash([b.as_slice()]));
+            if sub.sent.get(n) != Some(&ver) {
+                let mut r = DynamicMessage::new(desc("envoy.service.discovery.v3.Resource"));
+                r.set_field_by_name("name", PValue::String(n.clone()));
+                r.set_field_by_name("version", PValue::String(ver.clone()));
+                r.set_field_by_name("resource", PValue::Message(any(t, b)));
+                out.push(PValue::Message(r));
+                sub.sent.insert(n.clone(), ver);
+            }
+        }
+        let removed: Vec<String> = sub
+            .sent
+            .keys()
+            .filter(|n| !current.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in &removed {
+            sub.sent.remove(n);
+        }
+        if out.is_empty() && removed.is_empty() && !force {
+            return None;
+        }
+        let mut m = DynamicMessage::new(desc("envoy.service.discovery.v3.DeltaDiscoveryResponse"));
+        m.set_field_by_name("system_version_info", PValue::String(v.to_string()));
+        m.set_field_by_name("type_url", PValue::String(t.to_owned()));
+        m.set_field_by_name("resources", PValue::List(out));
+        m.set_field_by_name(
+            "removed_resources",
+            PValue::List(removed.into_iter().map(PValue::String).collect()),
+        );
+        let nonce = state.nonce.fetch_add(1, Ordering::SeqCst).to_string();
+        m.set_field_by_name("nonce", PValue::String(nonce));
+        Some(m)
+    };
+    loop {
+        tokio::select! {
+            req = inbound.message() => {
+                let Ok(Some(req)) = req else { return };
+                state.requests.lock().unwrap_or_else(|e| e.into_inner()).push(req.clone());
+                let t = type_url(&req);
+                let subscribe = strs(&req, "resource_names_subscribe");
+                let unsubscribe = strs(&req, "resource_names_unsubscribe");
+                let initial = !subs.contains_key(&t);
+                if !initial && subscribe.is_empty() && unsubscribe.is_empty() {
+                    continue; // an ACK or a NACK
+                }
+                let sub = subs.entry(t.clone()).or_insert_with(|| Sub {
+                    wildcard: subscribe.is_empty() || subscribe.iter().any(|n| n == "*"),
+                    names: HashSet::new(),
+                    sent: HashMap::new(),
+                });
+                if initial {
+                    if let Some(PValue::Map(m)) = req.get_field_by_name("initial_resource_versions").as_deref() {
+                        for (k, v) in m {
+                            if let (prost_reflect::MapKey::String(k), Some(v)) = (k, v.as_str()) {
+                                sub.sent.insert(k.clone(), v.to_owned());
+                            }
+                        }
+                    }
+                }
+                sub.names.extend(subscribe.into_iter().filter(|n| n != "*"));
+                for n in &unsubscribe {
+                    sub.names.remove(n);
+                    sub.sent.remove(n);
+                }
+                let v = *version.borrow();
+                if let Some(m) = diff(&t, sub, initial, v) {
+                    if tx.send(Ok(m)).await.is_err() { return }
+                }
+            }
+            changed = version.changed() => {
+                if changed.is_err() { return }
+                let v = *version.borrow_and_update();
+                for (t, sub) in subs.iter_mut() {
+                    if let Some(m) = diff(t, sub, false, v) {
+                        if tx.send(Ok(m)).await.is_err() { return }
+                    }
+                }
+            }
+        }
+    }
+}
