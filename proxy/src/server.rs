@@ -270,7 +270,11 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let store = bootstrap.store.clone();
     let server_stats = ServerStats::new(&store);
     let cluster_ids = std::mem::take(&mut bootstrap.cluster_ids);
-    let dynamic = crate::xds::manager::Dynamic::new(&store, std::mem::take(&mut bootstrap.rds));
+    let dynamic = crate::xds::manager::Dynamic::new(
+        &store,
+        std::mem::take(&mut bootstrap.rds),
+        bootstrap.dynamic.ads.is_some(),
+    );
     let clusters = build_clusters(&bootstrap, &store, &cluster_ids);
     let (drain_tx, _) = watch::channel(false);
     let concurrency = options.concurrency;

@@ -1,12 +1,12 @@
 //! Lowering `envoy.config.cluster.v3.Cluster`.
 
 use super::bootstrap::{host_port, socket_address};
-use crate::upstream::dns::{self, DnsConfig, Family};
-use std::net::SocketAddr;
 use super::node::Node;
+use crate::upstream::dns::{self, DnsConfig, Family};
 use crate::upstream::{
     ClusterConfig, Discovery, EndpointConfig, EndpointHealth, LbPolicy, Locality, Protocol,
 };
+use std::net::SocketAddr;
 use std::time::Duration;
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -160,7 +160,10 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
             if ty == "LOGICAL_DNS" {
                 d.logical = true;
                 if targets.len() != 1 {
-                    c.err("load_assignment", "a LOGICAL_DNS cluster takes exactly one endpoint");
+                    c.err(
+                        "load_assignment",
+                        "a LOGICAL_DNS cluster takes exactly one endpoint",
+                    );
                 }
             }
             d.targets = targets;

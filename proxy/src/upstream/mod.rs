@@ -211,7 +211,11 @@ impl HostSet {
             .map(|(i, _)| i)
             .collect();
         let uniform_weight = hosts.windows(2).all(|w| w[0].weight == w[1].weight);
-        HostSet { hosts, healthy, uniform_weight }
+        HostSet {
+            hosts,
+            healthy,
+            uniform_weight,
+        }
     }
 }
 

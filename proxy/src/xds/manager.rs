@@ -182,7 +182,7 @@ fn resource_error(what: &str, e: ConfigError) -> ConfigError {
 }
 
 impl Dynamic {
-    pub fn new(store: &Arc<Store>, rds: RdsRegistry) -> Self {
+    pub fn new(store: &Arc<Store>, rds: RdsRegistry, ads: bool) -> Self {
         let cm = store.scope("cluster_manager.");
         let lm = store.scope("listener_manager.");
         Dynamic {
@@ -205,7 +205,12 @@ impl Dynamic {
                 total_listeners_warming: lm.gauge("total_listeners_warming"),
                 total_listeners_draining: lm.gauge("total_listeners_draining"),
             },
-            connected_state: store.gauge("control_plane.connected_state"),
+            // Envoy has this gauge only with a gRPC control plane.
+            connected_state: if ads {
+                store.gauge("control_plane.connected_state")
+            } else {
+                Gauge::detached()
+            },
             changes: watch::channel(0).0,
         }
     }
