@@ -23,6 +23,19 @@ pub fn http_date() -> HeaderValue {
     })
 }
 
+/// A header value for a small number (a service time in milliseconds): formatted once per thread for 0..1024,
+/// so the common case is a reference-count increment rather than an allocation.
+pub fn small_number(n: u64) -> HeaderValue {
+    thread_local! {
+        static SMALL: Vec<HeaderValue> = (0..1024u64).map(HeaderValue::from).collect();
+    }
+    if n < 1024 {
+        SMALL.with(|v| v[n as usize].clone())
+    } else {
+        HeaderValue::from(n)
+    }
+}
+
 /// The C library's text for an I/O error's errno (`Connection refused`), as Envoy prints it.
 pub fn strerror(e: &std::io::Error) -> String {
     let s = e.to_string();

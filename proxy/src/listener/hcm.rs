@@ -622,38 +622,22 @@ fn apply_response_mods(
 /// Envoy's `mutateRequestHeaders` for what Remora implements: hop-by-hop removal, `x-forwarded-for` and
 /// `-proto`, internal-only headers, `x-request-id`.
 fn mutate_request_headers(conn: &Conn, hcm: &HcmConfig, h: &mut HeaderMap) {
-    // Hop-by-hop headers, and the tokens `connection` lists.
-    if let Some(c) = h.get(header::CONNECTION).cloned() {
-        if let Ok(c) = c.to_str() {
-            for token in c.split(',') {
-                let token = token.trim();
-                if !token.is_empty() && !token.eq_ignore_ascii_case("te") {
-                    if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                        h.remove(n);
-                    }
-                }
-            }
-        }
-        h.remove(header::CONNECTION);
-    }
-    h.remove(header::UPGRADE);
-    h.remove(&KEEP_ALIVE);
-    h.remove(&PROXY_CONNECTION);
-    h.remove(header::TRANSFER_ENCODING);
-    h.remove(&X_ENVOY_INTERNAL);
-    // The connection manager answers `expect: 100-continue` itself (hyper sends the 100 when the body is read).
-    if h.get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-    {
-        h.remove(header::EXPECT);
-    }
-    // `te` may only carry `trailers` upstream.
-    if let Some(te) = h.get(header::TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            h.remove(header::TE);
+    // One pass over the names decides which removals are needed at all: most requests carry none of these
+    // headers, and a removal is a hash look-up each.
+    let mut hop = false;
+    let mut envoy = false;
+    for k in h.keys() {
+        let k = k.as_str();
+        match k {
+            "connection" | "upgrade" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "expect"
+            | "te" => hop = true,
+            _ if k.starts_with("x-envoy-") => envoy = true,
+            _ => {}
         }
     }
-
+    if hop {
+        remove_hop_by_hop_request(h);
+    }
     let mut edge = false;
     if hcm.use_remote_address {
         edge = true;
@@ -674,13 +658,50 @@ fn mutate_request_headers(conn: &Conn, hcm: &HcmConfig, h: &mut HeaderMap) {
     }
     // No address is internal unless configured (Envoy's default since 1.33): clients may not steer retries
     // and timeouts with x-envoy-* headers.
-    for n in &INTERNAL_ONLY {
-        h.remove(n);
+    if envoy {
+        h.remove(&X_ENVOY_INTERNAL);
+        for n in &INTERNAL_ONLY {
+            h.remove(n);
+        }
     }
     if hcm.generate_request_id {
         let force = edge && !hcm.preserve_external_request_id;
         if force || !h.contains_key(&X_REQUEST_ID) {
             h.insert(X_REQUEST_ID.clone(), conn.worker.new_request_id());
+        }
+    }
+}
+
+/// Hop-by-hop request headers, the tokens `connection` lists, `expect: 100-continue` (answered here) and a
+/// `te` other than `trailers`.
+fn remove_hop_by_hop_request(h: &mut HeaderMap) {
+    if let Some(c) = h.get(header::CONNECTION).cloned() {
+        if let Ok(c) = c.to_str() {
+            for token in c.split(',') {
+                let token = token.trim();
+                if !token.is_empty() && !token.eq_ignore_ascii_case("te") {
+                    if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                        h.remove(n);
+                    }
+                }
+            }
+        }
+        h.remove(header::CONNECTION);
+    }
+    h.remove(header::UPGRADE);
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    // The connection manager answers `expect: 100-continue` itself (hyper sends the 100 when the body is read).
+    if h.get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        h.remove(header::EXPECT);
+    }
+    // `te` may only carry `trailers` upstream.
+    if let Some(te) = h.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            h.remove(header::TE);
         }
     }
 }
@@ -1035,7 +1056,7 @@ async fn forward(
         remove_hop_by_hop_response(&mut rparts.headers);
         rparts.headers.insert(
             X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-            HeaderValue::from(service_time),
+            crate::util::small_number(service_time),
         );
         if vhost.include_attempt_count_in_response {
             rparts
@@ -1224,6 +1245,15 @@ fn set_authority(uri: &mut Uri, host: &str) {
 }
 
 fn remove_hop_by_hop_response(h: &mut HeaderMap) {
+    let any = h.keys().any(|k| {
+        matches!(
+            k.as_str(),
+            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+        )
+    });
+    if !any {
+        return;
+    }
     if let Some(c) = h.get(header::CONNECTION).cloned() {
         if let Ok(c) = c.to_str() {
             for token in c.split(',') {
