@@ -7,6 +7,7 @@ use remora::cli::{self, Command, Mode};
 use remora::config;
 
 fn main() {
+    remora::util::limit_malloc_arenas();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = match cli::parse(&args) {
         Ok(Command::Run(o)) => *o,
@@ -53,6 +54,7 @@ fn main() {
                     std::process::exit(1);
                 }
             };
+            remora::util::release_freed_memory();
             let code = remora::server::run(opts, bootstrap);
             std::process::exit(code);
         }

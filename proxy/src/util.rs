@@ -136,3 +136,20 @@ mod time_tests {
         );
     }
 }
+
+/// Parsing a configuration allocates far more than it keeps; hand the freed pages back to the system so that
+/// a sidecar's resident memory is what it uses.
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free memory held by the allocator; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Worker threads are few and long-lived: one malloc arena each would keep memory that another could reuse.
+pub fn limit_malloc_arenas() {
+    // SAFETY: mallopt adjusts allocator parameters; called at start-up before threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}

@@ -737,8 +737,8 @@ fn refuses_what_it_does_not_implement_with_the_path() {
         (
             file(
                 "  log_format:\n    text_format_source: {inline_string: x}\n    formatters:\n    \
-                 - name: envoy.formatter.req_without_query\n      typed_config:\n        \"@type\": \
-                 type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery\n",
+                 - name: envoy.formatter.any\n      typed_config:\n        \"@type\": \
+                 type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
             ),
             format!("{at}.log_format.formatters: not supported by Remora"),
         ),
@@ -798,12 +798,9 @@ fn refuses_what_it_does_not_implement_with_the_path() {
             format!("{at}.path: unable to open file '{}'", dir.file("no/such/dir/x.log").display()),
         ),
         (
-            "typed_config:\n  \"@type\": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig\n"
+            "typed_config:\n  \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n"
                 .to_string(),
-            format!(
-                "{at}: access logger envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig is not \
-                 supported by Remora"
-            ),
+            format!("{at}: access logger envoy.extensions.filters.http.router.v3.Router is not supported by Remora"),
         ),
         (
             "name: envoy.access_loggers.file\n".to_string(),

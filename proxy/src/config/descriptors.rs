@@ -40,7 +40,6 @@ mod tests {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
             "envoy.service.discovery.v3.DiscoveryRequest",
-            "envoy.admin.v3.ConfigDump",
         ] {
             assert!(super::message(name).is_some(), "{name}");
         }

@@ -180,8 +180,12 @@ fn normalize_message(
 ) {
     let before = errs.len();
     normalize_message_inner(v, desc, path, errs);
-    // A well-known type (duration, Any, wrapper) that could not be read is left out as a whole.
-    if errs.len() > before && desc.full_name().starts_with("google.protobuf.") {
+    // A well-known scalar-like type (duration, wrapper) that could not be read is left out as a whole; an Any
+    // keeps what could be read of it (normalize_any leaves out an Any of an unknown type itself).
+    if errs.len() > before
+        && desc.full_name().starts_with("google.protobuf.")
+        && desc.full_name() != "google.protobuf.Any"
+    {
         *v = Value::Null;
     }
 }
@@ -506,6 +510,16 @@ fn unwrap_typed_struct(map: &mut serde_json::Map<String, Value>) -> Result<Strin
 }
 
 fn normalize_any(v: &mut Value, path: &mut String, errs: &mut Vec<ConfigError>) {
+    // An Any that cannot be read at all (no object, no type, an unknown type) is left out, and reported.
+    let before = errs.len();
+    normalize_any_inner(v, path, errs);
+    let unreadable = errs[before..].iter().any(|e| e.path == *path);
+    if unreadable {
+        *v = Value::Null;
+    }
+}
+
+fn normalize_any_inner(v: &mut Value, path: &mut String, errs: &mut Vec<ConfigError>) {
     let Value::Object(map) = v else {
         errs.push(ConfigError::new(
             path.clone(),
@@ -529,7 +543,10 @@ fn normalize_any(v: &mut Value, path: &mut String, errs: &mut Vec<ConfigError>) 
     let Some(inner) = descriptors::message_for_type_url(&url) else {
         errs.push(ConfigError::new(
             path.clone(),
-            format!("unknown type {url:?}: not a message of Envoy's v3 API"),
+            format!(
+                "{} is not supported by Remora (not among the Envoy API types it reads)",
+                url.rsplit_once('/').map_or(url.as_str(), |(_, n)| n)
+            ),
         ));
         return;
     };
@@ -633,8 +650,8 @@ bootstrap_extensions:
 - name: envoy.bootstrap.internal_listener
   typed_config:
     "@type": type.googleapis.com/udpa.type.v1.TypedStruct
-    type_url: type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
-    value: {buffer_size_kb: 64}
+    type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+    value: {stat_prefix: rl}
 - name: x
   typed_config:
     "@type": type.googleapis.com/xds.type.v3.TypedStruct
@@ -645,9 +662,9 @@ bootstrap_extensions:
         let ext = &json["bootstrapExtensions"];
         assert_eq!(
             ext[0]["typedConfig"]["@type"],
-            "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+            "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
         );
-        assert_eq!(ext[0]["typedConfig"]["bufferSizeKb"], 64);
+        assert_eq!(ext[0]["typedConfig"]["statPrefix"], "rl");
         assert_eq!(
             ext[1]["typedConfig"]["@type"],
             "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -658,7 +675,7 @@ bootstrap_extensions:
 bootstrap_extensions:
 - typed_config:
     "@type": type.googleapis.com/udpa.type.v1.TypedStruct
-    type_url: type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+    type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
     value: {buffer_size: 64}
 - typed_config: {"@type": type.googleapis.com/udpa.type.v1.TypedStruct, value: {}}
 - typed_config: {"@type": type.googleapis.com/xds.type.v3.TypedStruct, type_url: x, value: 3}

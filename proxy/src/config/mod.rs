@@ -184,7 +184,15 @@ pub fn load_bootstrap(opts: &Options) -> Result<Bootstrap, ConfigErrors> {
         Ok(b) if errors.is_empty() => Ok(b),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(e) => {
-            errors.extend(e.with_source(&source).0);
+            // A field refused while parsing (an unknown extension type, say) is left out, and lowering may then
+            // miss it ("needs typed_config"): one error per place is enough.
+            let parsed: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
+            errors.extend(
+                e.with_source(&source)
+                    .0
+                    .into_iter()
+                    .filter(|e| !parsed.contains(&e.path)),
+            );
             Err(ConfigErrors(errors))
         }
     }
