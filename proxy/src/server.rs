@@ -373,6 +373,8 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         let (first_tx, mut first_rx) = tokio::sync::mpsc::channel(64);
         let mut dns_clusters = 0;
         for c in shared.clusters.load().iter() {
+            crate::upstream::dfp::spawn(c);
+            crate::upstream::original_dst::spawn(c);
             if let crate::upstream::Discovery::Dns(cfg) = &c.config.discovery {
                 let scope = shared.store.scope(format!("cluster.{}.", c.config.stat_name));
                 crate::upstream::dns::spawn(c, cfg.clone(), &scope, first_tx.clone());

@@ -21,6 +21,7 @@ const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 const ADAPTIVE_CONCURRENCY: &str =
     "envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency";
 const ADMISSION_CONTROL: &str = "envoy.extensions.filters.http.admission_control.v3.AdmissionControl";
+const DYNAMIC_FORWARD_PROXY: &str = "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig";
 pub(crate) const LOCAL_RATELIMIT: &str = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
 /// What lowering a listener needs from the rest of the bootstrap.
@@ -188,6 +189,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         );
     }
     let mut http_filters = Vec::new();
+    let mut dynamic_forward_proxy = false;
     for (i, f) in filters.iter().enumerate() {
         let name = f.string("name").unwrap_or_default();
         let ty = f.any("typed_config");
@@ -241,6 +243,19 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
                     let l = local_ratelimit::LocalRateLimiter::new(&cfg, &ctx.store.scope(""), now);
                     http_filters.push(HttpFilter::LocalRateLimit(l));
                 }
+            }
+            DYNAMIC_FORWARD_PROXY => {
+                // The router resolves the authority through the dynamic forward proxy cluster's cache; the
+                // filter's own cache settings must describe the same cache, as in Envoy.
+                if let Some(d) = t.msg("dns_cache_config") {
+                    let _ = super::cluster::lower_dns_cache(&d);
+                } else {
+                    t.err("dns_cache_config", "is required");
+                }
+                t.unsupported("sub_cluster_config");
+                t.unsupported("save_upstream_address");
+                t.unsupported("allow_dynamic_host_from_filter_state");
+                dynamic_forward_proxy = true;
             }
             other => {
                 t.err_here(format!("HTTP filter {other} is not supported by Remora"));
@@ -313,6 +328,20 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     }
     let drain_timeout = h.duration("drain_timeout").unwrap_or(Duration::from_secs(5));
 
+    let mut connect = false;
+    for u in h.list("upgrade_configs") {
+        let ty = u.string("upgrade_type").unwrap_or_default();
+        if !ty.eq_ignore_ascii_case("CONNECT") {
+            u.err(
+                "upgrade_type",
+                format!("upgrade {ty:?} is not supported by Remora (only CONNECT)"),
+            );
+        }
+        if u.wrapped_bool("enabled") != Some(false) {
+            connect = true;
+        }
+        u.unsupported("filters");
+    }
     let routes = routes?;
     let lscope = ctx.store.scope(format!("{listener_scope}http.{stat_prefix}."));
     let access_logs = crate::access_log::lower(&h.list("access_log"), ctx.logs);
@@ -339,6 +368,8 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         idle_timeout,
         drain_timeout,
         filters: http_filters,
+        dynamic_forward_proxy,
+        connect,
         access_logs,
     })
 }

@@ -73,6 +73,11 @@ pub struct HcmConfig {
     pub stats: HcmStats,
     /// The HTTP filters before the router, in configuration order.
     pub filters: Vec<HttpFilter>,
+    /// `envoy.filters.http.dynamic_forward_proxy` is configured: the router resolves authorities that a
+    /// dynamic forward proxy cluster has not cached yet (else it finds no host for them, as Envoy does).
+    pub dynamic_forward_proxy: bool,
+    /// `upgrade_configs` with `CONNECT`: CONNECT requests matching a `connect_matcher` route are tunnelled.
+    pub connect: bool,
     /// `access_log`: written when each response is done.
     pub access_logs: Vec<crate::access_log::AccessLog>,
 }

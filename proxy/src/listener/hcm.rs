@@ -75,11 +75,12 @@ pub enum Flag {
     StreamIdleTimeout,
     RateLimited,
     UpstreamRetryLimitExceeded,
+    DnsResolutionFailed,
 }
 
 impl Flag {
     /// Every flag Remora sets, in the order Envoy prints them.
-    pub const ALL: [Flag; 13] = [
+    pub const ALL: [Flag; 14] = [
         Flag::NoHealthyUpstream,
         Flag::UpstreamRequestTimeout,
         Flag::UpstreamRemoteReset,
@@ -93,6 +94,7 @@ impl Flag {
         Flag::StreamIdleTimeout,
         Flag::UpstreamProtocolError,
         Flag::NoClusterFound,
+        Flag::DnsResolutionFailed,
     ];
 
     pub fn short(self) -> &'static str {
@@ -110,6 +112,7 @@ impl Flag {
             Flag::StreamIdleTimeout => "SI",
             Flag::RateLimited => "RL",
             Flag::UpstreamRetryLimitExceeded => "URX",
+            Flag::DnsResolutionFailed => "DF",
         }
     }
 }
@@ -704,7 +707,7 @@ fn rewrite_path(action: &RouteAction, route: &crate::route::Route, parts: &mut h
             crate::route::PathMatch::Prefix(p)
             | crate::route::PathMatch::Path(p)
             | crate::route::PathMatch::Separated(p) => p.len().min(path.len()),
-            crate::route::PathMatch::Regex(_) => 0,
+            crate::route::PathMatch::Regex(_) | crate::route::PathMatch::Connect => 0,
         };
         Some(format!("{prefix}{}", &path[matched_len..]))
     } else {
@@ -830,6 +833,10 @@ async fn forward(
     let Some(_rq_permit) = resources.try_request() else {
         return overflow_reply(cs, info, false);
     };
+    let provided = match provided_host(conn, cluster, &parts, info).await {
+        Ok(h) => h,
+        Err(reply) => return *reply,
+    };
 
     // The stream idle timeout watches both directions: request body frames and response body frames.
     let activity = conn
@@ -851,9 +858,14 @@ async fn forward(
     loop {
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
-            match &retry {
-                Some(r) => r.select_host(|| cluster.pick(&mut rng), |(_, h)| h.id),
+            let mut pick = || match &provided {
+                Some(h) => cluster.index_of(h),
+                None if cluster.provides_hosts() => None,
                 None => cluster.pick(&mut rng),
+            };
+            match &retry {
+                Some(r) => r.select_host(pick, |(_, h)| h.id),
+                None => pick(),
             }
         };
         let Some((index, host)) = picked else {
@@ -1059,6 +1071,54 @@ async fn forward(
                 .on_end(Box::new(done)),
         );
     }
+}
+
+/// The request's authority: the absolute-form URI's, else `host`.
+fn request_authority(parts: &http::request::Parts) -> Option<&str> {
+    match parts.uri.authority() {
+        Some(a) => Some(a.as_str()),
+        None => parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+    }
+}
+
+/// The host a cluster takes from the request itself: a dynamic forward proxy cluster's host for the authority
+/// (resolved through its DNS cache), or an `ORIGINAL_DST` cluster's host from its header. `None` for every
+/// other cluster, which balances over its own hosts.
+async fn provided_host(
+    conn: &Conn,
+    cluster: &Arc<Cluster>,
+    parts: &http::request::Parts,
+    info: &mut StreamInfo,
+) -> Result<Option<Arc<Host>>, Box<Response<Body>>> {
+    use crate::upstream::dfp::LookupError;
+    if let Some(cache) = &cluster.dfp {
+        let authority = request_authority(parts).unwrap_or("");
+        let resolve = conn.hcm.dynamic_forward_proxy;
+        return match cache.host(cluster, authority, 80, resolve).await {
+            Ok(h) => Ok(Some(h)),
+            Err(LookupError::NotCached) => Ok(None),
+            Err(LookupError::ResolutionFailed) => {
+                info.set(Flag::DnsResolutionFailed);
+                info.details = "dns_resolution_failure";
+                Err(Box::new(local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "DNS resolution failure",
+                )))
+            }
+            Err(LookupError::Overflow) => {
+                info.set(Flag::UpstreamOverflow);
+                info.details = "dns_cache_overflow";
+                Err(Box::new(local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "DNS cache overflow",
+                )))
+            }
+        };
+    }
+    if let Some(od) = &cluster.original_dst {
+        return Ok(od.host_for(cluster, &parts.headers));
+    }
+    Ok(None)
 }
 
 /// Sleep the back-off; `false` when the global deadline comes first.

@@ -1,0 +1,157 @@
+//! Passthrough: the dynamic forward proxy (absolute-form URIs and `host` resolved through a DNS cache),
+//! `ORIGINAL_DST` clusters addressed by header, and CONNECT tunnels, through the real binary.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{DnsServer, Echo, Upstream};
+use crate::support::{bootstrap, routes, to_cluster, Proxy, RawConn};
+
+const DFP_FILTER: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig";
+const DFP_CLUSTER: &str =
+    "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig";
+const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const STDOUT_LOG: &str = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+
+fn dns_cache(dns: SocketAddr, max_hosts: u32) -> Value {
+    json!({
+        "name": "dfp",
+        "dns_lookup_family": "V4_ONLY",
+        "max_hosts": max_hosts,
+        "typed_dns_resolver_config": {
+            "name": "envoy.network.dns_resolver.cares",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                "resolvers": [{"socket_address": {"address": dns.ip().to_string(), "port_value": dns.port()}}],
+            }
+        },
+    })
+}
+
+fn dfp_cluster(cache: &Value) -> Value {
+    json!({
+        "name": "dynamic",
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.dynamic_forward_proxy",
+            "typed_config": {"@type": DFP_CLUSTER, "dns_cache_config": cache},
+        },
+    })
+}
+
+/// A forward proxy: every request (and CONNECT) to the dynamic forward proxy cluster, logging
+/// `%UPSTREAM_HOST%` on stdout.
+fn dfp_bootstrap(dns: SocketAddr, max_hosts: u32, extra: Vec<Value>) -> Value {
+    let cache = dns_cache(dns, max_hosts);
+    let mut rs = vec![json!({"match": {"connect_matcher": {}}, "route": {"cluster": "dynamic"}})];
+    rs.push(to_cluster(json!({"prefix": "/"}), "dynamic"));
+    let mut clusters = vec![dfp_cluster(&cache)];
+    clusters.extend(extra);
+    bootstrap(
+        routes(rs),
+        clusters,
+        json!({
+            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+            "http_filters": [
+                {"name": "envoy.filters.http.dynamic_forward_proxy", "typed_config": {"@type": DFP_FILTER, "dns_cache_config": cache}},
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
+            ],
+            "access_log": [{"name": "envoy.access_loggers.stdout", "typed_config": {
+                "@type": STDOUT_LOG,
+                "log_format": {"text_format_source": {"inline_string": "ACCESS %REQ(:AUTHORITY)% %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_HOST%\n"}},
+            }}],
+        }),
+    )
+}
+
+async fn get_absolute(proxy: SocketAddr, authority: &str, path: &str) -> crate::support::RawResponse {
+    let mut c = RawConn::connect(proxy).await;
+    c.send(
+        format!("GET http://{authority}{path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    c.response(false).await
+}
+
+#[tokio::test]
+async fn dynamic_forward_proxy_resolves_absolute_uris_once_and_keeps_per_host_stats() {
+    let dns = DnsServer::start().await;
+    let origin = Upstream::start("origin").await;
+    dns.set("svc-a.test", &[IpAddr::from([127, 0, 0, 1])]);
+    let proxy = Proxy::start(&dfp_bootstrap(dns.addr(), 1024, vec![]), &[]).await;
+    let authority = format!("svc-a.test:{}", origin.port());
+
+    let r = get_absolute(proxy.addr, &authority, "/hello?x=1").await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let echo = Echo::parse(&r.body);
+    // Origin-form upstream, with the authority as `host`.
+    assert_eq!(echo.path, "/hello?x=1");
+    assert_eq!(echo.header("host"), Some(authority.as_str()));
+    let queries = dns.queries();
+
+    // A cache hit: no new DNS query; `host` (origin-form) finds the same host.
+    let r = proxy.h1().get("/again", &[("host", &authority)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        dns.queries(),
+        queries,
+        "the second request must be answered from the cache"
+    );
+
+    assert_eq!(proxy.stat("dns_cache.dfp.dns_query_attempt").await, 1);
+    assert_eq!(proxy.stat("dns_cache.dfp.host_added").await, 1);
+    assert_eq!(proxy.stat("dns_cache.dfp.num_hosts").await, 1);
+    assert_eq!(proxy.stat("cluster.dynamic.upstream_rq_200").await, 2);
+    let (_, clusters) = proxy.remora.admin_get("/clusters").await;
+    let host = format!("dynamic::127.0.0.1:{}", origin.port());
+    assert!(
+        clusters.contains(&format!("{host}::hostname::svc-a.test")),
+        "{clusters}"
+    );
+    assert!(clusters.contains(&format!("{host}::rq_total::2")), "{clusters}");
+    let log = stopped_stdout(proxy).await;
+    assert!(
+        log.contains(&format!("ACCESS {authority} 200 - 127.0.0.1:{}", origin.port())),
+        "{log}"
+    );
+}
+
+/// The proxy's stdout once it has exited (access logs are flushed every 10 s, and at exit).
+async fn stopped_stdout(mut proxy: Proxy) -> String {
+    proxy.remora.sigterm();
+    proxy.remora.wait_exit(Duration::from_secs(10)).await;
+    proxy.remora.stdout()
+}
+
+#[tokio::test]
+async fn dynamic_forward_proxy_answers_503_for_unresolvable_names_and_cache_overflow() {
+    let dns = DnsServer::start().await;
+    let origin = Upstream::start("origin").await;
+    dns.set("one.test", &[IpAddr::from([127, 0, 0, 1])]);
+    dns.set("two.test", &[IpAddr::from([127, 0, 0, 1])]);
+    dns.fail("broken.test");
+    let proxy = Proxy::start(&dfp_bootstrap(dns.addr(), 1, vec![]), &[]).await;
+
+    let r = get_absolute(proxy.addr, "broken.test", "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(String::from_utf8_lossy(&r.body), "DNS resolution failure");
+    assert_eq!(proxy.stat("dns_cache.dfp.dns_query_failure").await, 1);
+    // The failure is not cached: the next request asks again.
+    let _ = get_absolute(proxy.addr, "broken.test", "/").await;
+    assert_eq!(proxy.stat("dns_cache.dfp.dns_query_failure").await, 2);
+
+    let r = get_absolute(proxy.addr, &format!("one.test:{}", origin.port()), "/").await;
+    assert_eq!(r.status, 200);
+    let r = get_absolute(proxy.addr, &format!("two.test:{}", origin.port()), "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(String::from_utf8_lossy(&r.body), "DNS cache overflow");
+    assert_eq!(proxy.stat("dns_cache.dfp.host_overflow").await, 1);
+    let log = stopped_stdout(proxy).await;
+    assert!(log.contains("ACCESS broken.test 503 DF -"), "{log}");
+}
