@@ -155,3 +155,66 @@ async fn dynamic_forward_proxy_answers_503_for_unresolvable_names_and_cache_over
     let log = stopped_stdout(proxy).await;
     assert!(log.contains("ACCESS broken.test 503 DF -"), "{log}");
 }
+
+#[tokio::test]
+async fn connect_tunnels_tcp_through_the_dynamic_forward_proxy() {
+    let dns = DnsServer::start().await;
+    let origin = Upstream::start("origin").await;
+    dns.set("tunnel.test", &[IpAddr::from([127, 0, 0, 1])]);
+    let proxy = Proxy::start(&dfp_bootstrap(dns.addr(), 1024, vec![]), &[]).await;
+    let authority = format!("tunnel.test:{}", origin.port());
+
+    let mut c = RawConn::connect(proxy.addr).await;
+    c.send(format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response(true).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // What follows is the client's own bytes to the origin: an HTTP/1.1 request the proxy does not parse.
+    c.send(b"GET /inside HTTP/1.1\r\nhost: tunnelled\r\nx-inner: yes\r\nconnection: close\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    let echo = Echo::parse(&r.body);
+    assert_eq!(echo.path, "/inside");
+    assert_eq!(echo.header("host"), Some("tunnelled"));
+    assert_eq!(echo.header("x-inner"), Some("yes"));
+    assert_eq!(proxy.stat("cluster.dynamic.upstream_cx_total").await, 1);
+    assert!(proxy.stat("cluster.dynamic.upstream_cx_tx_bytes_total").await > 0);
+
+    // A CONNECT to a port nobody listens on: 503 with the connect failure, as Envoy words it.
+    let closed = crate::support::closed_port();
+    let mut c = RawConn::connect(proxy.addr).await;
+    c.send(
+        format!(
+            "CONNECT tunnel.test:{} HTTP/1.1\r\nhost: tunnel.test\r\n\r\n",
+            closed.port()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 503);
+    let log = stopped_stdout(proxy).await;
+    assert!(
+        log.contains(&format!("ACCESS {authority} 200 - 127.0.0.1:{}", origin.port())),
+        "{log}"
+    );
+    assert!(log.contains(" 503 UF "), "{log}");
+}
+
+#[tokio::test]
+async fn connect_is_refused_without_upgrade_configs_and_plain_prefix_routes_do_not_match_it() {
+    let origin = Upstream::start("origin").await;
+    let config = bootstrap(
+        routes(vec![to_cluster(json!({"prefix": "/"}), "origin")]),
+        vec![crate::support::cluster("origin", &[origin.addr()])],
+        Value::Null,
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let mut c = RawConn::connect(proxy.addr).await;
+    c.send(format!("CONNECT {} HTTP/1.1\r\nhost: x\r\n\r\n", origin.addr()).as_bytes())
+        .await;
+    let r = c.response(true).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(proxy.h1().get("/", &[]).await.status, 200);
+}

@@ -249,30 +249,13 @@ async fn serve_connection(
         rx: hs.downstream_cx_rx_bytes_total.clone(),
         tx: hs.downstream_cx_tx_bytes_total.clone(),
     });
-    let serve = builder.serve_connection(io, svc);
-    tokio::pin!(serve);
-    let mut drained = *drain.borrow();
-    if drained {
-        conn.draining.set(true);
-        serve.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            res = serve.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(remote = %conn.remote, error = %e, "downstream connection ended with an error");
-                }
-                break;
-            }
-            changed = drain.changed(), if !drained => {
-                if changed.is_err() || *drain.borrow() {
-                    drained = true;
-                    conn.draining.set(true);
-                    hs.downstream_cx_drain_close.inc();
-                    serve.as_mut().graceful_shutdown();
-                }
-            }
-        }
+    // Upgrades (CONNECT) only where the connection manager configures them.
+    if hcm.connect {
+        let serve = builder.serve_connection_with_upgrades(io, svc);
+        drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+    } else {
+        let serve = builder.serve_connection(io, svc);
+        drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
     }
     conn.shared.server_stats.total_connections.dec();
     match conn.protocol.get() {
@@ -287,6 +270,43 @@ async fn serve_connection(
     hs.downstream_cx_active.dec();
     hs.downstream_cx_destroy.inc();
     hs.downstream_cx_length_ms.record(ms);
+}
+
+/// Serve a connection until it ends, shutting it down gracefully when the listener drains.
+async fn drive<F, E>(
+    conn: &Conn,
+    serve: F,
+    shutdown: impl Fn(std::pin::Pin<&mut F>),
+    drain: &mut watch::Receiver<bool>,
+) where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let hs = &conn.hcm.stats;
+    tokio::pin!(serve);
+    let mut drained = *drain.borrow();
+    if drained {
+        conn.draining.set(true);
+        shutdown(serve.as_mut());
+    }
+    loop {
+        tokio::select! {
+            res = serve.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(remote = %conn.remote, error = %e, "downstream connection ended with an error");
+                }
+                break;
+            }
+            changed = drain.changed(), if !drained => {
+                if changed.is_err() || *drain.borrow() {
+                    drained = true;
+                    conn.draining.set(true);
+                    hs.downstream_cx_drain_close.inc();
+                    shutdown(serve.as_mut());
+                }
+            }
+        }
+    }
 }
 
 /// A downstream TCP stream that counts its bytes.
