@@ -218,3 +218,67 @@ async fn connect_is_refused_without_upgrade_configs_and_plain_prefix_routes_do_n
     assert_eq!(r.status, 404);
     assert_eq!(proxy.h1().get("/", &[]).await.status, 200);
 }
+
+fn original_dst_cluster(header: Option<&str>) -> Value {
+    let mut od = json!({"use_http_header": true});
+    if let Some(h) = header {
+        od["http_header_name"] = json!(h);
+    }
+    json!({
+        "name": "passthrough",
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "1s",
+        "original_dst_lb_config": od,
+    })
+}
+
+#[tokio::test]
+async fn original_dst_takes_the_upstream_address_from_the_header() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let config = bootstrap(
+        routes(vec![to_cluster(json!({"prefix": "/"}), "passthrough")]),
+        vec![original_dst_cluster(None)],
+        Value::Null,
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let client = proxy.h1();
+    let to_a = a.addr().to_string();
+    let to_b = b.addr().to_string();
+    assert_eq!(client.get("/", &[("x-envoy-original-dst-host", &to_a)]).await.echo().upstream_name, "a");
+    assert_eq!(client.get("/", &[("x-envoy-original-dst-host", &to_b)]).await.echo().upstream_name, "b");
+    assert_eq!(client.get("/", &[("x-envoy-original-dst-host", &to_a)]).await.echo().upstream_name, "a");
+    // Without the header (or with something that is not ip:port) there is no host.
+    let r = client.get("/", &[]).await;
+    assert_eq!((r.status.as_u16(), r.text()), (503, "no healthy upstream".to_string()));
+    let r = client.get("/", &[("x-envoy-original-dst-host", "not-an-address")]).await;
+    assert_eq!(r.status.as_u16(), 503);
+    assert_eq!(proxy.stat("cluster.passthrough.membership_total").await, 2);
+    let (_, clusters) = proxy.remora.admin_get("/clusters").await;
+    assert!(clusters.contains(&format!("passthrough::{to_a}::rq_total::2")), "{clusters}");
+}
+
+#[tokio::test]
+async fn original_dst_header_name_is_configurable_and_the_socket_destination_is_refused() {
+    let a = Upstream::start("a").await;
+    let config = bootstrap(
+        routes(vec![to_cluster(json!({"prefix": "/"}), "passthrough")]),
+        vec![original_dst_cluster(Some("x-dest"))],
+        Value::Null,
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let r = proxy.h1().get("/", &[("x-dest", &a.addr().to_string())]).await;
+    assert_eq!(r.echo().upstream_name, "a");
+
+    let mut socket = original_dst_cluster(None);
+    socket["original_dst_lb_config"] = json!({});
+    let config = bootstrap(
+        routes(vec![to_cluster(json!({"prefix": "/"}), "passthrough")]),
+        vec![socket],
+        Value::Null,
+    );
+    let (code, _, stderr) = crate::harness::validate(&serde_json::to_string(&config).unwrap_or_default()).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("clusters[0].original_dst_lb_config"), "{stderr}");
+}
