@@ -246,17 +246,46 @@ async fn original_dst_takes_the_upstream_address_from_the_header() {
     let client = proxy.h1();
     let to_a = a.addr().to_string();
     let to_b = b.addr().to_string();
-    assert_eq!(client.get("/", &[("x-envoy-original-dst-host", &to_a)]).await.echo().upstream_name, "a");
-    assert_eq!(client.get("/", &[("x-envoy-original-dst-host", &to_b)]).await.echo().upstream_name, "b");
-    assert_eq!(client.get("/", &[("x-envoy-original-dst-host", &to_a)]).await.echo().upstream_name, "a");
+    assert_eq!(
+        client
+            .get("/", &[("x-envoy-original-dst-host", &to_a)])
+            .await
+            .echo()
+            .upstream_name,
+        "a"
+    );
+    assert_eq!(
+        client
+            .get("/", &[("x-envoy-original-dst-host", &to_b)])
+            .await
+            .echo()
+            .upstream_name,
+        "b"
+    );
+    assert_eq!(
+        client
+            .get("/", &[("x-envoy-original-dst-host", &to_a)])
+            .await
+            .echo()
+            .upstream_name,
+        "a"
+    );
     // Without the header (or with something that is not ip:port) there is no host.
     let r = client.get("/", &[]).await;
-    assert_eq!((r.status.as_u16(), r.text()), (503, "no healthy upstream".to_string()));
-    let r = client.get("/", &[("x-envoy-original-dst-host", "not-an-address")]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text()),
+        (503, "no healthy upstream".to_string())
+    );
+    let r = client
+        .get("/", &[("x-envoy-original-dst-host", "not-an-address")])
+        .await;
     assert_eq!(r.status.as_u16(), 503);
     assert_eq!(proxy.stat("cluster.passthrough.membership_total").await, 2);
     let (_, clusters) = proxy.remora.admin_get("/clusters").await;
-    assert!(clusters.contains(&format!("passthrough::{to_a}::rq_total::2")), "{clusters}");
+    assert!(
+        clusters.contains(&format!("passthrough::{to_a}::rq_total::2")),
+        "{clusters}"
+    );
 }
 
 #[tokio::test]
@@ -278,7 +307,86 @@ async fn original_dst_header_name_is_configurable_and_the_socket_destination_is_
         vec![socket],
         Value::Null,
     );
-    let (code, _, stderr) = crate::harness::validate(&serde_json::to_string(&config).unwrap_or_default()).await;
+    let (code, _, stderr) =
+        crate::harness::validate(&serde_json::to_string(&config).unwrap_or_default()).await;
     assert_ne!(code, 0);
     assert!(stderr.contains("clusters[0].original_dst_lb_config"), "{stderr}");
+}
+
+/// `config/default.yaml`, the embedded default, on ports 0 (the file itself binds 15001 and 9901).
+fn default_config_on_free_ports() -> String {
+    let text = include_str!("../../config/default.yaml");
+    assert!(text.contains("port_value: 15001") && text.contains("port_value: 9901"));
+    text.replace("port_value: 15001", "port_value: 0")
+        .replace("port_value: 9901", "port_value: 0")
+}
+
+#[tokio::test]
+async fn the_embedded_default_validates_as_is() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_remora"))
+        .args(["--mode", "validate"])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("validate: {e}"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn the_default_development_proxy_forwards_absolute_uris_and_connect_to_localhost() {
+    let origin = Upstream::start("origin").await;
+    let remora =
+        crate::harness::Remora::start(&default_config_on_free_ports(), &["--concurrency", "2"]).await;
+    remora.wait_ready().await;
+    let proxy = remora.listener_addr("dev_proxy").await;
+    let authority = format!("localhost:{}", origin.port());
+
+    // `http_proxy=http://127.0.0.1:15001 curl http://localhost:<port>/` sends this.
+    let r = get_absolute(proxy, &authority, "/via-proxy").await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(Echo::parse(&r.body).path, "/via-proxy");
+
+    // HTTPS through the proxy starts with CONNECT; the tunnel carries whatever the client speaks.
+    let mut c = RawConn::connect(proxy).await;
+    c.send(format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(c.response(true).await.status, 200);
+    c.send(b"GET /tunnelled HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await;
+    assert_eq!(Echo::parse(&c.response(false).await.body).path, "/tunnelled");
+
+    // curl, where the machine has it, as a user would run it.
+    if let Ok(out) = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-p",
+            "-x",
+            &format!("http://{proxy}"),
+            &format!("http://{authority}/curl"),
+        ])
+        .env("http_proxy", format!("http://{proxy}"))
+        .output()
+        .await
+    {
+        assert!(out.status.success(), "curl through CONNECT: {out:?}");
+        assert_eq!(Echo::parse(&out.stdout).path, "/curl");
+    }
+
+    // The reliability defaults are in place on the passthrough cluster.
+    let stats = remora.stats().await;
+    assert!(
+        stats.contains_key("cluster.dynamic_forward_proxy.outlier_detection.ejections_active"),
+        "{stats:?}"
+    );
+    assert_eq!(stats.get("dns_cache.dev_proxy.num_hosts"), Some(&1));
+    let mut remora = remora;
+    remora.sigterm();
+    remora.wait_exit(Duration::from_secs(10)).await;
+    let log = remora.stdout();
+    let upstream = format!("upstream=127.0.0.1:{}", origin.port());
+    assert!(
+        log.contains(&format!("\"GET {authority}/via-proxy HTTP/1.1\" 200 - ")),
+        "{log}"
+    );
+    assert!(log.contains(&upstream), "{log}");
+    assert!(log.contains(&format!("\"CONNECT {authority}")), "{log}");
 }
