@@ -327,7 +327,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
 
     // Listeners whose routes come from RDS wait for them; the others serve now.
     for b in bound {
-        if b.config.hcm.rds_name.is_some() {
+        if b.config.hcm().is_some_and(|h| h.rds_name.is_some()) {
             shared.dynamic.hold_static_listener(&shared, b);
         } else {
             shared.add_listener(b, None);

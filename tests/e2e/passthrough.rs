@@ -390,3 +390,136 @@ async fn the_default_development_proxy_forwards_absolute_uris_and_connect_to_loc
     assert!(log.contains(&upstream), "{log}");
     assert!(log.contains(&format!("\"CONNECT {authority}")), "{log}");
 }
+
+/// A TCP origin that answers every chunk with `<name>:<chunk>`.
+async fn tcp_origin(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}"));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut out = format!("{name}:").into_bytes();
+                    out.extend_from_slice(&buf[..n]);
+                    if s.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn tcp_bootstrap(tcp_proxy: Value, clusters: Vec<Value>) -> Value {
+    let mut t = tcp_proxy;
+    t["@type"] = json!("type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy");
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": crate::support::LISTENER,
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": t}]}],
+            }],
+            "clusters": clusters,
+        },
+    })
+}
+
+async fn round_trip(s: &mut tokio::net::TcpStream, msg: &str) -> String {
+    s.write_all(msg.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    let mut buf = [0u8; 4096];
+    let n = crate::harness::within(
+        crate::harness::DEFAULT_TIMEOUT,
+        "a tcp_proxy echo",
+        s.read(&mut buf),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("read: {e}"));
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn tcp_proxy_copies_bytes_to_the_cluster_with_tcp_stats() {
+    let origin = tcp_origin("one").await;
+    let config = tcp_bootstrap(
+        json!({"stat_prefix": "echo", "cluster": "tcp"}),
+        vec![crate::support::cluster("tcp", &[origin])],
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(round_trip(&mut s, "hello").await, "one:hello");
+    assert_eq!(round_trip(&mut s, "again").await, "one:again");
+    drop(s);
+    proxy
+        .remora
+        .wait_stat(
+            "cluster.tcp.upstream_cx_destroy",
+            |v| v == 1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(proxy.stat("tcp.echo.downstream_cx_total").await, 1);
+    assert_eq!(proxy.stat("tcp.echo.downstream_cx_rx_bytes_total").await, 10);
+    assert_eq!(proxy.stat("tcp.echo.downstream_cx_tx_bytes_total").await, 18);
+    assert_eq!(proxy.stat("cluster.tcp.upstream_cx_total").await, 1);
+    assert_eq!(proxy.stat("cluster.tcp.upstream_cx_tx_bytes_total").await, 10);
+}
+
+#[tokio::test]
+async fn tcp_proxy_weighted_clusters_idle_timeout_and_missing_cluster() {
+    let a = tcp_origin("a").await;
+    let b = tcp_origin("b").await;
+    let config = tcp_bootstrap(
+        json!({"stat_prefix": "w", "idle_timeout": "0.3s", "weighted_clusters": {"clusters": [
+            {"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}}),
+        vec![
+            crate::support::cluster("a", &[a]),
+            crate::support::cluster("b", &[b]),
+        ],
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = round_trip(&mut s, "x").await;
+        seen.insert(r);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both weighted clusters take connections: {seen:?}");
+
+    // Idle for longer than idle_timeout: the proxy closes the connection.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(round_trip(&mut s, "x").await.len(), 3);
+    let mut buf = [0u8; 16];
+    let n = crate::harness::within(Duration::from_secs(5), "the idle close", s.read(&mut buf)).await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!(proxy.stat("tcp.w.idle_timeout").await, 1);
+
+    // A cluster that does not exist: the connection is closed and counted.
+    let config = tcp_bootstrap(json!({"stat_prefix": "none", "cluster": "missing"}), vec![]);
+    let proxy = Proxy::start(&config, &[]).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let n = crate::harness::within(Duration::from_secs(5), "the close", s.read(&mut buf)).await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!(proxy.stat("tcp.none.downstream_cx_no_route").await, 1);
+}

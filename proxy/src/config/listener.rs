@@ -5,8 +5,9 @@ use super::node::Node;
 use super::route;
 use crate::filters::{adaptive_concurrency, admission_control, local_ratelimit};
 use crate::listener::config::{
-    Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, ServerHeader, Underscores,
+    Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader, Underscores,
 };
+use crate::listener::tcp_proxy::{TcpProxyConfig, TcpProxyStats};
 use crate::server::ClusterIds;
 use crate::stats::Store;
 use crate::upstream::lb::Rng;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 const ADAPTIVE_CONCURRENCY: &str =
     "envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency";
@@ -113,21 +115,21 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         f.err("typed_config", "needs the HTTP connection manager's typed_config");
         return None;
     };
-    if hcm.type_name() != HCM {
-        hcm.err_here(format!(
-            "network filter {} is not supported by Remora",
-            hcm.type_name()
-        ));
-        hcm.mark_all();
-        return None;
-    }
     f.unsupported("config_discovery");
-    let hcm = lower_hcm(&hcm, ctx, &stat_scope)?;
+    let filter = match hcm.type_name().as_str() {
+        HCM => NetworkFilter::Http(Arc::new(lower_hcm(&hcm, ctx, &stat_scope)?)),
+        TCP_PROXY => NetworkFilter::Tcp(Arc::new(lower_tcp_proxy(&hcm, ctx)?)),
+        other => {
+            hcm.err_here(format!("network filter {other} is not supported by Remora"));
+            hcm.mark_all();
+            return None;
+        }
+    };
     Some(ListenerConfig {
         name,
         address,
         stat_scope,
-        hcm: Arc::new(hcm),
+        filter,
         buffer_limit,
     })
 }
@@ -376,4 +378,72 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
 
 fn nonzero(d: Option<Duration>) -> Option<Duration> {
     d.filter(|d| !d.is_zero())
+}
+
+/// `envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy`.
+fn lower_tcp_proxy(t: &Node, ctx: &Ctx) -> Option<TcpProxyConfig> {
+    let stat_prefix = t.string("stat_prefix").unwrap_or_default();
+    if stat_prefix.is_empty() {
+        t.err("stat_prefix", "is required");
+    }
+    let mut clusters = Vec::new();
+    if let Some(name) = t.string("cluster").filter(|c| !c.is_empty()) {
+        clusters.push((ctx.ids.id(&name), name, 1));
+    } else if let Some(w) = t.msg("weighted_clusters") {
+        for c in w.list("clusters") {
+            let name = c.string("name").unwrap_or_default();
+            if name.is_empty() {
+                c.err("name", "is required");
+            }
+            let weight = c.u32("weight");
+            if weight == 0 {
+                c.err("weight", "must be at least 1");
+            }
+            c.unsupported("metadata_match");
+            clusters.push((ctx.ids.id(&name), name, weight));
+        }
+        if clusters.is_empty() {
+            w.err("clusters", "needs at least one cluster");
+        }
+    } else {
+        t.err_here("needs cluster or weighted_clusters");
+    }
+    let total_weight = clusters.iter().map(|c| c.2).sum();
+    let idle_timeout = match t.duration("idle_timeout") {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => Some(Duration::from_secs(3600)),
+    };
+    let max_connect_attempts = t.wrapped_u32("max_connect_attempts").unwrap_or(1);
+    if max_connect_attempts == 0 {
+        t.err("max_connect_attempts", "must be at least 1");
+    }
+    for f in [
+        "on_demand",
+        "metadata_match",
+        "downstream_idle_timeout",
+        "upstream_idle_timeout",
+        "access_log",
+        "access_log_options",
+        "access_log_flush_interval",
+        "flush_access_log_on_connected",
+        "hash_policy",
+        "tunneling_config",
+        "max_downstream_connection_duration",
+        "max_downstream_connection_duration_jitter_percentage",
+        "backoff_options",
+        "proxy_protocol_tlvs",
+        "upstream_connect_mode",
+        "max_early_data_bytes",
+    ] {
+        t.unsupported(f);
+    }
+    Some(TcpProxyConfig {
+        stats: TcpProxyStats::new(&ctx.store.scope(format!("tcp.{stat_prefix}."))),
+        stat_prefix,
+        clusters,
+        total_weight,
+        idle_timeout,
+        max_connect_attempts,
+    })
 }

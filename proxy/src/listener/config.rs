@@ -15,9 +15,29 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// `listener.<address>.` or `listener.<stat_prefix>.`
     pub stat_scope: String,
-    pub hcm: Arc<HcmConfig>,
+    /// The filter chain's one network filter.
+    pub filter: NetworkFilter,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub buffer_limit: u32,
+}
+
+/// What serves a listener's connections.
+#[derive(Debug)]
+pub enum NetworkFilter {
+    /// `envoy.filters.network.http_connection_manager`.
+    Http(Arc<HcmConfig>),
+    /// `envoy.filters.network.tcp_proxy`.
+    Tcp(Arc<super::tcp_proxy::TcpProxyConfig>),
+}
+
+impl ListenerConfig {
+    /// The HTTP connection manager, for an HTTP listener.
+    pub fn hcm(&self) -> Option<&Arc<HcmConfig>> {
+        match &self.filter {
+            NetworkFilter::Http(h) => Some(h),
+            NetworkFilter::Tcp(_) => None,
+        }
+    }
 }
 
 /// `codec_type`.

@@ -6,10 +6,11 @@
 
 pub mod config;
 pub mod hcm;
+pub mod tcp_proxy;
 
 use crate::runtime::{LocalExec, Worker};
 use crate::server::Shared;
-use config::{Codec, HcmConfig, ListenerConfig, ListenerStats};
+use config::{Codec, HcmConfig, ListenerConfig, ListenerStats, NetworkFilter};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -178,11 +179,20 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
             _ = stop.wait_for(|d| *d) => break,
             res = socket.accept() => match res {
                 Ok((stream, remote)) => {
+                    let hcm = match &bound.config.filter {
+                        NetworkFilter::Http(h) => h.clone(),
+                        NetworkFilter::Tcp(t) => {
+                            tokio::task::spawn_local(tcp_proxy::serve(
+                                t.clone(), shared.clone(), worker.clone(), stream, bound.stats.clone(),
+                            ));
+                            continue;
+                        }
+                    };
                     let local = stream.local_addr().unwrap_or(bound.config.address);
                     let conn = Rc::new(Conn {
                         id: NEXT_CONNECTION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                         listener: bound.config.clone(),
-                        hcm: bound.config.hcm.clone(),
+                        hcm,
                         shared: shared.clone(),
                         worker: worker.clone(),
                         remote,

@@ -751,7 +751,7 @@ impl Dynamic {
     /// Serve every warming listener whose route table has arrived, draining the version it replaces.
     fn promote(&self, shared: &Shared) {
         let mut inner = lock(&self.inner);
-        let ready = |b: &Bound| match &b.config.hcm.rds_name {
+        let ready = |b: &Bound| match b.config.hcm().and_then(|h| h.rds_name.as_ref()) {
             Some(name) => self.rds.get(name).is_some_and(|r| r.received()),
             None => true,
         };
