@@ -10,7 +10,6 @@ use super::{Cluster, EndpointConfig, EndpointHealth, Host, OriginalDstConfig};
 use http::HeaderMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::time::Instant;
 
@@ -18,7 +17,8 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub struct OriginalDstHosts {
     config: Arc<OriginalDstConfig>,
-    hosts: Mutex<HashMap<SocketAddr, (Arc<Host>, Arc<AtomicU64>)>>,
+    /// Each host with the milliseconds since `epoch` when a request last used it.
+    hosts: Mutex<HashMap<SocketAddr, (Arc<Host>, u64)>>,
     epoch: Instant,
 }
 
@@ -37,8 +37,8 @@ impl OriginalDstHosts {
         let addr: SocketAddr = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
         let now = self.epoch.elapsed().as_millis() as u64;
         let mut map = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((h, used)) = map.get(&addr) {
-            used.store(now, Relaxed);
+        if let Some((h, used)) = map.get_mut(&addr) {
+            *used = now;
             return Some(h.clone());
         }
         let h = Host::new(&EndpointConfig {
@@ -49,7 +49,7 @@ impl OriginalDstHosts {
             locality: Default::default(),
             health: EndpointHealth::Unknown,
         });
-        map.insert(addr, (h.clone(), Arc::new(AtomicU64::new(now))));
+        map.insert(addr, (h.clone(), now));
         let mut hosts = cluster.hosts().hosts.clone();
         hosts.push(h.clone());
         cluster.set_hosts(hosts);
@@ -62,7 +62,7 @@ impl OriginalDstHosts {
         let limit = self.config.cleanup_interval.as_millis() as u64;
         let mut map = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let before = map.len();
-        map.retain(|_, (_, used)| now.saturating_sub(used.load(Relaxed)) < limit);
+        map.retain(|_, (_, used)| now.saturating_sub(*used) < limit);
         if map.len() != before {
             let hosts = cluster
                 .hosts()
