@@ -533,13 +533,6 @@ fn lower_original_dst(c: &Node) -> Discovery {
         o.unsupported("upstream_port_override");
         o.unsupported("metadata_key");
     }
-    if header.is_none() {
-        c.err(
-            "original_dst_lb_config",
-            "Remora takes an ORIGINAL_DST cluster's address from a header only: set use_http_header \
-             (the socket's original destination is not supported yet)",
-        );
-    }
     let cleanup_interval = c.duration("cleanup_interval").unwrap_or(Duration::from_secs(5));
     Discovery::OriginalDst(std::sync::Arc::new(crate::upstream::OriginalDstConfig {
         header,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const ORIGINAL_DST_FILTER: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 const ADAPTIVE_CONCURRENCY: &str =
@@ -64,7 +65,23 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         .unwrap_or(1024 * 1024);
     // Informational: used by tracing and by access-log fields Remora does not have.
     l.mark("traffic_direction");
-    l.unsupported("listener_filters");
+    let mut original_dst = false;
+    for lf in l.list("listener_filters") {
+        lf.mark("name");
+        lf.unsupported("filter_disabled");
+        lf.unsupported("config_discovery");
+        match lf.any("typed_config") {
+            Some(t) if t.type_name() == ORIGINAL_DST_FILTER => original_dst = true,
+            Some(t) => {
+                t.err_here(format!(
+                    "listener filter {} is not supported by Remora",
+                    t.type_name()
+                ));
+                t.mark_all();
+            }
+            None => lf.err("typed_config", "a listener filter needs its typed_config"),
+        }
+    }
     l.unsupported("use_original_dst");
     l.unsupported("default_filter_chain");
     l.unsupported("filter_chain_matcher");
@@ -131,6 +148,7 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         stat_scope,
         filter,
         buffer_limit,
+        original_dst,
     })
 }
 

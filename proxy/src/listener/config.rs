@@ -19,6 +19,9 @@ pub struct ListenerConfig {
     pub filter: NetworkFilter,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub buffer_limit: u32,
+    /// The listener filter `envoy.filters.listener.original_dst`: each connection's local address is restored
+    /// to its original destination (`SO_ORIGINAL_DST`, set by an iptables `REDIRECT`) when it has one.
+    pub original_dst: bool,
 }
 
 /// What serves a listener's connections.

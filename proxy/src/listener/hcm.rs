@@ -1189,7 +1189,7 @@ async fn provided_host(
         };
     }
     if let Some(od) = &cluster.original_dst {
-        return Ok(od.host_for(cluster, &parts.headers));
+        return Ok(od.host_for(cluster, Some(&parts.headers), conn.original_dst));
     }
     Ok(None)
 }

@@ -67,6 +67,7 @@ pub async fn serve(
     worker: Rc<Worker>,
     stream: TcpStream,
     lstats: Arc<ListenerStats>,
+    original_dst: Option<std::net::SocketAddr>,
 ) {
     let opened = Instant::now();
     let _guard = worker.track_connection();
@@ -74,7 +75,7 @@ pub async fn serve(
     lstats.downstream_cx_total.inc();
     lstats.downstream_cx_active.inc();
     shared.server_stats.total_connections.inc();
-    proxy(&cfg, &shared, &worker, stream).await;
+    proxy(&cfg, &shared, &worker, stream, original_dst).await;
     shared.server_stats.total_connections.dec();
     lstats.downstream_cx_active.dec();
     lstats.downstream_cx_destroy.inc();
@@ -83,7 +84,13 @@ pub async fn serve(
         .record(opened.elapsed().as_millis() as u64);
 }
 
-async fn proxy(cfg: &TcpProxyConfig, shared: &Shared, worker: &Worker, stream: TcpStream) {
+async fn proxy(
+    cfg: &TcpProxyConfig,
+    shared: &Shared,
+    worker: &Worker,
+    stream: TcpStream,
+    original_dst: Option<std::net::SocketAddr>,
+) {
     let s = &cfg.stats;
     s.downstream_cx_total.inc();
     let cluster = {
@@ -105,7 +112,13 @@ async fn proxy(cfg: &TcpProxyConfig, shared: &Shared, worker: &Worker, stream: T
     };
     let mut upstream = None;
     for _ in 0..cfg.max_connect_attempts.max(1) {
-        let picked = cluster.pick(&mut worker.rng.borrow_mut());
+        // An ORIGINAL_DST cluster's host is the connection's original destination.
+        let picked = match &cluster.original_dst {
+            Some(od) => od
+                .host_for(&cluster, None, original_dst)
+                .and_then(|h| cluster.index_of(&h)),
+            None => cluster.pick(&mut worker.rng.borrow_mut()),
+        };
         let Some((index, host)) = picked else {
             cluster.stats.upstream_cx_none_healthy.inc();
             return;

@@ -2,9 +2,11 @@
 //!
 //! With `original_dst_lb_config.use_http_header`, the address is an `ip:port` in the header
 //! `http_header_name` (default `x-envoy-original-dst-host`); a request without a valid one finds no host
-//! (503 `no healthy upstream`, as in Envoy). Each address becomes a [`Host`] of the cluster on first use, so it
+//! (503 `no healthy upstream`, as in Envoy) unless the connection's original destination was restored by the
+//! listener filter `envoy.filters.listener.original_dst` (`SO_ORIGINAL_DST` after an iptables `REDIRECT`), which
+//! is then the address. Each address becomes a [`Host`] of the cluster on first use, so it
 //! has per-host stats in `/clusters`, and is removed when no request used it for a `cleanup_interval`
-//! (default 5 s). The socket's original destination (`SO_ORIGINAL_DST`) is refused by the configuration.
+//! (default 5 s).
 
 use super::{Cluster, EndpointConfig, EndpointHealth, Host, OriginalDstConfig};
 use http::HeaderMap;
@@ -31,10 +33,23 @@ impl OriginalDstHosts {
         }
     }
 
-    /// The host for the address in the request's header, made (and added to `cluster`) on first use.
-    pub fn host_for(&self, cluster: &Cluster, headers: &HeaderMap) -> Option<Arc<Host>> {
-        let name = self.config.header.as_ref()?;
-        let addr: SocketAddr = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+    /// The host for the address in the request's header (with `use_http_header`), else the connection's
+    /// original destination restored by the `original_dst` listener filter; made (and added to `cluster`) on
+    /// first use.
+    pub fn host_for(
+        &self,
+        cluster: &Cluster,
+        headers: Option<&HeaderMap>,
+        restored: Option<SocketAddr>,
+    ) -> Option<Arc<Host>> {
+        let from_header = match (&self.config.header, headers) {
+            (Some(name), Some(h)) => h
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<SocketAddr>().ok()),
+            _ => None,
+        };
+        let addr = from_header.or(restored)?;
         let now = self.epoch.elapsed().as_millis() as u64;
         let mut map = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((h, used)) = map.get_mut(&addr) {
