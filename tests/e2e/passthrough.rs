@@ -641,3 +641,51 @@ async fn redirected_request(sh: &dyn Fn(&str) -> Result<(), String>) -> Result<(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn dynamic_forward_proxy_follows_address_changes_and_expires_unused_hosts() {
+    let dns = DnsServer::start().await;
+    let a = Upstream::with_options(
+        "a",
+        crate::harness::UpstreamOptions {
+            bind: Some(SocketAddr::from(([127, 0, 0, 2], 0))),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Same port on another loopback address, so the name's port stays right when its address moves.
+    let b = Upstream::with_options(
+        "b",
+        crate::harness::UpstreamOptions {
+            bind: Some(SocketAddr::from(([127, 0, 0, 3], a.port()))),
+            ..Default::default()
+        },
+    )
+    .await;
+    dns.set("moving.test", &[IpAddr::from([127, 0, 0, 2])]);
+    let mut config = dfp_bootstrap(dns.addr(), 16, vec![]);
+    let cache = &mut config["static_resources"]["clusters"][0]["cluster_type"]["typed_config"]["dns_cache_config"];
+    cache["dns_refresh_rate"] = json!("0.1s");
+    cache["host_ttl"] = json!("1s");
+    let proxy = Proxy::start(&config, &[]).await;
+    let authority = format!("moving.test:{}", a.port());
+    let r = proxy.h1().get("/", &[("host", &authority)]).await;
+    assert_eq!(r.echo().upstream_name, "a");
+
+    dns.set("moving.test", &[IpAddr::from([127, 0, 0, 3])]);
+    proxy
+        .remora
+        .wait_stat("dns_cache.dfp.host_address_changed", |v| v >= 1, Duration::from_secs(5))
+        .await;
+    let r = proxy.h1().get("/", &[("host", &authority)]).await;
+    assert_eq!(r.echo().upstream_name, "b");
+    assert_eq!(proxy.stat("dns_cache.dfp.host_added").await, 1);
+
+    // Unused for host_ttl: removed from the cache and from the cluster.
+    proxy
+        .remora
+        .wait_stat("dns_cache.dfp.host_removed", |v| v == 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(proxy.stat("dns_cache.dfp.num_hosts").await, 0);
+    assert_eq!(proxy.stat("cluster.dynamic.membership_total").await, 0);
+}
