@@ -664,7 +664,8 @@ async fn dynamic_forward_proxy_follows_address_changes_and_expires_unused_hosts(
     .await;
     dns.set("moving.test", &[IpAddr::from([127, 0, 0, 2])]);
     let mut config = dfp_bootstrap(dns.addr(), 16, vec![]);
-    let cache = &mut config["static_resources"]["clusters"][0]["cluster_type"]["typed_config"]["dns_cache_config"];
+    let cache =
+        &mut config["static_resources"]["clusters"][0]["cluster_type"]["typed_config"]["dns_cache_config"];
     cache["dns_refresh_rate"] = json!("0.1s");
     cache["host_ttl"] = json!("1s");
     let proxy = Proxy::start(&config, &[]).await;
@@ -675,7 +676,11 @@ async fn dynamic_forward_proxy_follows_address_changes_and_expires_unused_hosts(
     dns.set("moving.test", &[IpAddr::from([127, 0, 0, 3])]);
     proxy
         .remora
-        .wait_stat("dns_cache.dfp.host_address_changed", |v| v >= 1, Duration::from_secs(5))
+        .wait_stat(
+            "dns_cache.dfp.host_address_changed",
+            |v| v >= 1,
+            Duration::from_secs(5),
+        )
         .await;
     let r = proxy.h1().get("/", &[("host", &authority)]).await;
     assert_eq!(r.echo().upstream_name, "b");
@@ -688,4 +693,85 @@ async fn dynamic_forward_proxy_follows_address_changes_and_expires_unused_hosts(
         .await;
     assert_eq!(proxy.stat("dns_cache.dfp.num_hosts").await, 0);
     assert_eq!(proxy.stat("cluster.dynamic.membership_total").await, 0);
+}
+
+fn cares(dns: SocketAddr) -> Value {
+    json!({
+        "name": "envoy.network.dns_resolver.cares",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+            "resolvers": [{"socket_address": {"address": dns.ip().to_string(), "port_value": dns.port()}}],
+        }
+    })
+}
+
+#[tokio::test]
+async fn the_sidecar_example_sends_declared_hosts_to_their_cluster_and_passes_the_rest_through() {
+    let dns = DnsServer::start().await;
+    let app = Upstream::start("app").await;
+    let payments = Upstream::start("payments").await;
+    let other = Upstream::start("other").await;
+    dns.set("payments.internal", &[IpAddr::from([127, 0, 0, 1])]);
+    dns.set("undeclared.test", &[IpAddr::from([127, 0, 0, 1])]);
+
+    let mut config: Value = serde_yaml::from_str(include_str!("../../config/examples/sidecar.yaml"))
+        .unwrap_or_else(|e| panic!("config/examples/sidecar.yaml: {e}"));
+    // Free ports, the test's origins and DNS server; nothing else changes.
+    config["admin"]["address"]["socket_address"]["port_value"] = json!(0);
+    let sr = &mut config["static_resources"];
+    for l in sr["listeners"].as_array_mut().into_iter().flatten() {
+        l["address"]["socket_address"] = json!({"address": "127.0.0.1", "port_value": 0});
+    }
+    let egress = &mut sr["listeners"][1]["filter_chains"][0]["filters"][0]["typed_config"];
+    egress["http_filters"][0]["typed_config"]["dns_cache_config"]["typed_dns_resolver_config"] =
+        cares(dns.addr());
+    for c in sr["clusters"].as_array_mut().into_iter().flatten() {
+        let port = match c["name"].as_str() {
+            Some("local_app") => app.port(),
+            Some("payments") => {
+                c["typed_dns_resolver_config"] = cares(dns.addr());
+                payments.port()
+            }
+            _ => {
+                c["cluster_type"]["typed_config"]["dns_cache_config"]["typed_dns_resolver_config"] =
+                    cares(dns.addr());
+                continue;
+            }
+        };
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            ["port_value"] = json!(port);
+    }
+    let remora = crate::harness::Remora::start(&config.to_string(), &["--concurrency", "2"]).await;
+    remora.wait_ready().await;
+    let ingress = remora.listener_addr("ingress").await;
+    let egress = remora.listener_addr("egress").await;
+
+    let r = crate::harness::http1_client(ingress).get("/", &[]).await;
+    assert_eq!(r.echo().upstream_name, "app");
+
+    // A declared dependency: its own cluster (the name's port is the cluster's).
+    let r = get_absolute(egress, "payments.internal", "/charge").await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(Echo::parse(&r.body).upstream_name, "payments");
+    // An undeclared one passes through.
+    let r = get_absolute(egress, &format!("undeclared.test:{}", other.port()), "/anything").await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(Echo::parse(&r.body).upstream_name, "other");
+
+    let stats = remora.stats().await;
+    assert_eq!(
+        stats.get("cluster.payments.upstream_rq_200"),
+        Some(&1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.get("cluster.passthrough.upstream_rq_200"),
+        Some(&1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.get("cluster.local_app.upstream_rq_200"),
+        Some(&1),
+        "{stats:?}"
+    );
 }
