@@ -654,7 +654,7 @@ async fn dynamic_forward_proxy_follows_address_changes_and_expires_unused_hosts(
     )
     .await;
     // Same port on another loopback address, so the name's port stays right when its address moves.
-    let b = Upstream::with_options(
+    let _b = Upstream::with_options(
         "b",
         crate::harness::UpstreamOptions {
             bind: Some(SocketAddr::from(([127, 0, 0, 3], a.port()))),
