@@ -44,7 +44,6 @@ pub struct TcpProxyStats {
     pub downstream_cx_rx_bytes_total: Counter,
     pub downstream_cx_tx_bytes_total: Counter,
     pub idle_timeout: Counter,
-    pub upstream_flush_total: Counter,
 }
 
 impl TcpProxyStats {
@@ -55,7 +54,6 @@ impl TcpProxyStats {
             downstream_cx_rx_bytes_total: scope.counter("downstream_cx_rx_bytes_total"),
             downstream_cx_tx_bytes_total: scope.counter("downstream_cx_tx_bytes_total"),
             idle_timeout: scope.counter("idle_timeout"),
-            upstream_flush_total: scope.counter("upstream_flush_total"),
         }
     }
 }
