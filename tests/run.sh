@@ -9,6 +9,9 @@ need_pkgs=()
 for tool in curl; do
   command -v "$tool" >/dev/null 2>&1 || need_pkgs+=("$tool")
 done
+# The transparent-interception test (tests/e2e/passthrough.rs) redirects with iptables in a network namespace.
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 # Prometheus and promtool (tests/e2e/observability.rs), both from Debian's `prometheus`.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   need_pkgs+=(prometheus)

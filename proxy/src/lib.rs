@@ -3,15 +3,19 @@
 //! # A request's life
 //!
 //! ```text
-//!  accept (worker thread, its own current-thread runtime)
-//!    └─ hyper connection: HTTP/1.1 or h2c (codec_type)           listener::serve_connection
+//!  accept (worker thread, its own current-thread runtime; original_dst listener filter: SO_ORIGINAL_DST)
+//!    ├─ tcp_proxy: a host of the cluster, bytes copied both ways    listener::tcp_proxy
+//!    └─ hyper connection: HTTP/1.1 or h2c (codec_type; upgrades only with upgrade_configs)
 //!         └─ per request: connection manager header rules          listener::hcm::handle
 //!              └─ route match on the current route table          route::RouteTable::route
 //!                   ├─ direct response / redirect / 404 (NR)      local replies
 //!                   └─ cluster (by id, from the cluster snapshot)
-//!                        └─ host pick (round robin, least request, random)      upstream::lb
-//!                             └─ pooled connection of this worker (HTTP/1.1 or h2)  upstream::pool
-//!                                  └─ response streams back; stats and pool return at its end
+//!                        ├─ host named by the request: dynamic forward proxy (DNS cache, a hit does not
+//!                        │  await) or ORIGINAL_DST (header, or restored destination)  upstream::dfp, original_dst
+//!                        ├─ else host pick (round robin, least request, random)      upstream::lb
+//!                        ├─ CONNECT: TCP connection, 200, bytes copied both ways   listener::hcm::tunnel
+//!                        └─ pooled connection of this worker (HTTP/1.1 or h2)  upstream::pool
+//!                             └─ response streams back; stats and pool return at its end
 //! ```
 //!
 //! Configuration is Envoy's: a bootstrap in YAML or JSON is parsed against Envoy's own protobuf descriptors

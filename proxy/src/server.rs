@@ -327,7 +327,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
 
     // Listeners whose routes come from RDS wait for them; the others serve now.
     for b in bound {
-        if b.config.hcm.rds_name.is_some() {
+        if b.config.hcm().is_some_and(|h| h.rds_name.is_some()) {
             shared.dynamic.hold_static_listener(&shared, b);
         } else {
             shared.add_listener(b, None);
@@ -373,6 +373,8 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         let (first_tx, mut first_rx) = tokio::sync::mpsc::channel(64);
         let mut dns_clusters = 0;
         for c in shared.clusters.load().iter() {
+            crate::upstream::dfp::spawn(c);
+            crate::upstream::original_dst::spawn(c);
             if let crate::upstream::Discovery::Dns(cfg) = &c.config.discovery {
                 let scope = shared.store.scope(format!("cluster.{}.", c.config.stat_name));
                 crate::upstream::dns::spawn(c, cfg.clone(), &scope, first_tx.clone());

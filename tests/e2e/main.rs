@@ -12,6 +12,7 @@ mod headers;
 mod lifecycle;
 mod local_replies;
 mod observability;
+mod passthrough;
 mod protocols;
 mod routing;
 mod support;

@@ -20,9 +20,15 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         .string("alt_stat_name")
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| name.clone());
-    let ty = c.enum_name("type");
+    let ty = if c.has("cluster_type") {
+        String::new()
+    } else {
+        c.enum_name("type")
+    };
     let discovery = match ty.as_str() {
+        "" => lower_cluster_type(c),
         "STATIC" => Discovery::Static,
+        "ORIGINAL_DST" => lower_original_dst(c),
         "EDS" => {
             let service_name = match c.msg("eds_cluster_config") {
                 Some(e) => {
@@ -50,7 +56,19 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         }
     };
     let dns = matches!(ty.as_str(), "STRICT_DNS" | "LOGICAL_DNS");
-    c.unsupported("cluster_type");
+    let provided = matches!(
+        discovery,
+        Discovery::DynamicForwardProxy(_) | Discovery::OriginalDst(_)
+    );
+    if ty != "ORIGINAL_DST" {
+        c.unsupported("original_dst_lb_config");
+    }
+    if provided && c.has("load_assignment") {
+        c.err(
+            "load_assignment",
+            "this cluster's hosts come from requests; it takes no load_assignment",
+        );
+    }
     if !matches!(discovery, Discovery::Eds { .. }) {
         c.unsupported("eds_cluster_config");
     }
@@ -65,6 +83,8 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     let lb = c.enum_name("lb_policy");
     let lb_policy = match lb.as_str() {
         "ROUND_ROBIN" => LbPolicy::RoundRobin,
+        // The cluster picks the host itself (the request's authority or original destination).
+        "CLUSTER_PROVIDED" if provided => LbPolicy::RoundRobin,
         "RANDOM" => LbPolicy::Random,
         "LEAST_REQUEST" => {
             let choice_count = c
@@ -310,13 +330,7 @@ fn lower_common_options(c: &Node, idle: &mut Option<Duration>, max_rq: &mut Opti
 
 /// The DNS settings of a `STRICT_DNS` or `LOGICAL_DNS` cluster (targets are filled in by the caller).
 fn lower_dns(c: &Node) -> DnsConfig {
-    let family = match c.enum_name("dns_lookup_family").as_str() {
-        "V4_ONLY" => Family::V4Only,
-        "V6_ONLY" => Family::V6Only,
-        "V4_PREFERRED" => Family::V4Preferred,
-        "ALL" => Family::All,
-        _ => Family::Auto,
-    };
+    let family = lower_family(c);
     let refresh = c.duration("dns_refresh_rate").unwrap_or(Duration::from_secs(5));
     if refresh < Duration::from_millis(1) {
         c.err("dns_refresh_rate", "must be at least 1ms");
@@ -330,11 +344,36 @@ fn lower_dns(c: &Node) -> DnsConfig {
         (base, max.max(base))
     });
     let respect_ttl = c.bool("respect_dns_ttl");
+    let (resolvers, use_tcp) = lower_resolvers(c);
+    c.unsupported("use_tcp_for_dns_lookups");
+    c.unsupported("dns_jitter");
+    c.unsupported("wait_for_warm_on_init");
+    DnsConfig {
+        logical: false,
+        targets: Vec::new(),
+        refresh,
+        failure_refresh,
+        respect_ttl,
+        family,
+        resolvers,
+        use_tcp,
+    }
+}
+
+/// Name servers from `dns_resolvers`, `dns_resolution_config` or `typed_dns_resolver_config` (clusters and
+/// `DnsCacheConfig` spell them the same), and whether to ask over TCP.
+fn lower_resolvers(c: &Node) -> (Vec<SocketAddr>, bool) {
     let mut resolvers = Vec::new();
     let mut use_tcp = false;
-    for a in c.list("dns_resolvers") {
-        if let Some(sa) = socket_address(&a) {
-            resolvers.push(sa);
+    // A cluster's own field; `DnsCacheConfig` has none.
+    if prost_reflect::ReflectMessage::descriptor(c.message())
+        .get_field_by_name("dns_resolvers")
+        .is_some()
+    {
+        for a in c.list("dns_resolvers") {
+            if let Some(sa) = socket_address(&a) {
+                resolvers.push(sa);
+            }
         }
     }
     if let Some(rc) = c.msg("dns_resolution_config") {
@@ -383,17 +422,120 @@ fn lower_dns(c: &Node) -> DnsConfig {
             }
         }
     }
-    c.unsupported("use_tcp_for_dns_lookups");
-    c.unsupported("dns_jitter");
-    c.unsupported("wait_for_warm_on_init");
-    DnsConfig {
-        logical: false,
-        targets: Vec::new(),
-        refresh,
-        failure_refresh,
-        respect_ttl,
-        family,
-        resolvers,
-        use_tcp,
+    (resolvers, use_tcp)
+}
+
+fn lower_family(c: &Node) -> Family {
+    match c.enum_name("dns_lookup_family").as_str() {
+        "V4_ONLY" => Family::V4Only,
+        "V6_ONLY" => Family::V6Only,
+        "V4_PREFERRED" => Family::V4Preferred,
+        "ALL" => Family::All,
+        _ => Family::Auto,
     }
+}
+
+const DFP_CLUSTER: &str = "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig";
+
+/// `cluster_type`: the dynamic forward proxy cluster is the one extension cluster Remora runs.
+fn lower_cluster_type(c: &Node) -> Discovery {
+    let Some(ct) = c.msg("cluster_type") else {
+        return Discovery::Static;
+    };
+    ct.mark("name");
+    let Some(cfg) = ct.any("typed_config") else {
+        ct.err("typed_config", "needs the cluster extension's typed_config");
+        return Discovery::Static;
+    };
+    if cfg.type_name() != DFP_CLUSTER {
+        cfg.err_here(format!(
+            "cluster type {} is not supported by Remora",
+            cfg.type_name()
+        ));
+        cfg.mark_all();
+        return Discovery::Static;
+    }
+    cfg.unsupported("sub_clusters_config");
+    cfg.unsupported("allow_coalesced_connections");
+    // Only relaxes checks on TLS options, which Remora's upstreams do not have.
+    cfg.mark("allow_insecure_cluster_options");
+    let lowered = cfg.msg("dns_cache_config").map(|d| lower_dns_cache(&d));
+    match lowered {
+        Some(d) => Discovery::DynamicForwardProxy(std::sync::Arc::new(d)),
+        None => {
+            cfg.err("dns_cache_config", "is required");
+            Discovery::Static
+        }
+    }
+}
+
+/// `envoy.extensions.common.dynamic_forward_proxy.v3.DnsCacheConfig`.
+pub fn lower_dns_cache(d: &Node) -> crate::upstream::dfp::DfpConfig {
+    let name = d.string("name").unwrap_or_default();
+    if name.is_empty() {
+        d.err("name", "is required");
+    }
+    let refresh = d.duration("dns_refresh_rate").unwrap_or(Duration::from_secs(60));
+    if refresh < Duration::from_millis(1) {
+        d.err("dns_refresh_rate", "must be at least 1ms");
+    }
+    let host_ttl = d.duration("host_ttl").unwrap_or(Duration::from_secs(300));
+    if host_ttl.is_zero() {
+        d.err("host_ttl", "must be greater than 0");
+    }
+    let max_hosts = d.wrapped_u32("max_hosts").unwrap_or(1024);
+    if max_hosts == 0 {
+        d.err("max_hosts", "must be greater than 0");
+    }
+    let query_timeout = d.duration("dns_query_timeout").unwrap_or(Duration::from_secs(5));
+    let (resolvers, use_tcp) = lower_resolvers(d);
+    d.unsupported("dns_failure_refresh_rate");
+    d.unsupported("dns_min_refresh_rate");
+    d.unsupported("dns_cache_circuit_breaker");
+    d.unsupported("use_tcp_for_dns_lookups");
+    d.unsupported("preresolve_hostnames");
+    d.unsupported("key_value_config");
+    d.unsupported("disable_dns_refresh_on_failure");
+    crate::upstream::dfp::DfpConfig {
+        name,
+        dns: DnsConfig {
+            logical: true,
+            targets: Vec::new(),
+            refresh,
+            failure_refresh: None,
+            respect_ttl: false,
+            family: lower_family(d),
+            resolvers,
+            use_tcp,
+        },
+        host_ttl,
+        max_hosts,
+        query_timeout,
+    }
+}
+
+/// `ORIGINAL_DST` with `original_dst_lb_config`.
+fn lower_original_dst(c: &Node) -> Discovery {
+    let mut header = None;
+    if let Some(o) = c.msg("original_dst_lb_config") {
+        if o.bool("use_http_header") {
+            let name = o
+                .string("http_header_name")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "x-envoy-original-dst-host".to_string());
+            match http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                Ok(h) => header = Some(h),
+                Err(_) => o.err("http_header_name", "is not a valid header name"),
+            }
+        } else {
+            o.mark("http_header_name");
+        }
+        o.unsupported("upstream_port_override");
+        o.unsupported("metadata_key");
+    }
+    let cleanup_interval = c.duration("cleanup_interval").unwrap_or(Duration::from_secs(5));
+    Discovery::OriginalDst(std::sync::Arc::new(crate::upstream::OriginalDstConfig {
+        header,
+        cleanup_interval,
+    }))
 }

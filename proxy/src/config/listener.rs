@@ -5,8 +5,9 @@ use super::node::Node;
 use super::route;
 use crate::filters::{adaptive_concurrency, admission_control, local_ratelimit};
 use crate::listener::config::{
-    Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, ServerHeader, Underscores,
+    Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader, Underscores,
 };
+use crate::listener::tcp_proxy::{TcpProxyConfig, TcpProxyStats};
 use crate::server::ClusterIds;
 use crate::stats::Store;
 use crate::upstream::lb::Rng;
@@ -17,10 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const ORIGINAL_DST_FILTER: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 const ADAPTIVE_CONCURRENCY: &str =
     "envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency";
 const ADMISSION_CONTROL: &str = "envoy.extensions.filters.http.admission_control.v3.AdmissionControl";
+const DYNAMIC_FORWARD_PROXY: &str = "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig";
 pub(crate) const LOCAL_RATELIMIT: &str = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
 /// What lowering a listener needs from the rest of the bootstrap.
@@ -61,7 +65,23 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         .unwrap_or(1024 * 1024);
     // Informational: used by tracing and by access-log fields Remora does not have.
     l.mark("traffic_direction");
-    l.unsupported("listener_filters");
+    let mut original_dst = false;
+    for lf in l.list("listener_filters") {
+        lf.mark("name");
+        lf.unsupported("filter_disabled");
+        lf.unsupported("config_discovery");
+        match lf.any("typed_config") {
+            Some(t) if t.type_name() == ORIGINAL_DST_FILTER => original_dst = true,
+            Some(t) => {
+                t.err_here(format!(
+                    "listener filter {} is not supported by Remora",
+                    t.type_name()
+                ));
+                t.mark_all();
+            }
+            None => lf.err("typed_config", "a listener filter needs its typed_config"),
+        }
+    }
     l.unsupported("use_original_dst");
     l.unsupported("default_filter_chain");
     l.unsupported("filter_chain_matcher");
@@ -112,22 +132,23 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         f.err("typed_config", "needs the HTTP connection manager's typed_config");
         return None;
     };
-    if hcm.type_name() != HCM {
-        hcm.err_here(format!(
-            "network filter {} is not supported by Remora",
-            hcm.type_name()
-        ));
-        hcm.mark_all();
-        return None;
-    }
     f.unsupported("config_discovery");
-    let hcm = lower_hcm(&hcm, ctx, &stat_scope)?;
+    let filter = match hcm.type_name().as_str() {
+        HCM => NetworkFilter::Http(Arc::new(lower_hcm(&hcm, ctx, &stat_scope)?)),
+        TCP_PROXY => NetworkFilter::Tcp(Arc::new(lower_tcp_proxy(&hcm, ctx)?)),
+        other => {
+            hcm.err_here(format!("network filter {other} is not supported by Remora"));
+            hcm.mark_all();
+            return None;
+        }
+    };
     Some(ListenerConfig {
         name,
         address,
         stat_scope,
-        hcm: Arc::new(hcm),
+        filter,
         buffer_limit,
+        original_dst,
     })
 }
 
@@ -188,6 +209,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         );
     }
     let mut http_filters = Vec::new();
+    let mut dynamic_forward_proxy = false;
     for (i, f) in filters.iter().enumerate() {
         let name = f.string("name").unwrap_or_default();
         let ty = f.any("typed_config");
@@ -241,6 +263,19 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
                     let l = local_ratelimit::LocalRateLimiter::new(&cfg, &ctx.store.scope(""), now);
                     http_filters.push(HttpFilter::LocalRateLimit(l));
                 }
+            }
+            DYNAMIC_FORWARD_PROXY => {
+                // The router resolves the authority through the dynamic forward proxy cluster's cache; the
+                // filter's own cache settings must describe the same cache, as in Envoy.
+                if let Some(d) = t.msg("dns_cache_config") {
+                    let _ = super::cluster::lower_dns_cache(&d);
+                } else {
+                    t.err("dns_cache_config", "is required");
+                }
+                t.unsupported("sub_cluster_config");
+                t.unsupported("save_upstream_address");
+                t.unsupported("allow_dynamic_host_from_filter_state");
+                dynamic_forward_proxy = true;
             }
             other => {
                 t.err_here(format!("HTTP filter {other} is not supported by Remora"));
@@ -313,6 +348,20 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     }
     let drain_timeout = h.duration("drain_timeout").unwrap_or(Duration::from_secs(5));
 
+    let mut connect = false;
+    for u in h.list("upgrade_configs") {
+        let ty = u.string("upgrade_type").unwrap_or_default();
+        if !ty.eq_ignore_ascii_case("CONNECT") {
+            u.err(
+                "upgrade_type",
+                format!("upgrade {ty:?} is not supported by Remora (only CONNECT)"),
+            );
+        }
+        if u.wrapped_bool("enabled") != Some(false) {
+            connect = true;
+        }
+        u.unsupported("filters");
+    }
     let routes = routes?;
     let lscope = ctx.store.scope(format!("{listener_scope}http.{stat_prefix}."));
     let access_logs = crate::access_log::lower(&h.list("access_log"), ctx.logs);
@@ -339,10 +388,80 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         idle_timeout,
         drain_timeout,
         filters: http_filters,
+        dynamic_forward_proxy,
+        connect,
         access_logs,
     })
 }
 
 fn nonzero(d: Option<Duration>) -> Option<Duration> {
     d.filter(|d| !d.is_zero())
+}
+
+/// `envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy`.
+fn lower_tcp_proxy(t: &Node, ctx: &Ctx) -> Option<TcpProxyConfig> {
+    let stat_prefix = t.string("stat_prefix").unwrap_or_default();
+    if stat_prefix.is_empty() {
+        t.err("stat_prefix", "is required");
+    }
+    let mut clusters = Vec::new();
+    if let Some(name) = t.string("cluster").filter(|c| !c.is_empty()) {
+        clusters.push((ctx.ids.id(&name), name, 1));
+    } else if let Some(w) = t.msg("weighted_clusters") {
+        for c in w.list("clusters") {
+            let name = c.string("name").unwrap_or_default();
+            if name.is_empty() {
+                c.err("name", "is required");
+            }
+            let weight = c.u32("weight");
+            if weight == 0 {
+                c.err("weight", "must be at least 1");
+            }
+            c.unsupported("metadata_match");
+            clusters.push((ctx.ids.id(&name), name, weight));
+        }
+        if clusters.is_empty() {
+            w.err("clusters", "needs at least one cluster");
+        }
+    } else {
+        t.err_here("needs cluster or weighted_clusters");
+    }
+    let total_weight = clusters.iter().map(|c| c.2).sum();
+    let idle_timeout = match t.duration("idle_timeout") {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => Some(Duration::from_secs(3600)),
+    };
+    let max_connect_attempts = t.wrapped_u32("max_connect_attempts").unwrap_or(1);
+    if max_connect_attempts == 0 {
+        t.err("max_connect_attempts", "must be at least 1");
+    }
+    for f in [
+        "on_demand",
+        "metadata_match",
+        "downstream_idle_timeout",
+        "upstream_idle_timeout",
+        "access_log",
+        "access_log_options",
+        "access_log_flush_interval",
+        "flush_access_log_on_connected",
+        "hash_policy",
+        "tunneling_config",
+        "max_downstream_connection_duration",
+        "max_downstream_connection_duration_jitter_percentage",
+        "backoff_options",
+        "proxy_protocol_tlvs",
+        "upstream_connect_mode",
+        "max_early_data_bytes",
+    ] {
+        t.unsupported(f);
+    }
+    Some(TcpProxyConfig {
+        stats: TcpProxyStats::new(&ctx.store.scope(format!("tcp.{stat_prefix}."))),
+        stat_prefix,
+        clusters,
+        total_weight,
+        idle_timeout,
+        max_connect_attempts,
+    })
 }

@@ -192,8 +192,10 @@ fn lower_match(m: &Node) -> Option<RouteMatch> {
     } else if m.has("prefix") {
         // `prefix: ""` is set but empty: proto3 cannot tell it from unset; Envoy treats it as matching all.
         PathMatch::Prefix(String::new())
+    } else if let Some(c) = m.msg("connect_matcher") {
+        c.unsupported("connect_matcher");
+        PathMatch::Connect
     } else {
-        m.unsupported("connect_matcher");
         m.unsupported("path_match_policy");
         if !m.has("connect_matcher") && !m.has("path_match_policy") {
             // No path specifier at all: an empty prefix, which matches every path.

@@ -15,9 +15,32 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// `listener.<address>.` or `listener.<stat_prefix>.`
     pub stat_scope: String,
-    pub hcm: Arc<HcmConfig>,
+    /// The filter chain's one network filter.
+    pub filter: NetworkFilter,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub buffer_limit: u32,
+    /// The listener filter `envoy.filters.listener.original_dst`: each connection's local address is restored
+    /// to its original destination (`SO_ORIGINAL_DST`, set by an iptables `REDIRECT`) when it has one.
+    pub original_dst: bool,
+}
+
+/// What serves a listener's connections.
+#[derive(Debug)]
+pub enum NetworkFilter {
+    /// `envoy.filters.network.http_connection_manager`.
+    Http(Arc<HcmConfig>),
+    /// `envoy.filters.network.tcp_proxy`.
+    Tcp(Arc<super::tcp_proxy::TcpProxyConfig>),
+}
+
+impl ListenerConfig {
+    /// The HTTP connection manager, for an HTTP listener.
+    pub fn hcm(&self) -> Option<&Arc<HcmConfig>> {
+        match &self.filter {
+            NetworkFilter::Http(h) => Some(h),
+            NetworkFilter::Tcp(_) => None,
+        }
+    }
 }
 
 /// `codec_type`.
@@ -73,6 +96,11 @@ pub struct HcmConfig {
     pub stats: HcmStats,
     /// The HTTP filters before the router, in configuration order.
     pub filters: Vec<HttpFilter>,
+    /// `envoy.filters.http.dynamic_forward_proxy` is configured: the router resolves authorities that a
+    /// dynamic forward proxy cluster has not cached yet (else it finds no host for them, as Envoy does).
+    pub dynamic_forward_proxy: bool,
+    /// `upgrade_configs` with `CONNECT`: CONNECT requests matching a `connect_matcher` route are tunnelled.
+    pub connect: bool,
     /// `access_log`: written when each response is done.
     pub access_logs: Vec<crate::access_log::AccessLog>,
 }

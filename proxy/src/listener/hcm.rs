@@ -75,11 +75,12 @@ pub enum Flag {
     StreamIdleTimeout,
     RateLimited,
     UpstreamRetryLimitExceeded,
+    DnsResolutionFailed,
 }
 
 impl Flag {
     /// Every flag Remora sets, in the order Envoy prints them.
-    pub const ALL: [Flag; 13] = [
+    pub const ALL: [Flag; 14] = [
         Flag::NoHealthyUpstream,
         Flag::UpstreamRequestTimeout,
         Flag::UpstreamRemoteReset,
@@ -93,6 +94,7 @@ impl Flag {
         Flag::StreamIdleTimeout,
         Flag::UpstreamProtocolError,
         Flag::NoClusterFound,
+        Flag::DnsResolutionFailed,
     ];
 
     pub fn short(self) -> &'static str {
@@ -110,6 +112,7 @@ impl Flag {
             Flag::StreamIdleTimeout => "SI",
             Flag::RateLimited => "RL",
             Flag::UpstreamRetryLimitExceeded => "URX",
+            Flag::DnsResolutionFailed => "DF",
         }
     }
 }
@@ -585,6 +588,10 @@ async fn dispatch(
     };
     drop(snapshot);
 
+    if parts.method == http::Method::CONNECT {
+        return tunnel(conn, &cluster, parts, info).await;
+    }
+
     // Route, virtual host and route-table header changes, most specific first (the table's apply last).
     route.request_headers.apply(&mut parts.headers);
     vhost.request_headers.apply(&mut parts.headers);
@@ -725,7 +732,7 @@ fn rewrite_path(action: &RouteAction, route: &crate::route::Route, parts: &mut h
             crate::route::PathMatch::Prefix(p)
             | crate::route::PathMatch::Path(p)
             | crate::route::PathMatch::Separated(p) => p.len().min(path.len()),
-            crate::route::PathMatch::Regex(_) => 0,
+            crate::route::PathMatch::Regex(_) | crate::route::PathMatch::Connect => 0,
         };
         Some(format!("{prefix}{}", &path[matched_len..]))
     } else {
@@ -851,6 +858,10 @@ async fn forward(
     let Some(_rq_permit) = resources.try_request() else {
         return overflow_reply(cs, info, false);
     };
+    let provided = match provided_host(conn, cluster, &parts, info, 80).await {
+        Ok(h) => h,
+        Err(reply) => return *reply,
+    };
 
     // The stream idle timeout watches both directions: request body frames and response body frames.
     let activity = conn
@@ -872,9 +883,14 @@ async fn forward(
     loop {
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
-            match &retry {
-                Some(r) => r.select_host(|| cluster.pick(&mut rng), |(_, h)| h.id),
+            let mut pick = || match &provided {
+                Some(h) => cluster.index_of(h),
+                None if cluster.provides_hosts() => None,
                 None => cluster.pick(&mut rng),
+            };
+            match &retry {
+                Some(r) => r.select_host(pick, |(_, h)| h.id),
+                None => pick(),
             }
         };
         let Some((index, host)) = picked else {
@@ -1080,6 +1096,123 @@ async fn forward(
                 .on_end(Box::new(done)),
         );
     }
+}
+
+/// A CONNECT request on a `connect_matcher` route: connect to a host of the cluster (for a dynamic forward
+/// proxy cluster, the CONNECT authority's, port 443 by default), answer 200, then copy bytes both ways between
+/// the upgraded downstream connection and the upstream one until either side closes. A connection manager
+/// without `upgrade_configs` CONNECT serves connections without upgrades; its CONNECT requests get a 404.
+async fn tunnel(
+    conn: &Rc<Conn>,
+    cluster: &Arc<Cluster>,
+    mut parts: http::request::Parts,
+    info: &mut StreamInfo,
+) -> Response<Body> {
+    let cs = &cluster.stats;
+    let on_upgrade = match parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+        Some(u) if conn.hcm.connect => u,
+        _ => {
+            conn.hcm.stats.no_route.inc();
+            info.set(Flag::NoRouteFound);
+            info.details = "route_not_found";
+            return local_reply(StatusCode::NOT_FOUND, "");
+        }
+    };
+    let provided = match provided_host(conn, cluster, &parts, info, 443).await {
+        Ok(h) => h,
+        Err(reply) => return *reply,
+    };
+    let picked = match &provided {
+        Some(h) => cluster.index_of(h),
+        None if cluster.provides_hosts() => None,
+        None => cluster.pick(&mut conn.worker.rng.borrow_mut()),
+    };
+    let Some((index, host)) = picked else {
+        cs.upstream_cx_none_healthy.inc();
+        info.set(Flag::NoHealthyUpstream);
+        info.details = "no_healthy_upstream";
+        cs.upstream_rq.record(503);
+        cs.upstream_rq_completed.inc();
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    };
+    info.upstream = Some((host.address, cluster.clone()));
+    cs.upstream_rq_total.inc();
+    host.stats.rq_total.fetch_add(1, Relaxed);
+    let mut upstream = match crate::upstream::pool::connect_tcp(cluster, &host).await {
+        Ok(s) => s,
+        Err(e) => {
+            cluster.record_outcome(index, Outcome::ConnectFailed, &mut conn.worker.rng.borrow_mut());
+            host.stats.rq_error.fetch_add(1, Relaxed);
+            return error_reply(cs, &host, &SendError::Connect(e), info, false, conn);
+        }
+    };
+    info.response_at = Some(Instant::now());
+    info.details = "via_upstream";
+    cs.upstream_rq.record(200);
+    cs.upstream_rq_completed.inc();
+    host.stats.rq_success.fetch_add(1, Relaxed);
+    let name = cluster.name().to_string();
+    tokio::task::spawn_local(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let mut down = hyper_util::rt::TokioIo::new(up);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut upstream).await {
+                    tracing::debug!(cluster = %name, error = %e, "CONNECT tunnel ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(cluster = %name, error = %e, "CONNECT: the downstream did not upgrade"),
+        }
+    });
+    Response::new(Body::empty())
+}
+
+/// The request's authority: the absolute-form URI's, else `host`.
+fn request_authority(parts: &http::request::Parts) -> Option<&str> {
+    match parts.uri.authority() {
+        Some(a) => Some(a.as_str()),
+        None => parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+    }
+}
+
+/// The host a cluster takes from the request itself: a dynamic forward proxy cluster's host for the authority
+/// (resolved through its DNS cache), or an `ORIGINAL_DST` cluster's host from its header. `None` for every
+/// other cluster, which balances over its own hosts.
+async fn provided_host(
+    conn: &Conn,
+    cluster: &Arc<Cluster>,
+    parts: &http::request::Parts,
+    info: &mut StreamInfo,
+    default_port: u16,
+) -> Result<Option<Arc<Host>>, Box<Response<Body>>> {
+    use crate::upstream::dfp::LookupError;
+    if let Some(cache) = &cluster.dfp {
+        let authority = request_authority(parts).unwrap_or("");
+        let resolve = conn.hcm.dynamic_forward_proxy;
+        return match cache.host(cluster, authority, default_port, resolve).await {
+            Ok(h) => Ok(Some(h)),
+            Err(LookupError::NotCached) => Ok(None),
+            Err(LookupError::ResolutionFailed) => {
+                info.set(Flag::DnsResolutionFailed);
+                info.details = "dns_resolution_failure";
+                Err(Box::new(local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "DNS resolution failure",
+                )))
+            }
+            Err(LookupError::Overflow) => {
+                info.set(Flag::UpstreamOverflow);
+                info.details = "dns_cache_overflow";
+                Err(Box::new(local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "DNS cache overflow",
+                )))
+            }
+        };
+    }
+    if let Some(od) = &cluster.original_dst {
+        return Ok(od.host_for(cluster, Some(&parts.headers), conn.original_dst));
+    }
+    Ok(None)
 }
 
 /// Sleep the back-off; `false` when the global deadline comes first.

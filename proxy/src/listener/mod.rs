@@ -6,10 +6,11 @@
 
 pub mod config;
 pub mod hcm;
+pub mod tcp_proxy;
 
 use crate::runtime::{LocalExec, Worker};
 use crate::server::Shared;
-use config::{Codec, HcmConfig, ListenerConfig, ListenerStats};
+use config::{Codec, HcmConfig, ListenerConfig, ListenerStats, NetworkFilter};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -33,6 +34,8 @@ pub struct Conn {
     pub worker: Rc<Worker>,
     pub remote: SocketAddr,
     pub local: SocketAddr,
+    /// The original destination restored by `envoy.filters.listener.original_dst` (then also `local`).
+    pub original_dst: Option<SocketAddr>,
     draining: Cell<bool>,
     /// 0 until the first request, then 1 (HTTP/1.x) or 2 (HTTP/2): which `downstream_cx_http*` counts it.
     protocol: Cell<u8>,
@@ -178,15 +181,26 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
             _ = stop.wait_for(|d| *d) => break,
             res = socket.accept() => match res {
                 Ok((stream, remote)) => {
-                    let local = stream.local_addr().unwrap_or(bound.config.address);
+                    let original_dst = if bound.config.original_dst { original_destination(&stream) } else { None };
+                    let hcm = match &bound.config.filter {
+                        NetworkFilter::Http(h) => h.clone(),
+                        NetworkFilter::Tcp(t) => {
+                            tokio::task::spawn_local(tcp_proxy::serve(
+                                t.clone(), shared.clone(), worker.clone(), stream, bound.stats.clone(), original_dst,
+                            ));
+                            continue;
+                        }
+                    };
+                    let local = original_dst.unwrap_or_else(|| stream.local_addr().unwrap_or(bound.config.address));
                     let conn = Rc::new(Conn {
                         id: NEXT_CONNECTION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                         listener: bound.config.clone(),
-                        hcm: bound.config.hcm.clone(),
+                        hcm,
                         shared: shared.clone(),
                         worker: worker.clone(),
                         remote,
                         local,
+                        original_dst,
                         draining: Cell::new(false),
                         protocol: Cell::new(0),
                         chain: std::cell::RefCell::new(None),
@@ -249,30 +263,13 @@ async fn serve_connection(
         rx: hs.downstream_cx_rx_bytes_total.clone(),
         tx: hs.downstream_cx_tx_bytes_total.clone(),
     });
-    let serve = builder.serve_connection(io, svc);
-    tokio::pin!(serve);
-    let mut drained = *drain.borrow();
-    if drained {
-        conn.draining.set(true);
-        serve.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            res = serve.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(remote = %conn.remote, error = %e, "downstream connection ended with an error");
-                }
-                break;
-            }
-            changed = drain.changed(), if !drained => {
-                if changed.is_err() || *drain.borrow() {
-                    drained = true;
-                    conn.draining.set(true);
-                    hs.downstream_cx_drain_close.inc();
-                    serve.as_mut().graceful_shutdown();
-                }
-            }
-        }
+    // Upgrades (CONNECT) only where the connection manager configures them.
+    if hcm.connect {
+        let serve = builder.serve_connection_with_upgrades(io, svc);
+        drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+    } else {
+        let serve = builder.serve_connection(io, svc);
+        drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
     }
     conn.shared.server_stats.total_connections.dec();
     match conn.protocol.get() {
@@ -287,6 +284,89 @@ async fn serve_connection(
     hs.downstream_cx_active.dec();
     hs.downstream_cx_destroy.inc();
     hs.downstream_cx_length_ms.record(ms);
+}
+
+/// The connection's destination before an iptables `REDIRECT` or `DNAT` (`SO_ORIGINAL_DST`, and
+/// `IP6T_SO_ORIGINAL_DST` for IPv6), or `None` when netfilter did not rewrite it.
+fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let v6 = stream.local_addr().ok()?.is_ipv6();
+    // SAFETY: `storage` is a zeroed sockaddr_storage, large enough for either answer, and `len` says so; the
+    // kernel writes at most `len` bytes into it; `fd` is this stream's open socket.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let (level, name) = if v6 {
+        (libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST)
+    } else {
+        (libc::SOL_IP, libc::SO_ORIGINAL_DST)
+    };
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (its family says so), which fits in sockaddr_storage.
+            let a: libc::sockaddr_in =
+                unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let a: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::from((ip, u16::from_be(a.sin6_port))))
+        }
+        _ => None,
+    }
+}
+
+/// Serve a connection until it ends, shutting it down gracefully when the listener drains.
+async fn drive<F, E>(
+    conn: &Conn,
+    serve: F,
+    shutdown: impl Fn(std::pin::Pin<&mut F>),
+    drain: &mut watch::Receiver<bool>,
+) where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let hs = &conn.hcm.stats;
+    tokio::pin!(serve);
+    let mut drained = *drain.borrow();
+    if drained {
+        conn.draining.set(true);
+        shutdown(serve.as_mut());
+    }
+    loop {
+        tokio::select! {
+            res = serve.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(remote = %conn.remote, error = %e, "downstream connection ended with an error");
+                }
+                break;
+            }
+            changed = drain.changed(), if !drained => {
+                if changed.is_err() || *drain.borrow() {
+                    drained = true;
+                    conn.draining.set(true);
+                    hs.downstream_cx_drain_close.inc();
+                    shutdown(serve.as_mut());
+                }
+            }
+        }
+    }
 }
 
 /// A downstream TCP stream that counts its bytes.

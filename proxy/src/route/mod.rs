@@ -145,6 +145,8 @@ pub enum PathMatch {
     Regex(Regex),
     /// `path_separated_prefix`: the path equals the prefix or continues with `/` (or `?`).
     Separated(String),
+    /// `connect_matcher`: CONNECT requests (whose authority-form target has no path), and only those.
+    Connect,
 }
 
 #[derive(Debug)]
@@ -330,7 +332,12 @@ fn lower<'b>(s: &'b str, buf: &'b mut [u8; 256]) -> std::borrow::Cow<'b, str> {
 
 impl RouteMatch {
     pub fn matches(&self, path: &str, query: Option<&str>, headers: &HeaderMap) -> bool {
+        // Only CONNECT has an authority-form target (an empty path); it matches `connect_matcher` routes only.
+        if path.is_empty() != matches!(self.path, PathMatch::Connect) {
+            return false;
+        }
         let path_ok = match &self.path {
+            PathMatch::Connect => true,
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Path(p) => {
                 if self.case_sensitive {

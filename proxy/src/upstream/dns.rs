@@ -62,7 +62,7 @@ struct DnsStats {
     update_no_rebuild: Counter,
 }
 
-fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
+pub(crate) fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
     let mut builder = if cfg.resolvers.is_empty() {
         TokioResolver::builder_tokio()
             .map_err(|e| format!("cannot read the system's DNS configuration: {e}"))?

@@ -5,10 +5,12 @@
 //! [`pool`]), keyed by host id, so that a request takes a pooled connection without a lock.
 
 pub mod breaker;
+pub mod dfp;
 pub mod dns;
 pub mod hash;
 pub mod health_check;
 pub mod lb;
+pub mod original_dst;
 pub mod outlier;
 pub mod pool;
 pub mod priority;
@@ -71,6 +73,20 @@ pub enum Discovery {
     Eds {
         service_name: String,
     },
+    /// `cluster_type: envoy.clusters.dynamic_forward_proxy`: hosts come from requests' authorities through
+    /// the cluster's DNS cache (see [`dfp`]).
+    DynamicForwardProxy(Arc<dfp::DfpConfig>),
+    /// `ORIGINAL_DST`: the host is the address in a request header (`original_dst_lb_config`).
+    OriginalDst(Arc<OriginalDstConfig>),
+}
+
+/// `original_dst_lb_config` of an `ORIGINAL_DST` cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OriginalDstConfig {
+    /// `http_header_name` (default `x-envoy-original-dst-host`) when `use_http_header` is set.
+    pub header: Option<http::HeaderName>,
+    /// `cleanup_interval` (default 5 s): hosts unused for this long are removed.
+    pub cleanup_interval: Duration,
 }
 
 /// A cluster's configuration, lowered from `envoy.config.cluster.v3.Cluster`.
@@ -311,6 +327,10 @@ pub struct Cluster {
     hosts: ArcSwap<HostSet>,
     rr: AtomicUsize,
     pub added_via_api: bool,
+    /// The DNS cache of a dynamic forward proxy cluster.
+    pub dfp: Option<Arc<dfp::DnsCache>>,
+    /// The hosts of an `ORIGINAL_DST` cluster, made from request headers.
+    pub original_dst: Option<original_dst::OriginalDstHosts>,
 }
 
 impl Cluster {
@@ -322,6 +342,14 @@ impl Cluster {
             .outlier
             .clone()
             .map(|o| outlier::Detector::new(o, outlier::OutlierStats::new(scope), &hosts));
+        let dfp = match &config.discovery {
+            Discovery::DynamicForwardProxy(d) => Some(dfp::DnsCache::new(d.clone(), scope)),
+            _ => None,
+        };
+        let original_dst = match &config.discovery {
+            Discovery::OriginalDst(o) => Some(original_dst::OriginalDstHosts::new(o.clone())),
+            _ => None,
+        };
         let c = Cluster {
             config,
             stats,
@@ -331,6 +359,8 @@ impl Cluster {
             hosts: ArcSwap::from_pointee(HostSet::default()),
             rr: AtomicUsize::new(0),
             added_via_api,
+            dfp,
+            original_dst,
         };
         c.set_hosts(hosts);
         Arc::new(c)
@@ -392,6 +422,17 @@ impl Cluster {
         let h = lb::pick(self.config.lb_policy, &set, &self.rr, rng)?;
         let i = set.hosts.iter().position(|x| x.id == h.id)?;
         Some((i, h.clone()))
+    }
+
+    /// Whether the request names the host (dynamic forward proxy, `ORIGINAL_DST`) rather than the balancer.
+    pub fn provides_hosts(&self) -> bool {
+        self.dfp.is_some() || self.original_dst.is_some()
+    }
+
+    /// `host`'s index in the current set (for outlier detection), when it is a member.
+    pub fn index_of(&self, host: &Arc<Host>) -> Option<(usize, Arc<Host>)> {
+        let i = self.hosts.load().hosts.iter().position(|x| x.id == host.id)?;
+        Some((i, host.clone()))
     }
 
     /// Report an attempt's outcome to the outlier detector; an ejection takes the host out of balancing now.

@@ -204,6 +204,12 @@ impl Drop for ConnectingGuard<'_> {
 
 /// Open a TCP connection to `host` within the cluster's `connect_timeout`, counting it.
 async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<CountedIo>, ConnectError> {
+    connect_tcp(cluster, host).await.map(TokioIo::new)
+}
+
+/// A counted TCP connection to `host` under the cluster's connection breakers and `connect_timeout` (for
+/// HTTP pools, CONNECT tunnels and TCP proxying).
+pub async fn connect_tcp(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<CountedIo, ConnectError> {
     let stats = &cluster.stats;
     // Circuit breakers: the cluster's `max_connections`, and the host's `per_host_thresholds`.
     let prio = super::breaker::Priority::Default;
@@ -242,13 +248,13 @@ async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<Cou
     stats
         .upstream_cx_connect_ms
         .record(start.elapsed().as_millis() as u64);
-    Ok(TokioIo::new(CountedIo {
+    Ok(CountedIo {
         stream,
         cluster: cluster.clone(),
         host: host.clone(),
         opened: Instant::now(),
         _permit: permit,
-    }))
+    })
 }
 
 /// A TCP stream that counts its bytes into the cluster's stats and its lifetime on close.

@@ -298,7 +298,7 @@ impl Dynamic {
             .chain(inner.clusters.values().map(|c| &c.config))
             .filter_map(|c| match &c.discovery {
                 Discovery::Eds { service_name } => Some(service_name.clone()),
-                Discovery::Static | Discovery::Dns(_) => None,
+                _ => None,
             })
             .collect();
         names.sort();
@@ -751,7 +751,7 @@ impl Dynamic {
     /// Serve every warming listener whose route table has arrived, draining the version it replaces.
     fn promote(&self, shared: &Shared) {
         let mut inner = lock(&self.inner);
-        let ready = |b: &Bound| match &b.config.hcm.rds_name {
+        let ready = |b: &Bound| match b.config.hcm().and_then(|h| h.rds_name.as_ref()) {
             Some(name) => self.rds.get(name).is_some_and(|r| r.received()),
             None => true,
         };
@@ -858,6 +858,8 @@ fn activate(shared: &Shared, snap: &mut ClusterSnapshot, config: ClusterConfig) 
     let scope = shared.store.scope(format!("cluster.{}.", config.stat_name));
     let c = Cluster::new(config, &scope, true);
     crate::server::start_outlier_sweeps(&c);
+    crate::upstream::dfp::spawn(&c);
+    crate::upstream::original_dst::spawn(&c);
     // A DNS cluster from CDS resolves from now on; nobody waits for its first answer.
     if let crate::upstream::Discovery::Dns(cfg) = &c.config.discovery {
         let (first, _) = tokio::sync::mpsc::channel(1);
