@@ -13,6 +13,7 @@ mod lifecycle;
 mod local_replies;
 mod observability;
 mod protocols;
+mod retry_budget;
 mod routing;
 mod support;
 mod xds;
