@@ -36,7 +36,7 @@ use tokio::time::Instant;
 /// The error type of the runners.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// Counters per second of a run; seconds past the end are added to the last one.
+/// Counters per second of a run; events past its end are not counted.
 pub struct PerSecond {
     start: Instant,
     counts: Vec<AtomicU64>,
@@ -46,15 +46,16 @@ impl PerSecond {
     pub fn new(start: Instant, seconds: usize) -> PerSecond {
         PerSecond {
             start,
-            counts: (0..seconds.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            counts: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     /// Counts one event now.
     pub fn tick(&self) {
         let s = self.start.elapsed().as_secs() as usize;
-        let i = s.min(self.counts.len() - 1);
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self.counts.get(s) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn snapshot(&self) -> Vec<u64> {
