@@ -313,7 +313,9 @@ impl H2Client {
     pub fn new(addr: SocketAddr, connections: usize) -> H2Client {
         H2Client {
             addr,
-            conns: (0..connections.max(1)).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            conns: (0..connections.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
             next: AtomicU64::new(0),
         }
     }
@@ -426,11 +428,7 @@ pub fn quantile(values: &mut [Duration], q: f64) -> Duration {
 pub fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "| {} |", headers.join(" | "));
-    let _ = writeln!(
-        s,
-        "|{}",
-        headers.iter().map(|_| "---|").collect::<String>()
-    );
+    let _ = writeln!(s, "|{}", headers.iter().map(|_| "---|").collect::<String>());
     for r in rows {
         let _ = writeln!(s, "| {} |", r.join(" | "));
     }

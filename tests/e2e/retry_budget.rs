@@ -76,7 +76,10 @@ async fn budget_bounds_retries(n: u64) {
             tokio::spawn(async move { client.get("/pay", &[]).await.status })
         })
         .collect();
-    eventually("every original held at the upstream", async || upstream.requests() == n).await;
+    eventually("every original held at the upstream", async || {
+        upstream.requests() == n
+    })
+    .await;
 
     release_originals.send_replace(true);
     // Every original asked for a retry: granted or refused.
@@ -87,7 +90,10 @@ async fn budget_bounds_retries(n: u64) {
     })
     .await;
     let granted = proxy.stat("cluster.payments.upstream_rq_retry").await as u64;
-    eventually("every granted retry at the upstream", async || upstream.requests() == n + granted).await;
+    eventually("every granted retry at the upstream", async || {
+        upstream.requests() == n + granted
+    })
+    .await;
 
     let bound = (BUDGET_PERCENT * n / 100).max(MIN_RETRY_CONCURRENCY);
     assert!(
@@ -107,7 +113,11 @@ async fn budget_bounds_retries(n: u64) {
     release_retries.send_replace(true);
     let mut statuses = Vec::new();
     for call in calls {
-        statuses.push(within(DEFAULT_TIMEOUT, "a client response", call).await.expect("client task"));
+        statuses.push(
+            within(DEFAULT_TIMEOUT, "a client response", call)
+                .await
+                .unwrap_or_else(|e| panic!("client task: {e}")),
+        );
     }
     let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count() as u64;
     let unavailable = statuses
@@ -154,14 +164,21 @@ async fn without_budget_every_request_makes_one_plus_num_retries_attempts() {
         })
         .collect();
     for call in calls {
-        let status = within(DEFAULT_TIMEOUT, "a client response", call).await.expect("client task");
+        let status = within(DEFAULT_TIMEOUT, "a client response", call)
+            .await
+            .unwrap_or_else(|e| panic!("client task: {e}"));
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
     assert_eq!(upstream.requests(), N * (1 + NUM_RETRIES));
-    assert_eq!(proxy.stat("cluster.payments.upstream_rq_retry").await as u64, N * NUM_RETRIES);
+    assert_eq!(
+        proxy.stat("cluster.payments.upstream_rq_retry").await as u64,
+        N * NUM_RETRIES
+    );
     assert_eq!(proxy.stat("cluster.payments.upstream_rq_retry_overflow").await, 0);
     assert_eq!(
-        proxy.stat("cluster.payments.upstream_rq_retry_limit_exceeded").await as u64,
+        proxy
+            .stat("cluster.payments.upstream_rq_retry_limit_exceeded")
+            .await as u64,
         N
     );
 }

@@ -73,12 +73,14 @@ fn config(arm: Arm, upstream: std::net::SocketAddr, slots: usize) -> Value {
     };
     let mut filters = Vec::new();
     if arm == Arm::Adaptive {
-        filters.push(json!({"name": "envoy.filters.http.adaptive_concurrency", "typed_config": {
+        filters.push(
+            json!({"name": "envoy.filters.http.adaptive_concurrency", "typed_config": {
             "@type": ADAPTIVE,
             "gradient_controller_config": {
                 "sample_aggregate_percentile": {"value": 90},
                 "concurrency_limit_params": {"concurrency_update_interval": "0.1s"},
-                "min_rtt_calc_params": {"interval": "10s", "request_count": 50, "jitter": {"value": 10}}}}}));
+                "min_rtt_calc_params": {"interval": "10s", "request_count": 50, "jitter": {"value": 10}}}}}),
+        );
     }
     filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}));
     json!({
@@ -133,7 +135,9 @@ async fn run_arm(
 ) -> Result<Vec<Step>, Error> {
     let capacity = slots as f64 / service.as_secs_f64();
     let upstream = CapacityUpstream::start(slots, service).await?;
-    let remora = Arc::new(RemoraProcess::start(binary, &config(arm, upstream.addr(), slots), workers, arm.name()).await?);
+    let remora = Arc::new(
+        RemoraProcess::start(binary, &config(arm, upstream.addr(), slots), workers, arm.name()).await?,
+    );
     let addr = remora.listener("main").await?;
     let client = Arc::new(H2Client::new(addr, 4));
     let duration = Duration::from_secs(step_secs * STEPS.len() as u64);
@@ -225,7 +229,11 @@ async fn main() -> Result<(), Error> {
     let arms = [Arm::NoShedding, Arm::Breakers, Arm::Adaptive];
     let mut results = Vec::new();
     for arm in arms {
-        eprintln!("overload: arm {} ({} s)", arm.name(), step_secs * STEPS.len() as u64);
+        eprintln!(
+            "overload: arm {} ({} s)",
+            arm.name(),
+            step_secs * STEPS.len() as u64
+        );
         let steps = run_arm(&binary, arm, slots, service, step_secs, workers, client_timeout).await?;
         results.push((arm, steps));
     }
@@ -324,7 +332,10 @@ async fn main() -> Result<(), Error> {
         },
     ];
     let svg = svg_plot(
-        &format!("Overload: {} × capacity ({capacity:.0} rps)", STEPS.map(|m| m.to_string()).join("→")),
+        &format!(
+            "Overload: {} × capacity ({capacity:.0} rps)",
+            STEPS.map(|m| m.to_string()).join("→")
+        ),
         "time (s)",
         &panels,
     );

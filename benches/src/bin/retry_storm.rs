@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use remora_benches::scenario::{
-    flag, markdown_table, remora_binary, results_dir, run_load, svg_plot, CapacityUpstream, Error,
-    H2Client, Panel, PerSecond, Record, RemoraProcess, Series,
+    flag, markdown_table, remora_binary, results_dir, run_load, svg_plot, CapacityUpstream, Error, H2Client,
+    Panel, PerSecond, Record, RemoraProcess, Series,
 };
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -142,7 +142,8 @@ struct ArmResult {
 
 async fn run_arm(binary: &std::path::Path, arm: Arm, p: &Params) -> Result<ArmResult, Error> {
     let upstream = CapacityUpstream::start(p.slots, p.service).await?;
-    let remora = RemoraProcess::start(binary, &config(arm, upstream.addr(), p), p.workers, arm.name()).await?;
+    let remora =
+        RemoraProcess::start(binary, &config(arm, upstream.addr(), p), p.workers, arm.name()).await?;
     let addr = remora.listener("main").await?;
     let client = Arc::new(H2Client::new(addr, 4));
     let seconds = p.duration as usize;
@@ -244,8 +245,10 @@ async fn main() -> Result<(), Error> {
                 format!("{:.2}×", r.amp_after),
                 format!("{:.1} %", r.success_during * 100.0),
                 format!("{:.1} %", r.success_after * 100.0),
-                r.recovery
-                    .map_or_else(|| format!("> {} s (not in run)", duration - degrade_to), |s| format!("{s} s")),
+                r.recovery.map_or_else(
+                    || format!("> {} s (not in run)", duration - degrade_to),
+                    |s| format!("{s} s"),
+                ),
                 r.retries.to_string(),
                 r.retry_overflow.to_string(),
                 r.rq_overflow.to_string(),
@@ -289,14 +292,11 @@ async fn main() -> Result<(), Error> {
     let per_second: Vec<Vec<String>> = (0..duration as usize)
         .map(|s| {
             let mut row = vec![s.to_string()];
-            row.extend(results.iter().map(|r| {
-                format!(
-                    "{:.1} ({}/{})",
-                    r.success[s] * 100.0,
-                    r.attempts[s],
-                    r.offered[s]
-                )
-            }));
+            row.extend(
+                results
+                    .iter()
+                    .map(|r| format!("{:.1} ({}/{})", r.success[s] * 100.0, r.attempts[s], r.offered[s])),
+            );
             row
         })
         .collect();
@@ -343,11 +343,7 @@ async fn main() -> Result<(), Error> {
         shade,
         y_max: Some(100.0),
     });
-    let svg = svg_plot(
-        "Retry storm: payments degrades ×10 (shaded)",
-        "time (s)",
-        &panels,
-    );
+    let svg = svg_plot("Retry storm: payments degrades ×10 (shaded)", "time (s)", &panels);
     std::fs::write(out.join("results.md"), &md)?;
     std::fs::write(out.join("plot.svg"), svg)?;
     eprintln!("{md}");
