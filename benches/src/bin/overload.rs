@@ -207,6 +207,15 @@ fn ms(d: Duration) -> String {
     }
 }
 
+/// A latency of accepted requests, or a dash when none was accepted.
+fn latency(goodput: f64, d: Duration) -> String {
+    if goodput > 0.0 {
+        ms(d)
+    } else {
+        "–".to_owned()
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -258,8 +267,8 @@ async fn main() -> Result<(), Error> {
                     format!("{}×", s.multiple),
                     format!("{:.0}", s.offered),
                     format!("{:.0}", s.goodput),
-                    ms(s.p50),
-                    ms(s.p99),
+                    latency(s.goodput, s.p50),
+                    latency(s.goodput, s.p99),
                     format!("{:.1} %", s.rejected * 100.0),
                     format!("{:.1} %", s.timed_out * 100.0),
                     s.reject_p50.map_or_else(|| "–".to_owned(), ms),
@@ -295,18 +304,23 @@ async fn main() -> Result<(), Error> {
             .collect(),
         dashed: true,
     };
-    let per_arm = |f: &dyn Fn(&Step) -> f64| -> Vec<Series> {
+    // A step without a value (no accepted request to take a latency of) leaves a gap in its line.
+    let per_arm = |f: &dyn Fn(&Step) -> Option<f64>| -> Vec<Series> {
         results
             .iter()
             .map(|(arm, steps)| Series {
                 name: arm.name().into(),
                 color: arm.color(),
-                points: steps.iter().enumerate().map(|(i, s)| (x(i), f(s))).collect(),
+                points: steps
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| Some((x(i), f(s)?)))
+                    .collect(),
                 dashed: false,
             })
             .collect()
     };
-    let mut goodput = per_arm(&|s| s.goodput);
+    let mut goodput = per_arm(&|s| Some(s.goodput));
     goodput.push(offered);
     let panels = vec![
         Panel {
@@ -319,14 +333,14 @@ async fn main() -> Result<(), Error> {
         Panel {
             title: "p99 latency of accepted requests (ms)".into(),
             y_label: "ms".into(),
-            series: per_arm(&|s| s.p99.as_secs_f64() * 1000.0),
+            series: per_arm(&|s| (s.goodput > 0.0).then(|| s.p99.as_secs_f64() * 1000.0)),
             shade: Vec::new(),
             y_max: None,
         },
         Panel {
             title: "rejected + timed out (%)".into(),
             y_label: "%".into(),
-            series: per_arm(&|s| (s.rejected + s.timed_out) * 100.0),
+            series: per_arm(&|s| Some((s.rejected + s.timed_out) * 100.0)),
             shade: Vec::new(),
             y_max: Some(100.0),
         },
