@@ -333,7 +333,7 @@ async fn main() -> Result<(), Error> {
         Panel {
             title: "p99 latency of accepted requests (ms)".into(),
             y_label: "ms".into(),
-            series: per_arm(&|s| (s.goodput > 0.0).then(|| s.p99.as_secs_f64() * 1000.0)),
+            series: per_arm(&|s| (s.goodput > 0.0).then_some(s.p99.as_secs_f64() * 1000.0)),
             shade: Vec::new(),
             y_max: None,
         },
