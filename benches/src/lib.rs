@@ -1,1 +1,3 @@
 //! Load harness (see README).
+
+pub mod scenario;

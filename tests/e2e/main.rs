@@ -14,6 +14,7 @@ mod local_replies;
 mod observability;
 mod passthrough;
 mod protocols;
+mod retry_budget;
 mod routing;
 mod support;
 mod xds;

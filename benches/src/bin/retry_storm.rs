@@ -1,0 +1,365 @@
+//! The retry storm, reproduced (issue 4): a "payments" upstream of fixed capacity behind Remora, offered a steady
+//! open-loop load near 70 % of capacity; in the middle of the run payments degrades (service time × 10) and
+//! Remora's route retries (`retry_on: 5xx,reset,connect-failure`, `num_retries: 3`, a per-try timeout) pile onto
+//! it. Three arms, each its own Remora and its own fresh upstream:
+//!
+//! - `no-budget`: every circuit-breaker threshold raised out of the way (`max_retries: 10000`);
+//! - `envoy-default`: no `circuit_breakers` at all, so Envoy's defaults (1024 connections, pending, requests;
+//!   `max_retries: 3`);
+//! - `budget+outlier`: Remora's recommended policy, `retry_budget {budget_percent: 20, min_retry_concurrency: 3}`
+//!   and `outlier_detection` (consecutive 5xx / gateway failures).
+//!
+//! Per arm: upstream attempts ÷ offered requests during and after the degradation, client success per second, and
+//! the time from the end of the degradation until success is back above 99 % (for good: every later second).
+//!
+//! ```text
+//! cargo build --release -p remora
+//! cargo run --release -p remora-benches --bin retry_storm -- [--quick] [--remora PATH] [--out DIR]
+//!     [--slots 20] [--service-ms 20] [--load 0.7] [--per-try-ms 300] [--workers 1]
+//! ```
+//!
+//! Writes `benches/results/<date>-retry-storm/{results.md, plot.svg}` (or `--out DIR`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use remora_benches::scenario::{
+    flag, markdown_table, remora_binary, results_dir, run_load, svg_plot, CapacityUpstream, Error, H2Client,
+    Panel, PerSecond, Record, RemoraProcess, Series,
+};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+const HCM: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const HTTP_OPTIONS: &str = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+#[derive(Clone, Copy)]
+enum Arm {
+    NoBudget,
+    EnvoyDefault,
+    Budget,
+}
+
+impl Arm {
+    fn name(self) -> &'static str {
+        match self {
+            Arm::NoBudget => "no-budget",
+            Arm::EnvoyDefault => "envoy-default",
+            Arm::Budget => "budget+outlier",
+        }
+    }
+
+    fn color(self) -> &'static str {
+        match self {
+            Arm::NoBudget => "#d62728",
+            Arm::EnvoyDefault => "#1f77b4",
+            Arm::Budget => "#2ca02c",
+        }
+    }
+
+    /// The payments cluster's resilience fields.
+    fn cluster_fields(self) -> Value {
+        match self {
+            Arm::NoBudget => json!({"circuit_breakers": {"thresholds": [{
+                "priority": "DEFAULT", "max_connections": 100000, "max_pending_requests": 100000,
+                "max_requests": 100000, "max_retries": 10000}]}}),
+            Arm::EnvoyDefault => json!({}),
+            Arm::Budget => json!({
+                "circuit_breakers": {"thresholds": [{"priority": "DEFAULT",
+                    "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}}]},
+                "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 5,
+                    "interval": "1s", "base_ejection_time": "5s", "max_ejection_percent": 50},
+            }),
+        }
+    }
+}
+
+struct Params {
+    duration: u64,
+    degrade_from: u64,
+    degrade_to: u64,
+    slots: usize,
+    service: Duration,
+    rate: f64,
+    per_try: Duration,
+    route_timeout: Duration,
+    client_timeout: Duration,
+    workers: u32,
+}
+
+fn config(arm: Arm, upstream: std::net::SocketAddr, p: &Params) -> Value {
+    let mut cluster = json!({
+        "name": "payments",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "payments", "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+            {"socket_address": {"address": upstream.ip().to_string(), "port_value": upstream.port()}}}}]}]},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}},
+    });
+    if let (Some(c), Value::Object(extra)) = (cluster.as_object_mut(), arm.cluster_fields()) {
+        c.extend(extra);
+    }
+    let route = json!({"match": {"prefix": "/"}, "route": {
+        "cluster": "payments",
+        "timeout": format!("{}s", p.route_timeout.as_secs_f64()),
+        "retry_policy": {"retry_on": "5xx,reset,connect-failure", "num_retries": 3,
+            "per_try_timeout": format!("{}s", p.per_try.as_secs_f64())}}});
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {"@type": HCM, "stat_prefix": "ingress",
+                        "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"],
+                            "routes": [route]}]},
+                        "http_filters": [{"name": "envoy.filters.http.router",
+                            "typed_config": {"@type": ROUTER}}]}}]}],
+            }],
+            "clusters": [cluster],
+        },
+    })
+}
+
+struct ArmResult {
+    arm: Arm,
+    offered: Vec<u64>,
+    attempts: Vec<u64>,
+    success: Vec<f64>,
+    amp_during: f64,
+    amp_after: f64,
+    success_during: f64,
+    success_after: f64,
+    recovery: Option<u64>,
+    retries: i64,
+    retry_overflow: i64,
+    rq_overflow: i64,
+}
+
+async fn run_arm(binary: &std::path::Path, arm: Arm, p: &Params) -> Result<ArmResult, Error> {
+    let upstream = CapacityUpstream::start(p.slots, p.service).await?;
+    let remora =
+        RemoraProcess::start(binary, &config(arm, upstream.addr(), p), p.workers, arm.name()).await?;
+    let addr = remora.listener("main").await?;
+    let client = Arc::new(H2Client::new(addr, 4));
+    let seconds = p.duration as usize;
+    let start = Instant::now();
+    let arrivals = Arc::new(PerSecond::new(start, seconds));
+    upstream.count_arrivals(Some(arrivals.clone()));
+    let (from, to) = (p.degrade_from, p.degrade_to);
+    let rate = p.rate;
+    let records = run_load(
+        client,
+        "/pay",
+        Duration::from_secs(p.duration),
+        p.client_timeout,
+        |_| rate,
+        |s| upstream.set_slowdown(if (from..to).contains(&s) { 10 } else { 1 }),
+        start,
+    )
+    .await;
+    upstream.count_arrivals(None);
+    let attempts = arrivals.snapshot();
+    let mut offered = vec![0u64; seconds];
+    let mut ok = vec![0u64; seconds];
+    for r in &records {
+        let s = (r.sent.as_secs() as usize).min(seconds - 1);
+        offered[s] += 1;
+        ok[s] += u64::from(Record::ok(r));
+    }
+    let success: Vec<f64> = offered
+        .iter()
+        .zip(&ok)
+        .map(|(&o, &k)| if o == 0 { 1.0 } else { k as f64 / o as f64 })
+        .collect();
+    let sum = |v: &[u64], a: u64, b: u64| v[a as usize..b as usize].iter().sum::<u64>() as f64;
+    let end = p.duration;
+    let recovery = (to..end)
+        .find(|&s| success[s as usize..].iter().all(|&x| x >= 0.99))
+        .map(|s| s - to);
+    let result = ArmResult {
+        arm,
+        amp_during: sum(&attempts, from, to) / sum(&offered, from, to).max(1.0),
+        amp_after: sum(&attempts, to, end) / sum(&offered, to, end).max(1.0),
+        success_during: sum(&ok, from, to) / sum(&offered, from, to).max(1.0),
+        success_after: sum(&ok, to, end) / sum(&offered, to, end).max(1.0),
+        recovery,
+        retries: remora.stat("cluster.payments.upstream_rq_retry").await?,
+        retry_overflow: remora.stat("cluster.payments.upstream_rq_retry_overflow").await?,
+        rq_overflow: remora
+            .stat("cluster.payments.upstream_rq_pending_overflow")
+            .await?,
+        offered,
+        attempts,
+        success,
+    };
+    Ok(result)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let binary = remora_binary(&args)?;
+    let (duration, degrade_from, degrade_to) = if quick { (12, 4, 8) } else { (30, 10, 20) };
+    let slots: usize = flag(&args, "--slots", 20)?;
+    let service = Duration::from_millis(flag(&args, "--service-ms", 20)?);
+    let capacity = slots as f64 / service.as_secs_f64();
+    let load: f64 = flag(&args, "--load", 0.7)?;
+    let p = Params {
+        duration,
+        degrade_from,
+        degrade_to,
+        slots,
+        service,
+        rate: capacity * load,
+        per_try: Duration::from_millis(flag(&args, "--per-try-ms", 300)?),
+        route_timeout: Duration::from_millis(1500),
+        client_timeout: Duration::from_secs(2),
+        workers: flag(&args, "--workers", 1)?,
+    };
+    let out = match flag(&args, "--out", String::new())? {
+        d if d.is_empty() => results_dir("retry-storm")?,
+        d => {
+            std::fs::create_dir_all(&d)?;
+            d.into()
+        }
+    };
+
+    let mut results = Vec::new();
+    for arm in [Arm::NoBudget, Arm::EnvoyDefault, Arm::Budget] {
+        eprintln!("retry_storm: arm {} ({duration} s)", arm.name());
+        results.push(run_arm(&binary, arm, &p).await?);
+    }
+
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.arm.name().to_owned(),
+                format!("{:.2}×", r.amp_during),
+                format!("{:.2}×", r.amp_after),
+                format!("{:.1} %", r.success_during * 100.0),
+                format!("{:.1} %", r.success_after * 100.0),
+                r.recovery.map_or_else(
+                    || format!("> {} s (not in run)", duration - degrade_to),
+                    |s| format!("{s} s"),
+                ),
+                r.retries.to_string(),
+                r.retry_overflow.to_string(),
+                r.rq_overflow.to_string(),
+            ]
+        })
+        .collect();
+    let mut md = format!(
+        "# Retry storm ({})\n\nPayments: {slots} slots × {} ms = {capacity:.0} rps; offered {:.0} rps open-loop \
+         ({:.0} %), {duration} s; service time × 10 from t = {degrade_from} s to t = {degrade_to} s. Route: \
+         `retry_on: 5xx,reset,connect-failure`, `num_retries: 3`, `per_try_timeout: {} ms`, `timeout: {} ms`; \
+         client timeout {} ms; upstream over h2c; Remora `--concurrency {}`.\n\n\
+         Amplification = requests arriving at payments ÷ requests offered by clients, in the window. Recovery = \
+         seconds after the degradation ends until every later second has ≥ 99 % client success.\n\n",
+        if quick { "quick" } else { "full" },
+        service.as_millis(),
+        p.rate,
+        load * 100.0,
+        p.per_try.as_millis(),
+        p.route_timeout.as_millis(),
+        p.client_timeout.as_millis(),
+        p.workers,
+    );
+    md.push_str(&markdown_table(
+        &[
+            "arm",
+            "amplification during",
+            "amplification after",
+            "success during",
+            "success after",
+            "recovery",
+            "upstream_rq_retry",
+            "upstream_rq_retry_overflow",
+            "upstream_rq_pending_overflow",
+        ],
+        &rows,
+    ));
+    md.push_str("\nClient success per second (%):\n\n");
+    let mut headers = vec!["t (s)".to_owned()];
+    headers.extend(results.iter().map(|r| r.arm.name().to_owned()));
+    let header_refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let per_second: Vec<Vec<String>> = (0..duration as usize)
+        .map(|s| {
+            let mut row = vec![s.to_string()];
+            row.extend(
+                results
+                    .iter()
+                    .map(|r| format!("{:.1} ({}/{})", r.success[s] * 100.0, r.attempts[s], r.offered[s])),
+            );
+            row
+        })
+        .collect();
+    md.push_str(&markdown_table(&header_refs, &per_second));
+    md.push_str("\n(each cell: success % (upstream attempts / offered requests) in that second)\n");
+
+    let shade = vec![(degrade_from as f64, degrade_to as f64)];
+    let mut panels: Vec<Panel> = results
+        .iter()
+        .map(|r| Panel {
+            title: format!("{}: load (requests/s)", r.arm.name()),
+            y_label: "rps".into(),
+            series: vec![
+                line("offered", "#555555", &r.offered, false),
+                line("upstream attempts", r.arm.color(), &r.attempts, false),
+                Series {
+                    name: "capacity".into(),
+                    color: "#999999",
+                    points: vec![(0.0, capacity), (duration as f64, capacity)],
+                    dashed: true,
+                },
+            ],
+            shade: shade.clone(),
+            y_max: None,
+        })
+        .collect();
+    panels.push(Panel {
+        title: "client success (%)".into(),
+        y_label: "%".into(),
+        series: results
+            .iter()
+            .map(|r| Series {
+                name: r.arm.name().into(),
+                color: r.arm.color(),
+                points: r
+                    .success
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &v)| (s as f64 + 0.5, v * 100.0))
+                    .collect(),
+                dashed: false,
+            })
+            .collect(),
+        shade,
+        y_max: Some(100.0),
+    });
+    let svg = svg_plot("Retry storm: payments degrades ×10 (shaded)", "time (s)", &panels);
+    std::fs::write(out.join("results.md"), &md)?;
+    std::fs::write(out.join("plot.svg"), svg)?;
+    eprintln!("{md}");
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn line(name: &str, color: &'static str, per_second: &[u64], dashed: bool) -> Series {
+    Series {
+        name: name.into(),
+        color,
+        points: per_second
+            .iter()
+            .enumerate()
+            .map(|(s, &v)| (s as f64 + 0.5, v as f64))
+            .collect(),
+        dashed,
+    }
+}
