@@ -17,4 +17,5 @@ mod protocols;
 mod retry_budget;
 mod routing;
 mod support;
+mod timeouts;
 mod xds;

@@ -343,9 +343,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         Some(d) => nonzero(Some(d)),
         None => Some(Duration::from_secs(300)),
     };
-    if request_timeout.is_some() {
-        h.err("request_timeout", "not supported by Remora yet");
-    }
+
     let drain_timeout = h.duration("drain_timeout").unwrap_or(Duration::from_secs(5));
 
     let mut connect = false;

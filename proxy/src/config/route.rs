@@ -310,10 +310,8 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         Some(d) => Some(d),
         None => Some(Duration::from_secs(15)),
     };
-    let idle_timeout = a.duration("idle_timeout").filter(|d| !d.is_zero());
-    if idle_timeout.is_some() {
-        a.err("idle_timeout", "not supported by Remora yet");
-    }
+    // Overrides the connection manager's stream_idle_timeout for this route; 0 turns it off.
+    let idle_timeout = a.duration("idle_timeout");
     for f in [
         "host_rewrite_header",
         "host_rewrite_path_regex",

@@ -863,12 +863,17 @@ async fn forward(
         Err(reply) => return *reply,
     };
 
-    // The stream idle timeout watches both directions: request body frames and response body frames.
-    let activity = conn
-        .hcm
-        .stream_idle_timeout
-        .map(|_| Rc::new(std::cell::Cell::new(Instant::now())));
-    let idle = conn.hcm.stream_idle_timeout.zip(activity.clone());
+    // The stream idle timeout (the route's, else the connection manager's) watches both directions: request
+    // body frames and response body frames.
+    let idle_limit = match action.idle_timeout {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => conn.hcm.stream_idle_timeout,
+    };
+    let activity = idle_limit.map(|_| Rc::new(std::cell::Cell::new(Instant::now())));
+    let idle = idle_limit.zip(activity.clone());
+    // `request_timeout`: the whole request must have arrived by then.
+    let request_deadline = conn.hcm.request_timeout.map(|t| start + t);
 
     // With retries possible, the body is kept (up to the buffer limit) for replay while it streams.
     let limit = buffer_limit.unwrap_or(conn.listener.buffer_limit) as usize;
@@ -936,7 +941,8 @@ async fn forward(
             (None, None) => Body::empty(),
         }
         .with_activity(activity.clone())
-        .with_counter(info.rx_bytes.clone());
+        .with_counter(info.rx_bytes.clone())
+        .with_watchdog(Watchdog::new(request_deadline, None));
         info.upstream = Some((host.address, cluster.clone()));
 
         cs.upstream_rq_total.inc();
@@ -1230,6 +1236,19 @@ async fn backoff_within(backoff: std::time::Duration, deadline: Option<Instant>)
     }
 }
 
+/// Whether the request body ended with the connection manager's `request_timeout`.
+fn request_timed_out(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    let mut src = e.source();
+    while let Some(s) = src {
+        if s.downcast_ref::<crate::body::BodyTimeout>().is_some() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
 fn is_refused_stream(e: &hyper::Error) -> bool {
     use std::error::Error as _;
     let mut src = e.source();
@@ -1325,6 +1344,11 @@ fn error_reply(
                 Flag::UpstreamProtocolError,
                 reset("protocol error"),
             )
+        }
+        SendError::Upstream(err) if request_timed_out(err) => {
+            hcm_stats(conn).downstream_rq_timeout.inc();
+            info.details = "request_overall_timeout";
+            return local_reply(StatusCode::REQUEST_TIMEOUT, "request timeout");
         }
         SendError::Upstream(err) => {
             cs.upstream_rq_rx_reset.inc();

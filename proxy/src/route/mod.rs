@@ -167,6 +167,7 @@ pub struct RouteAction {
     pub host_rewrite: HostRewrite,
     /// `timeout` (default 15 s); `None` when set to 0 (disabled).
     pub timeout: Option<Duration>,
+    /// `idle_timeout`: the route's stream idle timeout (zero: none), instead of the connection manager's.
     pub idle_timeout: Option<Duration>,
     pub retry_policy: Option<std::sync::Arc<crate::retry::RetryPolicy>>,
 }
