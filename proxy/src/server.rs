@@ -379,9 +379,15 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
                 dns_clusters += 1;
             }
         }
+        // Active health checks start now; as Envoy's cluster initialisation, the server waits (bounded) for
+        // every host's first check, so that it does not go LIVE with all hosts failed.
+        let mut first_checks = 0;
+        for c in shared.clusters.load().iter() {
+            first_checks += c.start_health_checks(Some(first_tx.clone()));
+        }
         drop(first_tx);
         let _ = tokio::time::timeout(Duration::from_secs(15), async {
-            for _ in 0..dns_clusters {
+            for _ in 0..dns_clusters + first_checks {
                 first_rx.recv().await;
             }
         })

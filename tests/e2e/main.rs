@@ -9,6 +9,7 @@ mod grpc;
 mod harness;
 mod harness_selftest;
 mod headers;
+mod health_check;
 mod lifecycle;
 mod local_replies;
 mod observability;

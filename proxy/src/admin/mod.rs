@@ -375,6 +375,9 @@ fn clusters_text(shared: &Shared) -> String {
 fn health_flags(h: &crate::upstream::Host, ejected: bool) -> String {
     use crate::upstream::EndpointHealth::*;
     let mut flags = String::new();
+    if h.failed_active_hc.load(Relaxed) {
+        flags.push_str("/failed_active_hc");
+    }
     if ejected {
         flags.push_str("/failed_outlier_check");
     }

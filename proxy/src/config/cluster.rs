@@ -178,7 +178,15 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     let outlier = c
         .msg("outlier_detection")
         .and_then(|o| super::resilience::lower_outlier_detection(&o));
-    c.unsupported("health_checks");
+    let checks = c.list("health_checks");
+    if checks.len() > 1 {
+        // As Envoy: "Multiple health checks not supported".
+        c.err("health_checks", "multiple health checks are not supported");
+    }
+    let health_check = checks
+        .first()
+        .and_then(super::lb::lower_health_check)
+        .map(std::sync::Arc::new);
     c.unsupported("transport_socket");
     c.unsupported("common_lb_config");
 
@@ -195,6 +203,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         buffer_limit,
         circuit_breakers,
         outlier,
+        health_check,
     })
 }
 

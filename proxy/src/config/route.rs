@@ -535,7 +535,7 @@ pub(crate) fn string_matcher(s: &Node) -> Option<StringMatcher> {
     }
 }
 
-pub(super) fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
+pub(crate) fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
     let name = h.string("name").unwrap_or_default();
     let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
         h.err(
@@ -544,6 +544,11 @@ pub(super) fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
         );
         return None;
     };
+    header_matcher_as(h, name)
+}
+
+/// `h`'s match applied to header `name`, whatever `h.name` says (for callers that match pseudo-headers).
+pub(crate) fn header_matcher_as(h: &Node, name: HeaderName) -> Option<HeaderMatcher> {
     let kind = if let Some(v) = h.string("exact_match") {
         HeaderMatch::String(StringMatcher::Exact(v, false))
     } else if let Some(re) = h.msg("safe_regex_match") {

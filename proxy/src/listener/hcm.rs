@@ -62,6 +62,7 @@ static INTERNAL_ONLY: [HeaderName; 13] = [
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Flag {
+    FailedLocalHealthCheck,
     NoHealthyUpstream,
     UpstreamRequestTimeout,
     UpstreamRemoteReset,
@@ -79,7 +80,8 @@ pub enum Flag {
 
 impl Flag {
     /// Every flag Remora sets, in the order Envoy prints them.
-    pub const ALL: [Flag; 13] = [
+    pub const ALL: [Flag; 14] = [
+        Flag::FailedLocalHealthCheck,
         Flag::NoHealthyUpstream,
         Flag::UpstreamRequestTimeout,
         Flag::UpstreamRemoteReset,
@@ -97,6 +99,7 @@ impl Flag {
 
     pub fn short(self) -> &'static str {
         match self {
+            Flag::FailedLocalHealthCheck => "LH",
             Flag::NoHealthyUpstream => "UH",
             Flag::UpstreamRequestTimeout => "UT",
             Flag::UpstreamRemoteReset => "UR",
@@ -211,8 +214,12 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
             }
             if let Some(r) = resp.extensions().get::<crate::filters::FilterReply>() {
                 info.details = r.details;
-                if r.flag.is_some() {
-                    info.set(Flag::RateLimited);
+                match r.flag {
+                    Some(crate::filters::ResponseFlag::RateLimited) => info.set(Flag::RateLimited),
+                    Some(crate::filters::ResponseFlag::FailedLocalHealthCheck) => {
+                        info.set(Flag::FailedLocalHealthCheck)
+                    }
+                    None => {}
                 }
             }
             resp

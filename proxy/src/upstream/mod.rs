@@ -4,6 +4,7 @@
 //! [`HostSet`] that discovery replaces as a whole; a request loads it once. Connection pools are per worker (see
 //! [`pool`]), keyed by host id, so that a request takes a pooled connection without a lock.
 
+pub mod active_health;
 pub mod breaker;
 pub mod dns;
 pub mod hash;
@@ -35,8 +36,8 @@ fn log_outlier_event(cluster: &str, ev: &outlier::OutlierEvent) {
 use crate::stats::{CodeStats, Counter, Gauge, Histogram, Scope};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// The upstream protocol of a cluster.
@@ -92,6 +93,8 @@ pub struct ClusterConfig {
     pub buffer_limit: u32,
     pub circuit_breakers: breaker::CircuitBreakersConfig,
     pub outlier: Option<outlier::OutlierConfig>,
+    /// `health_checks` (Envoy takes at most one).
+    pub health_check: Option<Arc<health_check::HealthCheckConfig>>,
 }
 
 /// One `lb_endpoints` entry.
@@ -157,6 +160,8 @@ pub struct Host {
     pub priority: u32,
     pub locality: Locality,
     pub health: EndpointHealth,
+    /// `FAILED_ACTIVE_HC`: the cluster's active health check fails this host (see [`active_health`]).
+    pub failed_active_hc: AtomicBool,
     pub stats: HostStats,
 }
 
@@ -183,12 +188,13 @@ impl Host {
             priority: e.priority,
             locality: e.locality.clone(),
             health: e.health,
+            failed_active_hc: AtomicBool::new(false),
             stats: HostStats::default(),
         })
     }
 
     pub fn healthy(&self) -> bool {
-        self.health.usable()
+        self.health.usable() && !self.failed_active_hc.load(Relaxed)
     }
 }
 
@@ -308,7 +314,10 @@ pub struct Cluster {
     pub breakers: breaker::CircuitBreakers,
     pub outlier: Option<outlier::Detector>,
     pub retry_stats: crate::retry::RetryStats,
+    pub health_checks: Option<active_health::HealthChecking>,
     hosts: ArcSwap<HostSet>,
+    /// This cluster, for the tasks it spawns (health checks hold it weakly).
+    me: Weak<Cluster>,
     rr: AtomicUsize,
     pub added_via_api: bool,
 }
@@ -322,18 +331,33 @@ impl Cluster {
             .outlier
             .clone()
             .map(|o| outlier::Detector::new(o, outlier::OutlierStats::new(scope), &hosts));
-        let c = Cluster {
+        let health_checks = config
+            .health_check
+            .clone()
+            .map(|hc| active_health::HealthChecking::new(hc, health_check::HealthCheckStats::new(scope)));
+        let c = Arc::new_cyclic(|me| Cluster {
             config,
             stats,
             breakers,
             outlier,
             retry_stats: crate::retry::RetryStats::new(scope),
+            health_checks,
             hosts: ArcSwap::from_pointee(HostSet::default()),
             rr: AtomicUsize::new(0),
             added_via_api,
-        };
+            me: me.clone(),
+        });
         c.set_hosts(hosts);
-        Arc::new(c)
+        c
+    }
+
+    /// Start the active health checks of every host (a no-op without `health_checks`). With `first`, each
+    /// host reports its first check on it; returns how many will.
+    pub fn start_health_checks(&self, first: Option<tokio::sync::mpsc::Sender<()>>) -> usize {
+        let Some(hc) = &self.health_checks else { return 0 };
+        let n = hc.pending();
+        hc.start(&self.me, first);
+        n
     }
 
     pub fn name(&self) -> &str {
@@ -344,6 +368,13 @@ impl Cluster {
     pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
         if let Some(d) = &self.outlier {
             d.set_hosts(&hosts);
+        }
+        match &self.health_checks {
+            Some(hc) => hc.set_hosts(&self.me, &hosts),
+            // A host carried over from a health-checked version of this cluster.
+            None => hosts
+                .iter()
+                .for_each(|h| h.failed_active_hc.store(false, Relaxed)),
         }
         self.publish(hosts);
     }

@@ -858,6 +858,7 @@ fn activate(shared: &Shared, snap: &mut ClusterSnapshot, config: ClusterConfig) 
     let scope = shared.store.scope(format!("cluster.{}.", config.stat_name));
     let c = Cluster::new(config, &scope, true);
     crate::server::start_outlier_sweeps(&c);
+    c.start_health_checks(None);
     // A DNS cluster from CDS resolves from now on; nobody waits for its first answer.
     if let crate::upstream::Discovery::Dns(cfg) = &c.config.discovery {
         let (first, _) = tokio::sync::mpsc::channel(1);
