@@ -84,6 +84,17 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
                 .unwrap_or(2);
             LbPolicy::LeastRequest { choice_count }
         }
+        "RING_HASH" => LbPolicy::RingHash(
+            c.msg("ring_hash_lb_config")
+                .map(|r| super::lb::lower_ring_hash(&r))
+                .unwrap_or_default(),
+        ),
+        "MAGLEV" => LbPolicy::Maglev {
+            table_size: c
+                .msg("maglev_lb_config")
+                .map(|m| super::lb::lower_maglev(&m))
+                .unwrap_or(crate::upstream::hash::MAGLEV_DEFAULT_TABLE_SIZE),
+        },
         other => {
             c.err("lb_policy", format!("{other} is not supported by Remora"));
             LbPolicy::RoundRobin
@@ -92,6 +103,25 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     if lb != "LEAST_REQUEST" {
         c.unsupported("least_request_lb_config");
     }
+    if lb != "RING_HASH" {
+        c.unsupported("ring_hash_lb_config");
+    }
+    if lb != "MAGLEV" {
+        c.unsupported("maglev_lb_config");
+    }
+    // `load_balancing_policy` (the typed form Envoy Gateway emits) replaces `lb_policy`, as in Envoy.
+    let lb_policy = match c.msg("load_balancing_policy") {
+        Some(p) => match super::lb::lower_load_balancing_policy(&p) {
+            Some(choice) => {
+                if choice.locality.is_some() {
+                    p.err("policies", "locality_lb_config is not supported by Remora yet");
+                }
+                choice.kind
+            }
+            None => lb_policy,
+        },
+        None => lb_policy,
+    };
     let buffer_limit = c
         .wrapped_u32("per_connection_buffer_limit_bytes")
         .unwrap_or(1024 * 1024);

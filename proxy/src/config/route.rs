@@ -323,7 +323,6 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         "priority",
         "rate_limits",
         "include_vh_rate_limits",
-        "hash_policy",
         "cors",
         "max_grpc_timeout",
         "grpc_timeout_offset",
@@ -340,6 +339,12 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         .msg("retry_policy")
         .and_then(|p| lower_retry_policy(&p))
         .map(std::sync::Arc::new);
+    let hash_policy = crate::upstream::hash::HashPolicy(
+        a.list("hash_policy")
+            .iter()
+            .filter_map(super::lb::lower_hash_policy)
+            .collect(),
+    );
     Some(RouteAction {
         cluster,
         prefix_rewrite,
@@ -348,6 +353,7 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         timeout,
         idle_timeout,
         retry_policy,
+        hash_policy,
     })
 }
 

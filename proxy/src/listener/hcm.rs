@@ -854,13 +854,19 @@ async fn forward(
     };
     let mut _retry_permit = None;
     let mut last_reset = None;
+    // The route's `hash_policy`, for the consistent-hash balancers only.
+    let hash = if cluster.config.lb_policy.hashes() {
+        action.hash_policy.hash(&parts.headers, Some(conn.remote.ip()))
+    } else {
+        None
+    };
 
     loop {
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
             match &retry {
-                Some(r) => r.select_host(|| cluster.pick(&mut rng), |(_, h)| h.id),
-                None => cluster.pick(&mut rng),
+                Some(r) => r.select_host(|| cluster.pick(&mut rng, hash), |(_, h)| h.id),
+                None => cluster.pick(&mut rng, hash),
             }
         };
         let Some((index, host)) = picked else {

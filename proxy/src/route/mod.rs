@@ -167,6 +167,8 @@ pub struct RouteAction {
     pub timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub retry_policy: Option<std::sync::Arc<crate::retry::RetryPolicy>>,
+    /// `hash_policy`: the request hash for `RING_HASH` and `MAGLEV` clusters.
+    pub hash_policy: crate::upstream::hash::HashPolicy,
 }
 
 #[derive(Debug)]

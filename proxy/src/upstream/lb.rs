@@ -1,4 +1,5 @@
-//! Load balancers over a [`HostSet`]: round robin, least request (power of N choices), random.
+//! Load balancers over a [`HostSet`]: round robin, least request (power of N choices), random, and the
+//! consistent-hash balancers (ring hash, Maglev) whose structures the set carries.
 //!
 //! Randomness comes from a small per-worker generator that tests seed ([`Rng::seeded`]).
 
@@ -49,6 +50,7 @@ pub fn pick<'s>(
     set: &'s HostSet,
     rr: &AtomicUsize,
     rng: &mut Rng,
+    hash: Option<u64>,
 ) -> Option<&'s Arc<Host>> {
     let healthy = &set.healthy;
     let n = healthy.len();
@@ -67,6 +69,11 @@ pub fn pick<'s>(
             }
         }
         LbPolicy::Random => rng.below(n),
+        // Without a hash from the route's policy, Envoy uses a random one.
+        LbPolicy::RingHash(_) | LbPolicy::Maglev { .. } => {
+            let hash = hash.unwrap_or_else(|| rng.next_u64());
+            set.hash_lb.as_ref()?.pick(hash)?
+        }
         LbPolicy::LeastRequest { choice_count } => {
             let mut best = rng.below(n);
             for _ in 1..choice_count.max(1) {
@@ -125,7 +132,7 @@ mod tests {
         let mut rng = Rng::seeded(7);
         let mut c = vec![0; s.hosts.len()];
         for _ in 0..n {
-            let h = pick(policy, s, &rr, &mut rng).unwrap();
+            let h = pick(policy, s, &rr, &mut rng, None).unwrap();
             c[s.hosts.iter().position(|x| x.id == h.id).unwrap()] += 1;
         }
         c
@@ -163,6 +170,13 @@ mod tests {
         s.healthy = vec![1];
         assert_eq!(counts(LbPolicy::RoundRobin, &s, 10), [0, 10]);
         s.healthy.clear();
-        assert!(pick(LbPolicy::Random, &s, &AtomicUsize::new(0), &mut Rng::seeded(1)).is_none());
+        assert!(pick(
+            LbPolicy::Random,
+            &s,
+            &AtomicUsize::new(0),
+            &mut Rng::seeded(1),
+            None
+        )
+        .is_none());
     }
 }

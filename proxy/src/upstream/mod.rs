@@ -58,6 +58,19 @@ pub enum LbPolicy {
         choice_count: u32,
     },
     Random,
+    /// `RING_HASH`: a consistent-hash ring over the healthy hosts, built per host-set publish.
+    RingHash(hash::RingHashConfig),
+    /// `MAGLEV`: a lookup table of `table_size` (prime) entries over the healthy hosts.
+    Maglev {
+        table_size: u64,
+    },
+}
+
+impl LbPolicy {
+    /// Whether the policy picks by a request hash (the route's `hash_policy`).
+    pub fn hashes(self) -> bool {
+        matches!(self, LbPolicy::RingHash(_) | LbPolicy::Maglev { .. })
+    }
 }
 
 /// How a cluster finds its hosts.
@@ -206,6 +219,39 @@ pub struct HostSet {
     pub healthy: Vec<usize>,
     /// Every host has the same weight (round robin need not weigh).
     pub uniform_weight: bool,
+    /// For `RING_HASH` and `MAGLEV`: the structure over `healthy`, whose picks index into `healthy`.
+    pub hash_lb: Option<HashLb>,
+}
+
+/// A consistent-hash structure, built when the host set is published.
+#[derive(Debug)]
+pub enum HashLb {
+    Ring(hash::Ring),
+    Maglev(hash::Maglev),
+}
+
+impl HashLb {
+    /// Build over the set's healthy hosts (keys `ip:port`, as Envoy's `address()->asString()`).
+    fn build(policy: LbPolicy, set: &HostSet) -> Option<HashLb> {
+        let keys: Vec<(&str, u32)> = set
+            .healthy
+            .iter()
+            .map(|&i| (set.hosts[i].address_str.as_str(), set.hosts[i].weight))
+            .collect();
+        match policy {
+            LbPolicy::RingHash(cfg) => Some(HashLb::Ring(hash::Ring::build(&keys, &cfg))),
+            LbPolicy::Maglev { table_size } => Some(HashLb::Maglev(hash::Maglev::build(&keys, table_size))),
+            _ => None,
+        }
+    }
+
+    /// A position in `healthy` for a request hash.
+    pub fn pick(&self, hash: u64) -> Option<usize> {
+        match self {
+            HashLb::Ring(r) => r.pick(hash),
+            HashLb::Maglev(m) => m.pick(hash),
+        }
+    }
 }
 
 impl HostSet {
@@ -221,6 +267,7 @@ impl HostSet {
             hosts,
             healthy,
             uniform_weight,
+            hash_lb: None,
         }
     }
 }
@@ -390,6 +437,7 @@ impl Cluster {
         if let Some(d) = &self.outlier {
             set.healthy.retain(|&i| !d.is_ejected(i));
         }
+        set.hash_lb = HashLb::build(self.config.lb_policy, &set);
         self.store_set(set);
     }
 
@@ -417,10 +465,10 @@ impl Cluster {
     }
 
     /// Pick a host for a request, with its index in the current set (for outlier detection), or `None` when no
-    /// host may take traffic.
-    pub fn pick(&self, rng: &mut lb::Rng) -> Option<(usize, Arc<Host>)> {
+    /// host may take traffic. `hash` is the request's hash for `RING_HASH` and `MAGLEV` (random when `None`).
+    pub fn pick(&self, rng: &mut lb::Rng, hash: Option<u64>) -> Option<(usize, Arc<Host>)> {
         let set = self.hosts.load();
-        let h = lb::pick(self.config.lb_policy, &set, &self.rr, rng)?;
+        let h = lb::pick(self.config.lb_policy, &set, &self.rr, rng, hash)?;
         let i = set.hosts.iter().position(|x| x.id == h.id)?;
         Some((i, h.clone()))
     }
