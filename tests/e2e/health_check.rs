@@ -111,6 +111,8 @@ async fn healthcheck_fail_fails_other_proxies_checks() {
 
     // A second proxy health-checks the first.
     let mut c = cluster("front", &[checked.addr]);
+    // Without this, a one-host cluster whose host fails is in panic and still sends it traffic (as Envoy).
+    c["common_lb_config"] = json!({"healthy_panic_threshold": {"value": 0}});
     c["health_checks"] = json!([{
         "timeout": "1s",
         "interval": "0.05s",

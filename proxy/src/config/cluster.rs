@@ -181,10 +181,17 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         protocol = Protocol::Downstream;
     }
 
-    let (endpoints, targets) = c
-        .msg("load_assignment")
-        .map(|la| lower_endpoints(&la, dns))
-        .unwrap_or_default();
+    let default_factor = crate::upstream::priority::DEFAULT_OVERPROVISIONING_FACTOR;
+    let (endpoints, targets, overprovisioning_factor) = match c.msg("load_assignment") {
+        Some(la) => {
+            let (endpoints, targets) = lower_endpoints(&la, dns);
+            let factor = la
+                .msg("policy")
+                .map_or(default_factor, |p| super::lb::lower_endpoint_policy(&p));
+            (endpoints, targets, factor)
+        }
+        None => (Vec::new(), Vec::new(), default_factor),
+    };
     let discovery = match dns_settings {
         Some(mut d) => {
             if ty == "LOGICAL_DNS" {
@@ -218,7 +225,21 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         .and_then(super::lb::lower_health_check)
         .map(std::sync::Arc::new);
     c.unsupported("transport_socket");
-    c.unsupported("common_lb_config");
+    let common_lb = c
+        .msg("common_lb_config")
+        .map(|n| {
+            let l = super::lb::lower_common_lb_config(&n);
+            if l.locality.is_some() {
+                n.err_here(
+                    "zone_aware_lb_config and locality_weighted_lb_config are not supported by Remora yet",
+                );
+            }
+            if l.ignore_new_hosts_until_first_hc {
+                n.err("ignore_new_hosts_until_first_hc", "not supported by Remora yet");
+            }
+            l
+        })
+        .unwrap_or_default();
 
     Some(ClusterConfig {
         name,
@@ -233,12 +254,24 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         buffer_limit,
         circuit_breakers,
         outlier,
+        overprovisioning_factor,
+        healthy_panic_threshold: common_lb.healthy_panic_threshold,
         health_check,
     })
 }
 
 /// `envoy.config.endpoint.v3.ClusterLoadAssignment`: a cluster's `load_assignment`, or an EDS resource.
 pub fn lower_load_assignment(la: &Node) -> Vec<EndpointConfig> {
+    // An EDS update cannot change the cluster's overprovisioning factor yet: only the default is accepted.
+    if let Some(p) = la.msg("policy") {
+        if super::lb::lower_endpoint_policy(&p) != crate::upstream::priority::DEFAULT_OVERPROVISIONING_FACTOR
+        {
+            p.err(
+                "overprovisioning_factor",
+                "only the default (140) is supported in EDS by Remora",
+            );
+        }
+    }
     lower_endpoints(la, false).0
 }
 
@@ -258,14 +291,8 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
             })
             .unwrap_or_default();
         let priority = lle.u32("priority");
-        if priority != 0 {
-            lle.err(
-                "priority",
-                "priorities other than 0 are not supported by Remora yet",
-            );
-        }
         // Locality weights only act with locality-weighted balancing, which Envoy turns on separately.
-        lle.mark("load_balancing_weight");
+        let locality_weight = lle.wrapped_u32("load_balancing_weight").unwrap_or(0);
         lle.unsupported("load_balancer_endpoints");
         lle.unsupported("leds_cluster_locality_config");
         lle.unsupported("proximity");
@@ -303,6 +330,7 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                         weight,
                         priority,
                         locality: locality.clone(),
+                        locality_weight,
                         health,
                     };
                     targets.push(dns::Target { name, port, template });
@@ -314,12 +342,12 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                     weight,
                     priority,
                     locality: locality.clone(),
+                    locality_weight,
                     health,
                 });
             }
         }
     }
-    la.unsupported("policy");
     la.unsupported("named_endpoints");
     (endpoints, targets)
 }

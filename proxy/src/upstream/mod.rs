@@ -106,6 +106,10 @@ pub struct ClusterConfig {
     pub buffer_limit: u32,
     pub circuit_breakers: breaker::CircuitBreakersConfig,
     pub outlier: Option<outlier::OutlierConfig>,
+    /// `load_assignment.policy.overprovisioning_factor`, percent (default 140).
+    pub overprovisioning_factor: u32,
+    /// `common_lb_config.healthy_panic_threshold`, percent (default 50; 0 disables panic).
+    pub healthy_panic_threshold: u32,
     /// `health_checks` (Envoy takes at most one).
     pub health_check: Option<Arc<health_check::HealthCheckConfig>>,
 }
@@ -118,6 +122,8 @@ pub struct EndpointConfig {
     pub weight: u32,
     pub priority: u32,
     pub locality: Locality,
+    /// The locality's `load_balancing_weight` (0 when unset), for locality-weighted balancing.
+    pub locality_weight: u32,
     pub health: EndpointHealth,
 }
 
@@ -172,6 +178,7 @@ pub struct Host {
     pub weight: u32,
     pub priority: u32,
     pub locality: Locality,
+    pub locality_weight: u32,
     pub health: EndpointHealth,
     /// `FAILED_ACTIVE_HC`: the cluster's active health check fails this host (see [`active_health`]).
     pub failed_active_hc: AtomicBool,
@@ -200,6 +207,7 @@ impl Host {
             weight: e.weight.max(1),
             priority: e.priority,
             locality: e.locality.clone(),
+            locality_weight: e.locality_weight,
             health: e.health,
             failed_active_hc: AtomicBool::new(false),
             stats: HostStats::default(),
@@ -211,16 +219,57 @@ impl Host {
     }
 }
 
-/// A cluster's membership at one moment.
+/// A cluster's membership at one moment, with everything a pick needs computed when it is published.
 #[derive(Debug, Default)]
 pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
-    /// Indexes into `hosts` of hosts that may take traffic.
+    /// Indexes into `hosts` of hosts that may take traffic (healthy or degraded), every priority.
     pub healthy: Vec<usize>,
+    /// Priority levels, index = priority (levels without hosts are empty).
+    pub levels: Vec<Level>,
+    /// Each level's share of requests and panic state ([`priority::PriorityLoad`]).
+    pub load: priority::PriorityLoad,
+    /// Zone-aware routing of priority 0, when the cluster is zone aware.
+    pub zone: Option<zone::ZoneRouting>,
+}
+
+/// One priority level's candidate lists.
+#[derive(Debug, Default)]
+pub struct Level {
+    /// Every host of the level (a level in panic balances over them).
+    pub all: Candidates,
+    pub healthy: Candidates,
+    pub degraded: Candidates,
+    /// The level's localities with their host counts, in first-seen order.
+    pub localities: Vec<zone::ZoneHosts>,
+    /// The healthy hosts of each locality, in `localities` order (zone-aware picks).
+    pub healthy_by_locality: Vec<Candidates>,
+}
+
+/// Hosts a balancer may pick from: indexes into [`HostSet::hosts`].
+#[derive(Debug, Default)]
+pub struct Candidates {
+    pub idx: Vec<usize>,
     /// Every host has the same weight (round robin need not weigh).
     pub uniform_weight: bool,
-    /// For `RING_HASH` and `MAGLEV`: the structure over `healthy`, whose picks index into `healthy`.
+    /// For `RING_HASH` and `MAGLEV`: the structure over `idx`, whose picks index into `idx`.
     pub hash_lb: Option<HashLb>,
+}
+
+impl Candidates {
+    fn new(hosts: &[Arc<Host>], idx: Vec<usize>) -> Self {
+        let uniform_weight = idx.windows(2).all(|w| hosts[w[0]].weight == hosts[w[1]].weight);
+        Candidates {
+            idx,
+            uniform_weight,
+            hash_lb: None,
+        }
+    }
+
+    fn with_hash(mut self, policy: LbPolicy, hosts: &[Arc<Host>]) -> Self {
+        self.hash_lb = HashLb::build(policy, hosts, &self.idx);
+        self
+    }
 }
 
 /// A consistent-hash structure, built when the host set is published.
@@ -231,12 +280,14 @@ pub enum HashLb {
 }
 
 impl HashLb {
-    /// Build over the set's healthy hosts (keys `ip:port`, as Envoy's `address()->asString()`).
-    fn build(policy: LbPolicy, set: &HostSet) -> Option<HashLb> {
-        let keys: Vec<(&str, u32)> = set
-            .healthy
+    /// Build over `idx` (keys `ip:port`, as Envoy's `address()->asString()`).
+    fn build(policy: LbPolicy, hosts: &[Arc<Host>], idx: &[usize]) -> Option<HashLb> {
+        if !policy.hashes() || idx.is_empty() {
+            return None;
+        }
+        let keys: Vec<(&str, u32)> = idx
             .iter()
-            .map(|&i| (set.hosts[i].address_str.as_str(), set.hosts[i].weight))
+            .map(|&i| (hosts[i].address_str.as_str(), hosts[i].weight))
             .collect();
         match policy {
             LbPolicy::RingHash(cfg) => Some(HashLb::Ring(hash::Ring::build(&keys, &cfg))),
@@ -245,7 +296,7 @@ impl HashLb {
         }
     }
 
-    /// A position in `healthy` for a request hash.
+    /// A position in the candidates for a request hash.
     pub fn pick(&self, hash: u64) -> Option<usize> {
         match self {
             HashLb::Ring(r) => r.pick(hash),
@@ -254,21 +305,138 @@ impl HashLb {
     }
 }
 
+/// What a host-set publish needs from the cluster's configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct LbSettings {
+    pub policy: LbPolicy,
+    /// `load_assignment.policy.overprovisioning_factor`, percent.
+    pub overprovisioning_factor: u32,
+    /// `common_lb_config.healthy_panic_threshold`, percent.
+    pub panic_threshold: u32,
+}
+
+impl Default for LbSettings {
+    fn default() -> Self {
+        LbSettings {
+            policy: LbPolicy::RoundRobin,
+            overprovisioning_factor: priority::DEFAULT_OVERPROVISIONING_FACTOR,
+            panic_threshold: priority::DEFAULT_PANIC_THRESHOLD,
+        }
+    }
+}
+
 impl HostSet {
+    /// A set with default balancing settings and no exclusions (tests).
     pub fn new(hosts: Vec<Arc<Host>>) -> Self {
-        let healthy = hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.healthy())
-            .map(|(i, _)| i)
+        HostSet::build(hosts, |_| false, &LbSettings::default())
+    }
+
+    /// Classify the hosts (healthy, degraded, unavailable: EDS health, active health checks, and `ejected`
+    /// for outlier detection), split them by priority and locality, and compute the priority loads.
+    pub fn build(hosts: Vec<Arc<Host>>, ejected: impl Fn(usize) -> bool, lb: &LbSettings) -> Self {
+        let n_levels = hosts.iter().map(|h| h.priority as usize + 1).max().unwrap_or(1);
+        let mut all = vec![Vec::new(); n_levels];
+        let mut healthy_idx = vec![Vec::new(); n_levels];
+        let mut degraded_idx = vec![Vec::new(); n_levels];
+        let mut localities: Vec<Vec<zone::ZoneHosts>> = vec![Vec::new(); n_levels];
+        let mut by_locality: Vec<Vec<Vec<usize>>> = vec![Vec::new(); n_levels];
+        let mut usable = Vec::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let p = h.priority as usize;
+            all[p].push(i);
+            let li = match localities[p].iter().position(|z| z.locality == h.locality) {
+                Some(li) => li,
+                None => {
+                    localities[p].push(zone::ZoneHosts {
+                        locality: h.locality.clone(),
+                        ..Default::default()
+                    });
+                    by_locality[p].push(Vec::new());
+                    localities[p].len() - 1
+                }
+            };
+            localities[p][li].hosts += 1;
+            if !h.healthy() || ejected(i) {
+                continue;
+            }
+            usable.push(i);
+            if h.health == EndpointHealth::Degraded {
+                degraded_idx[p].push(i);
+                localities[p][li].degraded += 1;
+            } else {
+                healthy_idx[p].push(i);
+                localities[p][li].healthy += 1;
+                by_locality[p][li].push(i);
+            }
+        }
+        let counts: Vec<priority::LevelCounts> = (0..n_levels)
+            .map(|p| priority::LevelCounts {
+                hosts: all[p].len() as u32,
+                healthy: healthy_idx[p].len() as u32,
+                degraded: degraded_idx[p].len() as u32,
+            })
             .collect();
-        let uniform_weight = hosts.windows(2).all(|w| w[0].weight == w[1].weight);
+        let load = priority::PriorityLoad::compute(&counts, lb.overprovisioning_factor, lb.panic_threshold);
+        let levels = (0..n_levels)
+            .map(|p| {
+                let panic = load.panic.get(p).copied().unwrap_or(false);
+                let all = Candidates::new(&hosts, std::mem::take(&mut all[p]));
+                Level {
+                    all: if panic {
+                        all.with_hash(lb.policy, &hosts)
+                    } else {
+                        all
+                    },
+                    healthy: Candidates::new(&hosts, std::mem::take(&mut healthy_idx[p]))
+                        .with_hash(lb.policy, &hosts),
+                    degraded: Candidates::new(&hosts, std::mem::take(&mut degraded_idx[p]))
+                        .with_hash(lb.policy, &hosts),
+                    localities: std::mem::take(&mut localities[p]),
+                    healthy_by_locality: std::mem::take(&mut by_locality[p])
+                        .into_iter()
+                        .map(|idx| Candidates::new(&hosts, idx))
+                        .collect(),
+                }
+            })
+            .collect();
         HostSet {
             hosts,
-            healthy,
-            uniform_weight,
-            hash_lb: None,
+            healthy: usable,
+            levels,
+            load,
+            zone: None,
         }
+    }
+
+    /// A host's index for a request: the priority by the loads (`hash`, else a random draw), then the host
+    /// among the level's healthy, degraded or, in panic, all hosts. `on_panic` counts `lb_healthy_panic`.
+    pub fn pick(
+        &self,
+        policy: LbPolicy,
+        rr: &AtomicUsize,
+        rng: &mut lb::Rng,
+        hash: Option<u64>,
+        on_panic: impl FnOnce(),
+    ) -> Option<usize> {
+        let draw = hash.unwrap_or_else(|| rng.next_u64());
+        let source = priority::host_source(&self.load, draw, false, on_panic)?;
+        let level = self.levels.get(source.priority())?;
+        let candidates = match source {
+            priority::HostSource::All { .. } => &level.all,
+            priority::HostSource::Healthy { .. } => &level.healthy,
+            priority::HostSource::Degraded { .. } => &level.degraded,
+        };
+        lb::pick(policy, &self.hosts, candidates, rr, rng, hash)
+    }
+
+    /// Hosts that are healthy (not degraded), every priority.
+    pub fn healthy_count(&self) -> usize {
+        self.levels.iter().map(|l| l.healthy.idx.len()).sum()
+    }
+
+    /// Hosts that are degraded and otherwise available, every priority.
+    pub fn degraded_count(&self) -> usize {
+        self.levels.iter().map(|l| l.degraded.idx.len()).sum()
     }
 }
 
@@ -433,27 +601,26 @@ impl Cluster {
     }
 
     fn publish(&self, hosts: Vec<Arc<Host>>) {
-        let mut set = HostSet::new(hosts);
-        if let Some(d) = &self.outlier {
-            set.healthy.retain(|&i| !d.is_ejected(i));
-        }
-        set.hash_lb = HashLb::build(self.config.lb_policy, &set);
+        let ejected = |i: usize| self.outlier.as_ref().is_some_and(|d| d.is_ejected(i));
+        let set = HostSet::build(hosts, ejected, &self.lb_settings());
         self.store_set(set);
+    }
+
+    fn lb_settings(&self) -> LbSettings {
+        LbSettings {
+            policy: self.config.lb_policy,
+            overprovisioning_factor: self.config.overprovisioning_factor,
+            panic_threshold: self.config.healthy_panic_threshold,
+        }
     }
 
     /// Update `membership_*` and swap the set in.
     fn store_set(&self, set: HostSet) {
         let total = set.hosts.len() as i64;
-        let healthy = set.healthy.len() as i64;
-        let degraded = set
-            .hosts
-            .iter()
-            .filter(|h| h.health == EndpointHealth::Degraded)
-            .count() as i64;
         let max_weight = set.hosts.iter().map(|h| h.weight).max().unwrap_or(0);
         self.stats.membership_total.set(total);
-        self.stats.membership_healthy.set(healthy - degraded);
-        self.stats.membership_degraded.set(degraded);
+        self.stats.membership_healthy.set(set.healthy_count() as i64);
+        self.stats.membership_degraded.set(set.degraded_count() as i64);
         self.stats.membership_excluded.set(0);
         self.stats.max_host_weight.set(i64::from(max_weight));
         self.stats.membership_change.inc();
@@ -466,11 +633,15 @@ impl Cluster {
 
     /// Pick a host for a request, with its index in the current set (for outlier detection), or `None` when no
     /// host may take traffic. `hash` is the request's hash for `RING_HASH` and `MAGLEV` (random when `None`).
+    ///
+    /// The priority comes first (by the loads latched at publish; a level in panic balances over all its
+    /// hosts and counts `lb_healthy_panic`), then the host within the level's candidates.
     pub fn pick(&self, rng: &mut lb::Rng, hash: Option<u64>) -> Option<(usize, Arc<Host>)> {
         let set = self.hosts.load();
-        let h = lb::pick(self.config.lb_policy, &set, &self.rr, rng, hash)?;
-        let i = set.hosts.iter().position(|x| x.id == h.id)?;
-        Some((i, h.clone()))
+        let i = set.pick(self.config.lb_policy, &self.rr, rng, hash, || {
+            self.stats.lb_healthy_panic.inc()
+        })?;
+        Some((i, set.hosts[i].clone()))
     }
 
     /// Report an attempt's outcome to the outlier detector; an ejection takes the host out of balancing now.
@@ -494,5 +665,96 @@ impl Cluster {
                 self.refresh_health();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(port: u16, priority: u32, health: EndpointHealth) -> Arc<Host> {
+        Host::new(&EndpointConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            hostname: String::new(),
+            weight: 1,
+            priority,
+            locality: Locality::default(),
+            locality_weight: 0,
+            health,
+        })
+    }
+
+    /// Requests per priority over `n` picks, and how many picks were in panic.
+    fn spread(set: &HostSet, n: usize) -> (Vec<usize>, usize) {
+        let rr = AtomicUsize::new(0);
+        let mut rng = lb::Rng::seeded(3);
+        let mut per = vec![0; set.levels.len()];
+        let mut panics = 0;
+        for _ in 0..n {
+            let i = set
+                .pick(LbPolicy::RoundRobin, &rr, &mut rng, None, || panics += 1)
+                .unwrap();
+            per[set.hosts[i].priority as usize] += 1;
+        }
+        (per, panics)
+    }
+
+    #[test]
+    fn priority_spill_follows_health_with_overprovisioning() {
+        use EndpointHealth::{Healthy, Unhealthy};
+        // Envoy's priority docs: P0 at 50% healthy carries 70% (1.4 * 50), P1 the rest.
+        let set = HostSet::new(vec![
+            host(1, 0, Healthy),
+            host(2, 0, Healthy),
+            host(3, 0, Unhealthy),
+            host(4, 0, Unhealthy),
+            host(5, 1, Healthy),
+            host(6, 1, Healthy),
+        ]);
+        assert_eq!(set.load.healthy_load, [70, 30]);
+        let (per, panics) = spread(&set, 10_000);
+        assert!((6700..7300).contains(&per[0]), "{per:?}");
+        assert_eq!(panics, 0);
+        // Unhealthy hosts never take traffic outside panic.
+        assert!(set.levels[0].healthy.idx.iter().all(|&i| set.hosts[i].healthy()));
+    }
+
+    #[test]
+    fn a_level_below_the_panic_threshold_balances_over_all_hosts() {
+        use EndpointHealth::{Healthy, Unhealthy};
+        // One level, 1 of 4 healthy (25% < 50%): panic, every host takes traffic.
+        let set = HostSet::new(vec![
+            host(1, 0, Healthy),
+            host(2, 0, Unhealthy),
+            host(3, 0, Unhealthy),
+            host(4, 0, Unhealthy),
+        ]);
+        assert!(set.load.panic[0]);
+        let rr = AtomicUsize::new(0);
+        let mut rng = lb::Rng::seeded(1);
+        let mut seen = std::collections::HashSet::new();
+        let mut panics = 0;
+        for _ in 0..8 {
+            seen.insert(set.pick(LbPolicy::RoundRobin, &rr, &mut rng, None, || panics += 1));
+        }
+        assert_eq!(seen.len(), 4);
+        assert_eq!(panics, 8);
+    }
+
+    #[test]
+    fn degraded_hosts_take_traffic_only_when_healthy_ones_fall_short() {
+        use EndpointHealth::{Degraded, Healthy};
+        let set = HostSet::new(vec![host(1, 0, Healthy), host(2, 0, Degraded)]);
+        // health 70, degraded 70, normalized 100: 70% healthy, 30% degraded.
+        assert_eq!(set.load.healthy_load, [70]);
+        assert_eq!(set.load.degraded_load, [30]);
+        // 3 of 4 healthy: 105% capped at 100, the degraded host takes nothing.
+        let all_healthy = HostSet::new(vec![
+            host(1, 0, Healthy),
+            host(2, 0, Healthy),
+            host(3, 0, Healthy),
+            host(4, 0, Degraded),
+        ]);
+        assert_eq!(all_healthy.load.healthy_load, [100]);
     }
 }

@@ -747,6 +747,7 @@ mod tests {
                     weight: 1,
                     priority: 0,
                     locality: Locality::default(),
+                    locality_weight: 0,
                     health: EndpointHealth::Unknown,
                 })
             })

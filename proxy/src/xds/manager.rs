@@ -879,6 +879,7 @@ pub fn reuse_hosts(current: &HostSet, endpoints: &[EndpointConfig]) -> Vec<Arc<H
                 if h.weight == e.weight.max(1)
                     && h.health == e.health
                     && h.locality == e.locality
+                    && h.locality_weight == e.locality_weight
                     && h.priority == e.priority
                     && h.hostname == e.hostname =>
             {
