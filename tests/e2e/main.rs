@@ -17,3 +17,4 @@ mod protocols;
 mod routing;
 mod support;
 mod xds;
+mod zone_routing;

@@ -110,17 +110,12 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         c.unsupported("maglev_lb_config");
     }
     // `load_balancing_policy` (the typed form Envoy Gateway emits) replaces `lb_policy`, as in Envoy.
-    let lb_policy = match c.msg("load_balancing_policy") {
-        Some(p) => match super::lb::lower_load_balancing_policy(&p) {
-            Some(choice) => {
-                if choice.locality.is_some() {
-                    p.err("policies", "locality_lb_config is not supported by Remora yet");
-                }
-                choice.kind
-            }
-            None => lb_policy,
-        },
-        None => lb_policy,
+    let (lb_policy, policy_locality) = match c
+        .msg("load_balancing_policy")
+        .map(|p| super::lb::lower_load_balancing_policy(&p))
+    {
+        Some(Some(choice)) => (choice.kind, choice.locality),
+        _ => (lb_policy, None),
     };
     let buffer_limit = c
         .wrapped_u32("per_connection_buffer_limit_bytes")
@@ -229,17 +224,26 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         .msg("common_lb_config")
         .map(|n| {
             let l = super::lb::lower_common_lb_config(&n);
-            if l.locality.is_some() {
-                n.err_here(
-                    "zone_aware_lb_config and locality_weighted_lb_config are not supported by Remora yet",
-                );
-            }
             if l.ignore_new_hosts_until_first_hc {
                 n.err("ignore_new_hosts_until_first_hc", "not supported by Remora yet");
+            }
+            if l.locality == Some(super::lb::LocalityLb::LocalityWeighted) {
+                n.err(
+                    "locality_weighted_lb_config",
+                    "locality-weighted balancing is not supported by Remora yet",
+                );
             }
             l
         })
         .unwrap_or_default();
+    if policy_locality == Some(super::lb::LocalityLb::LocalityWeighted) {
+        c.err(
+            "load_balancing_policy",
+            "locality_weighted_lb_config is not supported by Remora yet",
+        );
+    }
+    // The typed policy's locality setting wins over common_lb_config's, as in Envoy.
+    let locality_lb = policy_locality.or(common_lb.locality);
 
     Some(ClusterConfig {
         name,
@@ -256,6 +260,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         outlier,
         overprovisioning_factor,
         healthy_panic_threshold: common_lb.healthy_panic_threshold,
+        locality_lb,
         health_check,
     })
 }

@@ -10,6 +10,7 @@ pub mod dns;
 pub mod hash;
 pub mod health_check;
 pub mod lb;
+pub mod local_cluster;
 pub mod outlier;
 pub mod pool;
 pub mod priority;
@@ -110,6 +111,9 @@ pub struct ClusterConfig {
     pub overprovisioning_factor: u32,
     /// `common_lb_config.healthy_panic_threshold`, percent (default 50; 0 disables panic).
     pub healthy_panic_threshold: u32,
+    /// `common_lb_config.zone_aware_lb_config` / `locality_weighted_lb_config` (or the typed policy's
+    /// `locality_lb_config`); `None` is zone-aware routing with its defaults, as in Envoy.
+    pub locality_lb: Option<crate::config::lb::LocalityLb>,
     /// `health_checks` (Envoy takes at most one).
     pub health_check: Option<Arc<health_check::HealthCheckConfig>>,
 }
@@ -417,14 +421,21 @@ impl HostSet {
         rng: &mut lb::Rng,
         hash: Option<u64>,
         on_panic: impl FnOnce(),
+        zone_stats: &zone::ZoneStats,
     ) -> Option<usize> {
         let draw = hash.unwrap_or_else(|| rng.next_u64());
         let source = priority::host_source(&self.load, draw, false, on_panic)?;
         let level = self.levels.get(source.priority())?;
-        let candidates = match source {
-            priority::HostSource::All { .. } => &level.all,
-            priority::HostSource::Healthy { .. } => &level.healthy,
-            priority::HostSource::Degraded { .. } => &level.degraded,
+        let candidates = match (source, &self.zone) {
+            (priority::HostSource::All { .. }, _) => &level.all,
+            // Zone-aware routing applies to priority 0 only.
+            (priority::HostSource::Healthy { priority: 0 }, Some(z)) => match z.pick(rng, zone_stats) {
+                zone::ZonePick::AnyZone => &level.healthy,
+                zone::ZonePick::Zone(i) => level.healthy_by_locality.get(i)?,
+                zone::ZonePick::Fail => return None,
+            },
+            (priority::HostSource::Healthy { .. }, _) => &level.healthy,
+            (priority::HostSource::Degraded { .. }, _) => &level.degraded,
         };
         lb::pick(policy, &self.hosts, candidates, rr, rng, hash)
     }
@@ -530,6 +541,9 @@ pub struct Cluster {
     pub outlier: Option<outlier::Detector>,
     pub retry_stats: crate::retry::RetryStats,
     pub health_checks: Option<active_health::HealthChecking>,
+    pub zone_stats: zone::ZoneStats,
+    /// The local cluster, for zone-aware routing (`cluster_manager.local_cluster_name`).
+    local: Option<Arc<local_cluster::LocalCluster>>,
     hosts: ArcSwap<HostSet>,
     /// This cluster, for the tasks it spawns (health checks hold it weakly).
     me: Weak<Cluster>,
@@ -538,7 +552,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(config: ClusterConfig, scope: &Scope, added_via_api: bool) -> Arc<Cluster> {
+    pub fn new(
+        config: ClusterConfig,
+        scope: &Scope,
+        added_via_api: bool,
+        local: Option<Arc<local_cluster::LocalCluster>>,
+    ) -> Arc<Cluster> {
         let stats = ClusterStats::new(scope);
         let hosts: Vec<Arc<Host>> = config.endpoints.iter().map(Host::new).collect();
         let breakers = breaker::CircuitBreakers::new(&config.circuit_breakers, scope);
@@ -557,11 +576,16 @@ impl Cluster {
             outlier,
             retry_stats: crate::retry::RetryStats::new(scope),
             health_checks,
+            zone_stats: zone::ZoneStats::new(scope),
+            local,
             hosts: ArcSwap::from_pointee(HostSet::default()),
             rr: AtomicUsize::new(0),
             added_via_api,
             me: me.clone(),
         });
+        if let Some(l) = &c.local {
+            l.register(Arc::downgrade(&c));
+        }
         c.set_hosts(hosts);
         c
     }
@@ -602,8 +626,49 @@ impl Cluster {
 
     fn publish(&self, hosts: Vec<Arc<Host>>) {
         let ejected = |i: usize| self.outlier.as_ref().is_some_and(|d| d.is_ejected(i));
-        let set = HostSet::build(hosts, ejected, &self.lb_settings());
+        let mut set = HostSet::build(hosts, ejected, &self.lb_settings());
+        let local = self.local.as_ref().filter(|l| l.name == self.config.name);
+        if let (Some(l), Some(p0)) = (local, set.levels.first()) {
+            l.set_hosts(p0.localities.clone(), self);
+        }
+        set.zone = Some(self.zone_routing(&set));
         self.store_set(set);
+    }
+
+    /// Zone-aware routing for a new host set (`regenerateLocalityRoutingStructures`), or why there is none.
+    fn zone_routing(&self, set: &HostSet) -> zone::ZoneRouting {
+        use crate::config::lb::LocalityLb;
+        let config = match self.config.locality_lb {
+            Some(LocalityLb::ZoneAware(z)) => z,
+            Some(LocalityLb::LocalityWeighted) => {
+                return zone::ZoneRouting::inactive(
+                    zone::ZoneAwareConfig::default(),
+                    zone::Inactive::LocalityWeighted,
+                )
+            }
+            None => zone::ZoneAwareConfig::default(),
+        };
+        match self.config.lb_policy {
+            LbPolicy::RingHash(_) => {
+                return zone::ZoneRouting::inactive(config, zone::Inactive::PolicyNotZoneAware("RING_HASH"))
+            }
+            LbPolicy::Maglev { .. } => {
+                return zone::ZoneRouting::inactive(config, zone::Inactive::PolicyNotZoneAware("MAGLEV"))
+            }
+            _ => {}
+        }
+        let Some(local) = &self.local else {
+            return zone::ZoneRouting::inactive(config, zone::Inactive::NoLocalCluster);
+        };
+        let p0 = set.levels.first().map_or(&[][..], |l| &l.localities[..]);
+        let in_panic = set.load.panic.first().copied().unwrap_or(false);
+        local.routing(
+            config,
+            p0,
+            self.config.healthy_panic_threshold,
+            in_panic,
+            &self.zone_stats,
+        )
     }
 
     fn lb_settings(&self) -> LbSettings {
@@ -638,9 +703,15 @@ impl Cluster {
     /// hosts and counts `lb_healthy_panic`), then the host within the level's candidates.
     pub fn pick(&self, rng: &mut lb::Rng, hash: Option<u64>) -> Option<(usize, Arc<Host>)> {
         let set = self.hosts.load();
-        let i = set.pick(self.config.lb_policy, &self.rr, rng, hash, || {
-            self.stats.lb_healthy_panic.inc()
-        })?;
+        let on_panic = || self.stats.lb_healthy_panic.inc();
+        let i = set.pick(
+            self.config.lb_policy,
+            &self.rr,
+            rng,
+            hash,
+            on_panic,
+            &self.zone_stats,
+        )?;
         Some((i, set.hosts[i].clone()))
     }
 
@@ -692,7 +763,14 @@ mod tests {
         let mut panics = 0;
         for _ in 0..n {
             let i = set
-                .pick(LbPolicy::RoundRobin, &rr, &mut rng, None, || panics += 1)
+                .pick(
+                    LbPolicy::RoundRobin,
+                    &rr,
+                    &mut rng,
+                    None,
+                    || panics += 1,
+                    &zone::ZoneStats::detached(),
+                )
                 .unwrap();
             per[set.hosts[i].priority as usize] += 1;
         }
@@ -735,7 +813,14 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         let mut panics = 0;
         for _ in 0..8 {
-            seen.insert(set.pick(LbPolicy::RoundRobin, &rr, &mut rng, None, || panics += 1));
+            seen.insert(set.pick(
+                LbPolicy::RoundRobin,
+                &rr,
+                &mut rng,
+                None,
+                || panics += 1,
+                &zone::ZoneStats::detached(),
+            ));
         }
         assert_eq!(seen.len(), 4);
         assert_eq!(panics, 8);

@@ -856,7 +856,7 @@ fn hash_version(v: &str) -> u64 {
 fn activate(shared: &Shared, snap: &mut ClusterSnapshot, config: ClusterConfig) -> Arc<Cluster> {
     let id = shared.cluster_ids.id(&config.name);
     let scope = shared.store.scope(format!("cluster.{}.", config.stat_name));
-    let c = Cluster::new(config, &scope, true);
+    let c = Cluster::new(config, &scope, true, shared.local_cluster.clone());
     crate::server::start_outlier_sweeps(&c);
     c.start_health_checks(None);
     // A DNS cluster from CDS resolves from now on; nobody waits for its first answer.
