@@ -142,3 +142,62 @@ async fn healthcheck_fail_fails_other_proxies_checks() {
         .await;
     assert_eq!(checker.h1().get("/", &[]).await.status, StatusCode::OK);
 }
+
+/// Priorities with active health checks: while priority 0's only host fails its checks (made on the port
+/// `health_check_config.port_value` names), priority 1 takes the traffic; it comes back when they pass.
+#[tokio::test]
+async fn failover_to_priority_1_follows_health_checks_on_the_health_check_port() {
+    let primary = Upstream::start("primary").await;
+    let (health, failing) = switchable("health").await;
+    let backup = Upstream::start("backup").await;
+    let ep = |addr: std::net::SocketAddr, hc_port: Option<u16>| {
+        let mut e = json!({"address": {"socket_address": {
+            "address": addr.ip().to_string(), "port_value": addr.port()}}});
+        if let Some(p) = hc_port {
+            e["health_check_config"] = json!({"port_value": p});
+        }
+        json!({"endpoint": e})
+    };
+    let c = json!({
+        "name": "tiered",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "tiered", "endpoints": [
+            {"priority": 0, "lb_endpoints": [ep(primary.addr(), Some(health.port()))]},
+            {"priority": 1, "lb_endpoints": [ep(backup.addr(), Some(backup.port()))]},
+        ]},
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": "0.05s",
+            "no_traffic_interval": "0.05s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/health"},
+        }],
+    });
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "tiered")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    let client = proxy.h1();
+    let upstream_of =
+        |reply: crate::harness::Reply| reply.header("x-upstream").unwrap_or_default().to_owned();
+    for _ in 0..5 {
+        assert_eq!(upstream_of(client.get("/", &[]).await), "primary");
+    }
+    // Checks of the primary go to the health port, not to the primary itself.
+    assert_eq!(primary.requests(), 5);
+
+    failing.store(true, SeqCst);
+    r.wait_stat("cluster.tiered.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    for _ in 0..5 {
+        assert_eq!(upstream_of(client.get("/", &[]).await), "backup");
+    }
+
+    failing.store(false, SeqCst);
+    r.wait_stat("cluster.tiered.membership_healthy", |v| v == 2, DEFAULT_TIMEOUT)
+        .await;
+    for _ in 0..5 {
+        assert_eq!(upstream_of(client.get("/", &[]).await), "primary");
+    }
+}

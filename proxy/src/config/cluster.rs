@@ -227,21 +227,9 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
             if l.ignore_new_hosts_until_first_hc {
                 n.err("ignore_new_hosts_until_first_hc", "not supported by Remora yet");
             }
-            if l.locality == Some(super::lb::LocalityLb::LocalityWeighted) {
-                n.err(
-                    "locality_weighted_lb_config",
-                    "locality-weighted balancing is not supported by Remora yet",
-                );
-            }
             l
         })
         .unwrap_or_default();
-    if policy_locality == Some(super::lb::LocalityLb::LocalityWeighted) {
-        c.err(
-            "load_balancing_policy",
-            "locality_weighted_lb_config is not supported by Remora yet",
-        );
-    }
     // The typed policy's locality setting wins over common_lb_config's, as in Envoy.
     let locality_lb = policy_locality.or(common_lb.locality);
 
@@ -321,7 +309,19 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                 continue;
             };
             let hostname = e.string("hostname").unwrap_or_default();
-            e.unsupported("health_check_config");
+            let (health_check_port, health_check_disabled) = match e.msg("health_check_config") {
+                Some(h) => {
+                    h.unsupported("hostname");
+                    h.unsupported("address");
+                    let port = h.u32("port_value");
+                    if port > u32::from(u16::MAX) {
+                        h.err("port_value", format!("{port} is not a port"));
+                    }
+                    let port = u16::try_from(port).ok().filter(|&p| p != 0);
+                    (port, h.bool("disable_active_health_check"))
+                }
+                None => (None, false),
+            };
             e.unsupported("additional_addresses");
             let Some(addr) = e.msg("address") else {
                 e.err("address", "an endpoint needs an address");
@@ -337,6 +337,8 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                         locality: locality.clone(),
                         locality_weight,
                         health,
+                        health_check_port,
+                        health_check_disabled,
                     };
                     targets.push(dns::Target { name, port, template });
                 }
@@ -349,6 +351,8 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                     locality: locality.clone(),
                     locality_weight,
                     health,
+                    health_check_port,
+                    health_check_disabled,
                 });
             }
         }

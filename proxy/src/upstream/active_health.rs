@@ -59,7 +59,7 @@ impl HealthChecking {
             }
             false
         });
-        for h in hosts {
+        for h in hosts.iter().filter(|h| !h.health_check_disabled) {
             st.hosts.entry(h.id).or_insert_with(|| {
                 h.failed_active_hc.store(true, Relaxed);
                 (h.clone(), None)
@@ -147,7 +147,7 @@ async fn check_host(
         return;
     };
     let checker = ReportFirst {
-        inner: Checker::new(host.address, name.clone()),
+        inner: Checker::new(host.health_check_address, name.clone()),
         first,
     };
     let had_traffic = {

@@ -127,6 +127,8 @@ mod tests {
                         locality: Locality::default(),
                         locality_weight: 0,
                         health: EndpointHealth::Unknown,
+                        health_check_port: None,
+                        health_check_disabled: false,
                     })
                 })
                 .collect(),

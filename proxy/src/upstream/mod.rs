@@ -38,7 +38,7 @@ use crate::stats::{CodeStats, Counter, Gauge, Histogram, Scope};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// The upstream protocol of a cluster.
@@ -129,6 +129,10 @@ pub struct EndpointConfig {
     /// The locality's `load_balancing_weight` (0 when unset), for locality-weighted balancing.
     pub locality_weight: u32,
     pub health: EndpointHealth,
+    /// `endpoint.health_check_config.port_value`: active health checks use this port instead.
+    pub health_check_port: Option<u16>,
+    /// `endpoint.health_check_config.disable_active_health_check`.
+    pub health_check_disabled: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -184,6 +188,10 @@ pub struct Host {
     pub locality: Locality,
     pub locality_weight: u32,
     pub health: EndpointHealth,
+    /// Where active health checks connect (`health_check_config.port_value`, else `address`).
+    pub health_check_address: SocketAddr,
+    /// `health_check_config.disable_active_health_check`: never checked, never failed by checks.
+    pub health_check_disabled: bool,
     /// `FAILED_ACTIVE_HC`: the cluster's active health check fails this host (see [`active_health`]).
     pub failed_active_hc: AtomicBool,
     pub stats: HostStats,
@@ -213,6 +221,11 @@ impl Host {
             locality: e.locality.clone(),
             locality_weight: e.locality_weight,
             health: e.health,
+            health_check_address: SocketAddr::new(
+                e.address.ip(),
+                e.health_check_port.unwrap_or(e.address.port()),
+            ),
+            health_check_disabled: e.health_check_disabled,
             failed_active_hc: AtomicBool::new(false),
             stats: HostStats::default(),
         })
@@ -246,8 +259,11 @@ pub struct Level {
     pub degraded: Candidates,
     /// The level's localities with their host counts, in first-seen order.
     pub localities: Vec<zone::ZoneHosts>,
-    /// The healthy hosts of each locality, in `localities` order (zone-aware picks).
+    /// The healthy hosts of each locality, in `localities` order (zone-aware and locality-weighted picks).
     pub healthy_by_locality: Vec<Candidates>,
+    /// `locality_weighted_lb_config`: the schedule over `healthy_by_locality` (`None` without it, or when no
+    /// locality has an effective weight: then the level's hosts are balanced as one).
+    pub locality_wrr: Option<Mutex<priority::LocalityWrr>>,
 }
 
 /// Hosts a balancer may pick from: indexes into [`HostSet::hosts`].
@@ -317,6 +333,8 @@ pub struct LbSettings {
     pub overprovisioning_factor: u32,
     /// `common_lb_config.healthy_panic_threshold`, percent.
     pub panic_threshold: u32,
+    /// `locality_weighted_lb_config`.
+    pub locality_weighted: bool,
 }
 
 impl Default for LbSettings {
@@ -325,6 +343,7 @@ impl Default for LbSettings {
             policy: LbPolicy::RoundRobin,
             overprovisioning_factor: priority::DEFAULT_OVERPROVISIONING_FACTOR,
             panic_threshold: priority::DEFAULT_PANIC_THRESHOLD,
+            locality_weighted: false,
         }
     }
 }
@@ -344,6 +363,7 @@ impl HostSet {
         let mut degraded_idx = vec![Vec::new(); n_levels];
         let mut localities: Vec<Vec<zone::ZoneHosts>> = vec![Vec::new(); n_levels];
         let mut by_locality: Vec<Vec<Vec<usize>>> = vec![Vec::new(); n_levels];
+        let mut locality_weights: Vec<Vec<u32>> = vec![Vec::new(); n_levels];
         let mut usable = Vec::new();
         for (i, h) in hosts.iter().enumerate() {
             let p = h.priority as usize;
@@ -356,6 +376,7 @@ impl HostSet {
                         ..Default::default()
                     });
                     by_locality[p].push(Vec::new());
+                    locality_weights[p].push(h.locality_weight);
                     localities[p].len() - 1
                 }
             };
@@ -385,6 +406,23 @@ impl HostSet {
             .map(|p| {
                 let panic = load.panic.get(p).copied().unwrap_or(false);
                 let all = Candidates::new(&hosts, std::mem::take(&mut all[p]));
+                let locality_wrr = if lb.locality_weighted {
+                    let counts: Vec<priority::LocalityCounts> = localities[p]
+                        .iter()
+                        .zip(&locality_weights[p])
+                        .map(|(z, &weight)| priority::LocalityCounts {
+                            weight,
+                            hosts: z.hosts,
+                            eligible: z.healthy,
+                        })
+                        .collect();
+                    priority::LocalityWrr::new(&counts, lb.overprovisioning_factor).map(|mut w| {
+                        w.randomize(&mut lb::Rng::from_entropy());
+                        Mutex::new(w)
+                    })
+                } else {
+                    None
+                };
                 Level {
                     all: if panic {
                         all.with_hash(lb.policy, &hosts)
@@ -400,6 +438,7 @@ impl HostSet {
                         .into_iter()
                         .map(|idx| Candidates::new(&hosts, idx))
                         .collect(),
+                    locality_wrr,
                 }
             })
             .collect();
@@ -426,16 +465,27 @@ impl HostSet {
         let draw = hash.unwrap_or_else(|| rng.next_u64());
         let source = priority::host_source(&self.load, draw, false, on_panic)?;
         let level = self.levels.get(source.priority())?;
-        let candidates = match (source, &self.zone) {
-            (priority::HostSource::All { .. }, _) => &level.all,
-            // Zone-aware routing applies to priority 0 only.
-            (priority::HostSource::Healthy { priority: 0 }, Some(z)) => match z.pick(rng, zone_stats) {
-                zone::ZonePick::AnyZone => &level.healthy,
-                zone::ZonePick::Zone(i) => level.healthy_by_locality.get(i)?,
-                zone::ZonePick::Fail => return None,
-            },
-            (priority::HostSource::Healthy { .. }, _) => &level.healthy,
-            (priority::HostSource::Degraded { .. }, _) => &level.degraded,
+        let candidates = match source {
+            priority::HostSource::All { .. } => &level.all,
+            priority::HostSource::Degraded { .. } => &level.degraded,
+            priority::HostSource::Healthy { priority } => {
+                // Zone-aware routing applies to priority 0 only.
+                let zoned = match (&self.zone, priority) {
+                    (Some(z), 0) => z.pick(rng, zone_stats),
+                    _ => zone::ZonePick::AnyZone,
+                };
+                match zoned {
+                    zone::ZonePick::Zone(i) => level.healthy_by_locality.get(i)?,
+                    zone::ZonePick::Fail => return None,
+                    zone::ZonePick::AnyZone => match &level.locality_wrr {
+                        Some(wrr) => {
+                            let i = wrr.lock().map(|mut w| w.pick()).ok()?;
+                            level.healthy_by_locality.get(i)?
+                        }
+                        None => &level.healthy,
+                    },
+                }
+            }
         };
         lb::pick(policy, &self.hosts, candidates, rr, rng, hash)
     }
@@ -676,6 +726,8 @@ impl Cluster {
             policy: self.config.lb_policy,
             overprovisioning_factor: self.config.overprovisioning_factor,
             panic_threshold: self.config.healthy_panic_threshold,
+            locality_weighted: self.config.locality_lb
+                == Some(crate::config::lb::LocalityLb::LocalityWeighted),
         }
     }
 
@@ -752,6 +804,8 @@ mod tests {
             locality: Locality::default(),
             locality_weight: 0,
             health,
+            health_check_port: None,
+            health_check_disabled: false,
         })
     }
 
@@ -824,6 +878,43 @@ mod tests {
         }
         assert_eq!(seen.len(), 4);
         assert_eq!(panics, 8);
+    }
+
+    #[test]
+    fn locality_weights_split_a_level() {
+        let at = |port: u16, zone: &str, weight: u32| {
+            Host::new(&EndpointConfig {
+                address: SocketAddr::from(([127, 0, 0, 1], port)),
+                hostname: String::new(),
+                weight: 1,
+                priority: 0,
+                locality: Locality {
+                    zone: zone.into(),
+                    ..Default::default()
+                },
+                locality_weight: weight,
+                health: EndpointHealth::Healthy,
+                health_check_port: None,
+                health_check_disabled: false,
+            })
+        };
+        // Envoy's locality_weight.rst: weights 1 and 3, the second with twice the hosts: 25% / 75%.
+        let lb = LbSettings {
+            locality_weighted: true,
+            ..Default::default()
+        };
+        let set = HostSet::build(vec![at(1, "a", 1), at(2, "b", 3), at(3, "b", 3)], |_| false, &lb);
+        let rr = AtomicUsize::new(0);
+        let mut rng = lb::Rng::seeded(5);
+        let z = zone::ZoneStats::detached();
+        let mut in_a = 0;
+        for _ in 0..400 {
+            let i = set
+                .pick(LbPolicy::RoundRobin, &rr, &mut rng, None, || {}, &z)
+                .unwrap();
+            in_a += usize::from(set.hosts[i].locality.zone == "a");
+        }
+        assert_eq!(in_a, 100);
     }
 
     #[test]

@@ -880,6 +880,8 @@ pub fn reuse_hosts(current: &HostSet, endpoints: &[EndpointConfig]) -> Vec<Arc<H
                     && h.health == e.health
                     && h.locality == e.locality
                     && h.locality_weight == e.locality_weight
+                    && h.health_check_address.port() == e.health_check_port.unwrap_or(e.address.port())
+                    && h.health_check_disabled == e.health_check_disabled
                     && h.priority == e.priority
                     && h.hostname == e.hostname =>
             {
