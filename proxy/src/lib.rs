@@ -9,7 +9,8 @@
 //!              └─ route match on the current route table          route::RouteTable::route
 //!                   ├─ direct response / redirect / 404 (NR)      local replies
 //!                   └─ cluster (by id, from the cluster snapshot)
-//!                        └─ host pick (round robin, least request, random)      upstream::lb
+//!                        └─ priority (load, panic), zone or locality, then host       upstream::HostSet::pick
+//!                           (round robin, least request, random, ring hash, maglev)   upstream::lb
 //!                             └─ pooled connection of this worker (HTTP/1.1 or h2)  upstream::pool
 //!                                  └─ response streams back; stats and pool return at its end
 //! ```

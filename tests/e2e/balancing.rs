@@ -160,3 +160,37 @@ async fn maglev_from_load_balancing_policy_keeps_a_header_value_on_one_host() {
     .await;
     assert_sticky_and_spread(&proxy).await;
 }
+
+#[tokio::test]
+async fn ring_hash_retry_with_previous_hosts_reaches_another_host() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    for up in [&a, &b] {
+        up.set_handler(|_| async { crate::harness::reply(503, "down") });
+    }
+    let mut c = cluster("hashed", &[a.addr(), b.addr()]);
+    c["lb_policy"] = json!("RING_HASH");
+    let mut route = to_cluster(json!({"prefix": "/"}), "hashed");
+    route["route"]["hash_policy"] = json!([{"header": {"header_name": "x-user"}}]);
+    route["route"]["retry_policy"] = json!({
+        "retry_on": "5xx",
+        "num_retries": 1,
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 30,
+    });
+    let proxy = Proxy::start(&bootstrap(routes(vec![route]), vec![c], Value::Null), &[]).await;
+    let client = proxy.h1();
+    for user in 0..5 {
+        let before = (a.requests(), b.requests());
+        let value = format!("user-{user}");
+        let reply = client.get("/", &[("x-user", value.as_str())]).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        // The first attempt went to the key's host, the retry to the other one.
+        assert_eq!(
+            (a.requests() - before.0, b.requests() - before.1),
+            (1, 1),
+            "{value}"
+        );
+    }
+}

@@ -445,10 +445,13 @@ fn clusters_json(shared: &Shared) -> serde_json::Value {
                             gauge("cx_active", s.cx_active.load(Relaxed)),
                             gauge("rq_active", s.rq_active.load(Relaxed)),
                         ],
-                        "health_status": {"eds_health_status": match h.health {
-                            crate::upstream::EndpointHealth::Unknown => "HEALTHY",
-                            other => other.name(),
-                        }},
+                        "health_status": {
+                            "eds_health_status": match h.health {
+                                crate::upstream::EndpointHealth::Unknown => "HEALTHY",
+                                other => other.name(),
+                            },
+                            "failed_active_health_check": h.failed_active_hc.load(Relaxed),
+                        },
                         "weight": h.weight,
                         "hostname": h.hostname,
                         "locality": {"region": h.locality.region, "zone": h.locality.zone, "sub_zone": h.locality.sub_zone},

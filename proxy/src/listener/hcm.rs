@@ -865,7 +865,21 @@ async fn forward(
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
             match &retry {
-                Some(r) => r.select_host(|| cluster.pick(&mut rng, hash), |(_, h)| h.id),
+                Some(r) => {
+                    let mut selection = 0u64;
+                    let pick = || {
+                        // A host the retry predicate refused is picked again with the hash rehashed, so that a
+                        // consistent hash lands elsewhere (Envoy steps to the next ring entry, or flips the
+                        // hash's bits for Maglev; a rehash spreads retries the same way for both).
+                        let h = hash.map(|h| match selection {
+                            0 => h,
+                            n => crate::upstream::hash::xxhash64(&h.to_le_bytes(), n),
+                        });
+                        selection += 1;
+                        cluster.pick(&mut rng, h)
+                    };
+                    r.select_host(pick, |(_, h)| h.id)
+                }
                 None => cluster.pick(&mut rng, hash),
             }
         };

@@ -3,6 +3,13 @@
 //! A [`Cluster`] is shared by every worker (an `Arc` in the snapshot). Its membership is an [`ArcSwap`] of a
 //! [`HostSet`] that discovery replaces as a whole; a request loads it once. Connection pools are per worker (see
 //! [`pool`]), keyed by host id, so that a request takes a pooled connection without a lock.
+//!
+//! Everything a pick needs is computed when a host set is published (membership, an active health check
+//! transition, an ejection or return, a change of the local cluster): hosts split by priority into healthy,
+//! degraded and all, and by locality; the priority loads and panic state ([`priority`]); zone-aware routing
+//! ([`zone`], against [`local_cluster`]); the locality schedule (`locality_weighted_lb_config`); the ring or
+//! Maglev table ([`hash`]). A pick ([`HostSet::pick`]) chooses the priority, then the zone or locality, then the
+//! host ([`lb`]). Active health checks run as a task per host ([`active_health`]).
 
 pub mod active_health;
 pub mod breaker;
