@@ -130,6 +130,13 @@ async fn healthcheck_fail_fails_other_proxies_checks() {
     let failed = client.get("/healthz", &[]).await;
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(failed.header("x-envoy-immediate-health-check-fail"), Some("true"));
+    // Proxied responses say so too, for a downstream Envoy.
+    let proxied = client.get("/other", &[]).await;
+    assert_eq!(proxied.status, StatusCode::OK);
+    assert_eq!(
+        proxied.header("x-envoy-immediate-health-check-fail"),
+        Some("true")
+    );
     r.wait_stat("cluster.front.membership_healthy", |v| v == 0, DEFAULT_TIMEOUT)
         .await;
     assert_eq!(

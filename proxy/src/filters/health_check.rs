@@ -6,8 +6,9 @@
 //! Remora offers): a request whose headers match every configured `headers` matcher is a health check and is
 //! answered locally with 200 (an empty body), or with 503 and response
 //! flag `LH` (`FailedLocalHealthCheck`) while the server fails health checks (`/healthcheck/fail`, or draining);
-//! every other request passes to the next filter. A failing answer carries `x-envoy-immediate-health-check-fail:
-//! true`, which tells an Envoy checker to eject this host at once.
+//! every other request passes to the next filter. While failing, every response through the filter (the answer
+//! and forwarded ones) carries `x-envoy-immediate-health-check-fail: true`, which tells a downstream Envoy to
+//! eject this host at once.
 //!
 //! Refused: `pass_through_mode: true`, `cache_time`, `cluster_min_healthy_percentages`.
 
@@ -23,6 +24,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+/// Tells a downstream Envoy to eject this host at once.
+const IMMEDIATE_FAIL: &str = "x-envoy-immediate-health-check-fail";
 
 /// The lowered filter config: which requests are health checks.
 #[derive(Debug)]
@@ -104,10 +108,8 @@ pub fn reply(failing: bool) -> Response<Body> {
                 flag: Some(ResponseFlag::FailedLocalHealthCheck),
             },
         );
-        r.headers_mut().insert(
-            "x-envoy-immediate-health-check-fail",
-            HeaderValue::from_static("true"),
-        );
+        r.headers_mut()
+            .insert(IMMEDIATE_FAIL, HeaderValue::from_static("true"));
         r
     } else {
         local_reply(
@@ -167,12 +169,13 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let failing = self.shared.state() == State::Draining;
         if !self.config.is_health_check(&req) {
             return ResponseFuture::Forwarded {
                 fut: self.inner.call(req),
+                failing,
             };
         }
-        let failing = self.shared.state() == State::Draining;
         ResponseFuture::Answered {
             resp: Some(Box::new(reply(failing))),
         }
@@ -185,6 +188,8 @@ pub enum ResponseFuture<F> {
     Forwarded {
         #[pin]
         fut: F,
+        /// The server fails health checks: the response says so to a downstream Envoy.
+        failing: bool,
     },
     Answered {
         resp: Option<Box<Response<Body>>>,
@@ -199,7 +204,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseFutureProj::Forwarded { fut } => fut.poll(cx),
+            ResponseFutureProj::Forwarded { fut, failing } => {
+                let mut r = std::task::ready!(fut.poll(cx));
+                if *failing {
+                    if let Ok(resp) = &mut r {
+                        resp.headers_mut()
+                            .insert(IMMEDIATE_FAIL, HeaderValue::from_static("true"));
+                    }
+                }
+                Poll::Ready(r)
+            }
             ResponseFutureProj::Answered { resp } => match resp.take() {
                 Some(r) => Poll::Ready(Ok(*r)),
                 None => Poll::Pending,
