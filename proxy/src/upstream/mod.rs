@@ -921,7 +921,8 @@ mod tests {
                 .unwrap();
             in_a += usize::from(set.hosts[i].locality.zone == "a");
         }
-        assert_eq!(in_a, 100);
+        // Exact over whole cycles of the schedule; its random starting point shifts one pick at most.
+        assert!((99..=101).contains(&in_a), "{in_a}");
     }
 
     #[test]
