@@ -12,7 +12,8 @@
 //!                   └─ cluster (by id, from the cluster snapshot)
 //!                        ├─ host named by the request: dynamic forward proxy (DNS cache, a hit does not
 //!                        │  await) or ORIGINAL_DST (header, or restored destination)  upstream::dfp, original_dst
-//!                        ├─ else host pick (round robin, least request, random)      upstream::lb
+//!                        ├─ else priority (load, panic), zone or locality, then host   upstream::HostSet::pick
+//!                        │  (round robin, least request, random, ring hash, maglev)    upstream::lb
 //!                        ├─ CONNECT: TCP connection, 200, bytes copied both ways   listener::hcm::tunnel
 //!                        └─ pooled connection of this worker (HTTP/1.1 or h2)  upstream::pool
 //!                             └─ response streams back; stats and pool return at its end

@@ -13,7 +13,8 @@ use crate::listener::config::ListenerStats;
 use crate::listener::{self, Bound};
 use crate::route::ClusterId;
 use crate::stats::{Gauge, Store};
-use crate::upstream::Cluster;
+use crate::upstream::local_cluster::LocalCluster;
+use crate::upstream::{Cluster, ClusterConfig};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -154,6 +155,8 @@ pub struct Shared {
     listeners: watch::Sender<Arc<Vec<Arc<Bound>>>>,
     /// Clusters, listeners and route tables from xDS.
     pub dynamic: crate::xds::manager::Dynamic,
+    /// `cluster_manager.local_cluster_name`, for zone-aware routing.
+    pub local_cluster: Option<Arc<LocalCluster>>,
 }
 
 impl Shared {
@@ -255,14 +258,34 @@ impl Shared {
 }
 
 /// Build clusters from the bootstrap.
-fn build_clusters(b: &Bootstrap, store: &Arc<Store>, ids: &ClusterIds) -> ClusterSnapshot {
+fn build_clusters(
+    b: &Bootstrap,
+    store: &Arc<Store>,
+    ids: &ClusterIds,
+    local: &Option<Arc<LocalCluster>>,
+) -> ClusterSnapshot {
     let mut snap = ClusterSnapshot::default();
-    for c in &b.clusters {
+    // The local cluster first, so that the others compute their zone routing against its hosts.
+    let mut order: Vec<&ClusterConfig> = b.clusters.iter().collect();
+    order.sort_by_key(|c| Some(&c.name) != b.local_cluster_name.as_ref());
+    for c in order {
         let id = ids.id(&c.name);
         let scope = store.scope(format!("cluster.{}.", c.stat_name));
-        snap.insert(id, Cluster::new(c.clone(), &scope, false));
+        snap.insert(id, Cluster::new(c.clone(), &scope, false, local.clone()));
     }
     snap
+}
+
+/// The local cluster of zone-aware routing, when `cluster_manager.local_cluster_name` is set.
+fn local_cluster(b: &Bootstrap) -> Option<Arc<LocalCluster>> {
+    let name = b.local_cluster_name.clone()?;
+    let n = &b.node;
+    let locality = crate::upstream::Locality {
+        region: n.region.clone(),
+        zone: n.zone.clone(),
+        sub_zone: n.sub_zone.clone(),
+    };
+    Some(LocalCluster::new(name, locality))
 }
 
 /// Run the server until it has drained and should exit. Returns the process exit code.
@@ -275,7 +298,8 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         std::mem::take(&mut bootstrap.rds),
         bootstrap.dynamic.ads.is_some(),
     );
-    let clusters = build_clusters(&bootstrap, &store, &cluster_ids);
+    let local_cluster = local_cluster(&bootstrap);
+    let clusters = build_clusters(&bootstrap, &store, &cluster_ids, &local_cluster);
     let (drain_tx, _) = watch::channel(false);
     let concurrency = options.concurrency;
     let shared = Arc::new(Shared {
@@ -294,6 +318,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         listener_addrs: Mutex::new(Vec::new()),
         listeners: watch::channel(Arc::new(Vec::new())).0,
         dynamic,
+        local_cluster,
     });
     shared
         .dynamic
@@ -381,9 +406,15 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
                 dns_clusters += 1;
             }
         }
+        // Active health checks start now; as Envoy's cluster initialisation, the server waits (bounded) for
+        // every host's first check, so that it does not go LIVE with all hosts failed.
+        let mut first_checks = 0;
+        for c in shared.clusters.load().iter() {
+            first_checks += c.start_health_checks(Some(first_tx.clone()));
+        }
         drop(first_tx);
         let _ = tokio::time::timeout(Duration::from_secs(15), async {
-            for _ in 0..dns_clusters {
+            for _ in 0..dns_clusters + first_checks {
                 first_rx.recv().await;
             }
         })

@@ -110,7 +110,7 @@ async fn file_based_cds_and_lds_load_and_reload() {
     let bad = discovery_file(
         "3",
         vec![typed(
-            json!({"name": "svc", "type": "STATIC", "lb_policy": "MAGLEV"}),
+            json!({"name": "svc", "type": "STATIC", "lb_policy": "CLUSTER_PROVIDED"}),
             CLUSTER_TYPE,
         )],
     );
@@ -226,7 +226,7 @@ async fn ads_pushes_config_and_nacks_bad_clusters(api_type: &str) {
         hx::CLUSTER,
         vec![
             eds_cluster("svc"),
-            json!({"name": "bad", "type": "STATIC", "lb_policy": "MAGLEV"}),
+            json!({"name": "bad", "type": "STATIC", "lb_policy": "CLUSTER_PROVIDED"}),
         ],
     );
     let nack = xds
@@ -236,7 +236,7 @@ async fn ads_pushes_config_and_nacks_bad_clusters(api_type: &str) {
         .await;
     let detail = hx::nack_message(&nack).unwrap_or_default();
     assert!(detail.contains("cluster \"bad\": lb_policy"), "{detail}");
-    assert!(detail.contains("MAGLEV"), "{detail}");
+    assert!(detail.contains("CLUSTER_PROVIDED"), "{detail}");
     proxy
         .wait_stat("cluster_manager.cds.update_rejected", |v| v >= 1, DEFAULT_TIMEOUT)
         .await;

@@ -54,6 +54,11 @@ const ENDPOINTS: &[(&str, &str, bool)] = &[
         "print server stats in prometheus format",
         false,
     ),
+    (
+        "/zone_routing",
+        "zone-aware routing per cluster: active or why not, per-zone percentages (Remora)",
+        false,
+    ),
 ];
 
 /// Bind and serve the admin; returns the bound address.
@@ -166,6 +171,7 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
             text(code, format!("{}\n", s.name()))
         }
         "/server_info" => json(&dump::server_info(shared)),
+        "/zone_routing" => json(&zone_routing(shared)),
         "/config_dump" => json(&dump::config_dump(shared)),
         "/clusters" => {
             if q.get("format").map(String::as_str) == Some("json") {
@@ -375,6 +381,9 @@ fn clusters_text(shared: &Shared) -> String {
 fn health_flags(h: &crate::upstream::Host, ejected: bool) -> String {
     use crate::upstream::EndpointHealth::*;
     let mut flags = String::new();
+    if h.failed_active_hc.load(Relaxed) {
+        flags.push_str("/failed_active_hc");
+    }
     if ejected {
         flags.push_str("/failed_outlier_check");
     }
@@ -387,6 +396,28 @@ fn health_flags(h: &crate::upstream::Host, ejected: bool) -> String {
         flags.push_str("healthy");
     }
     flags
+}
+
+/// Beyond Envoy: per cluster, whether zone-aware routing is active, which precondition fails if not, and the
+/// expected per-zone percentages ([`crate::upstream::zone::ZoneRouting::describe`]).
+fn zone_routing(shared: &Shared) -> serde_json::Value {
+    let snap = shared.clusters.load();
+    let mut clusters: Vec<(String, serde_json::Value)> = snap
+        .iter()
+        .map(|c| {
+            let mut v = match &c.hosts().zone {
+                Some(z) => z.describe(),
+                None => serde_json::json!({"active": false}),
+            };
+            v["name"] = serde_json::Value::from(c.name());
+            (c.name().to_string(), v)
+        })
+        .collect();
+    clusters.sort_by(|a, b| a.0.cmp(&b.0));
+    serde_json::json!({
+        "local_cluster": shared.local_cluster.as_ref().map(|l| l.name.clone()),
+        "clusters": clusters.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+    })
 }
 
 fn clusters_json(shared: &Shared) -> serde_json::Value {
@@ -414,10 +445,13 @@ fn clusters_json(shared: &Shared) -> serde_json::Value {
                             gauge("cx_active", s.cx_active.load(Relaxed)),
                             gauge("rq_active", s.rq_active.load(Relaxed)),
                         ],
-                        "health_status": {"eds_health_status": match h.health {
-                            crate::upstream::EndpointHealth::Unknown => "HEALTHY",
-                            other => other.name(),
-                        }},
+                        "health_status": {
+                            "eds_health_status": match h.health {
+                                crate::upstream::EndpointHealth::Unknown => "HEALTHY",
+                                other => other.name(),
+                            },
+                            "failed_active_health_check": h.failed_active_hc.load(Relaxed),
+                        },
                         "weight": h.weight,
                         "hostname": h.hostname,
                         "locality": {"region": h.locality.region, "zone": h.locality.zone, "sub_zone": h.locality.sub_zone},

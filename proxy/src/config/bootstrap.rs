@@ -32,6 +32,8 @@ pub struct Admin {
 #[derive(Debug)]
 pub struct Bootstrap {
     pub node: NodeInfo,
+    /// `cluster_manager.local_cluster_name`: the cluster of this service's own instances (zone-aware routing).
+    pub local_cluster_name: Option<String>,
     pub admin: Option<Admin>,
     pub listeners: Vec<Arc<ListenerConfig>>,
     pub clusters: Vec<ClusterConfig>,
@@ -59,7 +61,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             Ok(m) => Arc::new(m),
             Err(e) => return Err(single("", format!("cannot start the access log writer: {e}"))),
         };
-    let (node, admin, listeners, clusters, dynamic) = {
+    let (node, admin, listeners, clusters, dynamic, local_cluster_name) = {
         let root = Node::root(&msg, "", &errs);
         let node = root.msg("node").map(|n| lower_node(&n)).unwrap_or_default();
         let admin = root.msg("admin").and_then(|a| lower_admin(&a));
@@ -123,12 +125,31 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             }
         }
         root.unsupported("layered_runtime");
-        root.unsupported("cluster_manager");
+        let mut local_cluster_name = None;
+        if let Some(cm) = root.msg("cluster_manager") {
+            local_cluster_name = cm.string("local_cluster_name").filter(|n| !n.is_empty());
+            if let Some(name) = &local_cluster_name {
+                if !clusters.iter().any(|c: &ClusterConfig| &c.name == name) {
+                    cm.err(
+                        "local_cluster_name",
+                        format!("local cluster {name:?} must be defined in static_resources"),
+                    );
+                }
+            }
+            for f in [
+                "outlier_detection",
+                "upstream_bind_config",
+                "load_stats_config",
+                "enable_deferred_cluster_creation",
+            ] {
+                cm.unsupported(f);
+            }
+        }
         root.unsupported("stats_config");
         root.unsupported("stats_sinks");
         root.unsupported("overload_manager");
         root.unsupported("tracing");
-        (node, admin, listeners, clusters, dynamic)
+        (node, admin, listeners, clusters, dynamic, local_cluster_name)
     };
     let found = errs.take();
     if !found.is_empty() {
@@ -136,6 +157,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
     }
     Ok(Bootstrap {
         node,
+        local_cluster_name,
         admin,
         listeners,
         clusters,

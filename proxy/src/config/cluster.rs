@@ -104,6 +104,17 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
                 .unwrap_or(2);
             LbPolicy::LeastRequest { choice_count }
         }
+        "RING_HASH" => LbPolicy::RingHash(
+            c.msg("ring_hash_lb_config")
+                .map(|r| super::lb::lower_ring_hash(&r))
+                .unwrap_or_default(),
+        ),
+        "MAGLEV" => LbPolicy::Maglev {
+            table_size: c
+                .msg("maglev_lb_config")
+                .map(|m| super::lb::lower_maglev(&m))
+                .unwrap_or(crate::upstream::hash::MAGLEV_DEFAULT_TABLE_SIZE),
+        },
         other => {
             c.err("lb_policy", format!("{other} is not supported by Remora"));
             LbPolicy::RoundRobin
@@ -112,6 +123,20 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     if lb != "LEAST_REQUEST" {
         c.unsupported("least_request_lb_config");
     }
+    if lb != "RING_HASH" {
+        c.unsupported("ring_hash_lb_config");
+    }
+    if lb != "MAGLEV" {
+        c.unsupported("maglev_lb_config");
+    }
+    // `load_balancing_policy` (the typed form Envoy Gateway emits) replaces `lb_policy`, as in Envoy.
+    let (lb_policy, policy_locality) = match c
+        .msg("load_balancing_policy")
+        .map(|p| super::lb::lower_load_balancing_policy(&p))
+    {
+        Some(Some(choice)) => (choice.kind, choice.locality),
+        _ => (lb_policy, None),
+    };
     let buffer_limit = c
         .wrapped_u32("per_connection_buffer_limit_bytes")
         .unwrap_or(1024 * 1024);
@@ -171,10 +196,17 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         protocol = Protocol::Downstream;
     }
 
-    let (endpoints, targets) = c
-        .msg("load_assignment")
-        .map(|la| lower_endpoints(&la, dns))
-        .unwrap_or_default();
+    let default_factor = crate::upstream::priority::DEFAULT_OVERPROVISIONING_FACTOR;
+    let (endpoints, targets, overprovisioning_factor) = match c.msg("load_assignment") {
+        Some(la) => {
+            let (endpoints, targets) = lower_endpoints(&la, dns);
+            let factor = la
+                .msg("policy")
+                .map_or(default_factor, |p| super::lb::lower_endpoint_policy(&p));
+            (endpoints, targets, factor)
+        }
+        None => (Vec::new(), Vec::new(), default_factor),
+    };
     let discovery = match dns_settings {
         Some(mut d) => {
             if ty == "LOGICAL_DNS" {
@@ -198,9 +230,28 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     let outlier = c
         .msg("outlier_detection")
         .and_then(|o| super::resilience::lower_outlier_detection(&o));
-    c.unsupported("health_checks");
+    let checks = c.list("health_checks");
+    if checks.len() > 1 {
+        // As Envoy: "Multiple health checks not supported".
+        c.err("health_checks", "multiple health checks are not supported");
+    }
+    let health_check = checks
+        .first()
+        .and_then(super::lb::lower_health_check)
+        .map(std::sync::Arc::new);
     c.unsupported("transport_socket");
-    c.unsupported("common_lb_config");
+    let common_lb = c
+        .msg("common_lb_config")
+        .map(|n| {
+            let l = super::lb::lower_common_lb_config(&n);
+            if l.ignore_new_hosts_until_first_hc {
+                n.err("ignore_new_hosts_until_first_hc", "not supported by Remora yet");
+            }
+            l
+        })
+        .unwrap_or_default();
+    // The typed policy's locality setting wins over common_lb_config's, as in Envoy.
+    let locality_lb = policy_locality.or(common_lb.locality);
 
     Some(ClusterConfig {
         name,
@@ -215,11 +266,25 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         buffer_limit,
         circuit_breakers,
         outlier,
+        overprovisioning_factor,
+        healthy_panic_threshold: common_lb.healthy_panic_threshold,
+        locality_lb,
+        health_check,
     })
 }
 
 /// `envoy.config.endpoint.v3.ClusterLoadAssignment`: a cluster's `load_assignment`, or an EDS resource.
 pub fn lower_load_assignment(la: &Node) -> Vec<EndpointConfig> {
+    // An EDS update cannot change the cluster's overprovisioning factor yet: only the default is accepted.
+    if let Some(p) = la.msg("policy") {
+        if super::lb::lower_endpoint_policy(&p) != crate::upstream::priority::DEFAULT_OVERPROVISIONING_FACTOR
+        {
+            p.err(
+                "overprovisioning_factor",
+                "only the default (140) is supported in EDS by Remora",
+            );
+        }
+    }
     lower_endpoints(la, false).0
 }
 
@@ -239,14 +304,8 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
             })
             .unwrap_or_default();
         let priority = lle.u32("priority");
-        if priority != 0 {
-            lle.err(
-                "priority",
-                "priorities other than 0 are not supported by Remora yet",
-            );
-        }
         // Locality weights only act with locality-weighted balancing, which Envoy turns on separately.
-        lle.mark("load_balancing_weight");
+        let locality_weight = lle.wrapped_u32("load_balancing_weight").unwrap_or(0);
         lle.unsupported("load_balancer_endpoints");
         lle.unsupported("leds_cluster_locality_config");
         lle.unsupported("proximity");
@@ -270,7 +329,19 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                 continue;
             };
             let hostname = e.string("hostname").unwrap_or_default();
-            e.unsupported("health_check_config");
+            let (health_check_port, health_check_disabled) = match e.msg("health_check_config") {
+                Some(h) => {
+                    h.unsupported("hostname");
+                    h.unsupported("address");
+                    let port = h.u32("port_value");
+                    if port > u32::from(u16::MAX) {
+                        h.err("port_value", format!("{port} is not a port"));
+                    }
+                    let port = u16::try_from(port).ok().filter(|&p| p != 0);
+                    (port, h.bool("disable_active_health_check"))
+                }
+                None => (None, false),
+            };
             e.unsupported("additional_addresses");
             let Some(addr) = e.msg("address") else {
                 e.err("address", "an endpoint needs an address");
@@ -284,7 +355,10 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                         weight,
                         priority,
                         locality: locality.clone(),
+                        locality_weight,
                         health,
+                        health_check_port,
+                        health_check_disabled,
                     };
                     targets.push(dns::Target { name, port, template });
                 }
@@ -295,12 +369,14 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                     weight,
                     priority,
                     locality: locality.clone(),
+                    locality_weight,
                     health,
+                    health_check_port,
+                    health_check_disabled,
                 });
             }
         }
     }
-    la.unsupported("policy");
     la.unsupported("named_endpoints");
     (endpoints, targets)
 }

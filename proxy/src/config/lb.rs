@@ -14,6 +14,7 @@ use crate::upstream::hash::{
 use crate::upstream::health_check::{CheckKind, HealthCheckConfig, HttpCheck, TcpCheck};
 use crate::upstream::priority::{DEFAULT_OVERPROVISIONING_FACTOR, DEFAULT_PANIC_THRESHOLD};
 use crate::upstream::zone::ZoneAwareConfig;
+use crate::upstream::LbPolicy;
 use std::time::Duration;
 
 /// How localities are used (`LocalityLbConfig` / `CommonLbConfig.locality_config_specifier`).
@@ -150,20 +151,10 @@ pub fn lower_maglev(n: &Node) -> u64 {
     size
 }
 
-/// A load-balancing policy as Remora runs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LbKind {
-    RoundRobin,
-    LeastRequest { choice_count: u32 },
-    Random,
-    RingHash(RingHashConfig),
-    Maglev { table_size: u64 },
-}
-
 /// The policy from `load_balancing_policy`, with the locality setting its typed config carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LbChoice {
-    pub kind: LbKind,
+    pub kind: LbPolicy,
     pub locality: Option<LocalityLb>,
 }
 
@@ -196,7 +187,7 @@ pub fn lower_load_balancing_policy(n: &Node) -> Option<LbChoice> {
             "round_robin.v3.RoundRobin" => {
                 cfg.unsupported("slow_start_config");
                 LbChoice {
-                    kind: LbKind::RoundRobin,
+                    kind: LbPolicy::RoundRobin,
                     locality: cfg
                         .msg("locality_lb_config")
                         .and_then(|l| lower_locality_lb_config(&l)),
@@ -216,14 +207,14 @@ pub fn lower_load_balancing_policy(n: &Node) -> Option<LbChoice> {
                     cfg.unsupported(f);
                 }
                 LbChoice {
-                    kind: LbKind::LeastRequest { choice_count },
+                    kind: LbPolicy::LeastRequest { choice_count },
                     locality: cfg
                         .msg("locality_lb_config")
                         .and_then(|l| lower_locality_lb_config(&l)),
                 }
             }
             "random.v3.Random" => LbChoice {
-                kind: LbKind::Random,
+                kind: LbPolicy::Random,
                 locality: cfg
                     .msg("locality_lb_config")
                     .and_then(|l| lower_locality_lb_config(&l)),
@@ -238,7 +229,7 @@ pub fn lower_load_balancing_policy(n: &Node) -> Option<LbChoice> {
                     cfg.unsupported(f);
                 }
                 LbChoice {
-                    kind: LbKind::RingHash(lower_ring_hash(&cfg)),
+                    kind: LbPolicy::RingHash(lower_ring_hash(&cfg)),
                     locality: None,
                 }
             }
@@ -247,7 +238,7 @@ pub fn lower_load_balancing_policy(n: &Node) -> Option<LbChoice> {
                     cfg.unsupported(f);
                 }
                 LbChoice {
-                    kind: LbKind::Maglev {
+                    kind: LbPolicy::Maglev {
                         table_size: lower_maglev(&cfg),
                     },
                     locality: None,
@@ -595,7 +586,7 @@ loadBalancingPolicy:
         assert_eq!(
             p,
             Some(LbChoice {
-                kind: LbKind::LeastRequest { choice_count: 2 },
+                kind: LbPolicy::LeastRequest { choice_count: 2 },
                 locality: Some(LocalityLb::LocalityWeighted)
             })
         );
@@ -612,7 +603,7 @@ loadBalancingPolicy:
             lower_load_balancing_policy(&c.msg("load_balancing_policy").unwrap())
         });
         assert!(e.is_empty(), "{e:?}");
-        assert_eq!(p.unwrap().kind, LbKind::Maglev { table_size: 7 });
+        assert_eq!(p.unwrap().kind, LbPolicy::Maglev { table_size: 7 });
         let yaml = r#"
 loadBalancingPolicy:
   policies:

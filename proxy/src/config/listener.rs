@@ -3,7 +3,7 @@
 use super::bootstrap::socket_address;
 use super::node::Node;
 use super::route;
-use crate::filters::{adaptive_concurrency, admission_control, local_ratelimit};
+use crate::filters::{adaptive_concurrency, admission_control, health_check, local_ratelimit};
 use crate::listener::config::{
     Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader, Underscores,
 };
@@ -25,6 +25,7 @@ const ADAPTIVE_CONCURRENCY: &str =
     "envoy.extensions.filters.http.adaptive_concurrency.v3.AdaptiveConcurrency";
 const ADMISSION_CONTROL: &str = "envoy.extensions.filters.http.admission_control.v3.AdmissionControl";
 const DYNAMIC_FORWARD_PROXY: &str = "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig";
+const HEALTH_CHECK: &str = "envoy.extensions.filters.http.health_check.v3.HealthCheck";
 pub(crate) const LOCAL_RATELIMIT: &str = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
 /// What lowering a listener needs from the rest of the bootstrap.
@@ -256,6 +257,11 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
                     http_filters.push(HttpFilter::AdmissionControl(
                         admission_control::AdmissionController::new(cfg, &http_scope),
                     ));
+                }
+            }
+            HEALTH_CHECK => {
+                if let Some(cfg) = health_check::lower(t) {
+                    http_filters.push(HttpFilter::HealthCheck(Arc::new(cfg)));
                 }
             }
             LOCAL_RATELIMIT => {

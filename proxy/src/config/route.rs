@@ -323,7 +323,6 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         "priority",
         "rate_limits",
         "include_vh_rate_limits",
-        "hash_policy",
         "cors",
         "max_grpc_timeout",
         "grpc_timeout_offset",
@@ -340,6 +339,12 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         .msg("retry_policy")
         .and_then(|p| lower_retry_policy(&p))
         .map(std::sync::Arc::new);
+    let hash_policy = crate::upstream::hash::HashPolicy(
+        a.list("hash_policy")
+            .iter()
+            .filter_map(super::lb::lower_hash_policy)
+            .collect(),
+    );
     Some(RouteAction {
         cluster,
         prefix_rewrite,
@@ -348,6 +353,7 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         timeout,
         idle_timeout,
         retry_policy,
+        hash_policy,
     })
 }
 
@@ -535,7 +541,7 @@ pub(crate) fn string_matcher(s: &Node) -> Option<StringMatcher> {
     }
 }
 
-pub(super) fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
+pub(crate) fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
     let name = h.string("name").unwrap_or_default();
     let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
         h.err(
@@ -544,6 +550,11 @@ pub(super) fn header_matcher(h: &Node) -> Option<HeaderMatcher> {
         );
         return None;
     };
+    header_matcher_as(h, name)
+}
+
+/// `h`'s match applied to header `name`, whatever `h.name` says (for callers that match pseudo-headers).
+pub(crate) fn header_matcher_as(h: &Node, name: HeaderName) -> Option<HeaderMatcher> {
     let kind = if let Some(v) = h.string("exact_match") {
         HeaderMatch::String(StringMatcher::Exact(v, false))
     } else if let Some(re) = h.msg("safe_regex_match") {

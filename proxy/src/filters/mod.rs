@@ -2,6 +2,7 @@
 //!
 //! - [`adaptive_concurrency`]: `envoy.filters.http.adaptive_concurrency` (the gradient controller).
 //! - [`admission_control`]: `envoy.filters.http.admission_control` (client-side throttling by success rate).
+//! - [`health_check`]: `envoy.filters.http.health_check` (answers other proxies' health checks of this one).
 //! - [`local_ratelimit`]: `envoy.filters.http.local_ratelimit` (a token bucket, per filter or per route).
 //!
 //! Each filter has a lowering function from its typed config ([`Node`]), a pure algorithm that takes the time
@@ -17,6 +18,7 @@
 
 pub mod adaptive_concurrency;
 pub mod admission_control;
+pub mod health_check;
 pub mod local_ratelimit;
 
 use crate::body::Body;
@@ -39,12 +41,15 @@ pub fn worker_rng() -> SharedRng {
 pub enum ResponseFlag {
     /// `RL`: rate limited locally (`local_ratelimit` when enforced).
     RateLimited,
+    /// `LH`: this server fails health checks (`health_check` answering 503).
+    FailedLocalHealthCheck,
 }
 
 impl ResponseFlag {
     pub fn short(self) -> &'static str {
         match self {
             ResponseFlag::RateLimited => "RL",
+            ResponseFlag::FailedLocalHealthCheck => "LH",
         }
     }
 }

@@ -111,6 +111,7 @@ pub enum HttpFilter {
     AdaptiveConcurrency(Arc<crate::filters::adaptive_concurrency::Controller>),
     AdmissionControl(Arc<crate::filters::admission_control::AdmissionController>),
     LocalRateLimit(Arc<crate::filters::local_ratelimit::LocalRateLimiter>),
+    HealthCheck(Arc<crate::filters::health_check::HealthCheckFilterConfig>),
 }
 
 /// `http.<stat_prefix>.*` and `listener.<address>.http.<stat_prefix>.*`.

@@ -62,6 +62,7 @@ static INTERNAL_ONLY: [HeaderName; 13] = [
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Flag {
+    FailedLocalHealthCheck,
     NoHealthyUpstream,
     UpstreamRequestTimeout,
     UpstreamRemoteReset,
@@ -80,7 +81,8 @@ pub enum Flag {
 
 impl Flag {
     /// Every flag Remora sets, in the order Envoy prints them.
-    pub const ALL: [Flag; 14] = [
+    pub const ALL: [Flag; 15] = [
+        Flag::FailedLocalHealthCheck,
         Flag::NoHealthyUpstream,
         Flag::UpstreamRequestTimeout,
         Flag::UpstreamRemoteReset,
@@ -99,6 +101,7 @@ impl Flag {
 
     pub fn short(self) -> &'static str {
         match self {
+            Flag::FailedLocalHealthCheck => "LH",
             Flag::NoHealthyUpstream => "UH",
             Flag::UpstreamRequestTimeout => "UT",
             Flag::UpstreamRemoteReset => "UR",
@@ -214,8 +217,12 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
             }
             if let Some(r) = resp.extensions().get::<crate::filters::FilterReply>() {
                 info.details = r.details;
-                if r.flag.is_some() {
-                    info.set(Flag::RateLimited);
+                match r.flag {
+                    Some(crate::filters::ResponseFlag::RateLimited) => info.set(Flag::RateLimited),
+                    Some(crate::filters::ResponseFlag::FailedLocalHealthCheck) => {
+                        info.set(Flag::FailedLocalHealthCheck)
+                    }
+                    None => {}
                 }
             }
             resp
@@ -884,14 +891,31 @@ async fn forward(
     };
     let mut _retry_permit = None;
     let mut last_reset = None;
+    // The route's `hash_policy`, for the consistent-hash balancers only.
+    let hash = if cluster.config.lb_policy.hashes() {
+        action.hash_policy.hash(&parts.headers, Some(conn.remote.ip()))
+    } else {
+        None
+    };
 
     loop {
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
+            let mut selection = 0u64;
             let mut pick = || match &provided {
                 Some(h) => cluster.index_of(h),
                 None if cluster.provides_hosts() => None,
-                None => cluster.pick(&mut rng),
+                None => {
+                    // A host the retry predicate refused is picked again with the hash rehashed, so that a
+                    // consistent hash lands elsewhere (Envoy steps to the next ring entry, or flips the hash's
+                    // bits for Maglev; a rehash spreads retries the same way for both).
+                    let h = hash.map(|h| match selection {
+                        0 => h,
+                        n => crate::upstream::hash::xxhash64(&h.to_le_bytes(), n),
+                    });
+                    selection += 1;
+                    cluster.pick(&mut rng, h)
+                }
             };
             match &retry {
                 Some(r) => r.select_host(pick, |(_, h)| h.id),
@@ -1131,7 +1155,7 @@ async fn tunnel(
     let picked = match &provided {
         Some(h) => cluster.index_of(h),
         None if cluster.provides_hosts() => None,
-        None => cluster.pick(&mut conn.worker.rng.borrow_mut()),
+        None => cluster.pick(&mut conn.worker.rng.borrow_mut(), None),
     };
     let Some((index, host)) = picked else {
         cs.upstream_cx_none_healthy.inc();

@@ -77,7 +77,7 @@ impl Conn {
     }
 
     fn build_chain(self: &Rc<Self>) -> FilterChain {
-        use crate::filters::{adaptive_concurrency, admission_control, local_ratelimit};
+        use crate::filters::{adaptive_concurrency, admission_control, health_check, local_ratelimit};
         use config::HttpFilter;
         use tower::Layer;
         let rng = self.worker.rng.clone();
@@ -89,6 +89,9 @@ impl Conn {
                 ),
                 HttpFilter::AdmissionControl(c) => FilterChain::new(
                     admission_control::AdmissionControlLayer::new(c.clone(), rng.clone()).layer(svc),
+                ),
+                HttpFilter::HealthCheck(c) => FilterChain::new(
+                    health_check::HealthCheckLayer::new(c.clone(), self.shared.clone()).layer(svc),
                 ),
                 HttpFilter::LocalRateLimit(l) => FilterChain::new(
                     local_ratelimit::LocalRateLimitLayer::new(l.clone(), rng.clone()).layer(svc),

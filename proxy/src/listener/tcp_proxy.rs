@@ -115,7 +115,7 @@ async fn proxy(
             Some(od) => od
                 .host_for(&cluster, None, original_dst)
                 .and_then(|h| cluster.index_of(&h)),
-            None => cluster.pick(&mut worker.rng.borrow_mut()),
+            None => cluster.pick(&mut worker.rng.borrow_mut(), None),
         };
         let Some((index, host)) = picked else {
             cluster.stats.upstream_cx_none_healthy.inc();

@@ -91,6 +91,21 @@ impl HeaderMatcher {
     }
 }
 
+impl HeaderMatcher {
+    /// Match one value (`None`: absent) that is not in a header map, such as a pseudo-header.
+    pub fn matches_value(&self, value: Option<&str>) -> bool {
+        let result = match (&self.kind, value) {
+            (HeaderMatch::Present(want), v) => v.is_some() == *want,
+            (_, None) if !self.treat_missing_as_empty => return false,
+            (HeaderMatch::String(m), v) => m.matches(v.unwrap_or("")),
+            (HeaderMatch::Range(lo, hi), v) => {
+                v.unwrap_or("").parse::<i64>().is_ok_and(|n| *lo <= n && n < *hi)
+            }
+        };
+        result != self.invert
+    }
+}
+
 fn unreachable_present() -> bool {
     // Present is handled above; kept total without a panic.
     false

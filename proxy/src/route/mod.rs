@@ -170,6 +170,8 @@ pub struct RouteAction {
     /// `idle_timeout`: the route's stream idle timeout (zero: none), instead of the connection manager's.
     pub idle_timeout: Option<Duration>,
     pub retry_policy: Option<std::sync::Arc<crate::retry::RetryPolicy>>,
+    /// `hash_policy`: the request hash for `RING_HASH` and `MAGLEV` clusters.
+    pub hash_policy: crate::upstream::hash::HashPolicy,
 }
 
 #[derive(Debug)]

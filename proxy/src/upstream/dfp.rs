@@ -296,6 +296,9 @@ fn new_host(address: SocketAddr, name: &str) -> Arc<Host> {
         priority: 0,
         locality: Default::default(),
         health: super::EndpointHealth::Unknown,
+        locality_weight: 1,
+        health_check_port: None,
+        health_check_disabled: false,
     })
 }
 

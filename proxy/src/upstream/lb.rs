@@ -1,8 +1,9 @@
-//! Load balancers over a [`HostSet`]: round robin, least request (power of N choices), random.
+//! Load balancers over a [`HostSet`]: round robin, least request (power of N choices), random, and the
+//! consistent-hash balancers (ring hash, Maglev) whose structures the set carries.
 //!
 //! Randomness comes from a small per-worker generator that tests seed ([`Rng::seeded`]).
 
-use super::{Host, HostSet, LbPolicy};
+use super::{Candidates, Host, LbPolicy};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -42,28 +43,29 @@ impl Rng {
     }
 }
 
-/// Pick one of the set's healthy hosts, or any host when none is healthy is not Envoy's default: with no healthy
-/// host the pick fails (panic mode is added with priorities).
-pub fn pick<'s>(
+/// Pick one of `c`'s hosts; returns its index in `hosts`, or `None` when there is none.
+pub fn pick(
     policy: LbPolicy,
-    set: &'s HostSet,
+    hosts: &[Arc<Host>],
+    c: &Candidates,
     rr: &AtomicUsize,
     rng: &mut Rng,
-) -> Option<&'s Arc<Host>> {
-    let healthy = &set.healthy;
-    let n = healthy.len();
+    hash: Option<u64>,
+) -> Option<usize> {
+    let idx = &c.idx;
+    let n = idx.len();
     if n == 0 {
         return None;
     }
     if n == 1 {
-        return Some(&set.hosts[healthy[0]]);
+        return Some(idx[0]);
     }
     let i = match policy {
         LbPolicy::RoundRobin => {
-            if set.uniform_weight {
+            if c.uniform_weight {
                 rr.fetch_add(1, Relaxed) % n
             } else {
-                weighted_rr(set, rr)
+                weighted_rr(hosts, idx, rr)
             }
         }
         LbPolicy::Random => rng.below(n),
@@ -71,23 +73,31 @@ pub fn pick<'s>(
             let mut best = rng.below(n);
             for _ in 1..choice_count.max(1) {
                 let c = rng.below(n);
-                let active = |i: usize| set.hosts[healthy[i]].stats.rq_active.load(Relaxed);
+                let active = |i: usize| hosts[idx[i]].stats.rq_active.load(Relaxed);
                 if active(c) < active(best) {
                     best = c;
                 }
             }
             best
         }
+        // Without a hash from the route's policy, Envoy uses a random one.
+        LbPolicy::RingHash(_) | LbPolicy::Maglev { .. } => {
+            let hash = hash.unwrap_or_else(|| rng.next_u64());
+            match &c.hash_lb {
+                Some(h) => h.pick(hash)?,
+                None => (hash % n as u64) as usize,
+            }
+        }
     };
-    Some(&set.hosts[healthy[i]])
+    idx.get(i).copied()
 }
 
 /// Weighted round robin by stepping through the cumulative weights.
-fn weighted_rr(set: &HostSet, rr: &AtomicUsize) -> usize {
-    let total: usize = set.healthy.iter().map(|&i| set.hosts[i].weight as usize).sum();
+fn weighted_rr(hosts: &[Arc<Host>], idx: &[usize], rr: &AtomicUsize) -> usize {
+    let total: usize = idx.iter().map(|&i| hosts[i].weight as usize).sum();
     let mut k = rr.fetch_add(1, Relaxed) % total.max(1);
-    for (pos, &i) in set.healthy.iter().enumerate() {
-        let w = set.hosts[i].weight as usize;
+    for (pos, &i) in idx.iter().enumerate() {
+        let w = hosts[i].weight as usize;
         if k < w {
             return pos;
         }
@@ -101,6 +111,8 @@ mod tests {
     use super::*;
     use crate::upstream::{EndpointConfig, EndpointHealth, Locality};
 
+    use crate::upstream::HostSet;
+
     fn set(weights: &[u32]) -> HostSet {
         HostSet::new(
             weights
@@ -113,7 +125,10 @@ mod tests {
                         weight: w,
                         priority: 0,
                         locality: Locality::default(),
+                        locality_weight: 0,
                         health: EndpointHealth::Unknown,
+                        health_check_port: None,
+                        health_check_disabled: false,
                     })
                 })
                 .collect(),
@@ -125,8 +140,7 @@ mod tests {
         let mut rng = Rng::seeded(7);
         let mut c = vec![0; s.hosts.len()];
         for _ in 0..n {
-            let h = pick(policy, s, &rr, &mut rng).unwrap();
-            c[s.hosts.iter().position(|x| x.id == h.id).unwrap()] += 1;
+            c[pick(policy, &s.hosts, &s.levels[0].healthy, &rr, &mut rng, None).unwrap()] += 1;
         }
         c
     }
@@ -160,9 +174,18 @@ mod tests {
     #[test]
     fn unhealthy_hosts_are_skipped() {
         let mut s = set(&[1, 1]);
-        s.healthy = vec![1];
+        s.levels[0].healthy.idx = vec![1];
         assert_eq!(counts(LbPolicy::RoundRobin, &s, 10), [0, 10]);
-        s.healthy.clear();
-        assert!(pick(LbPolicy::Random, &s, &AtomicUsize::new(0), &mut Rng::seeded(1)).is_none());
+        s.levels[0].healthy.idx.clear();
+        let c = &s.levels[0].healthy;
+        let none = pick(
+            LbPolicy::Random,
+            &s.hosts,
+            c,
+            &AtomicUsize::new(0),
+            &mut Rng::seeded(1),
+            None,
+        );
+        assert!(none.is_none());
     }
 }

@@ -3,13 +3,22 @@
 //! A [`Cluster`] is shared by every worker (an `Arc` in the snapshot). Its membership is an [`ArcSwap`] of a
 //! [`HostSet`] that discovery replaces as a whole; a request loads it once. Connection pools are per worker (see
 //! [`pool`]), keyed by host id, so that a request takes a pooled connection without a lock.
+//!
+//! Everything a pick needs is computed when a host set is published (membership, an active health check
+//! transition, an ejection or return, a change of the local cluster): hosts split by priority into healthy,
+//! degraded and all, and by locality; the priority loads and panic state ([`priority`]); zone-aware routing
+//! ([`zone`], against [`local_cluster`]); the locality schedule (`locality_weighted_lb_config`); the ring or
+//! Maglev table ([`hash`]). A pick ([`HostSet::pick`]) chooses the priority, then the zone or locality, then the
+//! host ([`lb`]). Active health checks run as a task per host ([`active_health`]).
 
+pub mod active_health;
 pub mod breaker;
 pub mod dfp;
 pub mod dns;
 pub mod hash;
 pub mod health_check;
 pub mod lb;
+pub mod local_cluster;
 pub mod original_dst;
 pub mod outlier;
 pub mod pool;
@@ -37,8 +46,8 @@ fn log_outlier_event(cluster: &str, ev: &outlier::OutlierEvent) {
 use crate::stats::{CodeStats, Counter, Gauge, Histogram, Scope};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// The upstream protocol of a cluster.
@@ -59,6 +68,19 @@ pub enum LbPolicy {
         choice_count: u32,
     },
     Random,
+    /// `RING_HASH`: a consistent-hash ring over the healthy hosts, built per host-set publish.
+    RingHash(hash::RingHashConfig),
+    /// `MAGLEV`: a lookup table of `table_size` (prime) entries over the healthy hosts.
+    Maglev {
+        table_size: u64,
+    },
+}
+
+impl LbPolicy {
+    /// Whether the policy picks by a request hash (the route's `hash_policy`).
+    pub fn hashes(self) -> bool {
+        matches!(self, LbPolicy::RingHash(_) | LbPolicy::Maglev { .. })
+    }
 }
 
 /// How a cluster finds its hosts.
@@ -108,6 +130,15 @@ pub struct ClusterConfig {
     pub buffer_limit: u32,
     pub circuit_breakers: breaker::CircuitBreakersConfig,
     pub outlier: Option<outlier::OutlierConfig>,
+    /// `load_assignment.policy.overprovisioning_factor`, percent (default 140).
+    pub overprovisioning_factor: u32,
+    /// `common_lb_config.healthy_panic_threshold`, percent (default 50; 0 disables panic).
+    pub healthy_panic_threshold: u32,
+    /// `common_lb_config.zone_aware_lb_config` / `locality_weighted_lb_config` (or the typed policy's
+    /// `locality_lb_config`); `None` is zone-aware routing with its defaults, as in Envoy.
+    pub locality_lb: Option<crate::config::lb::LocalityLb>,
+    /// `health_checks` (Envoy takes at most one).
+    pub health_check: Option<Arc<health_check::HealthCheckConfig>>,
 }
 
 /// One `lb_endpoints` entry.
@@ -118,7 +149,13 @@ pub struct EndpointConfig {
     pub weight: u32,
     pub priority: u32,
     pub locality: Locality,
+    /// The locality's `load_balancing_weight` (0 when unset), for locality-weighted balancing.
+    pub locality_weight: u32,
     pub health: EndpointHealth,
+    /// `endpoint.health_check_config.port_value`: active health checks use this port instead.
+    pub health_check_port: Option<u16>,
+    /// `endpoint.health_check_config.disable_active_health_check`.
+    pub health_check_disabled: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -172,7 +209,14 @@ pub struct Host {
     pub weight: u32,
     pub priority: u32,
     pub locality: Locality,
+    pub locality_weight: u32,
     pub health: EndpointHealth,
+    /// Where active health checks connect (`health_check_config.port_value`, else `address`).
+    pub health_check_address: SocketAddr,
+    /// `health_check_config.disable_active_health_check`: never checked, never failed by checks.
+    pub health_check_disabled: bool,
+    /// `FAILED_ACTIVE_HC`: the cluster's active health check fails this host (see [`active_health`]).
+    pub failed_active_hc: AtomicBool,
     pub stats: HostStats,
 }
 
@@ -198,40 +242,285 @@ impl Host {
             weight: e.weight.max(1),
             priority: e.priority,
             locality: e.locality.clone(),
+            locality_weight: e.locality_weight,
             health: e.health,
+            health_check_address: SocketAddr::new(
+                e.address.ip(),
+                e.health_check_port.unwrap_or(e.address.port()),
+            ),
+            health_check_disabled: e.health_check_disabled,
+            failed_active_hc: AtomicBool::new(false),
             stats: HostStats::default(),
         })
     }
 
     pub fn healthy(&self) -> bool {
-        self.health.usable()
+        self.health.usable() && !self.failed_active_hc.load(Relaxed)
     }
 }
 
-/// A cluster's membership at one moment.
+/// A cluster's membership at one moment, with everything a pick needs computed when it is published.
 #[derive(Debug, Default)]
 pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
-    /// Indexes into `hosts` of hosts that may take traffic.
+    /// Indexes into `hosts` of hosts that may take traffic (healthy or degraded), every priority.
     pub healthy: Vec<usize>,
+    /// Priority levels, index = priority (levels without hosts are empty).
+    pub levels: Vec<Level>,
+    /// Each level's share of requests and panic state ([`priority::PriorityLoad`]).
+    pub load: priority::PriorityLoad,
+    /// Zone-aware routing of priority 0, when the cluster is zone aware.
+    pub zone: Option<zone::ZoneRouting>,
+}
+
+/// One priority level's candidate lists.
+#[derive(Debug, Default)]
+pub struct Level {
+    /// Every host of the level (a level in panic balances over them).
+    pub all: Candidates,
+    pub healthy: Candidates,
+    pub degraded: Candidates,
+    /// The level's localities with their host counts, in first-seen order.
+    pub localities: Vec<zone::ZoneHosts>,
+    /// The healthy hosts of each locality, in `localities` order (zone-aware and locality-weighted picks).
+    pub healthy_by_locality: Vec<Candidates>,
+    /// `locality_weighted_lb_config`: the schedule over `healthy_by_locality` (`None` without it, or when no
+    /// locality has an effective weight: then the level's hosts are balanced as one).
+    pub locality_wrr: Option<Mutex<priority::LocalityWrr>>,
+}
+
+/// Hosts a balancer may pick from: indexes into [`HostSet::hosts`].
+#[derive(Debug, Default)]
+pub struct Candidates {
+    pub idx: Vec<usize>,
     /// Every host has the same weight (round robin need not weigh).
     pub uniform_weight: bool,
+    /// For `RING_HASH` and `MAGLEV`: the structure over `idx`, whose picks index into `idx`.
+    pub hash_lb: Option<HashLb>,
+}
+
+impl Candidates {
+    fn new(hosts: &[Arc<Host>], idx: Vec<usize>) -> Self {
+        let uniform_weight = idx.windows(2).all(|w| hosts[w[0]].weight == hosts[w[1]].weight);
+        Candidates {
+            idx,
+            uniform_weight,
+            hash_lb: None,
+        }
+    }
+
+    fn with_hash(mut self, policy: LbPolicy, hosts: &[Arc<Host>]) -> Self {
+        self.hash_lb = HashLb::build(policy, hosts, &self.idx);
+        self
+    }
+}
+
+/// A consistent-hash structure, built when the host set is published.
+#[derive(Debug)]
+pub enum HashLb {
+    Ring(hash::Ring),
+    Maglev(hash::Maglev),
+}
+
+impl HashLb {
+    /// Build over `idx` (keys `ip:port`, as Envoy's `address()->asString()`).
+    fn build(policy: LbPolicy, hosts: &[Arc<Host>], idx: &[usize]) -> Option<HashLb> {
+        if !policy.hashes() || idx.is_empty() {
+            return None;
+        }
+        let keys: Vec<(&str, u32)> = idx
+            .iter()
+            .map(|&i| (hosts[i].address_str.as_str(), hosts[i].weight))
+            .collect();
+        match policy {
+            LbPolicy::RingHash(cfg) => Some(HashLb::Ring(hash::Ring::build(&keys, &cfg))),
+            LbPolicy::Maglev { table_size } => Some(HashLb::Maglev(hash::Maglev::build(&keys, table_size))),
+            _ => None,
+        }
+    }
+
+    /// A position in the candidates for a request hash.
+    pub fn pick(&self, hash: u64) -> Option<usize> {
+        match self {
+            HashLb::Ring(r) => r.pick(hash),
+            HashLb::Maglev(m) => m.pick(hash),
+        }
+    }
+}
+
+/// What a host-set publish needs from the cluster's configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct LbSettings {
+    pub policy: LbPolicy,
+    /// `load_assignment.policy.overprovisioning_factor`, percent.
+    pub overprovisioning_factor: u32,
+    /// `common_lb_config.healthy_panic_threshold`, percent.
+    pub panic_threshold: u32,
+    /// `locality_weighted_lb_config`.
+    pub locality_weighted: bool,
+}
+
+impl Default for LbSettings {
+    fn default() -> Self {
+        LbSettings {
+            policy: LbPolicy::RoundRobin,
+            overprovisioning_factor: priority::DEFAULT_OVERPROVISIONING_FACTOR,
+            panic_threshold: priority::DEFAULT_PANIC_THRESHOLD,
+            locality_weighted: false,
+        }
+    }
 }
 
 impl HostSet {
+    /// A set with default balancing settings and no exclusions (tests).
     pub fn new(hosts: Vec<Arc<Host>>) -> Self {
-        let healthy = hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.healthy())
-            .map(|(i, _)| i)
+        HostSet::build(hosts, |_| false, &LbSettings::default())
+    }
+
+    /// Classify the hosts (healthy, degraded, unavailable: EDS health, active health checks, and `ejected`
+    /// for outlier detection), split them by priority and locality, and compute the priority loads.
+    pub fn build(hosts: Vec<Arc<Host>>, ejected: impl Fn(usize) -> bool, lb: &LbSettings) -> Self {
+        let n_levels = hosts.iter().map(|h| h.priority as usize + 1).max().unwrap_or(1);
+        let mut all = vec![Vec::new(); n_levels];
+        let mut healthy_idx = vec![Vec::new(); n_levels];
+        let mut degraded_idx = vec![Vec::new(); n_levels];
+        let mut localities: Vec<Vec<zone::ZoneHosts>> = vec![Vec::new(); n_levels];
+        let mut by_locality: Vec<Vec<Vec<usize>>> = vec![Vec::new(); n_levels];
+        let mut locality_weights: Vec<Vec<u32>> = vec![Vec::new(); n_levels];
+        let mut usable = Vec::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let p = h.priority as usize;
+            all[p].push(i);
+            let li = match localities[p].iter().position(|z| z.locality == h.locality) {
+                Some(li) => li,
+                None => {
+                    localities[p].push(zone::ZoneHosts {
+                        locality: h.locality.clone(),
+                        ..Default::default()
+                    });
+                    by_locality[p].push(Vec::new());
+                    locality_weights[p].push(h.locality_weight);
+                    localities[p].len() - 1
+                }
+            };
+            localities[p][li].hosts += 1;
+            if !h.healthy() || ejected(i) {
+                continue;
+            }
+            usable.push(i);
+            if h.health == EndpointHealth::Degraded {
+                degraded_idx[p].push(i);
+                localities[p][li].degraded += 1;
+            } else {
+                healthy_idx[p].push(i);
+                localities[p][li].healthy += 1;
+                by_locality[p][li].push(i);
+            }
+        }
+        let counts: Vec<priority::LevelCounts> = (0..n_levels)
+            .map(|p| priority::LevelCounts {
+                hosts: all[p].len() as u32,
+                healthy: healthy_idx[p].len() as u32,
+                degraded: degraded_idx[p].len() as u32,
+            })
             .collect();
-        let uniform_weight = hosts.windows(2).all(|w| w[0].weight == w[1].weight);
+        let load = priority::PriorityLoad::compute(&counts, lb.overprovisioning_factor, lb.panic_threshold);
+        let levels = (0..n_levels)
+            .map(|p| {
+                let panic = load.panic.get(p).copied().unwrap_or(false);
+                let all = Candidates::new(&hosts, std::mem::take(&mut all[p]));
+                let locality_wrr = if lb.locality_weighted {
+                    let counts: Vec<priority::LocalityCounts> = localities[p]
+                        .iter()
+                        .zip(&locality_weights[p])
+                        .map(|(z, &weight)| priority::LocalityCounts {
+                            weight,
+                            hosts: z.hosts,
+                            eligible: z.healthy,
+                        })
+                        .collect();
+                    priority::LocalityWrr::new(&counts, lb.overprovisioning_factor).map(|mut w| {
+                        w.randomize(&mut lb::Rng::from_entropy());
+                        Mutex::new(w)
+                    })
+                } else {
+                    None
+                };
+                Level {
+                    all: if panic {
+                        all.with_hash(lb.policy, &hosts)
+                    } else {
+                        all
+                    },
+                    healthy: Candidates::new(&hosts, std::mem::take(&mut healthy_idx[p]))
+                        .with_hash(lb.policy, &hosts),
+                    degraded: Candidates::new(&hosts, std::mem::take(&mut degraded_idx[p]))
+                        .with_hash(lb.policy, &hosts),
+                    localities: std::mem::take(&mut localities[p]),
+                    healthy_by_locality: std::mem::take(&mut by_locality[p])
+                        .into_iter()
+                        .map(|idx| Candidates::new(&hosts, idx))
+                        .collect(),
+                    locality_wrr,
+                }
+            })
+            .collect();
         HostSet {
             hosts,
-            healthy,
-            uniform_weight,
+            healthy: usable,
+            levels,
+            load,
+            zone: None,
         }
+    }
+
+    /// A host's index for a request: the priority by the loads (`hash`, else a random draw), then the host
+    /// among the level's healthy, degraded or, in panic, all hosts. `on_panic` counts `lb_healthy_panic`.
+    pub fn pick(
+        &self,
+        policy: LbPolicy,
+        rr: &AtomicUsize,
+        rng: &mut lb::Rng,
+        hash: Option<u64>,
+        on_panic: impl FnOnce(),
+        zone_stats: &zone::ZoneStats,
+    ) -> Option<usize> {
+        let draw = hash.unwrap_or_else(|| rng.next_u64());
+        let source = priority::host_source(&self.load, draw, false, on_panic)?;
+        let level = self.levels.get(source.priority())?;
+        let candidates = match source {
+            priority::HostSource::All { .. } => &level.all,
+            priority::HostSource::Degraded { .. } => &level.degraded,
+            priority::HostSource::Healthy { priority } => {
+                // Zone-aware routing applies to priority 0 only.
+                let zoned = match (&self.zone, priority) {
+                    (Some(z), 0) => z.pick(rng, zone_stats),
+                    _ => zone::ZonePick::AnyZone,
+                };
+                match zoned {
+                    zone::ZonePick::Zone(i) => level.healthy_by_locality.get(i)?,
+                    zone::ZonePick::Fail => return None,
+                    zone::ZonePick::AnyZone => match &level.locality_wrr {
+                        Some(wrr) => {
+                            let i = wrr.lock().map(|mut w| w.pick()).ok()?;
+                            level.healthy_by_locality.get(i)?
+                        }
+                        None => &level.healthy,
+                    },
+                }
+            }
+        };
+        lb::pick(policy, &self.hosts, candidates, rr, rng, hash)
+    }
+
+    /// Hosts that are healthy (not degraded), every priority.
+    pub fn healthy_count(&self) -> usize {
+        self.levels.iter().map(|l| l.healthy.idx.len()).sum()
+    }
+
+    /// Hosts that are degraded and otherwise available, every priority.
+    pub fn degraded_count(&self) -> usize {
+        self.levels.iter().map(|l| l.degraded.idx.len()).sum()
     }
 }
 
@@ -324,7 +613,13 @@ pub struct Cluster {
     pub breakers: breaker::CircuitBreakers,
     pub outlier: Option<outlier::Detector>,
     pub retry_stats: crate::retry::RetryStats,
+    pub health_checks: Option<active_health::HealthChecking>,
+    pub zone_stats: zone::ZoneStats,
+    /// The local cluster, for zone-aware routing (`cluster_manager.local_cluster_name`).
+    local: Option<Arc<local_cluster::LocalCluster>>,
     hosts: ArcSwap<HostSet>,
+    /// This cluster, for the tasks it spawns (health checks hold it weakly).
+    me: Weak<Cluster>,
     rr: AtomicUsize,
     pub added_via_api: bool,
     /// The DNS cache of a dynamic forward proxy cluster.
@@ -334,7 +629,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(config: ClusterConfig, scope: &Scope, added_via_api: bool) -> Arc<Cluster> {
+    pub fn new(
+        config: ClusterConfig,
+        scope: &Scope,
+        added_via_api: bool,
+        local: Option<Arc<local_cluster::LocalCluster>>,
+    ) -> Arc<Cluster> {
         let stats = ClusterStats::new(scope);
         let hosts: Vec<Arc<Host>> = config.endpoints.iter().map(Host::new).collect();
         let breakers = breaker::CircuitBreakers::new(&config.circuit_breakers, scope);
@@ -350,20 +650,40 @@ impl Cluster {
             Discovery::OriginalDst(o) => Some(original_dst::OriginalDstHosts::new(o.clone())),
             _ => None,
         };
-        let c = Cluster {
+        let health_checks = config
+            .health_check
+            .clone()
+            .map(|hc| active_health::HealthChecking::new(hc, health_check::HealthCheckStats::new(scope)));
+        let c = Arc::new_cyclic(|me| Cluster {
             config,
             stats,
             breakers,
             outlier,
             retry_stats: crate::retry::RetryStats::new(scope),
+            health_checks,
+            zone_stats: zone::ZoneStats::new(scope),
+            local,
             hosts: ArcSwap::from_pointee(HostSet::default()),
             rr: AtomicUsize::new(0),
             added_via_api,
             dfp,
             original_dst,
-        };
+            me: me.clone(),
+        });
+        if let Some(l) = &c.local {
+            l.register(Arc::downgrade(&c));
+        }
         c.set_hosts(hosts);
-        Arc::new(c)
+        c
+    }
+
+    /// Start the active health checks of every host (a no-op without `health_checks`). With `first`, each
+    /// host reports its first check on it; returns how many will.
+    pub fn start_health_checks(&self, first: Option<tokio::sync::mpsc::Sender<()>>) -> usize {
+        let Some(hc) = &self.health_checks else { return 0 };
+        let n = hc.pending();
+        hc.start(&self.me, first);
+        n
     }
 
     pub fn name(&self) -> &str {
@@ -375,6 +695,13 @@ impl Cluster {
         if let Some(d) = &self.outlier {
             d.set_hosts(&hosts);
         }
+        match &self.health_checks {
+            Some(hc) => hc.set_hosts(&self.me, &hosts),
+            // A host carried over from a health-checked version of this cluster.
+            None => hosts
+                .iter()
+                .for_each(|h| h.failed_active_hc.store(false, Relaxed)),
+        }
         self.publish(hosts);
     }
 
@@ -385,26 +712,69 @@ impl Cluster {
     }
 
     fn publish(&self, hosts: Vec<Arc<Host>>) {
-        let mut set = HostSet::new(hosts);
-        if let Some(d) = &self.outlier {
-            set.healthy.retain(|&i| !d.is_ejected(i));
+        let ejected = |i: usize| self.outlier.as_ref().is_some_and(|d| d.is_ejected(i));
+        let mut set = HostSet::build(hosts, ejected, &self.lb_settings());
+        let local = self.local.as_ref().filter(|l| l.name == self.config.name);
+        if let (Some(l), Some(p0)) = (local, set.levels.first()) {
+            l.set_hosts(p0.localities.clone(), self);
         }
+        set.zone = Some(self.zone_routing(&set));
         self.store_set(set);
+    }
+
+    /// Zone-aware routing for a new host set (`regenerateLocalityRoutingStructures`), or why there is none.
+    fn zone_routing(&self, set: &HostSet) -> zone::ZoneRouting {
+        use crate::config::lb::LocalityLb;
+        let config = match self.config.locality_lb {
+            Some(LocalityLb::ZoneAware(z)) => z,
+            Some(LocalityLb::LocalityWeighted) => {
+                return zone::ZoneRouting::inactive(
+                    zone::ZoneAwareConfig::default(),
+                    zone::Inactive::LocalityWeighted,
+                )
+            }
+            None => zone::ZoneAwareConfig::default(),
+        };
+        match self.config.lb_policy {
+            LbPolicy::RingHash(_) => {
+                return zone::ZoneRouting::inactive(config, zone::Inactive::PolicyNotZoneAware("RING_HASH"))
+            }
+            LbPolicy::Maglev { .. } => {
+                return zone::ZoneRouting::inactive(config, zone::Inactive::PolicyNotZoneAware("MAGLEV"))
+            }
+            _ => {}
+        }
+        let Some(local) = &self.local else {
+            return zone::ZoneRouting::inactive(config, zone::Inactive::NoLocalCluster);
+        };
+        let p0 = set.levels.first().map_or(&[][..], |l| &l.localities[..]);
+        let in_panic = set.load.panic.first().copied().unwrap_or(false);
+        local.routing(
+            config,
+            p0,
+            self.config.healthy_panic_threshold,
+            in_panic,
+            &self.zone_stats,
+        )
+    }
+
+    fn lb_settings(&self) -> LbSettings {
+        LbSettings {
+            policy: self.config.lb_policy,
+            overprovisioning_factor: self.config.overprovisioning_factor,
+            panic_threshold: self.config.healthy_panic_threshold,
+            locality_weighted: self.config.locality_lb
+                == Some(crate::config::lb::LocalityLb::LocalityWeighted),
+        }
     }
 
     /// Update `membership_*` and swap the set in.
     fn store_set(&self, set: HostSet) {
         let total = set.hosts.len() as i64;
-        let healthy = set.healthy.len() as i64;
-        let degraded = set
-            .hosts
-            .iter()
-            .filter(|h| h.health == EndpointHealth::Degraded)
-            .count() as i64;
         let max_weight = set.hosts.iter().map(|h| h.weight).max().unwrap_or(0);
         self.stats.membership_total.set(total);
-        self.stats.membership_healthy.set(healthy - degraded);
-        self.stats.membership_degraded.set(degraded);
+        self.stats.membership_healthy.set(set.healthy_count() as i64);
+        self.stats.membership_degraded.set(set.degraded_count() as i64);
         self.stats.membership_excluded.set(0);
         self.stats.max_host_weight.set(i64::from(max_weight));
         self.stats.membership_change.inc();
@@ -416,12 +786,22 @@ impl Cluster {
     }
 
     /// Pick a host for a request, with its index in the current set (for outlier detection), or `None` when no
-    /// host may take traffic.
-    pub fn pick(&self, rng: &mut lb::Rng) -> Option<(usize, Arc<Host>)> {
+    /// host may take traffic. `hash` is the request's hash for `RING_HASH` and `MAGLEV` (random when `None`).
+    ///
+    /// The priority comes first (by the loads latched at publish; a level in panic balances over all its
+    /// hosts and counts `lb_healthy_panic`), then the host within the level's candidates.
+    pub fn pick(&self, rng: &mut lb::Rng, hash: Option<u64>) -> Option<(usize, Arc<Host>)> {
         let set = self.hosts.load();
-        let h = lb::pick(self.config.lb_policy, &set, &self.rr, rng)?;
-        let i = set.hosts.iter().position(|x| x.id == h.id)?;
-        Some((i, h.clone()))
+        let on_panic = || self.stats.lb_healthy_panic.inc();
+        let i = set.pick(
+            self.config.lb_policy,
+            &self.rr,
+            rng,
+            hash,
+            on_panic,
+            &self.zone_stats,
+        )?;
+        Some((i, set.hosts[i].clone()))
     }
 
     /// Whether the request names the host (dynamic forward proxy, `ORIGINAL_DST`) rather than the balancer.
@@ -456,5 +836,150 @@ impl Cluster {
                 self.refresh_health();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(port: u16, priority: u32, health: EndpointHealth) -> Arc<Host> {
+        Host::new(&EndpointConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            hostname: String::new(),
+            weight: 1,
+            priority,
+            locality: Locality::default(),
+            locality_weight: 0,
+            health,
+            health_check_port: None,
+            health_check_disabled: false,
+        })
+    }
+
+    /// Requests per priority over `n` picks, and how many picks were in panic.
+    fn spread(set: &HostSet, n: usize) -> (Vec<usize>, usize) {
+        let rr = AtomicUsize::new(0);
+        let mut rng = lb::Rng::seeded(3);
+        let mut per = vec![0; set.levels.len()];
+        let mut panics = 0;
+        for _ in 0..n {
+            let i = set
+                .pick(
+                    LbPolicy::RoundRobin,
+                    &rr,
+                    &mut rng,
+                    None,
+                    || panics += 1,
+                    &zone::ZoneStats::detached(),
+                )
+                .unwrap();
+            per[set.hosts[i].priority as usize] += 1;
+        }
+        (per, panics)
+    }
+
+    #[test]
+    fn priority_spill_follows_health_with_overprovisioning() {
+        use EndpointHealth::{Healthy, Unhealthy};
+        // Envoy's priority docs: P0 at 50% healthy carries 70% (1.4 * 50), P1 the rest.
+        let set = HostSet::new(vec![
+            host(1, 0, Healthy),
+            host(2, 0, Healthy),
+            host(3, 0, Unhealthy),
+            host(4, 0, Unhealthy),
+            host(5, 1, Healthy),
+            host(6, 1, Healthy),
+        ]);
+        assert_eq!(set.load.healthy_load, [70, 30]);
+        let (per, panics) = spread(&set, 10_000);
+        assert!((6700..7300).contains(&per[0]), "{per:?}");
+        assert_eq!(panics, 0);
+        // Unhealthy hosts never take traffic outside panic.
+        assert!(set.levels[0].healthy.idx.iter().all(|&i| set.hosts[i].healthy()));
+    }
+
+    #[test]
+    fn a_level_below_the_panic_threshold_balances_over_all_hosts() {
+        use EndpointHealth::{Healthy, Unhealthy};
+        // One level, 1 of 4 healthy (25% < 50%): panic, every host takes traffic.
+        let set = HostSet::new(vec![
+            host(1, 0, Healthy),
+            host(2, 0, Unhealthy),
+            host(3, 0, Unhealthy),
+            host(4, 0, Unhealthy),
+        ]);
+        assert!(set.load.panic[0]);
+        let rr = AtomicUsize::new(0);
+        let mut rng = lb::Rng::seeded(1);
+        let mut seen = std::collections::HashSet::new();
+        let mut panics = 0;
+        for _ in 0..8 {
+            seen.insert(set.pick(
+                LbPolicy::RoundRobin,
+                &rr,
+                &mut rng,
+                None,
+                || panics += 1,
+                &zone::ZoneStats::detached(),
+            ));
+        }
+        assert_eq!(seen.len(), 4);
+        assert_eq!(panics, 8);
+    }
+
+    #[test]
+    fn locality_weights_split_a_level() {
+        let at = |port: u16, zone: &str, weight: u32| {
+            Host::new(&EndpointConfig {
+                address: SocketAddr::from(([127, 0, 0, 1], port)),
+                hostname: String::new(),
+                weight: 1,
+                priority: 0,
+                locality: Locality {
+                    zone: zone.into(),
+                    ..Default::default()
+                },
+                locality_weight: weight,
+                health: EndpointHealth::Healthy,
+                health_check_port: None,
+                health_check_disabled: false,
+            })
+        };
+        // Envoy's locality_weight.rst: weights 1 and 3, the second with twice the hosts: 25% / 75%.
+        let lb = LbSettings {
+            locality_weighted: true,
+            ..Default::default()
+        };
+        let set = HostSet::build(vec![at(1, "a", 1), at(2, "b", 3), at(3, "b", 3)], |_| false, &lb);
+        let rr = AtomicUsize::new(0);
+        let mut rng = lb::Rng::seeded(5);
+        let z = zone::ZoneStats::detached();
+        let mut in_a = 0;
+        for _ in 0..400 {
+            let i = set
+                .pick(LbPolicy::RoundRobin, &rr, &mut rng, None, || {}, &z)
+                .unwrap();
+            in_a += usize::from(set.hosts[i].locality.zone == "a");
+        }
+        // Exact over whole cycles of the schedule; its random starting point shifts one pick at most.
+        assert!((99..=101).contains(&in_a), "{in_a}");
+    }
+
+    #[test]
+    fn degraded_hosts_take_traffic_only_when_healthy_ones_fall_short() {
+        use EndpointHealth::{Degraded, Healthy};
+        let set = HostSet::new(vec![host(1, 0, Healthy), host(2, 0, Degraded)]);
+        // health 70, degraded 70, normalized 100: 70% healthy, 30% degraded.
+        assert_eq!(set.load.healthy_load, [70]);
+        assert_eq!(set.load.degraded_load, [30]);
+        // 3 of 4 healthy: 105% capped at 100, the degraded host takes nothing.
+        let all_healthy = HostSet::new(vec![
+            host(1, 0, Healthy),
+            host(2, 0, Healthy),
+            host(3, 0, Healthy),
+            host(4, 0, Degraded),
+        ]);
+        assert_eq!(all_healthy.load.healthy_load, [100]);
     }
 }

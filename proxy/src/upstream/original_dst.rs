@@ -63,6 +63,9 @@ impl OriginalDstHosts {
             priority: 0,
             locality: Default::default(),
             health: EndpointHealth::Unknown,
+            locality_weight: 1,
+            health_check_port: None,
+            health_check_disabled: false,
         });
         map.insert(addr, (h.clone(), now));
         let mut hosts = cluster.hosts().hosts.clone();

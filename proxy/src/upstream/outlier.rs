@@ -747,7 +747,10 @@ mod tests {
                     weight: 1,
                     priority: 0,
                     locality: Locality::default(),
+                    locality_weight: 0,
                     health: EndpointHealth::Unknown,
+                    health_check_port: None,
+                    health_check_disabled: false,
                 })
             })
             .collect()

@@ -856,10 +856,11 @@ fn hash_version(v: &str) -> u64 {
 fn activate(shared: &Shared, snap: &mut ClusterSnapshot, config: ClusterConfig) -> Arc<Cluster> {
     let id = shared.cluster_ids.id(&config.name);
     let scope = shared.store.scope(format!("cluster.{}.", config.stat_name));
-    let c = Cluster::new(config, &scope, true);
+    let c = Cluster::new(config, &scope, true, shared.local_cluster.clone());
     crate::server::start_outlier_sweeps(&c);
     crate::upstream::dfp::spawn(&c);
     crate::upstream::original_dst::spawn(&c);
+    c.start_health_checks(None);
     // A DNS cluster from CDS resolves from now on; nobody waits for its first answer.
     if let crate::upstream::Discovery::Dns(cfg) = &c.config.discovery {
         let (first, _) = tokio::sync::mpsc::channel(1);
@@ -880,6 +881,9 @@ pub fn reuse_hosts(current: &HostSet, endpoints: &[EndpointConfig]) -> Vec<Arc<H
                 if h.weight == e.weight.max(1)
                     && h.health == e.health
                     && h.locality == e.locality
+                    && h.locality_weight == e.locality_weight
+                    && h.health_check_address.port() == e.health_check_port.unwrap_or(e.address.port())
+                    && h.health_check_disabled == e.health_check_disabled
                     && h.priority == e.priority
                     && h.hostname == e.hostname =>
             {

@@ -1,0 +1,186 @@
+//! Running a cluster's active health checks: one [`health_check::run`] task per host, started with the server
+//! (or when CDS adds the cluster) and kept in step with the membership.
+//!
+//! As in Envoy (`BaseDynamicClusterImpl::updateDynamicHostList`), a host that joins a health-checked cluster
+//! starts with `FAILED_ACTIVE_HC` set and takes no traffic until its first check passes; a host that leaves has
+//! its task aborted. A transition flips the host's flag and republishes the host set, so the hot path only
+//! reads `HostSet::healthy`.
+
+use super::health_check::{self, CheckResult, Checker, HealthCheckConfig, HealthCheckStats, Target};
+use super::lb::Rng;
+use super::{Cluster, Host};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, Weak};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+/// A cluster's health checker: its config, `health_check.*` stats and a task per host.
+#[derive(Debug)]
+pub struct HealthChecking {
+    pub config: Arc<HealthCheckConfig>,
+    pub stats: HealthCheckStats,
+    state: Mutex<Tasks>,
+}
+
+#[derive(Debug, Default)]
+struct Tasks {
+    /// Set once the server (or CDS) starts the checker: hosts seen before then wait for it.
+    started: bool,
+    /// Reports each host's first check while the server starts.
+    first: Option<mpsc::Sender<()>>,
+    /// Host id to its host and task (`None` until started).
+    hosts: HashMap<u64, (Arc<Host>, Option<AbortHandle>)>,
+}
+
+impl HealthChecking {
+    pub fn new(config: Arc<HealthCheckConfig>, stats: HealthCheckStats) -> Self {
+        HealthChecking {
+            config,
+            stats,
+            state: Mutex::new(Tasks::default()),
+        }
+    }
+
+    /// Track the new membership before it is published: hosts that joined start failed, hosts that left lose
+    /// their task (and their contribution to `health_check.healthy`).
+    pub(super) fn set_hosts(&self, cluster: &Weak<Cluster>, hosts: &[Arc<Host>]) {
+        let Ok(mut st) = self.state.lock() else { return };
+        let keep: std::collections::HashSet<u64> = hosts.iter().map(|h| h.id).collect();
+        st.hosts.retain(|id, (h, task)| {
+            if keep.contains(id) {
+                return true;
+            }
+            if let Some(t) = task.take() {
+                t.abort();
+            }
+            if !h.failed_active_hc.load(Relaxed) {
+                self.stats.healthy.dec();
+            }
+            false
+        });
+        for h in hosts.iter().filter(|h| !h.health_check_disabled) {
+            st.hosts.entry(h.id).or_insert_with(|| {
+                h.failed_active_hc.store(true, Relaxed);
+                (h.clone(), None)
+            });
+        }
+        if st.started {
+            self.spawn_pending(&mut st, cluster);
+        }
+    }
+
+    /// Start checking every host; with `first`, each host's task sends on it once its first check is done.
+    pub(super) fn start(&self, cluster: &Weak<Cluster>, first: Option<mpsc::Sender<()>>) {
+        let Ok(mut st) = self.state.lock() else { return };
+        st.started = true;
+        st.first = first;
+        self.spawn_pending(&mut st, cluster);
+        st.first = None;
+    }
+
+    /// Hosts that have no task yet.
+    pub fn pending(&self) -> usize {
+        self.state
+            .lock()
+            .map(|st| st.hosts.values().filter(|(_, t)| t.is_none()).count())
+            .unwrap_or(0)
+    }
+
+    fn spawn_pending(&self, st: &mut Tasks, cluster: &Weak<Cluster>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let first = st.first.clone();
+        for (host, task) in st.hosts.values_mut() {
+            if task.is_some() {
+                continue;
+            }
+            let fut = check_host(
+                self.config.clone(),
+                self.stats.clone(),
+                host.clone(),
+                cluster.clone(),
+                first.clone(),
+            );
+            *task = Some(rt.spawn(fut).abort_handle());
+        }
+    }
+}
+
+impl Drop for HealthChecking {
+    fn drop(&mut self) {
+        if let Ok(st) = self.state.get_mut() {
+            for (_, task) in st.hosts.values() {
+                if let Some(t) = task {
+                    t.abort();
+                }
+            }
+        }
+    }
+}
+
+/// A check that reports the end of its first run (for the server's start-up wait).
+struct ReportFirst {
+    inner: Checker,
+    first: Option<mpsc::Sender<()>>,
+}
+
+impl health_check::Check for ReportFirst {
+    async fn run(&mut self, cfg: &HealthCheckConfig, stats: &HealthCheckStats) -> CheckResult {
+        let r = self.inner.check(cfg, stats).await;
+        if let Some(tx) = self.first.take() {
+            let _ = tx.send(()).await;
+        }
+        r
+    }
+}
+
+async fn check_host(
+    cfg: Arc<HealthCheckConfig>,
+    stats: HealthCheckStats,
+    host: Arc<Host>,
+    cluster: Weak<Cluster>,
+    first: Option<mpsc::Sender<()>>,
+) {
+    let Some(name) = cluster.upgrade().map(|c| c.config.name.clone()) else {
+        return;
+    };
+    let checker = ReportFirst {
+        inner: Checker::new(host.health_check_address, name.clone()),
+        first,
+    };
+    let had_traffic = {
+        let cluster = cluster.clone();
+        move || {
+            cluster
+                .upgrade()
+                .is_some_and(|c| c.stats.upstream_cx_total.value() > 0)
+        }
+    };
+    let on_change = |healthy: bool| {
+        host.failed_active_hc.store(!healthy, Relaxed);
+        if let Some(c) = cluster.upgrade() {
+            if healthy {
+                tracing::info!(cluster = %name, host = %host.address, "health check: host healthy");
+            } else {
+                tracing::info!(cluster = %name, host = %host.address, "health check: host failed");
+            }
+            c.refresh_health();
+        }
+    };
+    let target = Target {
+        cluster: &name,
+        address: host.address,
+    };
+    health_check::run(
+        &cfg,
+        target,
+        checker,
+        &stats,
+        Rng::from_entropy(),
+        had_traffic,
+        on_change,
+    )
+    .await;
+}

@@ -1,0 +1,210 @@
+//! Active health checks (cluster `health_checks`): a host whose checks fail leaves balancing and comes back when
+//! they pass again.
+
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+
+use http::StatusCode;
+use serde_json::json;
+
+use crate::harness::{echo_response, reply, Upstream, DEFAULT_TIMEOUT};
+use crate::support::{bootstrap, cluster, routes, to_cluster, Proxy};
+
+/// An upstream whose `/health` answers 503 while `failing` is set, and echoes everything else.
+async fn switchable(name: &'static str) -> (Upstream, Arc<AtomicBool>) {
+    let up = Upstream::start(name).await;
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    up.set_handler(move |req| {
+        let f = f.clone();
+        async move {
+            if req.uri().path() == "/health" {
+                if f.load(SeqCst) {
+                    return reply(503, "down");
+                }
+                return reply(200, "ok");
+            }
+            echo_response(req, name).await
+        }
+    });
+    (up, failing)
+}
+
+#[tokio::test]
+async fn failing_host_leaves_balancing_and_returns() {
+    let (a, _) = switchable("a").await;
+    let (b, b_failing) = switchable("b").await;
+    let mut c = cluster("pair", &[a.addr(), b.addr()]);
+    c["health_checks"] = json!([{
+        "timeout": "1s",
+        "interval": "0.05s",
+        "no_traffic_interval": "0.05s",
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 2,
+        "http_health_check": {"path": "/health"},
+    }]);
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "pair")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    // The server waits for the first round of checks before it is ready.
+    assert_eq!(r.stat("cluster.pair.health_check.healthy").await, 2);
+    assert_eq!(r.stat("cluster.pair.membership_healthy").await, 2);
+
+    b_failing.store(true, SeqCst);
+    // A status outside expected_statuses ejects at once.
+    r.wait_stat("cluster.pair.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(r.stat("cluster.pair.health_check.healthy").await, 1);
+    assert!(r.stat("cluster.pair.health_check.failure").await >= 1);
+    let (_, clusters) = r.admin_get("/clusters").await;
+    let b_flags = format!("pair::{}::health_flags::/failed_active_hc", b.addr());
+    assert!(clusters.contains(&b_flags), "{clusters}");
+    let before = b.requests();
+    let client = proxy.h1();
+    for _ in 0..20 {
+        let resp = client.get("/", &[]).await;
+        assert_eq!(resp.status, StatusCode::OK);
+        assert_eq!(resp.header("x-upstream"), Some("a"));
+    }
+    // Only health checks reached b.
+    assert!(b.requests() >= before);
+
+    b_failing.store(false, SeqCst);
+    // healthy_threshold (2) successes in a row bring it back.
+    r.wait_stat("cluster.pair.membership_healthy", |v| v == 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(r.stat("cluster.pair.health_check.healthy").await, 2);
+    let mut seen_b = false;
+    for _ in 0..10 {
+        seen_b |= client.get("/", &[]).await.header("x-upstream") == Some("b");
+    }
+    assert!(seen_b, "b did not take traffic again");
+    let (_, clusters) = r.admin_get("/clusters").await;
+    assert!(!clusters.contains("/failed_active_hc"), "{clusters}");
+}
+
+/// Remora's `envoy.filters.http.health_check` answers checks of it; `/healthcheck/fail` makes another proxy's
+/// check of it fail, and `/healthcheck/ok` brings it back.
+#[tokio::test]
+async fn healthcheck_fail_fails_other_proxies_checks() {
+    let origin = Upstream::start("origin").await;
+    let filters = json!({"http_filters": [
+        {"name": "envoy.filters.http.health_check", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": false,
+            "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
+        }},
+        {"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+    ]});
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "origin")]);
+    let checked = Proxy::start(
+        &bootstrap(table, vec![cluster("origin", &[origin.addr()])], filters),
+        &[],
+    )
+    .await;
+    let client = checked.h1();
+    let ok = client.get("/healthz", &[]).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(origin.requests(), 0, "a health check reached the origin");
+    assert_eq!(client.get("/other", &[]).await.status, StatusCode::OK);
+
+    // A second proxy health-checks the first.
+    let mut c = cluster("front", &[checked.addr]);
+    // Without this, a one-host cluster whose host fails is in panic and still sends it traffic (as Envoy).
+    c["common_lb_config"] = json!({"healthy_panic_threshold": {"value": 0}});
+    c["health_checks"] = json!([{
+        "timeout": "1s",
+        "interval": "0.05s",
+        "no_traffic_interval": "0.05s",
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "http_health_check": {"path": "/healthz"},
+    }]);
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "front")]);
+    let checker = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &checker.remora;
+    assert_eq!(r.stat("cluster.front.membership_healthy").await, 1);
+
+    checked.remora.admin_post("/healthcheck/fail").await;
+    let failed = client.get("/healthz", &[]).await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(failed.header("x-envoy-immediate-health-check-fail"), Some("true"));
+    // Proxied responses say so too, for a downstream Envoy.
+    let proxied = client.get("/other", &[]).await;
+    assert_eq!(proxied.status, StatusCode::OK);
+    assert_eq!(
+        proxied.header("x-envoy-immediate-health-check-fail"),
+        Some("true")
+    );
+    r.wait_stat("cluster.front.membership_healthy", |v| v == 0, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(
+        checker.h1().get("/", &[]).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    checked.remora.admin_post("/healthcheck/ok").await;
+    r.wait_stat("cluster.front.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(checker.h1().get("/", &[]).await.status, StatusCode::OK);
+}
+
+/// Priorities with active health checks: while priority 0's only host fails its checks (made on the port
+/// `health_check_config.port_value` names), priority 1 takes the traffic; it comes back when they pass.
+#[tokio::test]
+async fn failover_to_priority_1_follows_health_checks_on_the_health_check_port() {
+    let primary = Upstream::start("primary").await;
+    let (health, failing) = switchable("health").await;
+    let backup = Upstream::start("backup").await;
+    let ep = |addr: std::net::SocketAddr, hc_port: Option<u16>| {
+        let mut e = json!({"address": {"socket_address": {
+            "address": addr.ip().to_string(), "port_value": addr.port()}}});
+        if let Some(p) = hc_port {
+            e["health_check_config"] = json!({"port_value": p});
+        }
+        json!({"endpoint": e})
+    };
+    let c = json!({
+        "name": "tiered",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "tiered", "endpoints": [
+            {"priority": 0, "lb_endpoints": [ep(primary.addr(), Some(health.port()))]},
+            {"priority": 1, "lb_endpoints": [ep(backup.addr(), Some(backup.port()))]},
+        ]},
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": "0.05s",
+            "no_traffic_interval": "0.05s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/health"},
+        }],
+    });
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "tiered")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    let client = proxy.h1();
+    let upstream_of =
+        |reply: crate::harness::Reply| reply.header("x-upstream").unwrap_or_default().to_owned();
+    for _ in 0..5 {
+        assert_eq!(upstream_of(client.get("/", &[]).await), "primary");
+    }
+    // Checks of the primary go to the health port, not to the primary itself.
+    assert_eq!(primary.requests(), 5);
+
+    failing.store(true, SeqCst);
+    r.wait_stat("cluster.tiered.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    for _ in 0..5 {
+        assert_eq!(upstream_of(client.get("/", &[]).await), "backup");
+    }
+
+    failing.store(false, SeqCst);
+    r.wait_stat("cluster.tiered.membership_healthy", |v| v == 2, DEFAULT_TIMEOUT)
+        .await;
+    for _ in 0..5 {
+        assert_eq!(upstream_of(client.get("/", &[]).await), "primary");
+    }
+}
