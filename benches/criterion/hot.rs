@@ -21,7 +21,7 @@ use remora::config::{bootstrap, descriptors, route};
 use remora::route::RouteTable;
 use remora::server::ClusterIds;
 use remora::stats::Store;
-use remora::upstream::lb::{self, Rng};
+use remora::upstream::lb::Rng;
 use remora::upstream::{EndpointConfig, EndpointHealth, Host, HostSet, LbPolicy, Locality};
 
 const ROUTES: usize = 1_000;
@@ -144,6 +144,9 @@ fn hosts(n: usize) -> HostSet {
                     priority: 0,
                     locality: Locality::default(),
                     health: EndpointHealth::Unknown,
+                    locality_weight: 1,
+                    health_check_port: None,
+                    health_check_disabled: false,
                 })
             })
             .collect::<Vec<Arc<Host>>>(),
@@ -154,6 +157,7 @@ fn lb_pick(c: &mut Criterion) {
     let set = hosts(10);
     let rr = AtomicUsize::new(0);
     let mut rng = Rng::seeded(7);
+    let zone_stats = remora::upstream::zone::ZoneStats::detached();
     let mut g = c.benchmark_group("lb_pick_10_hosts");
     for (name, policy) in [
         ("round_robin", LbPolicy::RoundRobin),
@@ -161,7 +165,7 @@ fn lb_pick(c: &mut Criterion) {
         ("random", LbPolicy::Random),
     ] {
         g.bench_function(name, |b| {
-            b.iter(|| lb::pick(black_box(policy), &set, &rr, &mut rng).map(|h| h.id))
+            b.iter(|| set.pick(black_box(policy), &rr, &mut rng, None, || {}, &zone_stats))
         });
     }
     g.finish();
