@@ -11,6 +11,7 @@ mod harness_selftest;
 mod headers;
 mod health_check;
 mod lifecycle;
+mod load_shedding;
 mod local_replies;
 mod observability;
 mod passthrough;
