@@ -11,7 +11,9 @@
 //! completes (up to the deadline; later is a timeout error). Latency is corrected for coordinated omission:
 //! when the slot was still busy with the previous request at the intended time, latency runs from the intended
 //! time, so a stall is charged to every request it delayed. When the slot was idle, latency runs from the
-//! actual send: the difference is the generator's timer (tokio's wheel has 1 ms granularity), not the server.
+//! actual send: the difference is the generator's own wake-up delay, not the server's. A pacing thread
+//! (`pace`) wakes slots at their intended times to within microseconds; tokio's timer alone would release
+//! them in 1 ms bursts.
 //!
 //! Timeline: `start` (connections open, warm-up) → `measure_start` → `measure_end` (no new requests) →
 //! `deadline` (in-flight requests abandoned). Every await is bounded by the deadline.
@@ -20,6 +22,7 @@ use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -32,6 +35,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::task::LocalSet;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
@@ -251,18 +255,34 @@ pub fn run(cfg: &LoadConfig, mut on_phase: impl FnMut(Phase)) -> Result<Report> 
         deadline: measure_end + GRACE,
     };
     let tmpl = Template::new(cfg)?;
+    let wakes: Arc<Vec<Arc<Notify>>> = Arc::new(match cfg.rate {
+        Some(_) => (0..cfg.slots()).map(|_| Arc::new(Notify::new())).collect(),
+        None => Vec::new(),
+    });
+    let pacing = match cfg.rate {
+        Some(rate) => {
+            let wakes = wakes.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("pacer".into())
+                    .spawn(move || pace(&wakes, sched, rate))?,
+            )
+        }
+        None => None,
+    };
 
     let mut shards = Vec::new();
     for shard in 0..cfg.threads {
         let cfg = cfg.clone();
         let tmpl = tmpl.clone();
+        let wakes = wakes.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         shards.push(
             std::thread::Builder::new()
                 .name(format!("load-{shard}"))
-                .spawn(move || LocalSet::new().block_on(&rt, run_shard(cfg, tmpl, sched, shard)))?,
+                .spawn(move || LocalSet::new().block_on(&rt, run_shard(cfg, tmpl, sched, shard, wakes)))?,
         );
     }
     std::thread::sleep(measure_start.saturating_duration_since(Instant::now()));
@@ -275,13 +295,47 @@ pub fn run(cfg: &LoadConfig, mut on_phase: impl FnMut(Phase)) -> Result<Report> 
         let t = s.join().map_err(|_| "a load thread panicked")?;
         tally.merge(&t);
     }
+    if let Some(p) = pacing {
+        p.join().map_err(|_| "the pacing thread panicked")?;
+    }
     Ok(Report {
         config: cfg.clone(),
         tally,
     })
 }
 
-async fn run_shard(cfg: LoadConfig, tmpl: Template, sched: Schedule, shard: usize) -> Tally {
+/// The open loop's clock: request `n` is due at `start + n/rate` on slot `n % slots`. A thread sleeping with
+/// a 1 µs timer slack wakes each slot on time, where tokio's timer wheel would release them in 1 ms bursts
+/// (at 20k req/s, bursts of 20 that queue behind each other and inflate every latency).
+fn pace(wakes: &[Arc<Notify>], sched: Schedule, rate: f64) {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes the calling thread's timer slack.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+    if wakes.is_empty() {
+        return;
+    }
+    for n in 0u64.. {
+        let due = sched.start + Duration::from_secs_f64(n as f64 / rate);
+        if due >= sched.measure_end {
+            break;
+        }
+        let wait = due.saturating_duration_since(Instant::now());
+        // Sleeping costs a context switch: release requests due within a few microseconds together.
+        if wait > Duration::from_micros(5) {
+            std::thread::sleep(wait);
+        }
+        wakes[(n % wakes.len() as u64) as usize].notify_one();
+    }
+}
+
+async fn run_shard(
+    cfg: LoadConfig,
+    tmpl: Template,
+    sched: Schedule,
+    shard: usize,
+    wakes: Arc<Vec<Arc<Notify>>>,
+) -> Tally {
     let slots = cfg.slots();
     let mut tasks = Vec::new();
     for conn in (shard..cfg.connections).step_by(cfg.threads) {
@@ -292,6 +346,7 @@ async fn run_shard(cfg: LoadConfig, tmpl: Template, sched: Schedule, shard: usiz
                     Pacer {
                         next: sched.start + Duration::from_secs_f64(k as f64 / rate),
                         interval: Duration::from_secs_f64(slots as f64 / rate),
+                        wake: wakes[k].clone(),
                     }
                 })
             })
@@ -394,10 +449,12 @@ impl Template {
 }
 
 /// An open-loop slot's schedule.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Pacer {
     next: Instant,
     interval: Duration,
+    /// Notified by the pacing thread at this slot's intended send times.
+    wake: Arc<Notify>,
 }
 
 enum Sender {
@@ -561,7 +618,13 @@ async fn slot(
                     return;
                 }
                 let busy = st.prev_done > p.next;
-                sleep_until(p.next).await;
+                while Instant::now() < p.next {
+                    // The pacing thread wakes the slot on time; tokio's own timer (1 ms ticks) is the fallback.
+                    tokio::select! {
+                        _ = p.wake.notified() => {}
+                        _ = sleep_until(p.next + Duration::from_millis(2)) => {}
+                    }
+                }
                 let intended = p.next;
                 p.next += p.interval;
                 let sent = Instant::now();
