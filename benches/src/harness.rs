@@ -427,6 +427,7 @@ async fn run(opts: Options) -> Result<()> {
     };
 
     let raw = ctx.opts.out_dir.join("raw");
+    clear_previous(&ctx.opts.out_dir)?;
     std::fs::create_dir_all(&raw)?;
     let mut results = Vec::new();
     for w in &ctx.opts.workloads {
@@ -442,6 +443,29 @@ async fn run(opts: Options) -> Result<()> {
     let table = report::write(&ctx.opts.out_dir, &env, &results, ctx.ticks)?;
     outln!("{table}")?;
     eprintln!("results written to {}", ctx.opts.out_dir.display());
+    Ok(())
+}
+
+/// Removes what an earlier run into the same directory wrote (only the harness's own files), so that no
+/// stale chart or config is left beside the new results.
+fn clear_previous(out: &Path) -> Result<()> {
+    for dir in ["raw", "configs"] {
+        match std::fs::remove_dir_all(out.join(dir)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = ["results.md", "summary.json", "throughput.svg", "rps.svg"].contains(&name.as_str())
+            || (name.starts_with("latency-") && name.ends_with(".svg"));
+        if ours {
+            std::fs::remove_file(e.path())?;
+        }
+    }
     Ok(())
 }
 

@@ -256,9 +256,7 @@ fn workload_section(md: &mut String, wr: &WorkloadRuns, sums: &[ArmSummary], rep
             load,
             s.errors
         );
-        if s.name != "direct"
-            && s.gen_core.is_some_and(|g| g > 0.95)
-            && s.proxy_core.is_some_and(|p| p < 0.95)
+        if s.name != "direct" && s.gen_core.is_some_and(|g| g > 0.9) && s.proxy_core.is_some_and(|p| p < 0.95)
         {
             notes.push(format!(
                 "**{}**: the generator's core was {:.0}% busy and the proxy's only {:.0}%: its req/s is bounded by the \

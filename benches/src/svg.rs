@@ -84,7 +84,8 @@ pub fn bar_chart(title: &str, y_label: &str, groups: &[(String, Vec<Bar>)]) -> S
         .iter()
         .flat_map(|(_, b)| b.iter().map(|b| b.max.max(b.value)))
         .fold(0.0, f64::max);
-    let (ymax, step) = nice_axis(top_value);
+    // Headroom for the value labels above the tallest bar.
+    let (ymax, step) = nice_axis(top_value * 1.15);
     let y = |v: f64| top + ph - (v / ymax) * ph;
     let mut s = String::new();
     let _ = writeln!(
@@ -140,13 +141,21 @@ pub fn bar_chart(title: &str, y_label: &str, groups: &[(String, Vec<Bar>)]) -> S
                 short_number(b.min),
                 short_number(b.max)
             );
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#,
-                x + bw * 0.45,
-                y(b.max.max(b.value)) - 4.0,
-                short_number(b.value)
-            );
+            // The value above the whisker; turned upright when the bar is too narrow for it.
+            let (lx, ly) = (x + bw * 0.45, y(b.max.max(b.value)) - 4.0);
+            let label = short_number(b.value);
+            if bw * 0.9 >= 7.0 * label.len() as f64 {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{lx:.1}" y="{ly:.1}" text-anchor="middle" font-size="10">{label}</text>"#
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    r#"<text transform="translate({:.1},{ly:.1}) rotate(-90)" font-size="10">{label}</text>"#,
+                    lx + 3.5
+                );
+            }
             let cx = x + bw * 0.45;
             let _ = writeln!(
                 s,
@@ -228,7 +237,8 @@ pub fn cdf_chart(title: &str, lines: &[Line]) -> String {
     let (left, right, top, bottom) = (80.0, 40.0, 40.0, 90.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let all = lines.iter().flat_map(|l| l.points.iter());
-    let xmax = all.clone().map(|p| nines(p.0)).fold(1.0, f64::max).ceil();
+    // (Less a hair, so that 99.999% computed in floating point is 5 nines, not a sixth.)
+    let xmax = (all.clone().map(|p| nines(p.0)).fold(1.0, f64::max) - 1e-6).ceil();
     let vmin = all
         .clone()
         .map(|p| p.1)
