@@ -208,7 +208,11 @@ impl Shared {
         if self.state.load(SeqCst) == State::Draining as u8 {
             return;
         }
-        let addr = bound.socket.local_addr().unwrap_or(bound.config.address);
+        let addr = bound
+            .socket
+            .as_ref()
+            .and_then(|s| s.local_addr().ok())
+            .unwrap_or(bound.config.address);
         {
             let mut addrs = self.listener_addrs.lock().unwrap_or_else(|e| e.into_inner());
             addrs.retain(|(n, _)| *n != bound.config.name);
@@ -239,6 +243,21 @@ impl Shared {
             *set = Arc::new(set.iter().filter(|b| !Arc::ptr_eq(b, bound)).cloned().collect());
         });
         bound.drain();
+    }
+
+    /// The listener a connection redirected to `dst` is handed off to (`use_original_dst`): the one bound to
+    /// exactly that address, else one on the same port of the unspecified address, as Envoy looks them up.
+    pub fn listener_for(&self, dst: SocketAddr) -> Option<Arc<Bound>> {
+        let set = self.listeners.borrow();
+        set.iter()
+            .find(|b| b.config.address == dst)
+            .or_else(|| {
+                set.iter().find(|b| {
+                    let a = b.config.address;
+                    a.ip().is_unspecified() && a.port() == dst.port() && a.is_ipv4() == dst.is_ipv4()
+                })
+            })
+            .cloned()
     }
 
     /// The current listener set, to serve.
@@ -329,7 +348,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     // Bind every listener first: a failure stops start-up with its address.
     let mut bound = Vec::new();
     for l in &shared.bootstrap.listeners {
-        match listener::bind(l.address) {
+        match listener::bind_config(l) {
             Ok(socket) => {
                 let stats = Arc::new(ListenerStats::new(&store.scope(l.stat_scope.clone())));
                 bound.push(Bound::new(l.clone(), socket, stats));
@@ -352,7 +371,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
 
     // Listeners whose routes come from RDS wait for them; the others serve now.
     for b in bound {
-        if b.config.hcm().is_some_and(|h| h.rds_name.is_some()) {
+        if b.config.hcms().any(|h| h.rds_name.is_some()) {
             shared.dynamic.hold_static_listener(&shared, b);
         } else {
             shared.add_listener(b, None);

@@ -550,7 +550,28 @@ async fn tcp_proxy_weighted_clusters_idle_timeout_and_missing_cluster() {
 /// privileges or the tools.
 #[test]
 fn iptables_redirect_reaches_the_original_destination() {
-    let run = std::thread::spawn(|| {
+    in_new_netns("iptables_redirect_reaches_the_original_destination", redirected_request);
+}
+
+/// Istio's outbound shape: a `use_original_dst` listener takes every redirected connection and hands it off to
+/// the listener of its original destination (`bind_to_port: false`, an HTTP connection manager with its own
+/// cluster); destinations no listener declares go through the listener's passthrough `default_filter_chain`
+/// (a TCP proxy to an `ORIGINAL_DST` cluster).
+#[test]
+fn iptables_redirect_hands_off_to_the_listener_of_the_original_destination() {
+    in_new_netns(
+        "iptables_redirect_hands_off_to_the_listener_of_the_original_destination",
+        handed_off_requests,
+    );
+}
+
+/// Runs `scenario` on a thread in a new network namespace with loopback up and iptables usable; skipped,
+/// saying why, without the privileges or the tools.
+fn in_new_netns<F>(name: &str, scenario: fn(&'static dyn Fn(&str) -> Result<(), String>) -> F)
+where
+    F: std::future::Future<Output = Result<(), String>> + 'static,
+{
+    let run = std::thread::spawn(move || {
         // SAFETY: unshare only changes this thread's namespaces.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(format!(
@@ -558,7 +579,7 @@ fn iptables_redirect_reaches_the_original_destination() {
                 std::io::Error::last_os_error()
             ));
         }
-        let sh = |cmd: &str| -> Result<(), String> {
+        let sh: &'static dyn Fn(&str) -> Result<(), String> = &|cmd: &str| {
             let out = std::process::Command::new("sh")
                 .args(["-c", cmd])
                 .output()
@@ -575,16 +596,94 @@ fn iptables_redirect_reaches_the_original_destination() {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        rt.block_on(redirected_request(&sh)).map(|_| ())
+        rt.block_on(scenario(sh))
     });
     match run.join() {
         Ok(Ok(())) => {}
-        Ok(Err(why)) => eprintln!("SKIPPED iptables_redirect_reaches_the_original_destination: {why}"),
+        Ok(Err(why)) => eprintln!("SKIPPED {name}: {why}"),
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
-async fn redirected_request(sh: &dyn Fn(&str) -> Result<(), String>) -> Result<(), String> {
+async fn handed_off_requests(sh: &'static dyn Fn(&str) -> Result<(), String>) -> Result<(), String> {
+    let bind = |ip: [u8; 4]| crate::harness::UpstreamOptions {
+        bind: Some(SocketAddr::from((ip, 0))),
+        ..Default::default()
+    };
+    let declared = Upstream::with_options("declared", bind([127, 0, 0, 5])).await;
+    let undeclared = Upstream::with_options("undeclared", bind([127, 0, 0, 6])).await;
+    let hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "outbound_declared",
+        "route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "declared")]),
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+    });
+    let config = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": crate::support::LISTENER,
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "use_original_dst": true,
+                    "listener_filters": [{
+                        "name": "envoy.filters.listener.original_dst",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"},
+                    }],
+                    "filter_chains": [],
+                    "default_filter_chain": tcp_chain("PassthroughCluster", "passthrough", Value::Null),
+                },
+                {
+                    "name": "declared",
+                    "address": {"socket_address": {"address": "127.0.0.5", "port_value": declared.port()}},
+                    "bind_to_port": false,
+                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+                },
+            ],
+            "clusters": [
+                crate::support::cluster("declared", &[declared.addr()]),
+                {"name": "passthrough", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"},
+            ],
+        },
+    });
+    let proxy = Proxy::start(&config, &[]).await;
+    sh(&format!(
+        "iptables -t nat -A OUTPUT -p tcp -s 127.0.0.7 -j REDIRECT --to-ports {}",
+        proxy.addr.port()
+    ))?;
+    let get = |to: SocketAddr, path: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 7], 0)))
+            .map_err(|e| e.to_string())?;
+        let mut s = socket.connect(to).await.map_err(|e| e.to_string())?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        crate::harness::within(crate::harness::DEFAULT_TIMEOUT, "a response", s.read_to_end(&mut response))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(String::from_utf8_lossy(&response).to_ascii_lowercase())
+    };
+    // The declared destination: handed off to its listener, routed by its connection manager.
+    let text = get(declared.addr(), "/declared").await?;
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("x-envoy-upstream-service-time"), "not through the HCM: {text}");
+    assert!(text.contains("\"path\":\"/declared\""), "{text}");
+    assert_eq!(proxy.stat("cluster.declared.upstream_rq_200").await, 1);
+    assert_eq!(proxy.stat("http.outbound_declared.downstream_rq_total").await, 1);
+    // Anything else: the passthrough chain copies bytes to the original destination, untouched.
+    let text = get(undeclared.addr(), "/undeclared").await?;
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(!text.contains("x-envoy-upstream-service-time"), "{text}");
+    assert!(text.contains("\"upstream_name\":\"undeclared\""), "{text}");
+    assert_eq!(proxy.stat("tcp.PassthroughCluster.downstream_cx_total").await, 1);
+    assert_eq!(proxy.stat("cluster.declared.upstream_rq_total").await, 1);
+    Ok(())
+}
+
+async fn redirected_request(sh: &'static dyn Fn(&str) -> Result<(), String>) -> Result<(), String> {
     let origin = Upstream::with_options(
         "original",
         crate::harness::UpstreamOptions {
@@ -773,5 +872,144 @@ async fn the_sidecar_example_sends_declared_hosts_to_their_cluster_and_passes_th
         stats.get("cluster.local_app.upstream_rq_200"),
         Some(&1),
         "{stats:?}"
+    );
+}
+
+fn tcp_chain(name: &str, cluster: &str, filter_chain_match: Value) -> Value {
+    let mut c = json!({"name": name, "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": name, "cluster": cluster,
+    }}]});
+    if !filter_chain_match.is_null() {
+        c["filter_chain_match"] = filter_chain_match;
+    }
+    c
+}
+
+/// Connects from `from` to `to`, sends one chunk, and returns what came back ("" when the proxy closed).
+async fn chunk_from(from: [u8; 4], to: SocketAddr) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let mut s = socket.connect(to).await.unwrap_or_else(|e| panic!("connect {to}: {e}"));
+    let _ = s.write_all(b"x").await;
+    let mut buf = [0u8; 256];
+    match crate::harness::within(crate::harness::DEFAULT_TIMEOUT, "a chunk back", s.read(&mut buf)).await {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+/// One port, several filter chains: each connection gets the chain that matches it most specifically
+/// (destination address, then source), the default chain takes the rest, and without a default an unmatched
+/// connection is closed and counted.
+#[tokio::test]
+async fn filter_chain_match_picks_the_most_specific_chain_per_connection() {
+    let (dst, src, wide, fallback) = (
+        tcp_origin("dst").await,
+        tcp_origin("src").await,
+        tcp_origin("wide").await,
+        tcp_origin("default").await,
+    );
+    let listener = |default: bool| {
+        let mut l = json!({
+            "name": crate::support::LISTENER,
+            "stat_prefix": "chains",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 0}},
+            "filter_chains": [
+                tcp_chain("to-3", "dst", json!({"prefix_ranges": [{"address_prefix": "127.0.0.3", "prefix_len": 32}]})),
+                tcp_chain("from-5", "src", json!({"source_prefix_ranges": [{"address_prefix": "127.0.0.5", "prefix_len": 32}]})),
+                tcp_chain("loopback", "wide", json!({"prefix_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}], "source_ports": []})),
+            ],
+        });
+        if default {
+            l["default_filter_chain"] = tcp_chain("fallback", "default", Value::Null);
+        }
+        l
+    };
+    let clusters = vec![
+        crate::support::cluster("dst", &[dst]),
+        crate::support::cluster("src", &[src]),
+        crate::support::cluster("wide", &[wide]),
+        crate::support::cluster("default", &[fallback]),
+    ];
+    let config = |default: bool| {
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {"listeners": [listener(default)], "clusters": clusters.clone()},
+        })
+    };
+    let proxy = Proxy::start(&config(false), &[]).await;
+    let port = proxy.addr.port();
+    let at = |ip: [u8; 4]| SocketAddr::from((ip, port));
+    // The destination decides first: 127.0.0.3/32 beats 127.0.0.0/8, whoever connects.
+    assert_eq!(chunk_from([127, 0, 0, 5], at([127, 0, 0, 3])).await, "dst:x");
+    // 127.0.0.9 only matches the /8 chain (the from-5 chain has no destination range, ranked below it).
+    assert_eq!(chunk_from([127, 0, 0, 5], at([127, 0, 0, 9])).await, "wide:x");
+    assert_eq!(chunk_from([127, 0, 0, 1], at([127, 0, 0, 9])).await, "wide:x");
+    assert_eq!(proxy.stat("tcp.to-3.downstream_cx_total").await, 1);
+    assert_eq!(proxy.stat("tcp.loopback.downstream_cx_total").await, 2);
+    assert_eq!(proxy.stat("listener.chains.no_filter_chain_match").await, 0);
+    drop(proxy);
+
+    // Only the from-5 chain has no destination range; an address outside 127/8 reaches it (and the default
+    // chain when the source is not 127.0.0.5). Loopback is all this test has, so the listener's own
+    // 127.0.0.0/8 chain is dropped here to let the source decide.
+    let mut cfg = config(true);
+    cfg["static_resources"]["listeners"][0]["filter_chains"]
+        .as_array_mut()
+        .unwrap()
+        .truncate(2);
+    let proxy = Proxy::start(&cfg, &[]).await;
+    let at = |ip: [u8; 4]| SocketAddr::from((ip, proxy.addr.port()));
+    assert_eq!(chunk_from([127, 0, 0, 5], at([127, 0, 0, 8])).await, "src:x");
+    assert_eq!(chunk_from([127, 0, 0, 6], at([127, 0, 0, 8])).await, "default:x");
+    assert_eq!(chunk_from([127, 0, 0, 6], at([127, 0, 0, 3])).await, "dst:x");
+    drop(proxy);
+
+    // No default: a connection nothing matches is closed and counted.
+    let mut cfg = config(false);
+    cfg["static_resources"]["listeners"][0]["filter_chains"]
+        .as_array_mut()
+        .unwrap()
+        .truncate(2);
+    let proxy = Proxy::start(&cfg, &[]).await;
+    let at = |ip: [u8; 4]| SocketAddr::from((ip, proxy.addr.port()));
+    assert_eq!(chunk_from([127, 0, 0, 6], at([127, 0, 0, 8])).await, "");
+    assert_eq!(proxy.stat("listener.chains.no_filter_chain_match").await, 1);
+}
+
+#[tokio::test]
+async fn filter_chains_that_tie_or_need_tls_are_refused_with_their_paths() {
+    let listener = |chains: Value| {
+        serde_json::to_string(&json!({"static_resources": {"listeners": [{
+            "name": "l",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+            "filter_chains": chains,
+        }], "clusters": [crate::support::cluster("c", &[crate::support::closed_port()])]}}))
+        .unwrap()
+    };
+    let same = json!({"prefix_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}]});
+    let (code, _, err) = crate::harness::validate(&listener(json!([
+        tcp_chain("a", "c", same.clone()),
+        tcp_chain("b", "c", same),
+    ])))
+    .await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("static_resources.listeners[0].filter_chains") && err.contains("\"a\" and \"b\""),
+        "{err}"
+    );
+    let (code, _, err) = crate::harness::validate(&listener(json!([tcp_chain(
+        "sni",
+        "c",
+        json!({"server_names": ["example.com"]})
+    )])))
+    .await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("static_resources.listeners[0].filter_chains[0].filter_chain_match.server_names"),
+        "{err}"
     );
 }

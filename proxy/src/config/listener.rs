@@ -4,6 +4,7 @@ use super::bootstrap::socket_address;
 use super::node::Node;
 use super::route;
 use crate::filters::{adaptive_concurrency, admission_control, health_check, local_ratelimit};
+use crate::listener::chain;
 use crate::listener::config::{
     Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader, Underscores,
 };
@@ -83,8 +84,8 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
             None => lf.err("typed_config", "a listener filter needs its typed_config"),
         }
     }
-    l.unsupported("use_original_dst");
-    l.unsupported("default_filter_chain");
+    let use_original_dst = l.wrapped_bool("use_original_dst").unwrap_or(false);
+    let bind_to_port = l.wrapped_bool("bind_to_port").unwrap_or(true);
     l.unsupported("filter_chain_matcher");
     l.unsupported("socket_options");
     l.unsupported("transparent");
@@ -99,58 +100,174 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
     l.unsupported("internal_listener");
     l.unsupported("drain_type");
     l.unsupported("tcp_backlog_size");
-    l.unsupported("bind_to_port");
 
-    let chains = l.list("filter_chains");
-    if chains.len() != 1 {
+    let nodes = l.list("filter_chains");
+    let default_node = l.msg("default_filter_chain");
+    if nodes.is_empty() && default_node.is_none() {
+        l.err("filter_chains", "a listener needs at least one filter chain");
+    }
+    let mut chains = Vec::new();
+    let mut ok = true;
+    for (i, c) in nodes.iter().enumerate() {
+        match lower_chain(c, ctx, &stat_scope, format!("filter_chains[{i}]")) {
+            Some(chain) => chains.push(chain),
+            None => ok = false,
+        }
+    }
+    let default = match &default_node {
+        Some(d) => {
+            if d.has("filter_chain_match") {
+                d.err("filter_chain_match", "the default filter chain has no match");
+            }
+            let chain = lower_chain(d, ctx, &stat_scope, "default_filter_chain".to_string());
+            ok &= chain.is_some();
+            chain
+        }
+        None => None,
+    };
+    if !ok {
+        return None;
+    }
+    let matchers: Vec<_> = chains.iter().map(|c| c.matcher.clone()).collect();
+    if let Some((a, b)) = chain::find_duplicate(&matchers) {
         l.err(
             "filter_chains",
             format!(
-                "exactly one filter chain is supported by Remora, found {}",
-                chains.len()
+                "filter chains {:?} and {:?} have the same matching rules for some connections \
+                 (Envoy refuses such listeners too)",
+                chains[a].name, chains[b].name
             ),
         );
+        return None;
     }
-    let chain = chains.first()?;
-    chain.unsupported("filter_chain_match");
+    Some(ListenerConfig {
+        name,
+        address,
+        stat_scope,
+        chains: chain::FilterChains { chains, default },
+        buffer_limit,
+        original_dst,
+        use_original_dst,
+        bind_to_port,
+    })
+}
+
+/// A filter chain: its match and its one network filter (an HTTP connection manager or a TCP proxy).
+fn lower_chain(chain: &Node, ctx: &Ctx, stat_scope: &str, fallback_name: String) -> Option<chain::FilterChain> {
+    let matcher = match chain.msg("filter_chain_match") {
+        Some(m) => lower_chain_match(&m),
+        None => chain::ChainMatch::default(),
+    };
     chain.unsupported("transport_socket");
     chain.unsupported("transport_socket_connect_timeout");
-    chain.mark("name");
     chain.unsupported("metadata");
+    chain.unsupported("use_proxy_proto");
+    let name = chain.string("name").filter(|n| !n.is_empty()).unwrap_or(fallback_name);
     let filters = chain.list("filters");
     if filters.len() != 1 {
         chain.err(
             "filters",
             format!(
-                "exactly one network filter (the HTTP connection manager) is supported, found {}",
+                "exactly one network filter (an HTTP connection manager or a TCP proxy) is supported, found {}",
                 filters.len()
             ),
         );
     }
     let f = filters.first()?;
     f.mark("name");
-    let Some(hcm) = f.any("typed_config") else {
-        f.err("typed_config", "needs the HTTP connection manager's typed_config");
+    f.unsupported("config_discovery");
+    let Some(typed) = f.any("typed_config") else {
+        f.err("typed_config", "needs the network filter's typed_config");
         return None;
     };
-    f.unsupported("config_discovery");
-    let filter = match hcm.type_name().as_str() {
-        HCM => NetworkFilter::Http(Arc::new(lower_hcm(&hcm, ctx, &stat_scope)?)),
-        TCP_PROXY => NetworkFilter::Tcp(Arc::new(lower_tcp_proxy(&hcm, ctx)?)),
+    let filter = match typed.type_name().as_str() {
+        HCM => NetworkFilter::Http(Arc::new(lower_hcm(&typed, ctx, stat_scope)?)),
+        TCP_PROXY => NetworkFilter::Tcp(Arc::new(lower_tcp_proxy(&typed, ctx)?)),
         other => {
-            hcm.err_here(format!("network filter {other} is not supported by Remora"));
-            hcm.mark_all();
+            typed.err_here(format!("network filter {other} is not supported by Remora"));
+            typed.mark_all();
             return None;
         }
     };
-    Some(ListenerConfig {
-        name,
-        address,
-        stat_scope,
-        filter,
-        buffer_limit,
-        original_dst,
-    })
+    Some(chain::FilterChain { name, matcher, filter })
+}
+
+fn lower_chain_match(m: &Node) -> chain::ChainMatch {
+    let destination_port = m.wrapped_u32("destination_port").and_then(|p| {
+        let port = u16::try_from(p).ok().filter(|&p| p != 0);
+        if port.is_none() {
+            m.err("destination_port", format!("{p} is not a port"));
+        }
+        port
+    });
+    let ranges = |field: &str| -> Vec<chain::CidrRange> {
+        m.list(field)
+            .iter()
+            .filter_map(|r| {
+                let addr = r.string("address_prefix").unwrap_or_default();
+                let len = r.wrapped_u32("prefix_len").unwrap_or(0);
+                let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
+                    r.err("address_prefix", format!("{addr:?} is not an IP address"));
+                    return None;
+                };
+                let range = u8::try_from(len).ok().and_then(|l| chain::CidrRange::new(ip, l));
+                if range.is_none() {
+                    r.err("prefix_len", format!("{len} is longer than {ip}'s address"));
+                }
+                range
+            })
+            .collect()
+    };
+    let prefix_ranges = ranges("prefix_ranges");
+    let direct_source_prefix_ranges = ranges("direct_source_prefix_ranges");
+    let source_prefix_ranges = ranges("source_prefix_ranges");
+    let source_type = match m.enum_name("source_type").as_str() {
+        "SAME_IP_OR_LOOPBACK" => chain::SourceType::Local,
+        "EXTERNAL" => chain::SourceType::External,
+        _ => chain::SourceType::Any,
+    };
+    let source_ports = m
+        .u32s("source_ports")
+        .into_iter()
+        .filter_map(|p| {
+            let port = u16::try_from(p).ok();
+            if port.is_none() {
+                m.err("source_ports", format!("{p} is not a port"));
+            }
+            port
+        })
+        .collect();
+    let raw_buffer = match m.string("transport_protocol").unwrap_or_default().as_str() {
+        "" => false,
+        "raw_buffer" => true,
+        other => {
+            m.err(
+                "transport_protocol",
+                format!("{other:?} is not supported by Remora: it has no TLS yet, so every connection is raw_buffer"),
+            );
+            false
+        }
+    };
+    for tls_only in ["server_names", "application_protocols"] {
+        if m.has(tls_only) {
+            m.err(
+                tls_only,
+                "needs a listener filter (tls_inspector, http_inspector) that Remora does not have yet",
+            );
+            m.mark(tls_only);
+        }
+    }
+    m.unsupported("address_suffix");
+    m.unsupported("suffix_len");
+    chain::ChainMatch {
+        destination_port,
+        prefix_ranges,
+        raw_buffer,
+        direct_source_prefix_ranges,
+        source_type,
+        source_prefix_ranges,
+        source_ports,
+    }
 }
 
 fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {

@@ -1,4 +1,4 @@
-//! A listener's lowered configuration: its address, and the HTTP connection manager of its filter chain.
+//! A listener's lowered configuration: its address, and the network filter of each of its filter chains.
 
 use crate::route::RouteTable;
 use crate::stats::{CodeStats, Counter, Gauge, Histogram, Scope};
@@ -15,13 +15,18 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// `listener.<address>.` or `listener.<stat_prefix>.`
     pub stat_scope: String,
-    /// The filter chain's one network filter.
-    pub filter: NetworkFilter,
+    /// The filter chains and `default_filter_chain`, each with its one network filter.
+    pub chains: super::chain::FilterChains,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub buffer_limit: u32,
     /// The listener filter `envoy.filters.listener.original_dst`: each connection's local address is restored
     /// to its original destination (`SO_ORIGINAL_DST`, set by an iptables `REDIRECT`) when it has one.
     pub original_dst: bool,
+    /// `use_original_dst`: a connection whose original destination is another listener's address is handed off
+    /// to that listener.
+    pub use_original_dst: bool,
+    /// `bind_to_port` (default true): false for a listener that only takes connections handed off to it.
+    pub bind_to_port: bool,
 }
 
 /// What serves a listener's connections.
@@ -34,12 +39,16 @@ pub enum NetworkFilter {
 }
 
 impl ListenerConfig {
-    /// The HTTP connection manager, for an HTTP listener.
-    pub fn hcm(&self) -> Option<&Arc<HcmConfig>> {
-        match &self.filter {
-            NetworkFilter::Http(h) => Some(h),
-            NetworkFilter::Tcp(_) => None,
-        }
+    /// The HTTP connection managers of every chain.
+    pub fn hcms(&self) -> impl Iterator<Item = &Arc<HcmConfig>> {
+        self.chains
+            .chains
+            .iter()
+            .chain(self.chains.default.as_ref())
+            .filter_map(|c| match &c.filter {
+                NetworkFilter::Http(h) => Some(h),
+                NetworkFilter::Tcp(_) => None,
+            })
     }
 }
 

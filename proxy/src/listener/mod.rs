@@ -4,6 +4,7 @@
 //! connection with hyper on its own thread, and watches the server's drain signal: on drain, HTTP/1.1
 //! connections finish their request with `connection: close` and HTTP/2 connections get a GOAWAY.
 
+pub mod chain;
 pub mod config;
 pub mod hcm;
 pub mod tcp_proxy;
@@ -123,7 +124,8 @@ impl Conn {
 #[derive(Debug)]
 pub struct Bound {
     pub config: Arc<ListenerConfig>,
-    pub socket: std::net::TcpListener,
+    /// `None` for a listener with `bind_to_port: false`, which only takes connections handed off to it.
+    pub socket: Option<std::net::TcpListener>,
     pub stats: Arc<ListenerStats>,
     /// Raised to stop accepting and drain this listener's connections (server drain, or the listener was
     /// removed or replaced).
@@ -133,7 +135,7 @@ pub struct Bound {
 impl Bound {
     pub fn new(
         config: Arc<ListenerConfig>,
-        socket: std::net::TcpListener,
+        socket: Option<std::net::TcpListener>,
         stats: Arc<ListenerStats>,
     ) -> Arc<Self> {
         Arc::new(Bound {
@@ -146,6 +148,15 @@ impl Bound {
 
     pub fn drain(&self) {
         self.stop.send_replace(true);
+    }
+}
+
+/// Bind a listener's socket, unless it has `bind_to_port: false`.
+pub fn bind_config(config: &ListenerConfig) -> std::io::Result<Option<std::net::TcpListener>> {
+    if config.bind_to_port {
+        bind(config.address).map(Some)
+    } else {
+        Ok(None)
     }
 }
 
@@ -169,47 +180,21 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// Accept on the listener until it is stopped, serving each connection on this worker.
 pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Worker>) {
-    let drain = bound.stop.subscribe();
-    let socket = match bound.socket.try_clone().and_then(TcpListener::from_std) {
+    let Some(socket) = &bound.socket else { return };
+    let socket = match socket.try_clone().and_then(TcpListener::from_std) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(listener = %bound.config.name, error = %e, "cannot accept on listener");
             return;
         }
     };
-    let mut stop = drain.clone();
+    let mut stop = bound.stop.subscribe();
     loop {
         tokio::select! {
             biased;
             _ = stop.wait_for(|d| *d) => break,
             res = socket.accept() => match res {
-                Ok((stream, remote)) => {
-                    let original_dst = if bound.config.original_dst { original_destination(&stream) } else { None };
-                    let hcm = match &bound.config.filter {
-                        NetworkFilter::Http(h) => h.clone(),
-                        NetworkFilter::Tcp(t) => {
-                            tokio::task::spawn_local(tcp_proxy::serve(
-                                t.clone(), shared.clone(), worker.clone(), stream, bound.stats.clone(), original_dst,
-                            ));
-                            continue;
-                        }
-                    };
-                    let local = original_dst.unwrap_or_else(|| stream.local_addr().unwrap_or(bound.config.address));
-                    let conn = Rc::new(Conn {
-                        id: NEXT_CONNECTION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                        listener: bound.config.clone(),
-                        hcm,
-                        shared: shared.clone(),
-                        worker: worker.clone(),
-                        remote,
-                        local,
-                        original_dst,
-                        draining: Cell::new(false),
-                        protocol: Cell::new(0),
-                        chain: std::cell::RefCell::new(None),
-                    });
-                    tokio::task::spawn_local(serve_connection(conn, stream, bound.stats.clone(), drain.clone()));
-                }
+                Ok((stream, remote)) => accepted(&bound, &shared, &worker, stream, remote),
                 Err(e) => {
                     tracing::warn!(listener = %bound.config.name, error = %e, "accept failed");
                     // Out of descriptors and the like: back off briefly rather than spin.
@@ -218,6 +203,71 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
             }
         }
     }
+}
+
+/// Run a new connection through the listener's listener filters, hand it off to the listener of its original
+/// destination (`use_original_dst`), choose its filter chain, and serve it.
+fn accepted(
+    bound: &Arc<Bound>,
+    shared: &Arc<Shared>,
+    worker: &Rc<Worker>,
+    stream: TcpStream,
+    remote: SocketAddr,
+) {
+    let original_dst = if bound.config.original_dst { original_destination(&stream) } else { None };
+    if let Some(dst) = original_dst.filter(|_| bound.config.use_original_dst) {
+        if let Some(target) = shared.listener_for(dst).filter(|t| !Arc::ptr_eq(t, bound)) {
+            tracing::trace!(from = %bound.config.name, to = %target.config.name, %dst, "handing off");
+            // The socket's local address stays restored to the original destination, as in Envoy.
+            accepted_on(&target, shared, worker, stream, remote, Some(dst));
+            return;
+        }
+    }
+    accepted_on(bound, shared, worker, stream, remote, original_dst);
+}
+/// Serve a connection on `bound` with the filter chain its addresses select.
+fn accepted_on(
+    bound: &Arc<Bound>,
+    shared: &Arc<Shared>,
+    worker: &Rc<Worker>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    original_dst: Option<SocketAddr>,
+) {
+    let local = original_dst.unwrap_or_else(|| stream.local_addr().unwrap_or(bound.config.address));
+    let Some(chain) = bound.config.chains.select(local, remote) else {
+        bound.stats.no_filter_chain_match.inc();
+        tracing::debug!(listener = %bound.config.name, %remote, %local, "no filter chain matches; closing");
+        return;
+    };
+    let hcm = match &chain.filter {
+        NetworkFilter::Http(h) => h.clone(),
+        NetworkFilter::Tcp(t) => {
+            tokio::task::spawn_local(tcp_proxy::serve(
+                t.clone(),
+                shared.clone(),
+                worker.clone(),
+                stream,
+                bound.stats.clone(),
+                original_dst,
+            ));
+            return;
+        }
+    };
+    let conn = Rc::new(Conn {
+        id: NEXT_CONNECTION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        listener: bound.config.clone(),
+        hcm,
+        shared: shared.clone(),
+        worker: worker.clone(),
+        remote,
+        local,
+        original_dst,
+        draining: Cell::new(false),
+        protocol: Cell::new(0),
+        chain: std::cell::RefCell::new(None),
+    });
+    tokio::task::spawn_local(serve_connection(conn, stream, bound.stats.clone(), bound.stop.subscribe()));
 }
 
 async fn serve_connection(

@@ -667,11 +667,11 @@ impl Dynamic {
                 l.warming
                     .as_ref()
                     .or(l.active.as_ref())
-                    .filter(|b| b.config.address == config.address)
+                    .filter(|b| b.config.address == config.address && b.config.bind_to_port == config.bind_to_port)
             });
             let socket = match reuse {
-                Some(b) => b.socket.try_clone(),
-                None => listener::bind(config.address),
+                Some(b) => b.socket.as_ref().map(|s| s.try_clone()).transpose(),
+                None => listener::bind_config(&config),
             };
             match socket {
                 Ok(socket) => {
@@ -751,9 +751,10 @@ impl Dynamic {
     /// Serve every warming listener whose route table has arrived, draining the version it replaces.
     fn promote(&self, shared: &Shared) {
         let mut inner = lock(&self.inner);
-        let ready = |b: &Bound| match b.config.hcm().and_then(|h| h.rds_name.as_ref()) {
-            Some(name) => self.rds.get(name).is_some_and(|r| r.received()),
-            None => true,
+        let ready = |b: &Bound| {
+            b.config.hcms().filter_map(|h| h.rds_name.as_ref()).all(|name| {
+                self.rds.get(name).is_some_and(|r| r.received())
+            })
         };
         let mut drained = 0;
         for l in inner.listeners.values_mut() {
