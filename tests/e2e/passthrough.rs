@@ -550,7 +550,10 @@ async fn tcp_proxy_weighted_clusters_idle_timeout_and_missing_cluster() {
 /// privileges or the tools.
 #[test]
 fn iptables_redirect_reaches_the_original_destination() {
-    in_new_netns("iptables_redirect_reaches_the_original_destination", redirected_request);
+    in_new_netns(
+        "iptables_redirect_reaches_the_original_destination",
+        redirected_request,
+    );
 }
 
 /// Istio's outbound shape: a `use_original_dst` listener takes every redirected connection and hands it off to
@@ -565,9 +568,12 @@ fn iptables_redirect_hands_off_to_the_listener_of_the_original_destination() {
     );
 }
 
+/// Runs a shell command in the test's network namespace.
+type Sh = &'static dyn Fn(&str) -> Result<(), String>;
+
 /// Runs `scenario` on a thread in a new network namespace with loopback up and iptables usable; skipped,
 /// saying why, without the privileges or the tools.
-fn in_new_netns<F>(name: &str, scenario: fn(&'static dyn Fn(&str) -> Result<(), String>) -> F)
+fn in_new_netns<F>(name: &str, scenario: fn(Sh) -> F)
 where
     F: std::future::Future<Output = Result<(), String>> + 'static,
 {
@@ -579,7 +585,7 @@ where
                 std::io::Error::last_os_error()
             ));
         }
-        let sh: &'static dyn Fn(&str) -> Result<(), String> = &|cmd: &str| {
+        let sh: Sh = &|cmd: &str| {
             let out = std::process::Command::new("sh")
                 .args(["-c", cmd])
                 .output()
@@ -605,7 +611,7 @@ where
     }
 }
 
-async fn handed_off_requests(sh: &'static dyn Fn(&str) -> Result<(), String>) -> Result<(), String> {
+async fn handed_off_requests(sh: Sh) -> Result<(), String> {
     let bind = |ip: [u8; 4]| crate::harness::UpstreamOptions {
         bind: Some(SocketAddr::from((ip, 0))),
         ..Default::default()
@@ -661,15 +667,22 @@ async fn handed_off_requests(sh: &'static dyn Fn(&str) -> Result<(), String>) ->
             .await
             .map_err(|e| e.to_string())?;
         let mut response = Vec::new();
-        crate::harness::within(crate::harness::DEFAULT_TIMEOUT, "a response", s.read_to_end(&mut response))
-            .await
-            .map_err(|e| e.to_string())?;
+        crate::harness::within(
+            crate::harness::DEFAULT_TIMEOUT,
+            "a response",
+            s.read_to_end(&mut response),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         Ok::<_, String>(String::from_utf8_lossy(&response).to_ascii_lowercase())
     };
     // The declared destination: handed off to its listener, routed by its connection manager.
     let text = get(declared.addr(), "/declared").await?;
     assert!(text.starts_with("http/1.1 200"), "{text}");
-    assert!(text.contains("x-envoy-upstream-service-time"), "not through the HCM: {text}");
+    assert!(
+        text.contains("x-envoy-upstream-service-time"),
+        "not through the HCM: {text}"
+    );
     assert!(text.contains("\"path\":\"/declared\""), "{text}");
     assert_eq!(proxy.stat("cluster.declared.upstream_rq_200").await, 1);
     assert_eq!(proxy.stat("http.outbound_declared.downstream_rq_total").await, 1);
@@ -683,7 +696,7 @@ async fn handed_off_requests(sh: &'static dyn Fn(&str) -> Result<(), String>) ->
     Ok(())
 }
 
-async fn redirected_request(sh: &'static dyn Fn(&str) -> Result<(), String>) -> Result<(), String> {
+async fn redirected_request(sh: Sh) -> Result<(), String> {
     let origin = Upstream::with_options(
         "original",
         crate::harness::UpstreamOptions {
@@ -892,7 +905,10 @@ async fn chunk_from(from: [u8; 4], to: SocketAddr) -> String {
     socket
         .bind(SocketAddr::from((from, 0)))
         .unwrap_or_else(|e| panic!("bind: {e}"));
-    let mut s = socket.connect(to).await.unwrap_or_else(|e| panic!("connect {to}: {e}"));
+    let mut s = socket
+        .connect(to)
+        .await
+        .unwrap_or_else(|e| panic!("connect {to}: {e}"));
     let _ = s.write_all(b"x").await;
     let mut buf = [0u8; 256];
     match crate::harness::within(crate::harness::DEFAULT_TIMEOUT, "a chunk back", s.read(&mut buf)).await {

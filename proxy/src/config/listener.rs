@@ -153,7 +153,12 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
 }
 
 /// A filter chain: its match and its one network filter (an HTTP connection manager or a TCP proxy).
-fn lower_chain(chain: &Node, ctx: &Ctx, stat_scope: &str, fallback_name: String) -> Option<chain::FilterChain> {
+fn lower_chain(
+    chain: &Node,
+    ctx: &Ctx,
+    stat_scope: &str,
+    fallback_name: String,
+) -> Option<chain::FilterChain> {
     let matcher = match chain.msg("filter_chain_match") {
         Some(m) => lower_chain_match(&m),
         None => chain::ChainMatch::default(),
@@ -162,7 +167,10 @@ fn lower_chain(chain: &Node, ctx: &Ctx, stat_scope: &str, fallback_name: String)
     chain.unsupported("transport_socket_connect_timeout");
     chain.unsupported("metadata");
     chain.unsupported("use_proxy_proto");
-    let name = chain.string("name").filter(|n| !n.is_empty()).unwrap_or(fallback_name);
+    let name = chain
+        .string("name")
+        .filter(|n| !n.is_empty())
+        .unwrap_or(fallback_name);
     let filters = chain.list("filters");
     if filters.len() != 1 {
         chain.err(
@@ -189,7 +197,11 @@ fn lower_chain(chain: &Node, ctx: &Ctx, stat_scope: &str, fallback_name: String)
             return None;
         }
     };
-    Some(chain::FilterChain { name, matcher, filter })
+    Some(chain::FilterChain {
+        name,
+        matcher,
+        filter,
+    })
 }
 
 fn lower_chain_match(m: &Node) -> chain::ChainMatch {

@@ -106,6 +106,10 @@ pub struct FilterChains {
     pub default: Option<FilterChain>,
 }
 
+/// One pruning step: how specifically a chain's criterion matches the connection (local address, remote
+/// address, whether the peer is local), higher is more specific, `None` for no match.
+type Step = fn(&ChainMatch, SocketAddr, SocketAddr, bool) -> Option<u32>;
+
 /// How specifically a list of ranges matches `ip`: the longest containing prefix (an empty list counts as a
 /// `/0`), or `None` when no range contains it.
 fn range_rank(ranges: &[CidrRange], ip: IpAddr) -> Option<u32> {
@@ -134,7 +138,6 @@ impl FilterChains {
             return self.chains.first();
         }
         let local_is = is_local(remote.ip(), local.ip());
-        type Step = fn(&ChainMatch, SocketAddr, SocketAddr, bool) -> Option<u32>;
         let steps: [Step; 7] = [
             |m, l, _, _| match m.destination_port {
                 None => Some(0),
@@ -178,7 +181,9 @@ impl FilterChains {
                 if alive & (1 << i) == 0 {
                     continue;
                 }
-                let Some(rank) = step(&c.matcher, local, remote, local_is) else { continue };
+                let Some(rank) = step(&c.matcher, local, remote, local_is) else {
+                    continue;
+                };
                 match best {
                     Some(b) if rank < b => {}
                     Some(b) if rank == b => next |= 1 << i,
@@ -198,7 +203,7 @@ impl FilterChains {
 
     fn select_slow(
         &self,
-        steps: &[fn(&ChainMatch, SocketAddr, SocketAddr, bool) -> Option<u32>],
+        steps: &[Step],
         local: SocketAddr,
         remote: SocketAddr,
         local_is: bool,
@@ -212,7 +217,11 @@ impl FilterChains {
             let Some(best) = ranked.iter().map(|(r, _)| *r).max() else {
                 return self.default.as_ref();
             };
-            alive = ranked.into_iter().filter(|(r, _)| *r == best).map(|(_, c)| c).collect();
+            alive = ranked
+                .into_iter()
+                .filter(|(r, _)| *r == best)
+                .map(|(_, c)| c)
+                .collect();
         }
         alive.first().copied()
     }
@@ -223,7 +232,15 @@ impl FilterChains {
 /// sharing a combination are duplicates. Returns their indexes.
 pub fn find_duplicate(chains: &[ChainMatch]) -> Option<(usize, usize)> {
     use std::collections::HashMap;
-    type Key = (Option<u16>, Option<CidrRange>, bool, Option<CidrRange>, SourceType, Option<CidrRange>, Option<u16>);
+    type Key = (
+        Option<u16>,
+        Option<CidrRange>,
+        bool,
+        Option<CidrRange>,
+        SourceType,
+        Option<CidrRange>,
+        Option<u16>,
+    );
     fn opts<T: Copy>(v: &[T]) -> Vec<Option<T>> {
         if v.is_empty() {
             vec![None]
@@ -237,7 +254,15 @@ pub fn find_duplicate(chains: &[ChainMatch]) -> Option<(usize, usize)> {
             for dsrc in opts(&m.direct_source_prefix_ranges) {
                 for src in opts(&m.source_prefix_ranges) {
                     for port in opts(&m.source_ports) {
-                        let key = (m.destination_port, dst, m.raw_buffer, dsrc, m.source_type, src, port);
+                        let key = (
+                            m.destination_port,
+                            dst,
+                            m.raw_buffer,
+                            dsrc,
+                            m.source_type,
+                            src,
+                            port,
+                        );
                         if let Some(&j) = seen.get(&key) {
                             if j != i {
                                 return Some((j, i));
@@ -346,15 +371,33 @@ mod tests {
             ],
             default: None,
         };
-        assert_eq!(pick(&chains, "192.0.2.1:80", "192.0.2.9:1000").as_deref(), Some("any"));
+        assert_eq!(
+            pick(&chains, "192.0.2.1:80", "192.0.2.9:1000").as_deref(),
+            Some("any")
+        );
         // The port decides first, whatever the address.
-        assert_eq!(pick(&chains, "10.1.0.1:8080", "192.0.2.9:1000").as_deref(), Some("port-8080"));
-        assert_eq!(pick(&chains, "10.9.0.1:80", "192.0.2.9:1000").as_deref(), Some("ten-slash-8"));
-        assert_eq!(pick(&chains, "10.1.0.1:80", "192.0.2.9:1000").as_deref(), Some("ten-one-slash-16"));
+        assert_eq!(
+            pick(&chains, "10.1.0.1:8080", "192.0.2.9:1000").as_deref(),
+            Some("port-8080")
+        );
+        assert_eq!(
+            pick(&chains, "10.9.0.1:80", "192.0.2.9:1000").as_deref(),
+            Some("ten-slash-8")
+        );
+        assert_eq!(
+            pick(&chains, "10.1.0.1:80", "192.0.2.9:1000").as_deref(),
+            Some("ten-one-slash-16")
+        );
         // 10.2/16 is the most specific destination, and its chain wants a local peer: no backtracking to /8.
         assert_eq!(pick(&chains, "10.2.0.1:80", "192.0.2.9:1000"), None);
-        assert_eq!(pick(&chains, "10.2.0.1:80", "127.0.0.1:1000").as_deref(), Some("from-loopback"));
-        assert_eq!(pick(&chains, "10.3.0.1:80", "192.0.2.9:7").as_deref(), Some("from-port-7"));
+        assert_eq!(
+            pick(&chains, "10.2.0.1:80", "127.0.0.1:1000").as_deref(),
+            Some("from-loopback")
+        );
+        assert_eq!(
+            pick(&chains, "10.3.0.1:80", "192.0.2.9:7").as_deref(),
+            Some("from-port-7")
+        );
         assert_eq!(pick(&chains, "10.3.0.1:80", "192.0.2.9:8"), None);
     }
 
@@ -370,8 +413,14 @@ mod tests {
             )],
             default: Some(chain("passthrough", ChainMatch::default())),
         };
-        assert_eq!(pick(&chains, "127.0.0.1:80", "127.0.0.5:9").as_deref(), Some("internal"));
-        assert_eq!(pick(&chains, "127.0.0.1:80", "127.0.0.6:9").as_deref(), Some("passthrough"));
+        assert_eq!(
+            pick(&chains, "127.0.0.1:80", "127.0.0.5:9").as_deref(),
+            Some("internal")
+        );
+        assert_eq!(
+            pick(&chains, "127.0.0.1:80", "127.0.0.6:9").as_deref(),
+            Some("passthrough")
+        );
     }
 
     #[test]
@@ -395,9 +444,15 @@ mod tests {
             ],
             default: None,
         };
-        assert_eq!(pick(&chains, "10.0.0.1:80", "10.0.0.2:9").as_deref(), Some("external"));
+        assert_eq!(
+            pick(&chains, "10.0.0.1:80", "10.0.0.2:9").as_deref(),
+            Some("external")
+        );
         // The connection's own address counts as local.
-        assert_eq!(pick(&chains, "10.0.0.1:80", "10.0.0.1:9").as_deref(), Some("local"));
+        assert_eq!(
+            pick(&chains, "10.0.0.1:80", "10.0.0.1:9").as_deref(),
+            Some("local")
+        );
         assert_eq!(pick(&chains, "[::1]:80", "[::1]:9").as_deref(), Some("local"));
     }
 
@@ -418,7 +473,10 @@ mod tests {
         };
         assert_eq!(find_duplicate(&[a.clone(), b.clone()]), Some((0, 1)));
         assert_eq!(find_duplicate(&[a, c.clone()]), None);
-        assert_eq!(find_duplicate(&[ChainMatch::default(), ChainMatch::default()]), Some((0, 1)));
+        assert_eq!(
+            find_duplicate(&[ChainMatch::default(), ChainMatch::default()]),
+            Some((0, 1))
+        );
         assert_eq!(find_duplicate(&[b, c]), None);
     }
 }

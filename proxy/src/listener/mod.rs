@@ -214,7 +214,11 @@ fn accepted(
     stream: TcpStream,
     remote: SocketAddr,
 ) {
-    let original_dst = if bound.config.original_dst { original_destination(&stream) } else { None };
+    let original_dst = if bound.config.original_dst {
+        original_destination(&stream)
+    } else {
+        None
+    };
     if let Some(dst) = original_dst.filter(|_| bound.config.use_original_dst) {
         if let Some(target) = shared.listener_for(dst).filter(|t| !Arc::ptr_eq(t, bound)) {
             tracing::trace!(from = %bound.config.name, to = %target.config.name, %dst, "handing off");
@@ -267,7 +271,12 @@ fn accepted_on(
         protocol: Cell::new(0),
         chain: std::cell::RefCell::new(None),
     });
-    tokio::task::spawn_local(serve_connection(conn, stream, bound.stats.clone(), bound.stop.subscribe()));
+    tokio::task::spawn_local(serve_connection(
+        conn,
+        stream,
+        bound.stats.clone(),
+        bound.stop.subscribe(),
+    ));
 }
 
 async fn serve_connection(

@@ -664,10 +664,9 @@ impl Dynamic {
         for (r, raw, config) in changes {
             let existing = inner.listeners.get(&r.name);
             let reuse = existing.and_then(|l| {
-                l.warming
-                    .as_ref()
-                    .or(l.active.as_ref())
-                    .filter(|b| b.config.address == config.address && b.config.bind_to_port == config.bind_to_port)
+                l.warming.as_ref().or(l.active.as_ref()).filter(|b| {
+                    b.config.address == config.address && b.config.bind_to_port == config.bind_to_port
+                })
             });
             let socket = match reuse {
                 Some(b) => b.socket.as_ref().map(|s| s.try_clone()).transpose(),
@@ -752,9 +751,10 @@ impl Dynamic {
     fn promote(&self, shared: &Shared) {
         let mut inner = lock(&self.inner);
         let ready = |b: &Bound| {
-            b.config.hcms().filter_map(|h| h.rds_name.as_ref()).all(|name| {
-                self.rds.get(name).is_some_and(|r| r.received())
-            })
+            b.config
+                .hcms()
+                .filter_map(|h| h.rds_name.as_ref())
+                .all(|name| self.rds.get(name).is_some_and(|r| r.received()))
         };
         let mut drained = 0;
         for l in inner.listeners.values_mut() {
