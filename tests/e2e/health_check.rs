@@ -11,7 +11,7 @@ use crate::harness::{echo_response, reply, Upstream, DEFAULT_TIMEOUT};
 use crate::support::{bootstrap, cluster, routes, to_cluster, Proxy};
 
 /// An upstream whose `/health` answers 503 while `failing` is set, and echoes everything else.
-async fn switchable(name: &'static str) -> (Upstream, Arc<AtomicBool>) {
+pub(crate) async fn switchable(name: &'static str) -> (Upstream, Arc<AtomicBool>) {
     let up = Upstream::start(name).await;
     let failing = Arc::new(AtomicBool::new(false));
     let f = failing.clone();

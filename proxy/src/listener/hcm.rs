@@ -854,11 +854,7 @@ async fn forward(
         parts.headers.insert(header::HOST, v.clone());
         set_authority(&mut parts.uri, v.to_str().unwrap_or_default());
     }
-    let protocol = match cluster.config.protocol {
-        Protocol::Downstream if parts.version == Version::HTTP_2 => Protocol::Http2,
-        Protocol::Downstream => Protocol::Http1,
-        p => p,
-    };
+    let downstream_h2 = parts.version == Version::HTTP_2;
 
     // Circuit breaker: the cluster's `max_requests`.
     let resources = cluster.breakers.resources(Priority::Default).clone();
@@ -892,18 +888,24 @@ async fn forward(
     let mut _retry_permit = None;
     let mut last_reset = None;
     // The route's `hash_policy`, for the consistent-hash balancers only.
-    let hash = if cluster.config.lb_policy.hashes() {
+    let hash = if cluster.config.lb_policy.hashes() || cluster.aggregate.is_some() {
         action.hash_policy.hash(&parts.headers, Some(conn.remote.ip()))
     } else {
         None
     };
+
+    // An aggregate cluster picks among its members, looked up in the current snapshot.
+    let members = cluster
+        .aggregate
+        .as_ref()
+        .map(|_| conn.shared.clusters.load_full());
 
     loop {
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
             let mut selection = 0u64;
             let mut pick = || match &provided {
-                Some(h) => cluster.index_of(h),
+                Some(h) => cluster.index_of(h).map(|(i, h)| (None, i, h)),
                 None if cluster.provides_hosts() => None,
                 None => {
                     // A host the retry predicate refused is picked again with the hash rehashed, so that a
@@ -914,21 +916,34 @@ async fn forward(
                         n => crate::upstream::hash::xxhash64(&h.to_le_bytes(), n),
                     });
                     selection += 1;
-                    cluster.pick(&mut rng, h)
+                    match (&cluster.aggregate, &members) {
+                        (Some(a), Some(snapshot)) => a
+                            .pick(snapshot, &mut rng, h)
+                            .map(|(m, i, host)| (Some(m), i, host)),
+                        _ => cluster.pick(&mut rng, h).map(|(i, host)| (None, i, host)),
+                    }
                 }
             };
             match &retry {
-                Some(r) => r.select_host(pick, |(_, h)| h.id),
+                Some(r) => r.select_host(pick, |(_, _, h)| h.id),
                 None => pick(),
             }
         };
-        let Some((index, host)) = picked else {
+        let Some((member, index, host)) = picked else {
             cs.upstream_cx_none_healthy.inc();
             info.set(Flag::NoHealthyUpstream);
             info.details = "no_healthy_upstream";
             cs.upstream_rq.record(503);
             cs.upstream_rq_completed.inc();
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        // The cluster that serves this attempt: an aggregate's member, else the route's cluster.
+        let target = member.as_ref().unwrap_or(cluster);
+        let ts = &target.stats;
+        let protocol = match target.config.protocol {
+            Protocol::Downstream if downstream_h2 => Protocol::Http2,
+            Protocol::Downstream => Protocol::Http1,
+            p => p,
         };
         let attempt = retry.as_ref().map_or(1, |r| r.attempt_count());
         if let Some(r) = retry.as_mut() {
@@ -969,13 +984,13 @@ async fn forward(
         .with_watchdog(Watchdog::new(request_deadline, None));
         info.upstream = Some((host.address, cluster.clone()));
 
-        cs.upstream_rq_total.inc();
-        cs.upstream_rq_active.inc();
+        ts.upstream_rq_total.inc();
+        ts.upstream_rq_active.inc();
         host.stats.rq_total.fetch_add(1, Relaxed);
         host.stats.rq_active.fetch_add(1, Relaxed);
         let upstream_start = Instant::now();
         let mut guard = UpstreamGuard {
-            cluster: cluster.clone(),
+            cluster: target.clone(),
             host: host.clone(),
             start: upstream_start,
             done: false,
@@ -986,7 +1001,7 @@ async fn forward(
             (Some(d), Some(p)) => Some(d.min(p)),
             (d, p) => d.or(p),
         };
-        let sent = send(conn, cluster, &host, protocol, attempt_parts, req_body);
+        let sent = send(conn, target, &host, protocol, attempt_parts, req_body);
         let result = match Watchdog::new(attempt_deadline, idle.clone()) {
             Some(mut w) => {
                 tokio::pin!(sent);
@@ -1023,11 +1038,11 @@ async fn forward(
                     SendError::Timeout | SendError::Idle => (Some(Outcome::Timeout), None),
                 };
                 if let Some(o) = outcome {
-                    cluster.record_outcome(index, o, &mut conn.worker.rng.borrow_mut());
+                    target.record_outcome(index, o, &mut conn.worker.rng.borrow_mut());
                 }
                 host.stats.rq_error.fetch_add(1, Relaxed);
                 if matches!(e, SendError::PerTryTimeout) {
-                    cs.upstream_rq_per_try_timeout.inc();
+                    ts.upstream_rq_per_try_timeout.inc();
                     host.stats.rq_timeout.fetch_add(1, Relaxed);
                 }
                 guard.finish(false);
@@ -1047,7 +1062,7 @@ async fn forward(
                                 _retry_permit = Some(permit);
                                 last_reset = Some(());
                                 if !backoff_within(backoff, deadline).await {
-                                    return timeout_reply(cs, &host, info);
+                                    return timeout_reply(ts, &host, info);
                                 }
                                 continue;
                             }
@@ -1057,13 +1072,13 @@ async fn forward(
                         }
                     }
                 }
-                return error_reply(cs, &host, &e, info, attempt > 1 && last_reset.is_some(), conn);
+                return error_reply(ts, &host, &e, info, attempt > 1 && last_reset.is_some(), conn);
             }
         };
 
         let status = resp.status().as_u16();
         info.response_at = Some(Instant::now());
-        cluster.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
+        target.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
         if let Some(r) = retry.as_mut() {
             if tee.as_ref().is_none_or(Tee::replayable) {
                 let decision = {
@@ -1079,14 +1094,14 @@ async fn forward(
                 match decision {
                     RetryStatus::Yes { backoff, permit } => {
                         // The retried response is counted under `retry.`, not as a response to the client.
-                        cs.retry_rq.record(status);
+                        ts.retry_rq.record(status);
                         host.stats.rq_error.fetch_add(1, Relaxed);
                         guard.finish(false);
                         drop(resp);
                         _retry_permit = Some(permit);
                         last_reset = None;
                         if !backoff_within(backoff, deadline).await {
-                            return timeout_reply(cs, &host, info);
+                            return timeout_reply(ts, &host, info);
                         }
                         continue;
                     }
@@ -1110,7 +1125,7 @@ async fn forward(
                 .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
         }
         rparts.version = Version::HTTP_11;
-        cs.upstream_rq.record(status);
+        ts.upstream_rq.record(status);
         info.details = "via_upstream";
         guard.done = true;
         let done = UpstreamDone {
@@ -1153,11 +1168,11 @@ async fn tunnel(
         Err(reply) => return *reply,
     };
     let picked = match &provided {
-        Some(h) => cluster.index_of(h),
+        Some(h) => cluster.index_of(h).map(|(i, h)| (cluster.clone(), i, h)),
         None if cluster.provides_hosts() => None,
-        None => cluster.pick(&mut conn.worker.rng.borrow_mut(), None),
+        None => cluster.pick_target(&conn.shared.clusters, &mut conn.worker.rng.borrow_mut(), None),
     };
-    let Some((index, host)) = picked else {
+    let Some((target, index, host)) = picked else {
         cs.upstream_cx_none_healthy.inc();
         info.set(Flag::NoHealthyUpstream);
         info.details = "no_healthy_upstream";
@@ -1166,20 +1181,21 @@ async fn tunnel(
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
     info.upstream = Some((host.address, cluster.clone()));
-    cs.upstream_rq_total.inc();
+    let ts = &target.stats;
+    ts.upstream_rq_total.inc();
     host.stats.rq_total.fetch_add(1, Relaxed);
-    let mut upstream = match crate::upstream::pool::connect_tcp(cluster, &host).await {
+    let mut upstream = match crate::upstream::pool::connect_tcp(&target, &host).await {
         Ok(s) => s,
         Err(e) => {
-            cluster.record_outcome(index, Outcome::ConnectFailed, &mut conn.worker.rng.borrow_mut());
+            target.record_outcome(index, Outcome::ConnectFailed, &mut conn.worker.rng.borrow_mut());
             host.stats.rq_error.fetch_add(1, Relaxed);
-            return error_reply(cs, &host, &SendError::Connect(e), info, false, conn);
+            return error_reply(ts, &host, &SendError::Connect(e), info, false, conn);
         }
     };
     info.response_at = Some(Instant::now());
     info.details = "via_upstream";
-    cs.upstream_rq.record(200);
-    cs.upstream_rq_completed.inc();
+    ts.upstream_rq.record(200);
+    ts.upstream_rq_completed.inc();
     host.stats.rq_success.fetch_add(1, Relaxed);
     let name = cluster.name().to_string();
     tokio::task::spawn_local(async move {

@@ -12,6 +12,7 @@
 //! host ([`lb`]). Active health checks run as a task per host ([`active_health`]).
 
 pub mod active_health;
+pub mod aggregate;
 pub mod breaker;
 pub mod dfp;
 pub mod dns;
@@ -100,6 +101,9 @@ pub enum Discovery {
     DynamicForwardProxy(Arc<dfp::DfpConfig>),
     /// `ORIGINAL_DST`: the host is the address in a request header (`original_dst_lb_config`).
     OriginalDst(Arc<OriginalDstConfig>),
+    /// `cluster_type: envoy.clusters.aggregate`: no hosts of its own; requests go to its member clusters (see
+    /// [`aggregate`]).
+    Aggregate(aggregate::AggregateConfig),
 }
 
 /// `original_dst_lb_config` of an `ORIGINAL_DST` cluster.
@@ -486,7 +490,26 @@ impl HostSet {
         zone_stats: &zone::ZoneStats,
     ) -> Option<usize> {
         let draw = hash.unwrap_or_else(|| rng.next_u64());
-        let source = priority::host_source(&self.load, draw, false, on_panic)?;
+        let (priority, avail) = self.load.choose(draw);
+        self.pick_at(priority, avail, policy, rr, rng, hash, on_panic, zone_stats)
+    }
+
+    /// A host's index for a request at a priority and availability chosen already (by [`pick`](Self::pick),
+    /// or by an aggregate cluster over its members' levels): among the level's healthy or degraded hosts, or
+    /// all of them when the level is in panic.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pick_at(
+        &self,
+        priority: usize,
+        avail: priority::Availability,
+        policy: LbPolicy,
+        rr: &AtomicUsize,
+        rng: &mut lb::Rng,
+        hash: Option<u64>,
+        on_panic: impl FnOnce(),
+        zone_stats: &zone::ZoneStats,
+    ) -> Option<usize> {
+        let source = priority::source_at(&self.load, priority, avail, false, on_panic)?;
         let level = self.levels.get(source.priority())?;
         let candidates = match source {
             priority::HostSource::All { .. } => &level.all,
@@ -511,6 +534,18 @@ impl HostSet {
             }
         };
         lb::pick(policy, &self.hosts, candidates, rr, rng, hash)
+    }
+
+    /// Each level's host counts (index = priority).
+    pub fn level_counts(&self) -> Vec<priority::LevelCounts> {
+        self.levels
+            .iter()
+            .map(|l| priority::LevelCounts {
+                hosts: l.all.idx.len() as u32,
+                healthy: l.healthy.idx.len() as u32,
+                degraded: l.degraded.idx.len() as u32,
+            })
+            .collect()
     }
 
     /// Hosts that are healthy (not degraded), every priority.
@@ -626,6 +661,8 @@ pub struct Cluster {
     pub dfp: Option<Arc<dfp::DnsCache>>,
     /// The hosts of an `ORIGINAL_DST` cluster, made from request headers.
     pub original_dst: Option<original_dst::OriginalDstHosts>,
+    /// The balancer of an aggregate cluster over its members.
+    pub aggregate: Option<aggregate::Aggregate>,
 }
 
 impl Cluster {
@@ -650,6 +687,13 @@ impl Cluster {
             Discovery::OriginalDst(o) => Some(original_dst::OriginalDstHosts::new(o.clone())),
             _ => None,
         };
+        let aggregate = match &config.discovery {
+            Discovery::Aggregate(a) => Some(aggregate::Aggregate::new(
+                a.clone(),
+                config.healthy_panic_threshold,
+            )),
+            _ => None,
+        };
         let health_checks = config
             .health_check
             .clone()
@@ -668,6 +712,7 @@ impl Cluster {
             added_via_api,
             dfp,
             original_dst,
+            aggregate,
             me: me.clone(),
         });
         if let Some(l) = &c.local {
@@ -802,6 +847,21 @@ impl Cluster {
             &self.zone_stats,
         )?;
         Some((i, set.hosts[i].clone()))
+    }
+
+    /// Pick a host as [`pick`](Self::pick) does, or for an aggregate cluster among its members in `clusters`
+    /// (the current snapshot): returns the cluster that owns the host (this one, or the member), the host's
+    /// index in that cluster's set, and the host.
+    pub fn pick_target(
+        self: &Arc<Self>,
+        clusters: &ArcSwap<crate::server::ClusterSnapshot>,
+        rng: &mut lb::Rng,
+        hash: Option<u64>,
+    ) -> Option<(Arc<Cluster>, usize, Arc<Host>)> {
+        match &self.aggregate {
+            Some(a) => a.pick(&clusters.load_full(), rng, hash),
+            None => self.pick(rng, hash).map(|(i, h)| (self.clone(), i, h)),
+        }
     }
 
     /// Whether the request names the host (dynamic forward proxy, `ORIGINAL_DST`) rather than the balancer.
