@@ -102,22 +102,25 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         "CLUSTER_PROVIDED" if provided || aggregate => LbPolicy::RoundRobin,
         "RANDOM" => LbPolicy::Random,
         "LEAST_REQUEST" => {
-            let choice_count = c
+            let (choice_count, active_request_bias) = c
                 .msg("least_request_lb_config")
                 .map(|l| {
                     let n = l.wrapped_u32("choice_count").unwrap_or(2);
                     if n < 2 {
                         l.err("choice_count", "must be at least 2");
                     }
-                    l.unsupported("active_request_bias");
+                    let bias = super::lb::lower_active_request_bias(&l);
                     l.unsupported("slow_start_config");
                     l.unsupported("locality_lb_config");
                     l.unsupported("enable_full_scan");
                     l.unsupported("selection_method");
-                    n
+                    (n, bias)
                 })
-                .unwrap_or(2);
-            LbPolicy::LeastRequest { choice_count }
+                .unwrap_or((2, None));
+            LbPolicy::LeastRequest {
+                choice_count,
+                active_request_bias,
+            }
         }
         "RING_HASH" => LbPolicy::RingHash(
             c.msg("ring_hash_lb_config")

@@ -61,12 +61,17 @@ pub enum Protocol {
 }
 
 /// `lb_policy`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LbPolicy {
     RoundRobin,
-    /// Power of `choice_count` choices (default 2) by active requests.
+    /// Power of `choice_count` choices (default 2) by active requests when the hosts' weights are equal; an
+    /// earliest-deadline-first schedule over `weight / (active + 1)^active_request_bias` when they are not, or
+    /// when `active_request_bias` is set (see [`lb::LeastRequestEdf`]).
     LeastRequest {
         choice_count: u32,
+        /// `least_request_lb_config.active_request_bias.default_value` when set (Remora has no runtime
+        /// layers, so the runtime key never overrides it); a negative or NaN value is 1.0, as in Envoy.
+        active_request_bias: Option<f64>,
     },
     Random,
     /// `RING_HASH`: a consistent-hash ring over the healthy hosts, built per host-set publish.
@@ -301,6 +306,8 @@ pub struct Candidates {
     pub uniform_weight: bool,
     /// For `RING_HASH` and `MAGLEV`: the structure over `idx`, whose picks index into `idx`.
     pub hash_lb: Option<HashLb>,
+    /// For weighted `LEAST_REQUEST`: the schedule over `idx`, whose picks index into `idx`.
+    pub least_request: Option<Mutex<lb::LeastRequestEdf>>,
 }
 
 impl Candidates {
@@ -310,11 +317,31 @@ impl Candidates {
             idx,
             uniform_weight,
             hash_lb: None,
+            least_request: None,
         }
     }
 
-    fn with_hash(mut self, policy: LbPolicy, hosts: &[Arc<Host>]) -> Self {
+    /// With the structures `policy` picks from: the ring or Maglev table, or the weighted least-request
+    /// schedule.
+    fn with_policy(mut self, policy: LbPolicy, hosts: &[Arc<Host>]) -> Self {
         self.hash_lb = HashLb::build(policy, hosts, &self.idx);
+        self.with_least_request(policy, hosts)
+    }
+
+    /// With the weighted least-request schedule when `policy` needs one: hosts of unequal weights, or an
+    /// explicit `active_request_bias` (Envoy's `least_request_lb_active_request_bias_forces_weighted`).
+    fn with_least_request(mut self, policy: LbPolicy, hosts: &[Arc<Host>]) -> Self {
+        if let LbPolicy::LeastRequest {
+            active_request_bias, ..
+        } = policy
+        {
+            if self.idx.len() > 1 && (!self.uniform_weight || active_request_bias.is_some()) {
+                let weights: Vec<u32> = self.idx.iter().map(|&i| hosts[i].weight).collect();
+                let mut edf = lb::LeastRequestEdf::new(&weights);
+                edf.randomize(&mut lb::Rng::from_entropy());
+                self.least_request = Some(Mutex::new(edf));
+            }
+        }
         self
     }
 }
@@ -452,18 +479,18 @@ impl HostSet {
                 };
                 Level {
                     all: if panic {
-                        all.with_hash(lb.policy, &hosts)
+                        all.with_policy(lb.policy, &hosts)
                     } else {
                         all
                     },
                     healthy: Candidates::new(&hosts, std::mem::take(&mut healthy_idx[p]))
-                        .with_hash(lb.policy, &hosts),
+                        .with_policy(lb.policy, &hosts),
                     degraded: Candidates::new(&hosts, std::mem::take(&mut degraded_idx[p]))
-                        .with_hash(lb.policy, &hosts),
+                        .with_policy(lb.policy, &hosts),
                     localities: std::mem::take(&mut localities[p]),
                     healthy_by_locality: std::mem::take(&mut by_locality[p])
                         .into_iter()
-                        .map(|idx| Candidates::new(&hosts, idx))
+                        .map(|idx| Candidates::new(&hosts, idx).with_least_request(lb.policy, &hosts))
                         .collect(),
                     locality_wrr,
                 }
