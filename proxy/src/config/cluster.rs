@@ -260,13 +260,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     c.unsupported("transport_socket");
     let common_lb = c
         .msg("common_lb_config")
-        .map(|n| {
-            let l = super::lb::lower_common_lb_config(&n);
-            if l.ignore_new_hosts_until_first_hc {
-                n.err("ignore_new_hosts_until_first_hc", "not supported by Remora yet");
-            }
-            l
-        })
+        .map(|n| super::lb::lower_common_lb_config(&n))
         .unwrap_or_default();
     // The typed policy's locality setting wins over common_lb_config's, as in Envoy.
     let locality_lb = policy_locality.or(common_lb.locality);
@@ -286,6 +280,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         outlier,
         overprovisioning_factor,
         healthy_panic_threshold: common_lb.healthy_panic_threshold,
+        ignore_new_hosts_until_first_hc: common_lb.ignore_new_hosts_until_first_hc,
         locality_lb,
         health_check,
     })

@@ -143,6 +143,8 @@ pub struct ClusterConfig {
     pub overprovisioning_factor: u32,
     /// `common_lb_config.healthy_panic_threshold`, percent (default 50; 0 disables panic).
     pub healthy_panic_threshold: u32,
+    /// `common_lb_config.ignore_new_hosts_until_first_hc`.
+    pub ignore_new_hosts_until_first_hc: bool,
     /// `common_lb_config.zone_aware_lb_config` / `locality_weighted_lb_config` (or the typed policy's
     /// `locality_lb_config`); `None` is zone-aware routing with its defaults, as in Envoy.
     pub locality_lb: Option<crate::config::lb::LocalityLb>,
@@ -226,6 +228,9 @@ pub struct Host {
     pub health_check_disabled: bool,
     /// `FAILED_ACTIVE_HC`: the cluster's active health check fails this host (see [`active_health`]).
     pub failed_active_hc: AtomicBool,
+    /// `PENDING_ACTIVE_HC`: with `common_lb_config.ignore_new_hosts_until_first_hc`, a host new to the health
+    /// checker is excluded from balancing (and from the host counts) until its first check completes.
+    pub pending_active_hc: AtomicBool,
     pub stats: HostStats,
 }
 
@@ -259,6 +264,7 @@ impl Host {
             ),
             health_check_disabled: e.health_check_disabled,
             failed_active_hc: AtomicBool::new(false),
+            pending_active_hc: AtomicBool::new(false),
             stats: HostStats::default(),
         })
     }
@@ -280,6 +286,8 @@ pub struct HostSet {
     pub load: priority::PriorityLoad,
     /// Zone-aware routing of priority 0, when the cluster is zone aware.
     pub zone: Option<zone::ZoneRouting>,
+    /// Hosts excluded from balancing and from the counts (`PENDING_ACTIVE_HC`).
+    pub excluded: usize,
 }
 
 /// One priority level's candidate lists.
@@ -389,6 +397,8 @@ pub struct LbSettings {
     pub panic_threshold: u32,
     /// `locality_weighted_lb_config`.
     pub locality_weighted: bool,
+    /// `ignore_new_hosts_until_first_hc`: hosts pending their first health check are excluded.
+    pub exclude_pending: bool,
 }
 
 impl Default for LbSettings {
@@ -398,6 +408,7 @@ impl Default for LbSettings {
             overprovisioning_factor: priority::DEFAULT_OVERPROVISIONING_FACTOR,
             panic_threshold: priority::DEFAULT_PANIC_THRESHOLD,
             locality_weighted: false,
+            exclude_pending: false,
         }
     }
 }
@@ -419,7 +430,12 @@ impl HostSet {
         let mut by_locality: Vec<Vec<Vec<usize>>> = vec![Vec::new(); n_levels];
         let mut locality_weights: Vec<Vec<u32>> = vec![Vec::new(); n_levels];
         let mut usable = Vec::new();
+        let mut excluded = 0;
         for (i, h) in hosts.iter().enumerate() {
+            if lb.exclude_pending && h.pending_active_hc.load(Relaxed) {
+                excluded += 1;
+                continue;
+            }
             let p = h.priority as usize;
             all[p].push(i);
             let li = match localities[p].iter().position(|z| z.locality == h.locality) {
@@ -502,6 +518,7 @@ impl HostSet {
             levels,
             load,
             zone: None,
+            excluded,
         }
     }
 
@@ -721,10 +738,13 @@ impl Cluster {
             )),
             _ => None,
         };
-        let health_checks = config
-            .health_check
-            .clone()
-            .map(|hc| active_health::HealthChecking::new(hc, health_check::HealthCheckStats::new(scope)));
+        let health_checks = config.health_check.clone().map(|hc| {
+            active_health::HealthChecking::new(
+                hc,
+                health_check::HealthCheckStats::new(scope),
+                config.ignore_new_hosts_until_first_hc,
+            )
+        });
         let c = Arc::new_cyclic(|me| Cluster {
             config,
             stats,
@@ -837,6 +857,7 @@ impl Cluster {
             panic_threshold: self.config.healthy_panic_threshold,
             locality_weighted: self.config.locality_lb
                 == Some(crate::config::lb::LocalityLb::LocalityWeighted),
+            exclude_pending: self.config.ignore_new_hosts_until_first_hc,
         }
     }
 
@@ -847,7 +868,7 @@ impl Cluster {
         self.stats.membership_total.set(total);
         self.stats.membership_healthy.set(set.healthy_count() as i64);
         self.stats.membership_degraded.set(set.degraded_count() as i64);
-        self.stats.membership_excluded.set(0);
+        self.stats.membership_excluded.set(set.excluded as i64);
         self.stats.max_host_weight.set(i64::from(max_weight));
         self.stats.membership_change.inc();
         self.hosts.store(Arc::new(set));
@@ -1051,6 +1072,46 @@ mod tests {
         }
         // Exact over whole cycles of the schedule; its random starting point shifts one pick at most.
         assert!((99..=101).contains(&in_a), "{in_a}");
+    }
+
+    /// `ignore_new_hosts_until_first_hc`: hosts pending their first check are left out of the counts, so
+    /// they neither drag the level into panic nor take its traffic; without it they count as unhealthy.
+    #[test]
+    fn hosts_pending_their_first_check_are_excluded() {
+        use EndpointHealth::Healthy;
+        let hosts = vec![host(1, 0, Healthy), host(2, 0, Healthy), host(3, 0, Healthy)];
+        for h in &hosts[1..] {
+            h.failed_active_hc.store(true, Relaxed);
+            h.pending_active_hc.store(true, Relaxed);
+        }
+        // Counted: 1 of 3 healthy is below the 50% threshold, the level panics and every host takes traffic.
+        let counted = HostSet::build(hosts.clone(), |_| false, &LbSettings::default());
+        assert_eq!(counted.excluded, 0);
+        assert!(counted.load.panic[0]);
+        assert_eq!(counted.levels[0].all.idx, [0, 1, 2]);
+        // Excluded: 1 of 1, no panic, only the checked host.
+        let lb = LbSettings {
+            exclude_pending: true,
+            ..Default::default()
+        };
+        let excluded = HostSet::build(hosts.clone(), |_| false, &lb);
+        assert_eq!(excluded.excluded, 2);
+        assert_eq!(excluded.level_counts()[0].hosts, 1);
+        assert!(!excluded.load.panic[0]);
+        let (per, panics) = spread(&excluded, 100);
+        assert_eq!((per, panics), (vec![100], 0));
+        // Their first check done (failed), they count again as unhealthy hosts.
+        hosts[1].pending_active_hc.store(false, Relaxed);
+        let one_back = HostSet::build(hosts, |_| false, &lb);
+        assert_eq!(one_back.excluded, 1);
+        assert_eq!(
+            one_back.level_counts()[0],
+            priority::LevelCounts {
+                hosts: 2,
+                healthy: 1,
+                degraded: 0
+            }
+        );
     }
 
     #[test]
