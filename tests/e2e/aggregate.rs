@@ -187,6 +187,131 @@ async fn entity_cache_falls_back_to_origin_and_back() {
     assert_eq!(r.stat("cluster.entity.membership_total").await, 0);
 }
 
+/// An upstream that answers 503 to everything while `failing` is set, and echoes otherwise.
+async fn breakable(name: &'static str) -> (Upstream, Arc<AtomicBool>) {
+    let up = Upstream::start(name).await;
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    up.set_handler(move |req| {
+        let f = f.clone();
+        async move {
+            if f.load(SeqCst) {
+                return crate::harness::reply(503, "cache down");
+            }
+            crate::harness::echo_response(req, name).await
+        }
+    });
+    (up, failing)
+}
+
+/// The same fallback driven by outlier detection: the cache's hosts start failing requests, are ejected after
+/// `consecutive_5xx` failures each, traffic moves to the origin, and comes back when the ejections end. The
+/// only failed requests are the ones that tripped detection (and those in flight with them).
+#[tokio::test]
+async fn entity_cache_falls_back_when_its_hosts_are_ejected() {
+    let (cache_1, failing_1) = breakable("cache-1").await;
+    let (cache_2, failing_2) = breakable("cache-2").await;
+    let origin = Upstream::start("origin").await;
+    let mut cache = cluster("cache", &[cache_1.addr(), cache_2.addr()]);
+    cache["outlier_detection"] = json!({
+        "consecutive_5xx": 3,
+        "interval": "0.1s",
+        "base_ejection_time": "0.5s",
+        "max_ejection_percent": 100,
+    });
+    let table = routes(vec![to_cluster(
+        json!({"prefix": "/entity.v1.EntityService/"}),
+        "entity",
+    )]);
+    let clusters = vec![
+        cache,
+        cluster("origin", &[origin.addr()]),
+        aggregate("entity", &["cache", "origin"]),
+    ];
+    let proxy = Proxy::start(&bootstrap(table, clusters, Value::Null), &[]).await;
+    let r = &proxy.remora;
+
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = proxy.h2();
+    let callers = 4;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (samples, stop, client) = (samples.clone(), stop.clone(), client.clone());
+        tasks.push(tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(30);
+            while !stop.load(SeqCst) && Instant::now() < end {
+                let sent = Instant::now();
+                let reply = client.get(METHOD, &[("content-type", "application/grpc")]).await;
+                let upstream = reply.header("x-upstream").unwrap_or_default().to_owned();
+                let status = reply.status.as_u16();
+                samples.lock().unwrap_or_else(|e| e.into_inner()).push(Sample {
+                    sent,
+                    upstream,
+                    status,
+                });
+            }
+        }));
+    }
+    let start = Instant::now();
+    let first = at_least(&samples, start, 100).await;
+    assert!(
+        first.iter().all(|s| s.upstream.starts_with("cache-")),
+        "{first:?}"
+    );
+
+    let failed_at = Instant::now();
+    failing_1.store(true, SeqCst);
+    failing_2.store(true, SeqCst);
+    let moved = first_after(&samples, failed_at, |s| s.upstream == "origin").await;
+    assert!(
+        moved < Duration::from_secs(1),
+        "moved to the origin after {moved:?}"
+    );
+    r.wait_stat(
+        "cluster.cache.outlier_detection.ejections_active",
+        |v| v == 2,
+        DEFAULT_TIMEOUT,
+    )
+    .await;
+    let ejected = Instant::now();
+    let after = at_least(&samples, ejected, 100).await;
+    assert!(
+        after.iter().all(|s| s.upstream == "origin" && s.status == 200),
+        "{after:?}"
+    );
+
+    // The cache is fixed; its hosts come back when their ejection time is up.
+    failing_1.store(false, SeqCst);
+    failing_2.store(false, SeqCst);
+    r.wait_stat(
+        "cluster.cache.outlier_detection.ejections_active",
+        |v| v == 0,
+        DEFAULT_TIMEOUT,
+    )
+    .await;
+    let returned = Instant::now();
+    let again = at_least(&samples, returned, 100).await;
+    assert!(
+        again.iter().all(|s| s.upstream.starts_with("cache-")),
+        "{again:?}"
+    );
+
+    stop.store(true, SeqCst);
+    for t in tasks {
+        t.await.unwrap_or_else(|e| panic!("caller: {e}"));
+    }
+    let all = since(&samples, start);
+    let failed = all.iter().filter(|s| s.status != 200).count();
+    // Three consecutive failures eject each cache host; requests already sent to it fail too.
+    assert!((6..=6 + callers).contains(&failed), "{failed} failed requests");
+    assert_eq!(r.stat("cluster.cache.upstream_rq_503").await as usize, failed);
+    eprintln!(
+        "{} requests, {failed} failed; to the origin {moved:?} after the cache failed",
+        all.len()
+    );
+}
+
 /// An aggregate cluster's `lb_policy` must be CLUSTER_PROVIDED, as in Envoy, and it takes no endpoints.
 #[tokio::test]
 async fn aggregate_cluster_config_is_checked() {

@@ -856,11 +856,17 @@ async fn forward(
     }
     let downstream_h2 = parts.version == Version::HTTP_2;
 
-    // Circuit breaker: the cluster's `max_requests`.
+    // Circuit breaker: the cluster's `max_requests` (an aggregate's members' are taken per attempt, where
+    // Envoy's connection pools take them); its `max_retries` below is the route's cluster's, as the router's.
     let resources = cluster.breakers.resources(Priority::Default).clone();
-    let Some(_rq_permit) = resources.try_request() else {
-        return overflow_reply(cs, info, false);
+    let _rq_permit = match cluster.aggregate {
+        Some(_) => None,
+        None => match resources.try_request() {
+            Some(p) => Some(p),
+            None => return overflow_reply(cs, info, false),
+        },
     };
+    let mut _member_permit = None;
     let provided = match provided_host(conn, cluster, &parts, info, 80).await {
         Ok(h) => h,
         Err(reply) => return *reply,
@@ -940,6 +946,14 @@ async fn forward(
         // The cluster that serves this attempt: an aggregate's member, else the route's cluster.
         let target = member.as_ref().unwrap_or(cluster);
         let ts = &target.stats;
+        if member.is_some() {
+            // A new attempt's permit replaces the last one's.
+            _member_permit = None;
+            match target.breakers.resources(Priority::Default).try_request() {
+                Some(p) => _member_permit = Some(p),
+                None => return overflow_reply(ts, info, false),
+            }
+        }
         let protocol = match target.config.protocol {
             Protocol::Downstream if downstream_h2 => Protocol::Http2,
             Protocol::Downstream => Protocol::Http1,

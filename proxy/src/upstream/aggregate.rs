@@ -22,9 +22,9 @@
 //!
 //! Requests are counted where Envoy's connection pools count them: on the member that served them
 //! (`upstream_rq_total`, `upstream_rq_active`, `upstream_rq_<code>`, connections, outlier detection, the
-//! member's `connect_timeout` and protocol). The aggregate keeps what the router charges before a host is
-//! chosen: `max_requests` and `max_retries` of its circuit breakers, `upstream_cx_none_healthy`, and its
-//! retry statistics.
+//! member's `connect_timeout`, protocol and `max_requests` circuit breaker). The aggregate keeps what the
+//! router charges before a host is chosen or across attempts: `max_retries` of its circuit breakers,
+//! `upstream_cx_none_healthy`, and its retry statistics.
 
 use super::lb::Rng;
 use super::priority::{LevelCounts, PriorityLoad};
