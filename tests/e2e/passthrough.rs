@@ -775,3 +775,36 @@ async fn the_sidecar_example_sends_declared_hosts_to_their_cluster_and_passes_th
         "{stats:?}"
     );
 }
+
+/// tcp_proxy to an aggregate cluster: the connection goes to the first member with healthy hosts, and counts
+/// there; the primary, its only host unhealthy, takes nothing.
+#[tokio::test]
+async fn tcp_proxy_to_an_aggregate_cluster_uses_the_healthy_member() {
+    let primary = tcp_origin("primary").await;
+    let secondary = tcp_origin("secondary").await;
+    let mut p = crate::support::cluster("primary", &[primary]);
+    p["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["health_status"] = json!("UNHEALTHY");
+    let aggregate = json!({
+        "name": "both",
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {"name": "envoy.clusters.aggregate", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+            "clusters": ["primary", "secondary"],
+        }},
+    });
+    let config = tcp_bootstrap(
+        json!({"stat_prefix": "agg", "cluster": "both"}),
+        vec![p, crate::support::cluster("secondary", &[secondary]), aggregate],
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(round_trip(&mut s, "hi").await, "secondary:hi");
+    }
+    assert_eq!(proxy.stat("cluster.secondary.upstream_cx_total").await, 5);
+    assert_eq!(proxy.stat("cluster.primary.upstream_cx_total").await, 0);
+    assert_eq!(proxy.stat("cluster.both.upstream_cx_total").await, 0);
+}
