@@ -171,7 +171,8 @@ async fn entity_cache_falls_back_to_origin_and_back() {
     let failed: Vec<&Sample> = all.iter().filter(|s| s.status != 200).collect();
     assert!(failed.is_empty(), "{failed:?}");
 
-    // Requests count on the member that served them; the aggregate has no hosts and serves none itself.
+    // As in Envoy, the connection pools count requests on the member that served them, the router counts
+    // responses on the route's cluster; the aggregate has no hosts of its own.
     let total = all.len() as i64;
     let (on_cache, on_origin) = (
         r.stat("cluster.cache.upstream_rq_total").await,
@@ -182,8 +183,10 @@ async fn entity_cache_falls_back_to_origin_and_back() {
         on_origin,
         all.iter().filter(|s| s.upstream == "origin").count() as i64
     );
-    assert_eq!(r.stat("cluster.origin.upstream_rq_2xx").await, on_origin);
     assert_eq!(r.stat("cluster.entity.upstream_rq_total").await, 0);
+    assert_eq!(r.stat("cluster.entity.upstream_rq_2xx").await, total);
+    assert_eq!(r.stat("cluster.entity.upstream_rq_completed").await, total);
+    assert_eq!(r.stat("cluster.origin.upstream_rq_2xx").await, 0);
     assert_eq!(r.stat("cluster.entity.membership_total").await, 0);
 }
 
@@ -305,7 +308,8 @@ async fn entity_cache_falls_back_when_its_hosts_are_ejected() {
     let failed = all.iter().filter(|s| s.status != 200).count();
     // Three consecutive failures eject each cache host; requests already sent to it fail too.
     assert!((6..=6 + callers).contains(&failed), "{failed} failed requests");
-    assert_eq!(r.stat("cluster.cache.upstream_rq_503").await as usize, failed);
+    assert_eq!(r.stat("cluster.entity.upstream_rq_503").await as usize, failed);
+    assert_eq!(proxy.stat("cluster.cache.upstream_rq_503").await, 0);
     eprintln!(
         "{} requests, {failed} failed; to the origin {moved:?} after the cache failed",
         all.len()

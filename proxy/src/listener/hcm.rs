@@ -945,13 +945,12 @@ async fn forward(
         };
         // The cluster that serves this attempt: an aggregate's member, else the route's cluster.
         let target = member.as_ref().unwrap_or(cluster);
-        let ts = &target.stats;
         if member.is_some() {
             // A new attempt's permit replaces the last one's.
             _member_permit = None;
             match target.breakers.resources(Priority::Default).try_request() {
                 Some(p) => _member_permit = Some(p),
-                None => return overflow_reply(ts, info, false),
+                None => return overflow_reply(cs, info, false),
             }
         }
         let protocol = match target.config.protocol {
@@ -998,13 +997,15 @@ async fn forward(
         .with_watchdog(Watchdog::new(request_deadline, None));
         info.upstream = Some((host.address, cluster.clone()));
 
-        ts.upstream_rq_total.inc();
-        ts.upstream_rq_active.inc();
+        // The pool's counts are the member's; the router's (response codes, times, retries) the route's.
+        target.stats.upstream_rq_total.inc();
+        target.stats.upstream_rq_active.inc();
         host.stats.rq_total.fetch_add(1, Relaxed);
         host.stats.rq_active.fetch_add(1, Relaxed);
         let upstream_start = Instant::now();
         let mut guard = UpstreamGuard {
-            cluster: target.clone(),
+            cluster: cluster.clone(),
+            pool: target.clone(),
             host: host.clone(),
             start: upstream_start,
             done: false,
@@ -1056,7 +1057,7 @@ async fn forward(
                 }
                 host.stats.rq_error.fetch_add(1, Relaxed);
                 if matches!(e, SendError::PerTryTimeout) {
-                    ts.upstream_rq_per_try_timeout.inc();
+                    cs.upstream_rq_per_try_timeout.inc();
                     host.stats.rq_timeout.fetch_add(1, Relaxed);
                 }
                 guard.finish(false);
@@ -1076,7 +1077,7 @@ async fn forward(
                                 _retry_permit = Some(permit);
                                 last_reset = Some(());
                                 if !backoff_within(backoff, deadline).await {
-                                    return timeout_reply(ts, &host, info);
+                                    return timeout_reply(cs, &host, info);
                                 }
                                 continue;
                             }
@@ -1086,7 +1087,7 @@ async fn forward(
                         }
                     }
                 }
-                return error_reply(ts, &host, &e, info, attempt > 1 && last_reset.is_some(), conn);
+                return error_reply(cs, &host, &e, info, attempt > 1 && last_reset.is_some(), conn);
             }
         };
 
@@ -1108,14 +1109,14 @@ async fn forward(
                 match decision {
                     RetryStatus::Yes { backoff, permit } => {
                         // The retried response is counted under `retry.`, not as a response to the client.
-                        ts.retry_rq.record(status);
+                        cs.retry_rq.record(status);
                         host.stats.rq_error.fetch_add(1, Relaxed);
                         guard.finish(false);
                         drop(resp);
                         _retry_permit = Some(permit);
                         last_reset = None;
                         if !backoff_within(backoff, deadline).await {
-                            return timeout_reply(ts, &host, info);
+                            return timeout_reply(cs, &host, info);
                         }
                         continue;
                     }
@@ -1139,7 +1140,7 @@ async fn forward(
                 .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
         }
         rparts.version = Version::HTTP_11;
-        ts.upstream_rq.record(status);
+        cs.upstream_rq.record(status);
         info.details = "via_upstream";
         guard.done = true;
         let done = UpstreamDone {
@@ -1195,21 +1196,20 @@ async fn tunnel(
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
     info.upstream = Some((host.address, cluster.clone()));
-    let ts = &target.stats;
-    ts.upstream_rq_total.inc();
+    target.stats.upstream_rq_total.inc();
     host.stats.rq_total.fetch_add(1, Relaxed);
     let mut upstream = match crate::upstream::pool::connect_tcp(&target, &host).await {
         Ok(s) => s,
         Err(e) => {
             target.record_outcome(index, Outcome::ConnectFailed, &mut conn.worker.rng.borrow_mut());
             host.stats.rq_error.fetch_add(1, Relaxed);
-            return error_reply(ts, &host, &SendError::Connect(e), info, false, conn);
+            return error_reply(cs, &host, &SendError::Connect(e), info, false, conn);
         }
     };
     info.response_at = Some(Instant::now());
     info.details = "via_upstream";
-    ts.upstream_rq.record(200);
-    ts.upstream_rq_completed.inc();
+    cs.upstream_rq.record(200);
+    cs.upstream_rq_completed.inc();
     host.stats.rq_success.fetch_add(1, Relaxed);
     let name = cluster.name().to_string();
     tokio::task::spawn_local(async move {
@@ -1574,7 +1574,10 @@ fn make_absolute(parts: &mut http::request::Parts) {
 
 /// Keeps the cluster's and host's active request counts right however the request ends.
 struct UpstreamGuard {
+    /// The route's cluster: the router's counts (`upstream_rq_completed`, `upstream_rq_time`, resets).
     cluster: Arc<Cluster>,
+    /// The cluster whose pool served the attempt (an aggregate's member, else `cluster`).
+    pool: Arc<Cluster>,
     host: Arc<Host>,
     start: Instant,
     done: bool,
@@ -1583,7 +1586,7 @@ struct UpstreamGuard {
 impl UpstreamGuard {
     fn finish(&mut self, success: bool) {
         let cs = &self.cluster.stats;
-        cs.upstream_rq_active.dec();
+        self.pool.stats.upstream_rq_active.dec();
         self.host.stats.rq_active.fetch_sub(1, Relaxed);
         if success {
             self.host.stats.rq_success.fetch_add(1, Relaxed);

@@ -20,11 +20,12 @@
 //! on the next pick and a missing member contributes no levels. The linearization is cached and rebuilt when
 //! the snapshot or a member's host set changes (Envoy rebuilds on its members' membership updates).
 //!
-//! Requests are counted where Envoy's connection pools count them: on the member that served them
-//! (`upstream_rq_total`, `upstream_rq_active`, `upstream_rq_<code>`, connections, outlier detection, the
-//! member's `connect_timeout`, protocol and `max_requests` circuit breaker). The aggregate keeps what the
-//! router charges before a host is chosen or across attempts: `max_retries` of its circuit breakers,
-//! `upstream_cx_none_healthy`, and its retry statistics.
+//! Statistics are counted where Envoy counts them. What the connection pool counts is the member's, since
+//! the pool belongs to the host's cluster: `upstream_rq_total`, `upstream_rq_active`, connections, the
+//! `max_requests` circuit breaker, outlier detection, and the member's `connect_timeout` and protocol apply.
+//! What the router counts is the route's cluster's, the aggregate: `upstream_rq_<code>`, `upstream_rq_<N>xx`,
+//! `upstream_rq_completed`, `upstream_rq_time`, timeouts, retries and `max_retries`, and
+//! `upstream_cx_none_healthy`.
 
 use super::lb::Rng;
 use super::priority::{LevelCounts, PriorityLoad};
