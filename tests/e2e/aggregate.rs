@@ -188,6 +188,10 @@ async fn entity_cache_falls_back_to_origin_and_back() {
     assert_eq!(r.stat("cluster.entity.upstream_rq_completed").await, total);
     assert_eq!(r.stat("cluster.origin.upstream_rq_2xx").await, 0);
     assert_eq!(r.stat("cluster.entity.membership_total").await, 0);
+    for member in ["cache", "origin"] {
+        let active = format!("cluster.{member}.upstream_rq_active");
+        r.wait_stat(&active, |v| v == 0, DEFAULT_TIMEOUT).await;
+    }
 }
 
 /// An upstream that answers 503 to everything while `failing` is set, and echoes otherwise.

@@ -1005,7 +1005,7 @@ async fn forward(
         let upstream_start = Instant::now();
         let mut guard = UpstreamGuard {
             cluster: cluster.clone(),
-            pool: target.clone(),
+            member: member.clone(),
             host: host.clone(),
             start: upstream_start,
             done: false,
@@ -1576,8 +1576,8 @@ fn make_absolute(parts: &mut http::request::Parts) {
 struct UpstreamGuard {
     /// The route's cluster: the router's counts (`upstream_rq_completed`, `upstream_rq_time`, resets).
     cluster: Arc<Cluster>,
-    /// The cluster whose pool served the attempt (an aggregate's member, else `cluster`).
-    pool: Arc<Cluster>,
+    /// An aggregate's member whose pool served the attempt (the pool's counts are its own), else `None`.
+    member: Option<Arc<Cluster>>,
     host: Arc<Host>,
     start: Instant,
     done: bool,
@@ -1586,7 +1586,8 @@ struct UpstreamGuard {
 impl UpstreamGuard {
     fn finish(&mut self, success: bool) {
         let cs = &self.cluster.stats;
-        self.pool.stats.upstream_rq_active.dec();
+        let pool = self.member.as_ref().unwrap_or(&self.cluster);
+        pool.stats.upstream_rq_active.dec();
         self.host.stats.rq_active.fetch_sub(1, Relaxed);
         if success {
             self.host.stats.rq_success.fetch_add(1, Relaxed);
