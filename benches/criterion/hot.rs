@@ -161,7 +161,13 @@ fn lb_pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("lb_pick_10_hosts");
     for (name, policy) in [
         ("round_robin", LbPolicy::RoundRobin),
-        ("least_request_p2c", LbPolicy::LeastRequest { choice_count: 2 }),
+        (
+            "least_request_p2c",
+            LbPolicy::LeastRequest {
+                choice_count: 2,
+                active_request_bias: None,
+            },
+        ),
         ("random", LbPolicy::Random),
     ] {
         g.bench_function(name, |b| {

@@ -10,7 +10,7 @@ use crate::harness::{load, Budget, DnsServer, Upstream, UpstreamOptions};
 use crate::support::{bootstrap, routes, to_cluster, Proxy};
 
 /// An origin on another loopback address (127.0.0.x), as a second "zone" host.
-async fn origin_on(name: &str, ip: [u8; 4]) -> Upstream {
+pub(crate) async fn origin_on(name: &str, ip: [u8; 4]) -> Upstream {
     Upstream::with_options(
         name,
         UpstreamOptions {
@@ -21,7 +21,7 @@ async fn origin_on(name: &str, ip: [u8; 4]) -> Upstream {
     .await
 }
 
-fn dns_cluster(kind: &str, name: &str, port: u16, dns: SocketAddr) -> Value {
+pub(crate) fn dns_cluster(kind: &str, name: &str, port: u16, dns: SocketAddr) -> Value {
     json!({
         "name": "svc",
         "type": kind,
@@ -94,7 +94,7 @@ async fn strict_dns_follows_record_changes_under_load_without_failures() {
     assert!(proxy.stat("cluster.svc.update_success").await >= 2);
 }
 
-async fn origin_on_port(name: &str, ip: [u8; 4], port: u16) -> Upstream {
+pub(crate) async fn origin_on_port(name: &str, ip: [u8; 4], port: u16) -> Upstream {
     Upstream::with_options(
         name,
         UpstreamOptions {

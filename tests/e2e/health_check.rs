@@ -11,7 +11,7 @@ use crate::harness::{echo_response, reply, Upstream, DEFAULT_TIMEOUT};
 use crate::support::{bootstrap, cluster, routes, to_cluster, Proxy};
 
 /// An upstream whose `/health` answers 503 while `failing` is set, and echoes everything else.
-async fn switchable(name: &'static str) -> (Upstream, Arc<AtomicBool>) {
+pub(crate) async fn switchable(name: &'static str) -> (Upstream, Arc<AtomicBool>) {
     let up = Upstream::start(name).await;
     let failing = Arc::new(AtomicBool::new(false));
     let f = failing.clone();
@@ -206,5 +206,107 @@ async fn failover_to_priority_1_follows_health_checks_on_the_health_check_port()
         .await;
     for _ in 0..5 {
         assert_eq!(upstream_of(client.get("/", &[]).await), "primary");
+    }
+}
+
+/// An origin on `ip` (port `port`, or any) whose `/health` waits until `open` is true, and echoes the rest.
+async fn gated(name: &'static str, ip: [u8; 4], port: u16) -> (Upstream, tokio::sync::watch::Sender<bool>) {
+    let up = if port == 0 {
+        crate::dns::origin_on(name, ip).await
+    } else {
+        crate::dns::origin_on_port(name, ip, port).await
+    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    up.set_handler(move |req| {
+        let mut rx = rx.clone();
+        async move {
+            if req.uri().path() == "/health" {
+                let _ = rx.wait_for(|open| *open).await;
+                return reply(200, "ok");
+            }
+            echo_response(req, name).await
+        }
+    });
+    (up, tx)
+}
+
+/// Requests (of 40) that reached `b`.
+async fn to_b(proxy: &Proxy) -> usize {
+    let client = proxy.h1();
+    let mut n = 0;
+    for _ in 0..40 {
+        let r = client.get("/", &[]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        n += usize::from(r.header("x-upstream") == Some("b"));
+    }
+    n
+}
+
+/// `common_lb_config.ignore_new_hosts_until_first_hc`: a host that DNS adds to a health-checked cluster is
+/// excluded (`membership_excluded`, `/pending_active_hc`) until its first check completes, so it neither
+/// counts towards the panic threshold nor takes traffic. Without the setting it counts as an unhealthy host:
+/// with a 60% threshold, one healthy host of two is panic and the new host takes traffic unchecked.
+#[tokio::test]
+async fn new_hosts_wait_for_their_first_check_with_ignore_new_hosts_until_first_hc() {
+    for ignore in [true, false] {
+        let dns = crate::harness::DnsServer::start().await;
+        let (a, open_a) = gated("a", [127, 0, 0, 21], 0).await;
+        let (_b, open_b) = gated("b", [127, 0, 0, 22], a.port()).await;
+        open_a.send_replace(true);
+        dns.set("svc.test", &[std::net::IpAddr::from([127, 0, 0, 21])]);
+        let mut c = crate::dns::dns_cluster("STRICT_DNS", "svc.test", a.port(), dns.addr());
+        c["health_checks"] = json!([{
+            "timeout": "10s",
+            "interval": "0.05s",
+            "no_traffic_interval": "0.05s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/health"},
+        }]);
+        c["common_lb_config"] = json!({
+            "ignore_new_hosts_until_first_hc": ignore,
+            "healthy_panic_threshold": {"value": 60},
+        });
+        let table = routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]);
+        let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+        let r = &proxy.remora;
+        assert_eq!(r.stat("cluster.svc.membership_healthy").await, 1);
+
+        dns.set(
+            "svc.test",
+            &[
+                std::net::IpAddr::from([127, 0, 0, 21]),
+                std::net::IpAddr::from([127, 0, 0, 22]),
+            ],
+        );
+        r.wait_stat("cluster.svc.membership_total", |v| v == 2, DEFAULT_TIMEOUT)
+            .await;
+        let (_, clusters) = r.admin_get("/clusters").await;
+        let pending = clusters.contains("/pending_active_hc");
+        if ignore {
+            assert_eq!(r.stat("cluster.svc.membership_excluded").await, 1);
+            assert!(pending, "{clusters}");
+            assert_eq!(
+                to_b(&proxy).await,
+                0,
+                "a host pending its first check took traffic"
+            );
+            assert_eq!(r.stat("cluster.svc.lb_healthy_panic").await, 0);
+        } else {
+            assert_eq!(r.stat("cluster.svc.membership_excluded").await, 0);
+            assert!(!pending, "{clusters}");
+            assert!(
+                to_b(&proxy).await > 0,
+                "the unchecked host should take traffic in panic"
+            );
+            assert!(r.stat("cluster.svc.lb_healthy_panic").await > 0);
+        }
+
+        // The first check passes: the host is healthy and takes traffic.
+        open_b.send_replace(true);
+        r.wait_stat("cluster.svc.membership_healthy", |v| v == 2, DEFAULT_TIMEOUT)
+            .await;
+        assert_eq!(r.stat("cluster.svc.membership_excluded").await, 0);
+        assert!(to_b(&proxy).await > 0);
     }
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `remora` binary between in-process clients and origins (see `harness`).
 
 mod admin;
+mod aggregate;
 mod balancing;
 mod corpus;
 mod dns;

@@ -1028,4 +1028,36 @@ async fn filter_chains_that_tie_or_need_tls_are_refused_with_their_paths() {
         err.contains("static_resources.listeners[0].filter_chains[0].filter_chain_match.server_names"),
         "{err}"
     );
+
+/// tcp_proxy to an aggregate cluster: the connection goes to the first member with healthy hosts, and counts
+/// there; the primary, its only host unhealthy, takes nothing.
+#[tokio::test]
+async fn tcp_proxy_to_an_aggregate_cluster_uses_the_healthy_member() {
+    let primary = tcp_origin("primary").await;
+    let secondary = tcp_origin("secondary").await;
+    let mut p = crate::support::cluster("primary", &[primary]);
+    p["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["health_status"] = json!("UNHEALTHY");
+    let aggregate = json!({
+        "name": "both",
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {"name": "envoy.clusters.aggregate", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+            "clusters": ["primary", "secondary"],
+        }},
+    });
+    let config = tcp_bootstrap(
+        json!({"stat_prefix": "agg", "cluster": "both"}),
+        vec![p, crate::support::cluster("secondary", &[secondary]), aggregate],
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(round_trip(&mut s, "hi").await, "secondary:hi");
+    }
+    assert_eq!(proxy.stat("cluster.secondary.upstream_cx_total").await, 5);
+    assert_eq!(proxy.stat("cluster.primary.upstream_cx_total").await, 0);
+    assert_eq!(proxy.stat("cluster.both.upstream_cx_total").await, 0);
 }

@@ -387,6 +387,9 @@ fn health_flags(h: &crate::upstream::Host, ejected: bool) -> String {
     if ejected {
         flags.push_str("/failed_outlier_check");
     }
+    if h.pending_active_hc.load(Relaxed) {
+        flags.push_str("/pending_active_hc");
+    }
     match h.health {
         Unknown | Healthy => {}
         Degraded => flags.push_str("/degraded_eds_health"),
@@ -451,6 +454,7 @@ fn clusters_json(shared: &Shared) -> serde_json::Value {
                                 other => other.name(),
                             },
                             "failed_active_health_check": h.failed_active_hc.load(Relaxed),
+                            "pending_active_hc": h.pending_active_hc.load(Relaxed),
                         },
                         "weight": h.weight,
                         "hostname": h.hostname,

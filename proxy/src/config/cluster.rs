@@ -63,6 +63,13 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     if ty != "ORIGINAL_DST" {
         c.unsupported("original_dst_lb_config");
     }
+    let aggregate = matches!(discovery, Discovery::Aggregate(_));
+    if aggregate && c.has("load_assignment") {
+        c.err(
+            "load_assignment",
+            "an aggregate cluster's hosts are its clusters'; it takes no load_assignment",
+        );
+    }
     if provided && c.has("load_assignment") {
         c.err(
             "load_assignment",
@@ -82,27 +89,38 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     let connect_timeout = c.duration("connect_timeout").unwrap_or(Duration::from_secs(5));
     let lb = c.enum_name("lb_policy");
     let lb_policy = match lb.as_str() {
+        // Envoy: "cluster provided LB not specified but cluster provided one".
+        other if aggregate && other != "CLUSTER_PROVIDED" => {
+            c.err(
+                "lb_policy",
+                format!("an aggregate cluster provides its load balancer: lb_policy must be CLUSTER_PROVIDED, not {other}"),
+            );
+            LbPolicy::RoundRobin
+        }
         "ROUND_ROBIN" => LbPolicy::RoundRobin,
         // The cluster picks the host itself (the request's authority or original destination).
-        "CLUSTER_PROVIDED" if provided => LbPolicy::RoundRobin,
+        "CLUSTER_PROVIDED" if provided || aggregate => LbPolicy::RoundRobin,
         "RANDOM" => LbPolicy::Random,
         "LEAST_REQUEST" => {
-            let choice_count = c
+            let (choice_count, active_request_bias) = c
                 .msg("least_request_lb_config")
                 .map(|l| {
                     let n = l.wrapped_u32("choice_count").unwrap_or(2);
                     if n < 2 {
                         l.err("choice_count", "must be at least 2");
                     }
-                    l.unsupported("active_request_bias");
+                    let bias = super::lb::lower_active_request_bias(&l);
                     l.unsupported("slow_start_config");
                     l.unsupported("locality_lb_config");
                     l.unsupported("enable_full_scan");
                     l.unsupported("selection_method");
-                    n
+                    (n, bias)
                 })
-                .unwrap_or(2);
-            LbPolicy::LeastRequest { choice_count }
+                .unwrap_or((2, None));
+            LbPolicy::LeastRequest {
+                choice_count,
+                active_request_bias,
+            }
         }
         "RING_HASH" => LbPolicy::RingHash(
             c.msg("ring_hash_lb_config")
@@ -242,13 +260,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     c.unsupported("transport_socket");
     let common_lb = c
         .msg("common_lb_config")
-        .map(|n| {
-            let l = super::lb::lower_common_lb_config(&n);
-            if l.ignore_new_hosts_until_first_hc {
-                n.err("ignore_new_hosts_until_first_hc", "not supported by Remora yet");
-            }
-            l
-        })
+        .map(|n| super::lb::lower_common_lb_config(&n))
         .unwrap_or_default();
     // The typed policy's locality setting wins over common_lb_config's, as in Envoy.
     let locality_lb = policy_locality.or(common_lb.locality);
@@ -268,6 +280,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         outlier,
         overprovisioning_factor,
         healthy_panic_threshold: common_lb.healthy_panic_threshold,
+        ignore_new_hosts_until_first_hc: common_lb.ignore_new_hosts_until_first_hc,
         locality_lb,
         health_check,
     })
@@ -512,8 +525,9 @@ fn lower_family(c: &Node) -> Family {
 }
 
 const DFP_CLUSTER: &str = "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig";
+const AGGREGATE_CLUSTER: &str = "envoy.extensions.clusters.aggregate.v3.ClusterConfig";
 
-/// `cluster_type`: the dynamic forward proxy cluster is the one extension cluster Remora runs.
+/// `cluster_type`: the extension clusters Remora runs, the dynamic forward proxy and the aggregate cluster.
 fn lower_cluster_type(c: &Node) -> Discovery {
     let Some(ct) = c.msg("cluster_type") else {
         return Discovery::Static;
@@ -523,6 +537,21 @@ fn lower_cluster_type(c: &Node) -> Discovery {
         ct.err("typed_config", "needs the cluster extension's typed_config");
         return Discovery::Static;
     };
+    if cfg.type_name() == AGGREGATE_CLUSTER {
+        let clusters = cfg.strings("clusters");
+        if clusters.is_empty() {
+            // As Envoy's validation: `clusters` needs at least one item.
+            cfg.err("clusters", "an aggregate cluster needs at least one cluster");
+        }
+        let name = c.string("name").unwrap_or_default();
+        if clusters.contains(&name) {
+            cfg.err(
+                "clusters",
+                format!("the aggregate cluster {name} cannot include itself"),
+            );
+        }
+        return Discovery::Aggregate(crate::upstream::aggregate::AggregateConfig { clusters });
+    }
     if cfg.type_name() != DFP_CLUSTER {
         cfg.err_here(format!(
             "cluster type {} is not supported by Remora",

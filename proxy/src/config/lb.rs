@@ -152,7 +152,7 @@ pub fn lower_maglev(n: &Node) -> u64 {
 }
 
 /// The policy from `load_balancing_policy`, with the locality setting its typed config carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LbChoice {
     pub kind: LbPolicy,
     pub locality: Option<LocalityLb>,
@@ -198,16 +198,15 @@ pub fn lower_load_balancing_policy(n: &Node) -> Option<LbChoice> {
                 if choice_count < 2 {
                     cfg.err("choice_count", "must be at least 2");
                 }
-                for f in [
-                    "active_request_bias",
-                    "slow_start_config",
-                    "enable_full_scan",
-                    "selection_method",
-                ] {
+                let active_request_bias = lower_active_request_bias(&cfg);
+                for f in ["slow_start_config", "enable_full_scan", "selection_method"] {
                     cfg.unsupported(f);
                 }
                 LbChoice {
-                    kind: LbPolicy::LeastRequest { choice_count },
+                    kind: LbPolicy::LeastRequest {
+                        choice_count,
+                        active_request_bias,
+                    },
                     locality: cfg
                         .msg("locality_lb_config")
                         .and_then(|l| lower_locality_lb_config(&l)),
@@ -259,6 +258,21 @@ pub fn lower_load_balancing_policy(n: &Node) -> Option<LbChoice> {
         format!("no policy Remora supports (saw {})", names.join(", ")),
     );
     None
+}
+
+/// `active_request_bias` (a `RuntimeDouble`) of `least_request_lb_config` or the typed `LeastRequest` policy:
+/// its `default_value` when set. Remora has no runtime layers (`layered_runtime` is refused), so `runtime_key`
+/// can never override it. A negative or NaN bias is 1.0, as Envoy's `LeastRequestLoadBalancer::refresh` does
+/// (with a warning).
+pub fn lower_active_request_bias(n: &Node) -> Option<f64> {
+    let b = n.msg("active_request_bias")?;
+    let key = b.string("runtime_key").unwrap_or_default();
+    let v = b.f64("default_value");
+    if v < 0.0 || v.is_nan() {
+        tracing::warn!(runtime_key = %key, bias = v, "upstream: invalid active request bias supplied, using 1.0");
+        return Some(1.0);
+    }
+    Some(v)
 }
 
 /// `ClusterLoadAssignment.policy`: the overprovisioning factor (percent, default 140).
@@ -586,7 +600,10 @@ loadBalancingPolicy:
         assert_eq!(
             p,
             Some(LbChoice {
-                kind: LbPolicy::LeastRequest { choice_count: 2 },
+                kind: LbPolicy::LeastRequest {
+                    choice_count: 2,
+                    active_request_bias: None,
+                },
                 locality: Some(LocalityLb::LocalityWeighted)
             })
         );
@@ -611,14 +628,34 @@ loadBalancingPolicy:
       name: lr
       typedConfig:
         '@type': type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
-        activeRequestBias: {defaultValue: 1.0, runtimeKey: k}
+        activeRequestBias: {defaultValue: 0.5, runtimeKey: k}
+        selectionMethod: FULL_SCAN
 "#;
-        let (_, e) = lower(CLUSTER, yaml, |c| {
+        let (p, e) = lower(CLUSTER, yaml, |c| {
             lower_load_balancing_policy(&c.msg("load_balancing_policy").unwrap())
         });
         assert_eq!(
+            p.unwrap().kind,
+            LbPolicy::LeastRequest {
+                choice_count: 2,
+                active_request_bias: Some(0.5)
+            }
+        );
+        assert_eq!(
             e,
-            ["c.load_balancing_policy.policies[0].typed_extension_config.typed_config.active_request_bias: not supported by Remora"]
+            ["c.load_balancing_policy.policies[0].typed_extension_config.typed_config.selection_method: not supported by Remora"]
+        );
+        // A negative bias is 1.0, as in Envoy.
+        let (p, e) = lower(CLUSTER, "{name: c, lb_policy: LEAST_REQUEST, least_request_lb_config: {active_request_bias: {default_value: -2, runtime_key: k}}}", |c| {
+            super::super::cluster::lower(c).map(|c| c.lb_policy)
+        });
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            p,
+            Some(LbPolicy::LeastRequest {
+                choice_count: 2,
+                active_request_bias: Some(1.0)
+            })
         );
     }
 

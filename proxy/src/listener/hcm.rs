@@ -854,17 +854,19 @@ async fn forward(
         parts.headers.insert(header::HOST, v.clone());
         set_authority(&mut parts.uri, v.to_str().unwrap_or_default());
     }
-    let protocol = match cluster.config.protocol {
-        Protocol::Downstream if parts.version == Version::HTTP_2 => Protocol::Http2,
-        Protocol::Downstream => Protocol::Http1,
-        p => p,
-    };
+    let downstream_h2 = parts.version == Version::HTTP_2;
 
-    // Circuit breaker: the cluster's `max_requests`.
+    // Circuit breaker: the cluster's `max_requests` (an aggregate's members' are taken per attempt, where
+    // Envoy's connection pools take them); its `max_retries` below is the route's cluster's, as the router's.
     let resources = cluster.breakers.resources(Priority::Default).clone();
-    let Some(_rq_permit) = resources.try_request() else {
-        return overflow_reply(cs, info, false);
+    let _rq_permit = match cluster.aggregate {
+        Some(_) => None,
+        None => match resources.try_request() {
+            Some(p) => Some(p),
+            None => return overflow_reply(cs, info, false),
+        },
     };
+    let mut _member_permit = None;
     let provided = match provided_host(conn, cluster, &parts, info, 80).await {
         Ok(h) => h,
         Err(reply) => return *reply,
@@ -892,18 +894,24 @@ async fn forward(
     let mut _retry_permit = None;
     let mut last_reset = None;
     // The route's `hash_policy`, for the consistent-hash balancers only.
-    let hash = if cluster.config.lb_policy.hashes() {
+    let hash = if cluster.config.lb_policy.hashes() || cluster.aggregate.is_some() {
         action.hash_policy.hash(&parts.headers, Some(conn.remote.ip()))
     } else {
         None
     };
+
+    // An aggregate cluster picks among its members, looked up in the current snapshot.
+    let members = cluster
+        .aggregate
+        .as_ref()
+        .map(|_| conn.shared.clusters.load_full());
 
     loop {
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
             let mut selection = 0u64;
             let mut pick = || match &provided {
-                Some(h) => cluster.index_of(h),
+                Some(h) => cluster.index_of(h).map(|(i, h)| (None, i, h)),
                 None if cluster.provides_hosts() => None,
                 None => {
                     // A host the retry predicate refused is picked again with the hash rehashed, so that a
@@ -914,21 +922,41 @@ async fn forward(
                         n => crate::upstream::hash::xxhash64(&h.to_le_bytes(), n),
                     });
                     selection += 1;
-                    cluster.pick(&mut rng, h)
+                    match (&cluster.aggregate, &members) {
+                        (Some(a), Some(snapshot)) => a
+                            .pick(snapshot, &mut rng, h)
+                            .map(|(m, i, host)| (Some(m), i, host)),
+                        _ => cluster.pick(&mut rng, h).map(|(i, host)| (None, i, host)),
+                    }
                 }
             };
             match &retry {
-                Some(r) => r.select_host(pick, |(_, h)| h.id),
+                Some(r) => r.select_host(pick, |(_, _, h)| h.id),
                 None => pick(),
             }
         };
-        let Some((index, host)) = picked else {
+        let Some((member, index, host)) = picked else {
             cs.upstream_cx_none_healthy.inc();
             info.set(Flag::NoHealthyUpstream);
             info.details = "no_healthy_upstream";
             cs.upstream_rq.record(503);
             cs.upstream_rq_completed.inc();
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        // The cluster that serves this attempt: an aggregate's member, else the route's cluster.
+        let target = member.as_ref().unwrap_or(cluster);
+        if member.is_some() {
+            // A new attempt's permit replaces the last one's.
+            _member_permit = None;
+            match target.breakers.resources(Priority::Default).try_request() {
+                Some(p) => _member_permit = Some(p),
+                None => return overflow_reply(cs, info, false),
+            }
+        }
+        let protocol = match target.config.protocol {
+            Protocol::Downstream if downstream_h2 => Protocol::Http2,
+            Protocol::Downstream => Protocol::Http1,
+            p => p,
         };
         let attempt = retry.as_ref().map_or(1, |r| r.attempt_count());
         if let Some(r) = retry.as_mut() {
@@ -969,13 +997,15 @@ async fn forward(
         .with_watchdog(Watchdog::new(request_deadline, None));
         info.upstream = Some((host.address, cluster.clone()));
 
-        cs.upstream_rq_total.inc();
-        cs.upstream_rq_active.inc();
+        // The pool's counts are the member's; the router's (response codes, times, retries) the route's.
+        target.stats.upstream_rq_total.inc();
+        target.stats.upstream_rq_active.inc();
         host.stats.rq_total.fetch_add(1, Relaxed);
         host.stats.rq_active.fetch_add(1, Relaxed);
         let upstream_start = Instant::now();
         let mut guard = UpstreamGuard {
             cluster: cluster.clone(),
+            member: member.clone(),
             host: host.clone(),
             start: upstream_start,
             done: false,
@@ -986,7 +1016,7 @@ async fn forward(
             (Some(d), Some(p)) => Some(d.min(p)),
             (d, p) => d.or(p),
         };
-        let sent = send(conn, cluster, &host, protocol, attempt_parts, req_body);
+        let sent = send(conn, target, &host, protocol, attempt_parts, req_body);
         let result = match Watchdog::new(attempt_deadline, idle.clone()) {
             Some(mut w) => {
                 tokio::pin!(sent);
@@ -1023,7 +1053,7 @@ async fn forward(
                     SendError::Timeout | SendError::Idle => (Some(Outcome::Timeout), None),
                 };
                 if let Some(o) = outcome {
-                    cluster.record_outcome(index, o, &mut conn.worker.rng.borrow_mut());
+                    target.record_outcome(index, o, &mut conn.worker.rng.borrow_mut());
                 }
                 host.stats.rq_error.fetch_add(1, Relaxed);
                 if matches!(e, SendError::PerTryTimeout) {
@@ -1063,7 +1093,7 @@ async fn forward(
 
         let status = resp.status().as_u16();
         info.response_at = Some(Instant::now());
-        cluster.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
+        target.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
         if let Some(r) = retry.as_mut() {
             if tee.as_ref().is_none_or(Tee::replayable) {
                 let decision = {
@@ -1153,11 +1183,11 @@ async fn tunnel(
         Err(reply) => return *reply,
     };
     let picked = match &provided {
-        Some(h) => cluster.index_of(h),
+        Some(h) => cluster.index_of(h).map(|(i, h)| (cluster.clone(), i, h)),
         None if cluster.provides_hosts() => None,
-        None => cluster.pick(&mut conn.worker.rng.borrow_mut(), None),
+        None => cluster.pick_target(&conn.shared.clusters, &mut conn.worker.rng.borrow_mut(), None),
     };
-    let Some((index, host)) = picked else {
+    let Some((target, index, host)) = picked else {
         cs.upstream_cx_none_healthy.inc();
         info.set(Flag::NoHealthyUpstream);
         info.details = "no_healthy_upstream";
@@ -1166,12 +1196,12 @@ async fn tunnel(
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
     info.upstream = Some((host.address, cluster.clone()));
-    cs.upstream_rq_total.inc();
+    target.stats.upstream_rq_total.inc();
     host.stats.rq_total.fetch_add(1, Relaxed);
-    let mut upstream = match crate::upstream::pool::connect_tcp(cluster, &host).await {
+    let mut upstream = match crate::upstream::pool::connect_tcp(&target, &host).await {
         Ok(s) => s,
         Err(e) => {
-            cluster.record_outcome(index, Outcome::ConnectFailed, &mut conn.worker.rng.borrow_mut());
+            target.record_outcome(index, Outcome::ConnectFailed, &mut conn.worker.rng.borrow_mut());
             host.stats.rq_error.fetch_add(1, Relaxed);
             return error_reply(cs, &host, &SendError::Connect(e), info, false, conn);
         }
@@ -1544,7 +1574,10 @@ fn make_absolute(parts: &mut http::request::Parts) {
 
 /// Keeps the cluster's and host's active request counts right however the request ends.
 struct UpstreamGuard {
+    /// The route's cluster: the router's counts (`upstream_rq_completed`, `upstream_rq_time`, resets).
     cluster: Arc<Cluster>,
+    /// An aggregate's member whose pool served the attempt (the pool's counts are its own), else `None`.
+    member: Option<Arc<Cluster>>,
     host: Arc<Host>,
     start: Instant,
     done: bool,
@@ -1553,7 +1586,8 @@ struct UpstreamGuard {
 impl UpstreamGuard {
     fn finish(&mut self, success: bool) {
         let cs = &self.cluster.stats;
-        cs.upstream_rq_active.dec();
+        let pool = self.member.as_ref().unwrap_or(&self.cluster);
+        pool.stats.upstream_rq_active.dec();
         self.host.stats.rq_active.fetch_sub(1, Relaxed);
         if success {
             self.host.stats.rq_success.fetch_add(1, Relaxed);

@@ -111,24 +111,26 @@ async fn proxy(
     let mut upstream = None;
     for _ in 0..cfg.max_connect_attempts.max(1) {
         // An ORIGINAL_DST cluster's host is the connection's original destination.
+        // An aggregate cluster's host belongs to the member chosen: the connection is that member's.
         let picked = match &cluster.original_dst {
             Some(od) => od
                 .host_for(&cluster, None, original_dst)
-                .and_then(|h| cluster.index_of(&h)),
-            None => cluster.pick(&mut worker.rng.borrow_mut(), None),
+                .and_then(|h| cluster.index_of(&h))
+                .map(|(i, h)| (cluster.clone(), i, h)),
+            None => cluster.pick_target(&shared.clusters, &mut worker.rng.borrow_mut(), None),
         };
-        let Some((index, host)) = picked else {
+        let Some((target, index, host)) = picked else {
             cluster.stats.upstream_cx_none_healthy.inc();
             return;
         };
-        match crate::upstream::pool::connect_tcp(&cluster, &host).await {
+        match crate::upstream::pool::connect_tcp(&target, &host).await {
             Ok(u) => {
                 upstream = Some(u);
                 break;
             }
             Err(e) => {
                 tracing::debug!(cluster = %cluster.name(), host = %host.address, error = %e, "tcp_proxy: connect failed");
-                cluster.record_outcome(index, Outcome::ConnectFailed, &mut worker.rng.borrow_mut());
+                target.record_outcome(index, Outcome::ConnectFailed, &mut worker.rng.borrow_mut());
             }
         }
     }

@@ -20,6 +20,8 @@ use tokio::task::AbortHandle;
 pub struct HealthChecking {
     pub config: Arc<HealthCheckConfig>,
     pub stats: HealthCheckStats,
+    /// `common_lb_config.ignore_new_hosts_until_first_hc`: new hosts are also `PENDING_ACTIVE_HC`.
+    warm_hosts: bool,
     state: Mutex<Tasks>,
 }
 
@@ -34,10 +36,11 @@ struct Tasks {
 }
 
 impl HealthChecking {
-    pub fn new(config: Arc<HealthCheckConfig>, stats: HealthCheckStats) -> Self {
+    pub fn new(config: Arc<HealthCheckConfig>, stats: HealthCheckStats, warm_hosts: bool) -> Self {
         HealthChecking {
             config,
             stats,
+            warm_hosts,
             state: Mutex::new(Tasks::default()),
         }
     }
@@ -62,6 +65,9 @@ impl HealthChecking {
         for h in hosts.iter().filter(|h| !h.health_check_disabled) {
             st.hosts.entry(h.id).or_insert_with(|| {
                 h.failed_active_hc.store(true, Relaxed);
+                if self.warm_hosts {
+                    h.pending_active_hc.store(true, Relaxed);
+                }
                 (h.clone(), None)
             });
         }
@@ -120,15 +126,26 @@ impl Drop for HealthChecking {
     }
 }
 
-/// A check that reports the end of its first run (for the server's start-up wait).
+/// A check that reports the end of its first run (for the server's start-up wait) and ends the host's
+/// `PENDING_ACTIVE_HC`.
 struct ReportFirst {
     inner: Checker,
     first: Option<mpsc::Sender<()>>,
+    host: Arc<Host>,
+    cluster: Weak<Cluster>,
 }
 
 impl health_check::Check for ReportFirst {
     async fn run(&mut self, cfg: &HealthCheckConfig, stats: &HealthCheckStats) -> CheckResult {
         let r = self.inner.check(cfg, stats).await;
+        // The first check is done: the host counts again (Envoy's `clearPendingFlag`). A first success always
+        // makes the host healthy, and that transition republishes the set; a failure changes nothing else,
+        // so republish here.
+        if self.host.pending_active_hc.swap(false, Relaxed) && r != CheckResult::Success {
+            if let Some(c) = self.cluster.upgrade() {
+                c.refresh_health();
+            }
+        }
         if let Some(tx) = self.first.take() {
             let _ = tx.send(()).await;
         }
@@ -149,6 +166,8 @@ async fn check_host(
     let checker = ReportFirst {
         inner: Checker::new(host.health_check_address, name.clone()),
         first,
+        host: host.clone(),
+        cluster: cluster.clone(),
     };
     let had_traffic = {
         let cluster = cluster.clone();

@@ -69,7 +69,18 @@ pub fn pick(
             }
         }
         LbPolicy::Random => rng.below(n),
-        LbPolicy::LeastRequest { choice_count } => {
+        LbPolicy::LeastRequest {
+            active_request_bias, ..
+        } if c.least_request.is_some() => {
+            let bias = active_request_bias.unwrap_or(1.0);
+            let edf = c.least_request.as_ref()?;
+            let mut edf = edf.lock().ok()?;
+            edf.pick(|pos| {
+                let h = &hosts[idx[pos]];
+                least_request_weight(h.weight, h.stats.rq_active.load(Relaxed), bias)
+            })?
+        }
+        LbPolicy::LeastRequest { choice_count, .. } => {
             let mut best = rng.below(n);
             for _ in 1..choice_count.max(1) {
                 let c = rng.below(n);
@@ -90,6 +101,109 @@ pub fn pick(
         }
     };
     idx.get(i).copied()
+}
+
+/// `LeastRequestLoadBalancer::hostWeight`: `weight / (active + 1)^bias`; a bias of 0 ignores active requests
+/// (round robin by weight).
+pub fn least_request_weight(weight: u32, active: u64, bias: f64) -> f64 {
+    let w = f64::from(weight);
+    let a = active.saturating_add(1) as f64;
+    if bias == 1.0 {
+        w / a
+    } else if bias == 0.0 {
+        w
+    } else {
+        w / a.powf(bias)
+    }
+}
+
+/// The weighted least-request schedule (Envoy's `EdfScheduler` under `EdfLoadBalancerBase`): each pick takes
+/// the entry with the earliest deadline (ties to the earlier scheduled) and schedules it again `1 / weight`
+/// later, its weight computed at that moment from its active requests ([`least_request_weight`]). A host's
+/// weight therefore reflects its load when it was last picked; hosts never fully drain, they are picked less
+/// often.
+#[derive(Debug)]
+pub struct LeastRequestEdf {
+    /// A min-heap on (deadline, order scheduled).
+    heap: std::collections::BinaryHeap<EdfEntry>,
+    next: u64,
+    /// The candidates' static weights.
+    base: Vec<f64>,
+}
+
+#[derive(Debug)]
+struct EdfEntry {
+    deadline: f64,
+    order: u64,
+    /// Position in the candidates.
+    pos: usize,
+}
+
+impl PartialEq for EdfEntry {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for EdfEntry {}
+impl PartialOrd for EdfEntry {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for EdfEntry {
+    /// Reversed, so that the max-heap yields the earliest deadline.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.deadline
+            .total_cmp(&self.deadline)
+            .then_with(|| o.order.cmp(&self.order))
+    }
+}
+
+impl LeastRequestEdf {
+    /// A schedule over candidates of the given static weights (no active requests yet).
+    pub fn new(weights: &[u32]) -> Self {
+        let mut s = LeastRequestEdf {
+            heap: std::collections::BinaryHeap::with_capacity(weights.len()),
+            next: 0,
+            base: weights.iter().map(|&w| f64::from(w.max(1))).collect(),
+        };
+        for pos in 0..weights.len() {
+            s.push(0.0, pos, s.base[pos]);
+        }
+        s
+    }
+
+    fn push(&mut self, now: f64, pos: usize, weight: f64) {
+        self.heap.push(EdfEntry {
+            deadline: now + 1.0 / weight,
+            order: self.next,
+            pos,
+        });
+        self.next += 1;
+    }
+
+    /// Start at a random point, as Envoy's `createWithPicks` does, so that workers do not pick in step.
+    pub fn randomize(&mut self, rng: &mut Rng) {
+        let n = rng.below(self.heap.len().max(1));
+        let base = std::mem::take(&mut self.base);
+        for _ in 0..n {
+            let _ = self.pick(|pos| base[pos]);
+        }
+        self.base = base;
+    }
+
+    /// The next candidate position; `weight` gives a position's current weight (it must be positive).
+    pub fn pick(&mut self, weight: impl Fn(usize) -> f64) -> Option<usize> {
+        let e = self.heap.pop()?;
+        let w = weight(e.pos);
+        let w = if w.is_finite() && w > 0.0 {
+            w
+        } else {
+            f64::MIN_POSITIVE
+        };
+        self.push(e.deadline, e.pos, w);
+        Some(e.pos)
+    }
 }
 
 /// Weighted round robin by stepping through the cumulative weights.
@@ -114,7 +228,15 @@ mod tests {
     use crate::upstream::HostSet;
 
     fn set(weights: &[u32]) -> HostSet {
-        HostSet::new(
+        set_with(weights, least_request(None))
+    }
+
+    fn set_with(weights: &[u32], policy: LbPolicy) -> HostSet {
+        let lb = crate::upstream::LbSettings {
+            policy,
+            ..Default::default()
+        };
+        HostSet::build(
             weights
                 .iter()
                 .enumerate()
@@ -132,6 +254,8 @@ mod tests {
                     })
                 })
                 .collect(),
+            |_| false,
+            &lb,
         )
     }
 
@@ -156,7 +280,13 @@ mod tests {
 
     #[test]
     fn random_and_least_request_spread() {
-        for p in [LbPolicy::Random, LbPolicy::LeastRequest { choice_count: 2 }] {
+        for p in [
+            LbPolicy::Random,
+            LbPolicy::LeastRequest {
+                choice_count: 2,
+                active_request_bias: None,
+            },
+        ] {
             let c = counts(p, &set(&[1, 1, 1, 1]), 4000);
             assert!(c.iter().all(|&x| (800..1200).contains(&x)), "{p:?} {c:?}");
         }
@@ -166,9 +296,84 @@ mod tests {
     fn least_request_prefers_idle_hosts() {
         let s = set(&[1, 1]);
         s.hosts[0].stats.rq_active.store(10, Relaxed);
-        let c = counts(LbPolicy::LeastRequest { choice_count: 2 }, &s, 1000);
+        let c = counts(
+            LbPolicy::LeastRequest {
+                choice_count: 2,
+                active_request_bias: None,
+            },
+            &s,
+            1000,
+        );
         // Host 0 wins only when both choices land on it (1/4 of picks).
         assert!(c[0] < 320 && c[0] > 180, "{c:?}");
+    }
+
+    fn least_request(bias: Option<f64>) -> LbPolicy {
+        LbPolicy::LeastRequest {
+            choice_count: 2,
+            active_request_bias: bias,
+        }
+    }
+
+    /// `weight / (active + 1)^bias`, with 1.0 and 0.0 as Envoy special-cases them.
+    #[test]
+    fn least_request_weight_formula() {
+        assert_eq!(least_request_weight(4, 3, 1.0), 1.0);
+        assert_eq!(least_request_weight(4, 3, 0.5), 2.0);
+        assert_eq!(least_request_weight(4, 3, 0.0), 4.0);
+        assert_eq!(least_request_weight(4, 3, 2.0), 0.25);
+        assert_eq!(least_request_weight(4, 0, 2.0), 4.0);
+        assert!(least_request_weight(1, u64::MAX, 1.0) > 0.0);
+    }
+
+    /// The schedule is exact: over whole rounds each position gets its weight's share.
+    #[test]
+    fn least_request_edf_follows_static_weights() {
+        let mut edf = LeastRequestEdf::new(&[1, 3]);
+        let mut c = [0; 2];
+        for _ in 0..400 {
+            c[edf.pick(|pos| [1.0, 3.0][pos]).unwrap()] += 1;
+        }
+        assert_eq!(c, [100, 300]);
+        // Equal deadlines go to the entry scheduled first.
+        let mut edf = LeastRequestEdf::new(&[1, 1]);
+        assert_eq!(edf.pick(|_| 1.0), Some(0));
+        assert_eq!(edf.pick(|_| 1.0), Some(1));
+    }
+
+    /// Unequal weights: the weights are scaled by active requests, harder with a larger bias; a bias of 0 is
+    /// weighted round robin.
+    #[test]
+    fn least_request_bias_scales_weights_by_active_requests() {
+        // Host 0 weight 2 with 1 active request, host 1 weight 1 idle.
+        let s = set(&[2, 1]);
+        s.hosts[0].stats.rq_active.store(1, Relaxed);
+        assert!(s.levels[0].healthy.least_request.is_some());
+        // Bias 1 (the default): 2/2 against 1/1, even.
+        // The schedule starts at a random point: exact to a pick or two.
+        let near = |c: Vec<usize>, want: usize| assert!(c[0].abs_diff(want) <= 2, "{c:?}");
+        near(counts(least_request(None), &s, 600), 300);
+        // Bias 0: active requests ignored, 2:1.
+        let s0 = set(&[2, 1]);
+        s0.hosts[0].stats.rq_active.store(1, Relaxed);
+        near(counts(least_request(Some(0.0)), &s0, 600), 400);
+        // Bias 2: 2/4 against 1, 1:2.
+        let s2 = set(&[2, 1]);
+        s2.hosts[0].stats.rq_active.store(1, Relaxed);
+        near(counts(least_request(Some(2.0)), &s2, 600), 200);
+    }
+
+    /// Equal weights use P2C unless `active_request_bias` is set, which forces the weighted schedule (Envoy's
+    /// `least_request_lb_active_request_bias_forces_weighted`).
+    #[test]
+    fn an_explicit_bias_forces_weighted_selection() {
+        let p2c = set_with(&[1, 1], least_request(None));
+        assert!(p2c.levels[0].healthy.least_request.is_none());
+        let weighted = set_with(&[1, 1], least_request(Some(1.0)));
+        weighted.hosts[0].stats.rq_active.store(3, Relaxed);
+        // 1/4 against 1/1: 20% / 80%, exactly, where P2C would give host 0 a quarter.
+        let c = counts(least_request(Some(1.0)), &weighted, 500);
+        assert!(c[0].abs_diff(100) <= 2, "{c:?}");
     }
 
     #[test]

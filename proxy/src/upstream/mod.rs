@@ -12,6 +12,7 @@
 //! host ([`lb`]). Active health checks run as a task per host ([`active_health`]).
 
 pub mod active_health;
+pub mod aggregate;
 pub mod breaker;
 pub mod dfp;
 pub mod dns;
@@ -60,12 +61,17 @@ pub enum Protocol {
 }
 
 /// `lb_policy`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LbPolicy {
     RoundRobin,
-    /// Power of `choice_count` choices (default 2) by active requests.
+    /// Power of `choice_count` choices (default 2) by active requests when the hosts' weights are equal; an
+    /// earliest-deadline-first schedule over `weight / (active + 1)^active_request_bias` when they are not, or
+    /// when `active_request_bias` is set (see [`lb::LeastRequestEdf`]).
     LeastRequest {
         choice_count: u32,
+        /// `least_request_lb_config.active_request_bias.default_value` when set (Remora has no runtime
+        /// layers, so the runtime key never overrides it); a negative or NaN value is 1.0, as in Envoy.
+        active_request_bias: Option<f64>,
     },
     Random,
     /// `RING_HASH`: a consistent-hash ring over the healthy hosts, built per host-set publish.
@@ -100,6 +106,9 @@ pub enum Discovery {
     DynamicForwardProxy(Arc<dfp::DfpConfig>),
     /// `ORIGINAL_DST`: the host is the address in a request header (`original_dst_lb_config`).
     OriginalDst(Arc<OriginalDstConfig>),
+    /// `cluster_type: envoy.clusters.aggregate`: no hosts of its own; requests go to its member clusters (see
+    /// [`aggregate`]).
+    Aggregate(aggregate::AggregateConfig),
 }
 
 /// `original_dst_lb_config` of an `ORIGINAL_DST` cluster.
@@ -134,6 +143,8 @@ pub struct ClusterConfig {
     pub overprovisioning_factor: u32,
     /// `common_lb_config.healthy_panic_threshold`, percent (default 50; 0 disables panic).
     pub healthy_panic_threshold: u32,
+    /// `common_lb_config.ignore_new_hosts_until_first_hc`.
+    pub ignore_new_hosts_until_first_hc: bool,
     /// `common_lb_config.zone_aware_lb_config` / `locality_weighted_lb_config` (or the typed policy's
     /// `locality_lb_config`); `None` is zone-aware routing with its defaults, as in Envoy.
     pub locality_lb: Option<crate::config::lb::LocalityLb>,
@@ -217,6 +228,9 @@ pub struct Host {
     pub health_check_disabled: bool,
     /// `FAILED_ACTIVE_HC`: the cluster's active health check fails this host (see [`active_health`]).
     pub failed_active_hc: AtomicBool,
+    /// `PENDING_ACTIVE_HC`: with `common_lb_config.ignore_new_hosts_until_first_hc`, a host new to the health
+    /// checker is excluded from balancing (and from the host counts) until its first check completes.
+    pub pending_active_hc: AtomicBool,
     pub stats: HostStats,
 }
 
@@ -250,6 +264,7 @@ impl Host {
             ),
             health_check_disabled: e.health_check_disabled,
             failed_active_hc: AtomicBool::new(false),
+            pending_active_hc: AtomicBool::new(false),
             stats: HostStats::default(),
         })
     }
@@ -271,6 +286,8 @@ pub struct HostSet {
     pub load: priority::PriorityLoad,
     /// Zone-aware routing of priority 0, when the cluster is zone aware.
     pub zone: Option<zone::ZoneRouting>,
+    /// Hosts excluded from balancing and from the counts (`PENDING_ACTIVE_HC`).
+    pub excluded: usize,
 }
 
 /// One priority level's candidate lists.
@@ -297,6 +314,8 @@ pub struct Candidates {
     pub uniform_weight: bool,
     /// For `RING_HASH` and `MAGLEV`: the structure over `idx`, whose picks index into `idx`.
     pub hash_lb: Option<HashLb>,
+    /// For weighted `LEAST_REQUEST`: the schedule over `idx`, whose picks index into `idx`.
+    pub least_request: Option<Mutex<lb::LeastRequestEdf>>,
 }
 
 impl Candidates {
@@ -306,11 +325,31 @@ impl Candidates {
             idx,
             uniform_weight,
             hash_lb: None,
+            least_request: None,
         }
     }
 
-    fn with_hash(mut self, policy: LbPolicy, hosts: &[Arc<Host>]) -> Self {
+    /// With the structures `policy` picks from: the ring or Maglev table, or the weighted least-request
+    /// schedule.
+    fn with_policy(mut self, policy: LbPolicy, hosts: &[Arc<Host>]) -> Self {
         self.hash_lb = HashLb::build(policy, hosts, &self.idx);
+        self.with_least_request(policy, hosts)
+    }
+
+    /// With the weighted least-request schedule when `policy` needs one: hosts of unequal weights, or an
+    /// explicit `active_request_bias` (Envoy's `least_request_lb_active_request_bias_forces_weighted`).
+    fn with_least_request(mut self, policy: LbPolicy, hosts: &[Arc<Host>]) -> Self {
+        if let LbPolicy::LeastRequest {
+            active_request_bias, ..
+        } = policy
+        {
+            if self.idx.len() > 1 && (!self.uniform_weight || active_request_bias.is_some()) {
+                let weights: Vec<u32> = self.idx.iter().map(|&i| hosts[i].weight).collect();
+                let mut edf = lb::LeastRequestEdf::new(&weights);
+                edf.randomize(&mut lb::Rng::from_entropy());
+                self.least_request = Some(Mutex::new(edf));
+            }
+        }
         self
     }
 }
@@ -358,6 +397,8 @@ pub struct LbSettings {
     pub panic_threshold: u32,
     /// `locality_weighted_lb_config`.
     pub locality_weighted: bool,
+    /// `ignore_new_hosts_until_first_hc`: hosts pending their first health check are excluded.
+    pub exclude_pending: bool,
 }
 
 impl Default for LbSettings {
@@ -367,6 +408,7 @@ impl Default for LbSettings {
             overprovisioning_factor: priority::DEFAULT_OVERPROVISIONING_FACTOR,
             panic_threshold: priority::DEFAULT_PANIC_THRESHOLD,
             locality_weighted: false,
+            exclude_pending: false,
         }
     }
 }
@@ -388,7 +430,12 @@ impl HostSet {
         let mut by_locality: Vec<Vec<Vec<usize>>> = vec![Vec::new(); n_levels];
         let mut locality_weights: Vec<Vec<u32>> = vec![Vec::new(); n_levels];
         let mut usable = Vec::new();
+        let mut excluded = 0;
         for (i, h) in hosts.iter().enumerate() {
+            if lb.exclude_pending && h.pending_active_hc.load(Relaxed) {
+                excluded += 1;
+                continue;
+            }
             let p = h.priority as usize;
             all[p].push(i);
             let li = match localities[p].iter().position(|z| z.locality == h.locality) {
@@ -448,18 +495,18 @@ impl HostSet {
                 };
                 Level {
                     all: if panic {
-                        all.with_hash(lb.policy, &hosts)
+                        all.with_policy(lb.policy, &hosts)
                     } else {
                         all
                     },
                     healthy: Candidates::new(&hosts, std::mem::take(&mut healthy_idx[p]))
-                        .with_hash(lb.policy, &hosts),
+                        .with_policy(lb.policy, &hosts),
                     degraded: Candidates::new(&hosts, std::mem::take(&mut degraded_idx[p]))
-                        .with_hash(lb.policy, &hosts),
+                        .with_policy(lb.policy, &hosts),
                     localities: std::mem::take(&mut localities[p]),
                     healthy_by_locality: std::mem::take(&mut by_locality[p])
                         .into_iter()
-                        .map(|idx| Candidates::new(&hosts, idx))
+                        .map(|idx| Candidates::new(&hosts, idx).with_least_request(lb.policy, &hosts))
                         .collect(),
                     locality_wrr,
                 }
@@ -471,6 +518,7 @@ impl HostSet {
             levels,
             load,
             zone: None,
+            excluded,
         }
     }
 
@@ -486,7 +534,26 @@ impl HostSet {
         zone_stats: &zone::ZoneStats,
     ) -> Option<usize> {
         let draw = hash.unwrap_or_else(|| rng.next_u64());
-        let source = priority::host_source(&self.load, draw, false, on_panic)?;
+        let (priority, avail) = self.load.choose(draw);
+        self.pick_at(priority, avail, policy, rr, rng, hash, on_panic, zone_stats)
+    }
+
+    /// A host's index for a request at a priority and availability chosen already (by [`pick`](Self::pick),
+    /// or by an aggregate cluster over its members' levels): among the level's healthy or degraded hosts, or
+    /// all of them when the level is in panic.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pick_at(
+        &self,
+        priority: usize,
+        avail: priority::Availability,
+        policy: LbPolicy,
+        rr: &AtomicUsize,
+        rng: &mut lb::Rng,
+        hash: Option<u64>,
+        on_panic: impl FnOnce(),
+        zone_stats: &zone::ZoneStats,
+    ) -> Option<usize> {
+        let source = priority::source_at(&self.load, priority, avail, false, on_panic)?;
         let level = self.levels.get(source.priority())?;
         let candidates = match source {
             priority::HostSource::All { .. } => &level.all,
@@ -511,6 +578,18 @@ impl HostSet {
             }
         };
         lb::pick(policy, &self.hosts, candidates, rr, rng, hash)
+    }
+
+    /// Each level's host counts (index = priority).
+    pub fn level_counts(&self) -> Vec<priority::LevelCounts> {
+        self.levels
+            .iter()
+            .map(|l| priority::LevelCounts {
+                hosts: l.all.idx.len() as u32,
+                healthy: l.healthy.idx.len() as u32,
+                degraded: l.degraded.idx.len() as u32,
+            })
+            .collect()
     }
 
     /// Hosts that are healthy (not degraded), every priority.
@@ -626,6 +705,8 @@ pub struct Cluster {
     pub dfp: Option<Arc<dfp::DnsCache>>,
     /// The hosts of an `ORIGINAL_DST` cluster, made from request headers.
     pub original_dst: Option<original_dst::OriginalDstHosts>,
+    /// The balancer of an aggregate cluster over its members.
+    pub aggregate: Option<aggregate::Aggregate>,
 }
 
 impl Cluster {
@@ -650,10 +731,20 @@ impl Cluster {
             Discovery::OriginalDst(o) => Some(original_dst::OriginalDstHosts::new(o.clone())),
             _ => None,
         };
-        let health_checks = config
-            .health_check
-            .clone()
-            .map(|hc| active_health::HealthChecking::new(hc, health_check::HealthCheckStats::new(scope)));
+        let aggregate = match &config.discovery {
+            Discovery::Aggregate(a) => Some(aggregate::Aggregate::new(
+                a.clone(),
+                config.healthy_panic_threshold,
+            )),
+            _ => None,
+        };
+        let health_checks = config.health_check.clone().map(|hc| {
+            active_health::HealthChecking::new(
+                hc,
+                health_check::HealthCheckStats::new(scope),
+                config.ignore_new_hosts_until_first_hc,
+            )
+        });
         let c = Arc::new_cyclic(|me| Cluster {
             config,
             stats,
@@ -668,6 +759,7 @@ impl Cluster {
             added_via_api,
             dfp,
             original_dst,
+            aggregate,
             me: me.clone(),
         });
         if let Some(l) = &c.local {
@@ -765,6 +857,7 @@ impl Cluster {
             panic_threshold: self.config.healthy_panic_threshold,
             locality_weighted: self.config.locality_lb
                 == Some(crate::config::lb::LocalityLb::LocalityWeighted),
+            exclude_pending: self.config.ignore_new_hosts_until_first_hc,
         }
     }
 
@@ -775,7 +868,7 @@ impl Cluster {
         self.stats.membership_total.set(total);
         self.stats.membership_healthy.set(set.healthy_count() as i64);
         self.stats.membership_degraded.set(set.degraded_count() as i64);
-        self.stats.membership_excluded.set(0);
+        self.stats.membership_excluded.set(set.excluded as i64);
         self.stats.max_host_weight.set(i64::from(max_weight));
         self.stats.membership_change.inc();
         self.hosts.store(Arc::new(set));
@@ -802,6 +895,21 @@ impl Cluster {
             &self.zone_stats,
         )?;
         Some((i, set.hosts[i].clone()))
+    }
+
+    /// Pick a host as [`pick`](Self::pick) does, or for an aggregate cluster among its members in `clusters`
+    /// (the current snapshot): returns the cluster that owns the host (this one, or the member), the host's
+    /// index in that cluster's set, and the host.
+    pub fn pick_target(
+        self: &Arc<Self>,
+        clusters: &ArcSwap<crate::server::ClusterSnapshot>,
+        rng: &mut lb::Rng,
+        hash: Option<u64>,
+    ) -> Option<(Arc<Cluster>, usize, Arc<Host>)> {
+        match &self.aggregate {
+            Some(a) => a.pick(&clusters.load_full(), rng, hash),
+            None => self.pick(rng, hash).map(|(i, h)| (self.clone(), i, h)),
+        }
     }
 
     /// Whether the request names the host (dynamic forward proxy, `ORIGINAL_DST`) rather than the balancer.
@@ -964,6 +1072,46 @@ mod tests {
         }
         // Exact over whole cycles of the schedule; its random starting point shifts one pick at most.
         assert!((99..=101).contains(&in_a), "{in_a}");
+    }
+
+    /// `ignore_new_hosts_until_first_hc`: hosts pending their first check are left out of the counts, so
+    /// they neither drag the level into panic nor take its traffic; without it they count as unhealthy.
+    #[test]
+    fn hosts_pending_their_first_check_are_excluded() {
+        use EndpointHealth::Healthy;
+        let hosts = vec![host(1, 0, Healthy), host(2, 0, Healthy), host(3, 0, Healthy)];
+        for h in &hosts[1..] {
+            h.failed_active_hc.store(true, Relaxed);
+            h.pending_active_hc.store(true, Relaxed);
+        }
+        // Counted: 1 of 3 healthy is below the 50% threshold, the level panics and every host takes traffic.
+        let counted = HostSet::build(hosts.clone(), |_| false, &LbSettings::default());
+        assert_eq!(counted.excluded, 0);
+        assert!(counted.load.panic[0]);
+        assert_eq!(counted.levels[0].all.idx, [0, 1, 2]);
+        // Excluded: 1 of 1, no panic, only the checked host.
+        let lb = LbSettings {
+            exclude_pending: true,
+            ..Default::default()
+        };
+        let excluded = HostSet::build(hosts.clone(), |_| false, &lb);
+        assert_eq!(excluded.excluded, 2);
+        assert_eq!(excluded.level_counts()[0].hosts, 1);
+        assert!(!excluded.load.panic[0]);
+        let (per, panics) = spread(&excluded, 100);
+        assert_eq!((per, panics), (vec![100], 0));
+        // Their first check done (failed), they count again as unhealthy hosts.
+        hosts[1].pending_active_hc.store(false, Relaxed);
+        let one_back = HostSet::build(hosts, |_| false, &lb);
+        assert_eq!(one_back.excluded, 1);
+        assert_eq!(
+            one_back.level_counts()[0],
+            priority::LevelCounts {
+                hosts: 2,
+                healthy: 1,
+                degraded: 0
+            }
+        );
     }
 
     #[test]

@@ -77,6 +77,13 @@ impl PriorityLoad {
     /// Compute the loads of `levels` (index = priority) with `overprovisioning_factor` (percent) and
     /// `panic_threshold` (percent, 0 disables panic).
     pub fn compute(levels: &[LevelCounts], overprovisioning_factor: u32, panic_threshold: u32) -> Self {
+        let factors = vec![overprovisioning_factor; levels.len()];
+        Self::compute_with_factors(levels, &factors, panic_threshold)
+    }
+
+    /// As [`compute`](Self::compute), each level with its own overprovisioning factor (`factors[i]` for
+    /// `levels[i]`): an aggregate cluster's levels keep the factors of the clusters they come from.
+    pub fn compute_with_factors(levels: &[LevelCounts], factors: &[u32], panic_threshold: u32) -> Self {
         let n = levels.len().max(1);
         let mut s = PriorityLoad {
             health: vec![0; n],
@@ -87,8 +94,8 @@ impl PriorityLoad {
             normalized_total_availability: 0,
             total_panic: false,
         };
-        let factor = u64::from(overprovisioning_factor);
         for (i, l) in levels.iter().enumerate() {
+            let factor = u64::from(factors.get(i).copied().unwrap_or(DEFAULT_OVERPROVISIONING_FACTOR));
             if l.hosts > 0 {
                 s.health[i] = (factor * u64::from(l.healthy) / u64::from(l.hosts)).min(100) as u32;
                 s.degraded[i] = (factor * u64::from(l.degraded) / u64::from(l.hosts)).min(100) as u32;
@@ -219,6 +226,17 @@ pub fn host_source(
     on_panic: impl FnOnce(),
 ) -> Option<HostSource> {
     let (priority, avail) = load.choose(hash);
+    source_at(load, priority, avail, fail_traffic_on_panic, on_panic)
+}
+
+/// The source for a level and availability chosen already (`hostSourceToUse` after `chooseHostSet`).
+pub fn source_at(
+    load: &PriorityLoad,
+    priority: usize,
+    avail: Availability,
+    fail_traffic_on_panic: bool,
+    on_panic: impl FnOnce(),
+) -> Option<HostSource> {
     if load.panic.get(priority).copied().unwrap_or(false) {
         on_panic();
         if fail_traffic_on_panic {
