@@ -139,6 +139,8 @@ pub struct ClusterConfig {
     pub locality_lb: Option<crate::config::lb::LocalityLb>,
     /// `health_checks` (Envoy takes at most one).
     pub health_check: Option<Arc<health_check::HealthCheckConfig>>,
+    /// `transport_socket` `envoy.transport_sockets.tls`: TLS to the hosts.
+    pub tls: Option<crate::tls::ClientSpec>,
 }
 
 /// One `lb_endpoints` entry.
@@ -626,6 +628,8 @@ pub struct Cluster {
     pub dfp: Option<Arc<dfp::DnsCache>>,
     /// The hosts of an `ORIGINAL_DST` cluster, made from request headers.
     pub original_dst: Option<original_dst::OriginalDstHosts>,
+    /// The TLS context for connections to the hosts (or why it could not be built; lowering checked it).
+    pub tls: Option<Result<Arc<crate::tls::ClientTls>, String>>,
 }
 
 impl Cluster {
@@ -654,7 +658,12 @@ impl Cluster {
             .health_check
             .clone()
             .map(|hc| active_health::HealthChecking::new(hc, health_check::HealthCheckStats::new(scope)));
+        let tls = config
+            .tls
+            .clone()
+            .map(|spec| crate::tls::ClientTls::new(spec, crate::tls::SslStats::new(scope)));
         let c = Arc::new_cyclic(|me| Cluster {
+            tls,
             config,
             stats,
             breakers,
