@@ -44,6 +44,7 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod upstream;
 pub mod util;
 pub mod xds;

@@ -462,6 +462,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
                     s.memory_allocated.set(rss as i64);
                     s.memory_heap_size.set(rss as i64);
                 }
+                crate::tls::update_server_gauge(&s.days_until_first_cert_expiring);
             }
         });
 

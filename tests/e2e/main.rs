@@ -21,5 +21,6 @@ mod retry_budget;
 mod routing;
 mod support;
 mod timeouts;
+mod tls;
 mod xds;
 mod zone_routing;

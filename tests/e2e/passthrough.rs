@@ -1028,6 +1028,7 @@ async fn filter_chains_that_tie_or_need_tls_are_refused_with_their_paths() {
         err.contains("static_resources.listeners[0].filter_chains[0].filter_chain_match.server_names"),
         "{err}"
     );
+}
 
 /// tcp_proxy to an aggregate cluster: the connection goes to the first member with healthy hosts, and counts
 /// there; the primary, its only host unhealthy, takes nothing.

@@ -163,6 +163,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     let mut protocol = Protocol::Http1;
     let mut idle_timeout = Some(Duration::from_secs(3600));
     let mut max_requests_per_connection = None;
+    let (mut auto_sni, mut auto_san_validation) = (false, false);
     for (key, opt) in c.map("typed_extension_protocol_options") {
         let Some(inner) = opt.unpack() else { continue };
         if inner.type_name() != HTTP_PROTOCOL_OPTIONS {
@@ -194,7 +195,11 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         if let Some(common) = inner.msg("common_http_protocol_options") {
             lower_common_options(&common, &mut idle_timeout, &mut max_requests_per_connection);
         }
-        inner.unsupported("upstream_http_protocol_options");
+        if let Some(u) = inner.msg("upstream_http_protocol_options") {
+            auto_sni = u.bool("auto_sni");
+            auto_san_validation = u.bool("auto_san_validation");
+            u.unsupported("override_auto_sni_header");
+        }
         inner.unsupported("http_filters");
         inner.unsupported("header_validation_config");
         inner.unsupported("outlier_detection");
@@ -257,7 +262,30 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         .first()
         .and_then(super::lb::lower_health_check)
         .map(std::sync::Arc::new);
-    c.unsupported("transport_socket");
+    let tls = match c.msg("transport_socket") {
+        Some(ts) => match super::tls::transport_socket(&ts, super::tls::UPSTREAM) {
+            Some(u) => {
+                let mut spec = super::tls::lower_upstream(&u, auto_sni, auto_san_validation)?;
+                if spec.alpn.is_empty() {
+                    // ALPN follows the cluster's protocol, as Envoy sets it.
+                    spec.alpn = match protocol {
+                        Protocol::Http2 => vec![b"h2".to_vec()],
+                        Protocol::Http1 => vec![b"http/1.1".to_vec()],
+                        Protocol::Downstream => Vec::new(),
+                    };
+                }
+                // Built once here so that a context rustls refuses is a config error with its path.
+                let probe = crate::tls::SslStats::new(&crate::stats::Store::new().scope(String::new()));
+                if let Err(e) = crate::tls::ClientTls::new(spec.clone(), probe) {
+                    u.err_here(e);
+                    return None;
+                }
+                Some(spec)
+            }
+            None => None,
+        },
+        None => None,
+    };
     let common_lb = c
         .msg("common_lb_config")
         .map(|n| super::lb::lower_common_lb_config(&n))
@@ -283,6 +311,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         ignore_new_hosts_until_first_hc: common_lb.ignore_new_hosts_until_first_hc,
         locality_lb,
         health_check,
+        tls,
     })
 }
 

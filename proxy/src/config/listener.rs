@@ -20,6 +20,7 @@ use std::time::Duration;
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ORIGINAL_DST_FILTER: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+const TLS_INSPECTOR: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 const ADAPTIVE_CONCURRENCY: &str =
@@ -68,12 +69,19 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
     // Informational: used by tracing and by access-log fields Remora does not have.
     l.mark("traffic_direction");
     let mut original_dst = false;
+    let mut tls_inspector = false;
     for lf in l.list("listener_filters") {
         lf.mark("name");
         lf.unsupported("filter_disabled");
         lf.unsupported("config_discovery");
         match lf.any("typed_config") {
             Some(t) if t.type_name() == ORIGINAL_DST_FILTER => original_dst = true,
+            Some(t) if t.type_name() == TLS_INSPECTOR => {
+                tls_inspector = true;
+                t.unsupported("enable_ja3_fingerprinting");
+                t.unsupported("enable_ja4_fingerprinting");
+                t.unsupported("initial_read_buffer_size");
+            }
             Some(t) => {
                 t.err_here(format!(
                     "listener filter {} is not supported by Remora",
@@ -94,7 +102,13 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
     l.unsupported("access_log");
     l.unsupported("connection_balance_config");
     l.unsupported("additional_addresses");
-    l.unsupported("listener_filters_timeout");
+    // Envoy's default is 15 s; 0 disables the timeout.
+    let listener_filters_timeout = match l.duration("listener_filters_timeout") {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => Some(Duration::from_secs(15)),
+    };
+    l.unsupported("continue_on_listener_filters_timeout");
     l.unsupported("udp_listener_config");
     l.unsupported("api_listener");
     l.unsupported("internal_listener");
@@ -128,6 +142,27 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
     if !ok {
         return None;
     }
+    if !tls_inspector {
+        for (i, c) in chains.iter().enumerate() {
+            let m = &c.matcher;
+            let needs = if !m.server_names.is_empty() {
+                Some("server_names")
+            } else if !m.application_protocols.is_empty() {
+                Some("application_protocols")
+            } else if m.transport_protocol.as_deref() == Some("tls") {
+                Some("transport_protocol")
+            } else {
+                None
+            };
+            if let Some(field) = needs {
+                l.err(
+                    &format!("filter_chains[{i}].filter_chain_match.{field}"),
+                    "needs the envoy.filters.listener.tls_inspector listener filter to see the ClientHello",
+                );
+                return None;
+            }
+        }
+    }
     let matchers: Vec<_> = chains.iter().map(|c| c.matcher.clone()).collect();
     if let Some((a, b)) = chain::find_duplicate(&matchers) {
         l.err(
@@ -147,6 +182,8 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         chains: chain::FilterChains { chains, default },
         buffer_limit,
         original_dst,
+        tls_inspector,
+        listener_filters_timeout,
         use_original_dst,
         bind_to_port,
     })
@@ -163,7 +200,23 @@ fn lower_chain(
         Some(m) => lower_chain_match(&m),
         None => chain::ChainMatch::default(),
     };
-    chain.unsupported("transport_socket");
+    // Lowered whole even when the filter fails, so that every error of the chain is reported.
+    let tls: Option<Option<Arc<crate::tls::ServerTls>>> = match chain.msg("transport_socket") {
+        Some(ts) => match super::tls::transport_socket(&ts, super::tls::DOWNSTREAM) {
+            Some(d) => super::tls::lower_downstream(&d).and_then(|spec| {
+                let stats = crate::tls::SslStats::new(&ctx.store.scope(stat_scope.to_string()));
+                match crate::tls::ServerTls::new(spec, stats) {
+                    Ok(t) => Some(Some(t)),
+                    Err(e) => {
+                        d.err_here(e);
+                        None
+                    }
+                }
+            }),
+            None => Some(None),
+        },
+        None => Some(None),
+    };
     chain.unsupported("transport_socket_connect_timeout");
     chain.unsupported("metadata");
     chain.unsupported("use_proxy_proto");
@@ -201,6 +254,7 @@ fn lower_chain(
         name,
         matcher,
         filter,
+        tls: tls?,
     })
 }
 
@@ -249,32 +303,31 @@ fn lower_chain_match(m: &Node) -> chain::ChainMatch {
             port
         })
         .collect();
-    let raw_buffer = match m.string("transport_protocol").unwrap_or_default().as_str() {
-        "" => false,
-        "raw_buffer" => true,
+    let transport_protocol = match m.string("transport_protocol").unwrap_or_default().as_str() {
+        "" => None,
+        t @ ("raw_buffer" | "tls") => Some(t.to_string()),
         other => {
             m.err(
                 "transport_protocol",
-                format!("{other:?} is not supported by Remora: it has no TLS yet, so every connection is raw_buffer"),
+                format!("{other:?} is not supported by Remora (raw_buffer or tls)"),
             );
-            false
+            None
         }
     };
-    for tls_only in ["server_names", "application_protocols"] {
-        if m.has(tls_only) {
-            m.err(
-                tls_only,
-                "needs a listener filter (tls_inspector, http_inspector) that Remora does not have yet",
-            );
-            m.mark(tls_only);
-        }
-    }
+    let server_names = m
+        .strings("server_names")
+        .into_iter()
+        .map(|n| n.to_ascii_lowercase())
+        .collect();
+    let application_protocols = m.strings("application_protocols");
     m.unsupported("address_suffix");
     m.unsupported("suffix_len");
     chain::ChainMatch {
         destination_port,
         prefix_ranges,
-        raw_buffer,
+        server_names,
+        transport_protocol,
+        application_protocols,
         direct_source_prefix_ranges,
         source_type,
         source_prefix_ranges,

@@ -15,6 +15,7 @@ pub mod load;
 pub mod node;
 pub mod resilience;
 pub mod route;
+pub mod tls;
 
 pub use bootstrap::{Admin, Bootstrap, NodeInfo};
 pub use error::{ConfigError, ConfigErrors};

@@ -9,9 +9,8 @@
 //! `no_filter_chain_match`. Lowering refuses two chains that a connection could match equally (Envoy's
 //! "multiple filter chains with the same matching rules"), so at most one chain is left.
 //!
-//! Remora has no TLS yet, so every connection's transport protocol is `raw_buffer` (what Envoy sets when no
-//! listener filter detected one) and it has no server name and no application protocols; lowering refuses the
-//! criteria that could only match TLS connections.
+//! A connection's transport protocol is `tls` when the `tls_inspector` listener filter saw a ClientHello, with
+//! its SNI and ALPN, else `raw_buffer` (what Envoy sets when no listener filter detected one).
 
 use super::config::NetworkFilter;
 use std::net::{IpAddr, SocketAddr};
@@ -68,8 +67,11 @@ pub enum SourceType {
 pub struct ChainMatch {
     pub destination_port: Option<u16>,
     pub prefix_ranges: Vec<CidrRange>,
-    /// `transport_protocol: raw_buffer` (anything else is refused when lowered).
-    pub raw_buffer: bool,
+    /// `server_names`, lower-cased (`*.example.com` wildcards allowed).
+    pub server_names: Vec<String>,
+    /// `transport_protocol`: `raw_buffer` or `tls` (empty: any).
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
     pub direct_source_prefix_ranges: Vec<CidrRange>,
     pub source_type: SourceType,
     pub source_prefix_ranges: Vec<CidrRange>,
@@ -81,7 +83,9 @@ impl Default for ChainMatch {
         ChainMatch {
             destination_port: None,
             prefix_ranges: Vec::new(),
-            raw_buffer: false,
+            server_names: Vec::new(),
+            transport_protocol: None,
+            application_protocols: Vec::new(),
             direct_source_prefix_ranges: Vec::new(),
             source_type: SourceType::Any,
             source_prefix_ranges: Vec::new(),
@@ -97,6 +101,29 @@ pub struct FilterChain {
     pub name: String,
     pub matcher: ChainMatch,
     pub filter: NetworkFilter,
+    /// The chain's `transport_socket` when it terminates TLS.
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
+}
+
+/// What a connection shows for choosing its chain: its addresses, and what `tls_inspector` found.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo<'a> {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub hello: Option<&'a crate::tls::inspector::Hello>,
+}
+
+impl ConnInfo<'_> {
+    fn transport(&self) -> &'static str {
+        if self.hello.is_some_and(|h| h.tls) {
+            "tls"
+        } else {
+            "raw_buffer"
+        }
+    }
+    fn peer_is_local(&self) -> bool {
+        is_local(self.remote.ip(), self.local.ip())
+    }
 }
 
 /// A listener's chains and its `default_filter_chain`.
@@ -106,9 +133,29 @@ pub struct FilterChains {
     pub default: Option<FilterChain>,
 }
 
-/// One pruning step: how specifically a chain's criterion matches the connection (local address, remote
-/// address, whether the peer is local), higher is more specific, `None` for no match.
-type Step = fn(&ChainMatch, SocketAddr, SocketAddr, bool) -> Option<u32>;
+/// One pruning step: how specifically a chain's criterion matches the connection, higher is more specific,
+/// `None` for no match.
+type Step = fn(&ChainMatch, &ConnInfo) -> Option<u32>;
+
+/// How specifically `server_names` match the SNI: an exact name beats a wildcard, a longer wildcard beats a
+/// shorter one (`*.b.example.com` over `*.example.com`), and an empty list matches anything, lowest.
+fn server_name_rank(names: &[String], sni: Option<&str>) -> Option<u32> {
+    if names.is_empty() {
+        return Some(0);
+    }
+    let sni = sni?;
+    names
+        .iter()
+        .filter_map(|n| match n.strip_prefix('*') {
+            // `*.example.com` covers any name ending in `.example.com`, as Envoy's lookup of ever shorter
+            // wildcards does.
+            Some(suffix) => {
+                (sni.len() > suffix.len() && sni.ends_with(suffix)).then(|| suffix.len() as u32 + 1)
+            }
+            None => (n == sni).then_some(u32::MAX),
+        })
+        .max()
+}
 
 /// How specifically a list of ranges matches `ip`: the longest containing prefix (an empty list counts as a
 /// `/0`), or `None` when no range contains it.
@@ -131,97 +178,76 @@ fn is_local(remote: IpAddr, local: IpAddr) -> bool {
 }
 
 impl FilterChains {
-    /// The chain for a connection from `remote` to `local` (the original destination when the `original_dst`
+    /// The chain for a connection (its local address is the original destination when the `original_dst`
     /// listener filter restored one).
-    pub fn select(&self, local: SocketAddr, remote: SocketAddr) -> Option<&FilterChain> {
+    pub fn select(&self, conn: &ConnInfo) -> Option<&FilterChain> {
         if self.chains.len() == 1 && self.chains[0].matcher == ChainMatch::default() {
             return self.chains.first();
         }
-        let local_is = is_local(remote.ip(), local.ip());
-        let steps: [Step; 7] = [
-            |m, l, _, _| match m.destination_port {
+        let steps: [Step; 9] = [
+            |m, c| match m.destination_port {
                 None => Some(0),
-                Some(p) if p == l.port() => Some(1),
+                Some(p) if p == c.local.port() => Some(1),
                 Some(_) => None,
             },
-            |m, l, _, _| range_rank(&m.prefix_ranges, l.ip()),
-            |m, _, _, _| Some(u32::from(m.raw_buffer)),
-            |m, _, r, _| range_rank(&m.direct_source_prefix_ranges, r.ip()),
-            |m, _, _, local| match m.source_type {
+            |m, c| range_rank(&m.prefix_ranges, c.local.ip()),
+            |m, c| server_name_rank(&m.server_names, c.hello.and_then(|h| h.sni.as_deref())),
+            |m, c| match &m.transport_protocol {
+                None => Some(0),
+                Some(t) if t == c.transport() => Some(1),
+                Some(_) => None,
+            },
+            |m, c| {
+                if m.application_protocols.is_empty() {
+                    Some(0)
+                } else {
+                    let alpn = c.hello.map(|h| h.alpn.as_slice()).unwrap_or_default();
+                    m.application_protocols
+                        .iter()
+                        .any(|p| alpn.contains(p))
+                        .then_some(1)
+                }
+            },
+            |m, c| range_rank(&m.direct_source_prefix_ranges, c.remote.ip()),
+            |m, c| match m.source_type {
                 SourceType::Any => Some(0),
-                SourceType::Local if local => Some(1),
-                SourceType::External if !local => Some(1),
+                SourceType::Local if c.peer_is_local() => Some(1),
+                SourceType::External if !c.peer_is_local() => Some(1),
                 _ => None,
             },
-            |m, _, r, _| range_rank(&m.source_prefix_ranges, r.ip()),
-            |m, _, r, _| {
+            |m, c| range_rank(&m.source_prefix_ranges, c.remote.ip()),
+            |m, c| {
                 if m.source_ports.is_empty() {
                     Some(0)
-                } else if m.source_ports.contains(&r.port()) {
+                } else if m.source_ports.contains(&c.remote.port()) {
                     Some(1)
                 } else {
                     None
                 }
             },
         ];
-        // A bitmask of the chains still in the running (listeners have few chains; more than 64 are searched
-        // the slow way below).
-        if self.chains.len() > 64 {
-            return self.select_slow(&steps, local, remote, local_is);
-        }
-        let mut alive: u64 = if self.chains.len() == 64 {
-            u64::MAX
-        } else {
-            (1u64 << self.chains.len()) - 1
-        };
+        let mut alive: Vec<&FilterChain> = self.chains.iter().collect();
         for step in steps {
             let mut best = None;
-            let mut next = 0u64;
-            for (i, c) in self.chains.iter().enumerate() {
-                if alive & (1 << i) == 0 {
-                    continue;
-                }
-                let Some(rank) = step(&c.matcher, local, remote, local_is) else {
+            let mut next = Vec::with_capacity(alive.len());
+            for c in alive {
+                let Some(rank) = step(&c.matcher, conn) else {
                     continue;
                 };
                 match best {
                     Some(b) if rank < b => {}
-                    Some(b) if rank == b => next |= 1 << i,
+                    Some(b) if rank == b => next.push(c),
                     _ => {
                         best = Some(rank);
-                        next = 1 << i;
+                        next.clear();
+                        next.push(c);
                     }
                 }
             }
-            alive = next;
-            if alive == 0 {
+            if next.is_empty() {
                 return self.default.as_ref();
             }
-        }
-        self.chains.get(alive.trailing_zeros() as usize)
-    }
-
-    fn select_slow(
-        &self,
-        steps: &[Step],
-        local: SocketAddr,
-        remote: SocketAddr,
-        local_is: bool,
-    ) -> Option<&FilterChain> {
-        let mut alive: Vec<&FilterChain> = self.chains.iter().collect();
-        for step in steps {
-            let ranked: Vec<_> = alive
-                .iter()
-                .filter_map(|c| step(&c.matcher, local, remote, local_is).map(|r| (r, *c)))
-                .collect();
-            let Some(best) = ranked.iter().map(|(r, _)| *r).max() else {
-                return self.default.as_ref();
-            };
-            alive = ranked
-                .into_iter()
-                .filter(|(r, _)| *r == best)
-                .map(|(_, c)| c)
-                .collect();
+            alive = next;
         }
         alive.first().copied()
     }
@@ -232,43 +258,53 @@ impl FilterChains {
 /// sharing a combination are duplicates. Returns their indexes.
 pub fn find_duplicate(chains: &[ChainMatch]) -> Option<(usize, usize)> {
     use std::collections::HashMap;
-    type Key = (
-        Option<u16>,
-        Option<CidrRange>,
-        bool,
-        Option<CidrRange>,
-        SourceType,
-        Option<CidrRange>,
-        Option<u16>,
-    );
-    fn opts<T: Copy>(v: &[T]) -> Vec<Option<T>> {
+    /// One combination of a chain's criteria.
+    #[derive(PartialEq, Eq, Hash)]
+    struct Key {
+        port: Option<u16>,
+        dst: Option<CidrRange>,
+        sni: Option<String>,
+        transport: Option<String>,
+        alpn: Option<String>,
+        direct_src: Option<CidrRange>,
+        source_type: SourceType,
+        src: Option<CidrRange>,
+        src_port: Option<u16>,
+    }
+    fn opts<T: Clone>(v: &[T]) -> Vec<Option<T>> {
         if v.is_empty() {
             vec![None]
         } else {
-            v.iter().copied().map(Some).collect()
+            v.iter().cloned().map(Some).collect()
         }
     }
     let mut seen: HashMap<Key, usize> = HashMap::new();
     for (i, m) in chains.iter().enumerate() {
         for dst in opts(&m.prefix_ranges) {
-            for dsrc in opts(&m.direct_source_prefix_ranges) {
-                for src in opts(&m.source_prefix_ranges) {
-                    for port in opts(&m.source_ports) {
-                        let key = (
-                            m.destination_port,
-                            dst,
-                            m.raw_buffer,
-                            dsrc,
-                            m.source_type,
-                            src,
-                            port,
-                        );
-                        if let Some(&j) = seen.get(&key) {
-                            if j != i {
-                                return Some((j, i));
+            for sni in opts(&m.server_names) {
+                for alpn in opts(&m.application_protocols) {
+                    for direct_src in opts(&m.direct_source_prefix_ranges) {
+                        for src in opts(&m.source_prefix_ranges) {
+                            for src_port in opts(&m.source_ports) {
+                                let key = Key {
+                                    port: m.destination_port,
+                                    dst,
+                                    sni: sni.clone(),
+                                    transport: m.transport_protocol.clone(),
+                                    alpn: alpn.clone(),
+                                    direct_src,
+                                    source_type: m.source_type,
+                                    src,
+                                    src_port,
+                                };
+                                match seen.get(&key) {
+                                    Some(&j) if j != i => return Some((j, i)),
+                                    _ => {
+                                        seen.insert(key, i);
+                                    }
+                                }
                             }
                         }
-                        seen.insert(key, i);
                     }
                 }
             }
@@ -302,12 +338,17 @@ mod tests {
             name: name.to_string(),
             matcher: m,
             filter: NetworkFilter::Tcp(Arc::new(cfg)),
+            tls: None,
         }
     }
 
     fn pick(chains: &FilterChains, local: &str, remote: &str) -> Option<String> {
         chains
-            .select(local.parse().unwrap(), remote.parse().unwrap())
+            .select(&ConnInfo {
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                hello: None,
+            })
             .map(|c| c.name.clone())
     }
 

@@ -22,6 +22,12 @@ pub struct ListenerConfig {
     /// The listener filter `envoy.filters.listener.original_dst`: each connection's local address is restored
     /// to its original destination (`SO_ORIGINAL_DST`, set by an iptables `REDIRECT`) when it has one.
     pub original_dst: bool,
+    /// The listener filter `envoy.filters.listener.tls_inspector`: each connection's first bytes are peeked
+    /// for a TLS ClientHello (SNI, ALPN) before its filter chain is chosen.
+    pub tls_inspector: bool,
+    /// `listener_filters_timeout` (default 15 s; `None` when 0): how long the listener filters may wait for
+    /// a connection's first bytes.
+    pub listener_filters_timeout: Option<Duration>,
     /// `use_original_dst`: a connection whose original destination is another listener's address is handed off
     /// to that listener.
     pub use_original_dst: bool,
@@ -206,6 +212,7 @@ pub struct ListenerStats {
     pub downstream_cx_destroy: Counter,
     pub downstream_cx_length_ms: Histogram,
     pub no_filter_chain_match: Counter,
+    pub downstream_pre_cx_timeout: Counter,
 }
 
 impl ListenerStats {
@@ -216,6 +223,7 @@ impl ListenerStats {
             downstream_cx_destroy: scope.counter("downstream_cx_destroy"),
             downstream_cx_length_ms: scope.histogram("downstream_cx_length_ms"),
             no_filter_chain_match: scope.counter("no_filter_chain_match"),
+            downstream_pre_cx_timeout: scope.counter("downstream_pre_cx_timeout"),
         }
     }
 }

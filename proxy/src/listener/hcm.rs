@@ -32,6 +32,11 @@ use tokio::time::Instant;
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// `https` on a TLS connection, else `http`.
+fn scheme_value(tls: bool) -> HeaderValue {
+    HeaderValue::from_static(if tls { "https" } else { "http" })
+}
 static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
 static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
@@ -664,11 +669,11 @@ fn mutate_request_headers(conn: &Conn, hcm: &HcmConfig, h: &mut HeaderMap) {
             append_xff(h, ip);
         }
         if hcm.xff_num_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
-            h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            h.insert(X_FORWARDED_PROTO.clone(), scheme_value(conn.tls));
         }
     }
     if !h.contains_key(&X_FORWARDED_PROTO) {
-        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        h.insert(X_FORWARDED_PROTO.clone(), scheme_value(conn.tls));
     }
     // No address is internal unless configured (Envoy's default since 1.33): clients may not steer retries
     // and timeouts with x-envoy-* headers.
@@ -1391,6 +1396,15 @@ fn error_reply(
             )
         }
         SendError::Connect(ConnectError::Overflow) => return overflow_reply(cs, info, false),
+        SendError::Connect(ConnectError::Tls(reason)) => {
+            info.details = "upstream_reset_before_response_started{connection_failure}";
+            info.transport_failure = Some(reason.clone());
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::UpstreamConnectionFailure,
+                reset(&format!("connection failure, transport failure reason: {reason}")),
+            )
+        }
         SendError::Connect(ConnectError::Handshake(_)) => {
             info.details = "upstream_reset_before_response_started{protocol_error}";
             (

@@ -37,6 +37,10 @@ pub struct Conn {
     pub local: SocketAddr,
     /// The original destination restored by `envoy.filters.listener.original_dst` (then also `local`).
     pub original_dst: Option<SocketAddr>,
+    /// Whether the connection is TLS (then `x-forwarded-proto` is `https`).
+    pub tls: bool,
+    /// The SNI the client sent (`%REQUESTED_SERVER_NAME%`).
+    pub sni: Option<String>,
     draining: Cell<bool>,
     /// 0 until the first request, then 1 (HTTP/1.x) or 2 (HTTP/2): which `downstream_cx_http*` counts it.
     protocol: Cell<u8>,
@@ -229,7 +233,8 @@ fn accepted(
     }
     accepted_on(bound, shared, worker, stream, remote, original_dst);
 }
-/// Serve a connection on `bound` with the filter chain its addresses select.
+/// Serve a connection on `bound`: its listener filters (`tls_inspector`), then the filter chain its addresses
+/// and ClientHello select, then the chain's TLS handshake, then its network filter.
 fn accepted_on(
     bound: &Arc<Bound>,
     shared: &Arc<Shared>,
@@ -239,55 +244,170 @@ fn accepted_on(
     original_dst: Option<SocketAddr>,
 ) {
     let local = original_dst.unwrap_or_else(|| stream.local_addr().unwrap_or(bound.config.address));
-    let Some(chain) = bound.config.chains.select(local, remote) else {
-        bound.stats.no_filter_chain_match.inc();
-        tracing::debug!(listener = %bound.config.name, %remote, %local, "no filter chain matches; closing");
-        return;
-    };
-    let hcm = match &chain.filter {
-        NetworkFilter::Http(h) => h.clone(),
-        NetworkFilter::Tcp(t) => {
-            tokio::task::spawn_local(tcp_proxy::serve(
-                t.clone(),
-                shared.clone(),
-                worker.clone(),
-                stream,
-                bound.stats.clone(),
-                original_dst,
-            ));
-            return;
-        }
-    };
-    let conn = Rc::new(Conn {
-        id: NEXT_CONNECTION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        listener: bound.config.clone(),
-        hcm,
+    let _ = stream.set_nodelay(true);
+    let accepted = Accepted {
+        bound: bound.clone(),
         shared: shared.clone(),
         worker: worker.clone(),
         remote,
         local,
         original_dst,
-        draining: Cell::new(false),
-        protocol: Cell::new(0),
-        chain: std::cell::RefCell::new(None),
+    };
+    if !bound.config.tls_inspector {
+        accepted.dispatch(stream, None);
+        return;
+    }
+    let timeout = bound.config.listener_filters_timeout;
+    tokio::task::spawn_local(async move {
+        let inspected = match timeout {
+            Some(t) => tokio::time::timeout(t, crate::tls::inspector::inspect(&stream)).await,
+            None => Ok(crate::tls::inspector::inspect(&stream).await),
+        };
+        match inspected {
+            Ok(Ok(hello)) => accepted.dispatch(stream, Some(&hello)),
+            Ok(Err(e)) => {
+                tracing::debug!(remote = %accepted.remote, error = %e, "tls_inspector: connection failed")
+            }
+            Err(_) => {
+                accepted.bound.stats.downstream_pre_cx_timeout.inc();
+                tracing::debug!(remote = %accepted.remote, "listener filters timed out; closing");
+            }
+        }
     });
-    tokio::task::spawn_local(serve_connection(
-        conn,
-        stream,
-        bound.stats.clone(),
-        bound.stop.subscribe(),
-    ));
 }
 
-async fn serve_connection(
+/// A connection between accepting it and serving it.
+struct Accepted {
+    bound: Arc<Bound>,
+    shared: Arc<Shared>,
+    worker: Rc<Worker>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    original_dst: Option<SocketAddr>,
+}
+
+impl Accepted {
+    fn dispatch(self, stream: TcpStream, hello: Option<&crate::tls::inspector::Hello>) {
+        let info = chain::ConnInfo {
+            local: self.local,
+            remote: self.remote,
+            hello,
+        };
+        let Some(chain) = self.bound.config.chains.select(&info) else {
+            self.bound.stats.no_filter_chain_match.inc();
+            tracing::debug!(listener = %self.bound.config.name, remote = %self.remote, local = %self.local, "no filter chain matches; closing");
+            return;
+        };
+        let sni = hello.and_then(|h| h.sni.clone());
+        let filter = match &chain.filter {
+            NetworkFilter::Http(h) => Filter::Http(h.clone()),
+            NetworkFilter::Tcp(t) => Filter::Tcp(t.clone()),
+        };
+        match chain.tls.clone() {
+            None => self.serve(stream, filter, Tls::default().with_sni(sni)),
+            Some(tls) => {
+                tokio::task::spawn_local(async move {
+                    // The handshake is bounded like the listener filters, so a silent client cannot hold it.
+                    let handshake = tls.accept(stream);
+                    let res = match self.bound.config.listener_filters_timeout {
+                        Some(t) => tokio::time::timeout(t, handshake)
+                            .await
+                            .unwrap_or_else(|_| Err("handshake timeout".into())),
+                        None => handshake.await,
+                    };
+                    match res {
+                        Ok(s) => {
+                            let (_, conn) = s.get_ref();
+                            let info = Tls {
+                                secure: true,
+                                sni: conn.server_name().map(str::to_string).or(sni),
+                                alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+                            };
+                            self.serve(s, filter, info);
+                        }
+                        Err(reason) => {
+                            tracing::debug!(remote = %self.remote, %reason, "downstream TLS handshake failed");
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    fn serve<S>(self, stream: S, filter: Filter, tls: Tls)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let hcm = match filter {
+            Filter::Http(h) => h,
+            Filter::Tcp(t) => {
+                tokio::task::spawn_local(tcp_proxy::serve(
+                    t,
+                    self.shared,
+                    self.worker,
+                    stream,
+                    self.bound.stats.clone(),
+                    self.original_dst,
+                ));
+                return;
+            }
+        };
+        let conn = Rc::new(Conn {
+            id: NEXT_CONNECTION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            listener: self.bound.config.clone(),
+            hcm,
+            shared: self.shared,
+            worker: self.worker,
+            remote: self.remote,
+            local: self.local,
+            original_dst: self.original_dst,
+            tls: tls.secure,
+            sni: tls.sni,
+            draining: Cell::new(false),
+            protocol: Cell::new(0),
+            chain: std::cell::RefCell::new(None),
+        });
+        tokio::task::spawn_local(serve_connection(
+            conn,
+            stream,
+            tls.alpn,
+            self.bound.stats.clone(),
+            self.bound.stop.subscribe(),
+        ));
+    }
+}
+
+enum Filter {
+    Http(Arc<HcmConfig>),
+    Tcp(Arc<tcp_proxy::TcpProxyConfig>),
+}
+
+/// What the connection's TLS (if any) negotiated.
+#[derive(Default)]
+struct Tls {
+    secure: bool,
+    sni: Option<String>,
+    alpn: Option<Vec<u8>>,
+}
+
+impl Tls {
+    fn with_sni(mut self, sni: Option<String>) -> Self {
+        self.sni = sni;
+        self
+    }
+}
+
+async fn serve_connection<S>(
     conn: Rc<Conn>,
-    stream: TcpStream,
+    stream: S,
+    alpn: Option<Vec<u8>>,
     lstats: Arc<ListenerStats>,
     mut drain: watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let opened = Instant::now();
     let _guard = conn.worker.track_connection();
-    let _ = stream.set_nodelay(true);
     let hcm = conn.hcm.clone();
     let hs = &hcm.stats;
     lstats.downstream_cx_total.inc();
@@ -297,10 +417,13 @@ async fn serve_connection(
     conn.shared.server_stats.total_connections.inc();
 
     let mut builder = auto::Builder::new(LocalExec);
-    match hcm.codec {
-        Codec::Http1 => builder = builder.http1_only(),
-        Codec::Http2 => builder = builder.http2_only(),
-        Codec::Auto => {}
+    // ALPN decides when TLS negotiated it; else the codec setting (AUTO sniffs the h2 preface).
+    match (alpn.as_deref(), hcm.codec) {
+        (Some(b"h2"), _) => builder = builder.http2_only(),
+        (Some(b"http/1.1"), _) => builder = builder.http1_only(),
+        (_, Codec::Http1) => builder = builder.http1_only(),
+        (_, Codec::Http2) => builder = builder.http2_only(),
+        (_, Codec::Auto) => {}
     }
     builder
         .http1()
@@ -431,14 +554,14 @@ async fn drive<F, E>(
     }
 }
 
-/// A downstream TCP stream that counts its bytes.
-struct CountedStream {
-    stream: TcpStream,
+/// A downstream stream (TCP, or TLS over TCP) that counts its bytes.
+struct CountedStream<S> {
+    stream: S,
     rx: crate::stats::Counter,
     tx: crate::stats::Counter,
 }
 
-impl tokio::io::AsyncRead for CountedStream {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedStream<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -454,7 +577,7 @@ impl tokio::io::AsyncRead for CountedStream {
     }
 }
 
-impl tokio::io::AsyncWrite for CountedStream {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedStream<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

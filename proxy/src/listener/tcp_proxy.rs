@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// `envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy`, lowered.
@@ -59,17 +58,18 @@ impl TcpProxyStats {
 }
 
 /// Proxy one downstream connection.
-pub async fn serve(
+pub async fn serve<S>(
     cfg: Arc<TcpProxyConfig>,
     shared: Arc<Shared>,
     worker: Rc<Worker>,
-    stream: TcpStream,
+    stream: S,
     lstats: Arc<ListenerStats>,
     original_dst: Option<std::net::SocketAddr>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let opened = Instant::now();
     let _guard = worker.track_connection();
-    let _ = stream.set_nodelay(true);
     lstats.downstream_cx_total.inc();
     lstats.downstream_cx_active.inc();
     shared.server_stats.total_connections.inc();
@@ -82,13 +82,15 @@ pub async fn serve(
         .record(opened.elapsed().as_millis() as u64);
 }
 
-async fn proxy(
+async fn proxy<S>(
     cfg: &TcpProxyConfig,
     shared: &Shared,
     worker: &Worker,
-    stream: TcpStream,
+    stream: S,
     original_dst: Option<std::net::SocketAddr>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let s = &cfg.stats;
     s.downstream_cx_total.inc();
     let cluster = {

@@ -6,7 +6,7 @@
 //! Implements `envoy.config.route.v3.RouteConfiguration`, `VirtualHost`, `Route`, `RouteMatch`, `RouteAction`,
 //! `RedirectAction` and `DirectResponseAction` for the fields lowered in `config::route`.
 
-mod matcher;
+pub mod matcher;
 
 pub use matcher::{HeaderMatch, HeaderMatcher, QueryMatcher, StringMatcher};
 

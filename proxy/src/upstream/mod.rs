@@ -150,6 +150,8 @@ pub struct ClusterConfig {
     pub locality_lb: Option<crate::config::lb::LocalityLb>,
     /// `health_checks` (Envoy takes at most one).
     pub health_check: Option<Arc<health_check::HealthCheckConfig>>,
+    /// `transport_socket` `envoy.transport_sockets.tls`: TLS to the hosts.
+    pub tls: Option<crate::tls::ClientSpec>,
 }
 
 /// One `lb_endpoints` entry.
@@ -707,6 +709,8 @@ pub struct Cluster {
     pub original_dst: Option<original_dst::OriginalDstHosts>,
     /// The balancer of an aggregate cluster over its members.
     pub aggregate: Option<aggregate::Aggregate>,
+    /// The TLS context for connections to the hosts (or why it could not be built; lowering checked it).
+    pub tls: Option<Result<Arc<crate::tls::ClientTls>, String>>,
 }
 
 impl Cluster {
@@ -745,7 +749,12 @@ impl Cluster {
                 config.ignore_new_hosts_until_first_hc,
             )
         });
+        let tls = config
+            .tls
+            .clone()
+            .map(|spec| crate::tls::ClientTls::new(spec, crate::tls::SslStats::new(scope)));
         let c = Arc::new_cyclic(|me| Cluster {
+            tls,
             config,
             stats,
             breakers,

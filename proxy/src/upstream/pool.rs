@@ -36,6 +36,9 @@ pub enum ConnectError {
     /// The cluster's `max_connections` circuit breaker is open.
     #[error("overflow")]
     Overflow,
+    /// The TLS handshake failed; the reason as `%UPSTREAM_TRANSPORT_FAILURE_REASON%` shows it.
+    #[error("connection failure, transport failure reason: {0}")]
+    Tls(String),
 }
 
 #[derive(Default)]
@@ -202,9 +205,88 @@ impl Drop for ConnectingGuard<'_> {
     }
 }
 
-/// Open a TCP connection to `host` within the cluster's `connect_timeout`, counting it.
-async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<CountedIo>, ConnectError> {
-    connect_tcp(cluster, host).await.map(TokioIo::new)
+/// Open a connection to `host` within the cluster's `connect_timeout`, counting it, with the cluster's TLS
+/// when it has a TLS transport socket.
+async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<UpstreamIo>, ConnectError> {
+    let tcp = connect_tcp(cluster, host).await?;
+    let Some(tls) = &cluster.tls else {
+        return Ok(TokioIo::new(UpstreamIo::Plain(tcp)));
+    };
+    let tls = tls.as_ref().map_err(|e| ConnectError::Tls(e.clone()))?;
+    // auto_sni: the host's DNS name (dynamic forward proxy and DNS hosts carry the name asked for); pools are
+    // per host, so one host's connections share one SNI.
+    let authority = (!host.hostname.is_empty()).then_some(host.hostname.as_str());
+    let handshake = tls.connect(tcp, host.address.ip(), authority);
+    match tokio::time::timeout(cluster.config.connect_timeout, handshake).await {
+        Ok(Ok(s)) => Ok(TokioIo::new(UpstreamIo::Tls(Box::new(s)))),
+        Ok(Err(reason)) => {
+            cluster.stats.upstream_cx_connect_fail.inc();
+            host.stats.cx_connect_fail.fetch_add(1, Relaxed);
+            Err(ConnectError::Tls(reason))
+        }
+        Err(_) => {
+            cluster.stats.upstream_cx_connect_timeout.inc();
+            cluster.stats.upstream_cx_connect_fail.inc();
+            host.stats.cx_connect_fail.fetch_add(1, Relaxed);
+            Err(ConnectError::Timeout)
+        }
+    }
+}
+
+/// An upstream connection: plain TCP, or TLS over it.
+pub enum UpstreamIo {
+    Plain(CountedIo),
+    Tls(Box<tokio_rustls::client::TlsStream<CountedIo>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// A counted TCP connection to `host` under the cluster's connection breakers and `connect_timeout` (for
