@@ -645,3 +645,44 @@ async fn sds_file_rotation_under_load_fails_no_request() {
         1
     );
 }
+
+/// `tcp_proxy` to a cluster with an `UpstreamTlsContext`: plaintext bytes in, TLS to the host.
+#[tokio::test]
+async fn tcp_proxy_originates_tls_to_its_cluster() {
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path(), "tcp");
+    let (c, k) = pki.leaf("server", &["server.tcp.test"], None, false);
+    let up = Upstream::start("app").await;
+    let mut chain = json!({"filters": [hcm("ingress", "app")]});
+    chain["transport_socket"] =
+        downstream_tls(json!({"common_tls_context": {"tls_certificates": [cert(&c, &k)]}}));
+    let server = start(
+        TempDir::new(),
+        &bootstrap(
+            vec![listener("tls", vec![chain], false)],
+            vec![crate::support::cluster("app", &[up.addr()])],
+        ),
+    )
+    .await;
+    let tls_addr = server.listener_addr("tls").await;
+
+    let mut cluster = crate::support::cluster("tls_up", &[tls_addr]);
+    cluster["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": UPSTREAM, "sni": "server.tcp.test",
+        "common_tls_context": {"validation_context": {"trusted_ca": {"filename": pki.ca_path("tcp")}}},
+    }});
+    let tcp = json!({"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "out", "cluster": "tls_up",
+    }}]});
+    let client = start(
+        dir,
+        &bootstrap(vec![listener("plain", vec![tcp], false)], vec![cluster]),
+    )
+    .await;
+    let plain = client.listener_addr("plain").await;
+    let r = crate::harness::http1_client(plain).get("/through", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().upstream_name, "app");
+    assert_eq!(client.stat("cluster.tls_up.ssl.handshake").await, 1);
+}

@@ -125,7 +125,7 @@ async fn proxy<S>(
             cluster.stats.upstream_cx_none_healthy.inc();
             return;
         };
-        match crate::upstream::pool::connect_tcp(&target, &host).await {
+        match crate::upstream::pool::connect_upstream(&target, &host).await {
             Ok(u) => {
                 upstream = Some(u);
                 break;

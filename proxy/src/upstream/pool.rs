@@ -205,12 +205,17 @@ impl Drop for ConnectingGuard<'_> {
     }
 }
 
-/// Open a connection to `host` within the cluster's `connect_timeout`, counting it, with the cluster's TLS
-/// when it has a TLS transport socket.
+/// Open a connection to `host` for an HTTP pool (see [`connect_upstream`]).
 async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<UpstreamIo>, ConnectError> {
+    connect_upstream(cluster, host).await.map(TokioIo::new)
+}
+
+/// As [`connect_tcp`], then the cluster's TLS handshake when it has a TLS transport socket (HTTP pools and
+/// TCP proxying).
+pub async fn connect_upstream(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<UpstreamIo, ConnectError> {
     let tcp = connect_tcp(cluster, host).await?;
     let Some(tls) = &cluster.tls else {
-        return Ok(TokioIo::new(UpstreamIo::Plain(tcp)));
+        return Ok(UpstreamIo::Plain(tcp));
     };
     let tls = tls.as_ref().map_err(|e| ConnectError::Tls(e.clone()))?;
     // auto_sni: the host's DNS name (dynamic forward proxy and DNS hosts carry the name asked for); pools are
@@ -218,7 +223,7 @@ async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<Ups
     let authority = (!host.hostname.is_empty()).then_some(host.hostname.as_str());
     let handshake = tls.connect(tcp, host.address.ip(), authority);
     match tokio::time::timeout(cluster.config.connect_timeout, handshake).await {
-        Ok(Ok(s)) => Ok(TokioIo::new(UpstreamIo::Tls(Box::new(s)))),
+        Ok(Ok(s)) => Ok(UpstreamIo::Tls(Box::new(s))),
         Ok(Err(reason)) => {
             cluster.stats.upstream_cx_connect_fail.inc();
             host.stats.cx_connect_fail.fetch_add(1, Relaxed);
