@@ -7,7 +7,7 @@
 
 use super::config::{HcmConfig, ServerHeader, Underscores};
 use super::Conn;
-use crate::body::{Body, EndOfStream, Expired, Tee, Watchdog};
+use crate::body::{Body, EndOfStream, Expired, Tee, TryIdle, Watchdog};
 use crate::retry::{ResetReason, RetryPolicy, RetryState, RetryStatus, Timeouts};
 use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction, RouteTable};
 use crate::upstream::breaker::Priority;
@@ -959,7 +959,9 @@ async fn forward(
             }
             set_authority(&mut attempt_parts.uri, name);
         }
-        let req_body = match (&tee, single.take()) {
+        // `per_try_idle_timeout`: armed once this attempt has its connection and has sent the whole request.
+        let try_idle = timeouts.per_try_idle.map(TryIdle::new);
+        let mut req_body = match (&tee, single.take()) {
             (Some(t), _) => t.attempt(),
             (None, Some(b)) => Body::incoming(b),
             (None, None) => Body::empty(),
@@ -967,6 +969,9 @@ async fn forward(
         .with_activity(activity.clone())
         .with_counter(info.rx_bytes.clone())
         .with_watchdog(Watchdog::new(request_deadline, None));
+        if let Some(t) = &try_idle {
+            req_body = req_body.on_end(t.request_end_hook());
+        }
         info.upstream = Some((host.address, cluster.clone()));
 
         cs.upstream_rq_total.inc();
@@ -986,8 +991,16 @@ async fn forward(
             (Some(d), Some(p)) => Some(d.min(p)),
             (d, p) => d.or(p),
         };
-        let sent = send(conn, cluster, &host, protocol, attempt_parts, req_body);
-        let result = match Watchdog::new(attempt_deadline, idle.clone()) {
+        let sent = send(
+            conn,
+            cluster,
+            &host,
+            protocol,
+            attempt_parts,
+            req_body,
+            try_idle.as_ref(),
+        );
+        let result = match Watchdog::with_try_idle(attempt_deadline, idle.clone(), try_idle.clone()) {
             Some(mut w) => {
                 tokio::pin!(sent);
                 std::future::poll_fn(|cx| {
@@ -1000,6 +1013,7 @@ async fn forward(
                         }
                         Expired::Deadline => Err(SendError::PerTryTimeout),
                         Expired::Idle => Err(SendError::Idle),
+                        Expired::TryIdle => Err(SendError::PerTryIdleTimeout),
                     })
                 })
                 .await
@@ -1019,15 +1033,21 @@ async fn forward(
                         (Some(Outcome::ConnectFailed), Some(ResetReason::RefusedStream))
                     }
                     SendError::Upstream(_) => (Some(Outcome::ConnectFailed), Some(ResetReason::Reset)),
-                    SendError::PerTryTimeout => (Some(Outcome::Timeout), Some(ResetReason::PerTryTimeout)),
+                    SendError::PerTryTimeout | SendError::PerTryIdleTimeout => {
+                        (Some(Outcome::Timeout), Some(ResetReason::PerTryTimeout))
+                    }
                     SendError::Timeout | SendError::Idle => (Some(Outcome::Timeout), None),
                 };
                 if let Some(o) = outcome {
                     cluster.record_outcome(index, o, &mut conn.worker.rng.borrow_mut());
                 }
                 host.stats.rq_error.fetch_add(1, Relaxed);
-                if matches!(e, SendError::PerTryTimeout) {
-                    cs.upstream_rq_per_try_timeout.inc();
+                match e {
+                    SendError::PerTryTimeout => cs.upstream_rq_per_try_timeout.inc(),
+                    SendError::PerTryIdleTimeout => cs.upstream_rq_per_try_idle_timeout.inc(),
+                    _ => {}
+                }
+                if matches!(e, SendError::PerTryTimeout | SendError::PerTryIdleTimeout) {
                     host.stats.rq_timeout.fetch_add(1, Relaxed);
                 }
                 guard.finish(false);
@@ -1063,6 +1083,9 @@ async fn forward(
 
         let status = resp.status().as_u16();
         info.response_at = Some(Instant::now());
+        if let Some(t) = &try_idle {
+            t.touch();
+        }
         cluster.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
         if let Some(r) = retry.as_mut() {
             if tee.as_ref().is_none_or(Tee::replayable) {
@@ -1113,12 +1136,19 @@ async fn forward(
         cs.upstream_rq.record(status);
         info.details = "via_upstream";
         guard.done = true;
+        // The per-try idle timer keeps watching the response body; when it runs out the response is reset.
+        let try_idle = try_idle.map(|t| TryIdleOutcome {
+            timer: t,
+            index,
+            worker: conn.worker.clone(),
+        });
+        let watchdog = Watchdog::with_try_idle(deadline, idle, try_idle.as_ref().map(|t| t.timer.clone()));
         let done = UpstreamDone {
             guard,
             status,
             pool: h1.map(|s| (conn.worker.pools.clone(), s)),
+            try_idle,
         };
-        let watchdog = Watchdog::new(deadline, idle);
         return Response::from_parts(
             rparts,
             Body::incoming(rbody)
@@ -1339,6 +1369,14 @@ fn error_reply(
                 "upstream request timeout".to_string(),
             )
         }
+        SendError::PerTryIdleTimeout => {
+            info.details = "upstream_per_try_idle_timeout";
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                Flag::UpstreamRequestTimeout,
+                "upstream request timeout".to_string(),
+            )
+        }
         SendError::Connect(ConnectError::Timeout) => {
             info.details = "upstream_reset_before_response_started{connection_timeout}";
             (
@@ -1454,6 +1492,8 @@ fn remove_hop_by_hop_response(h: &mut HeaderMap) {
 enum SendError {
     Timeout,
     PerTryTimeout,
+    /// `per_try_idle_timeout`: no response byte for that long since the request was sent.
+    PerTryIdleTimeout,
     Idle,
     Connect(ConnectError),
     Upstream(hyper::Error),
@@ -1470,11 +1510,15 @@ async fn send(
     protocol: Protocol,
     mut parts: http::request::Parts,
     body: Body,
+    try_idle: Option<&TryIdle>,
 ) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
     let pools = &conn.worker.pools;
     match protocol {
         Protocol::Http2 => {
             let mut sender = pools.http2(cluster, host).await.map_err(SendError::Connect)?;
+            if let Some(t) = try_idle {
+                t.connected();
+            }
             make_absolute(&mut parts);
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
@@ -1490,6 +1534,9 @@ async fn send(
             let mut req = Request::from_parts(parts, body);
             for attempt in 0..2 {
                 let mut sender = pools.http1(cluster, host).await.map_err(SendError::Connect)?;
+                if let Some(t) = try_idle {
+                    t.connected();
+                }
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, Some(sender))),
                     Err(mut e) => match e.take_message() {
@@ -1580,11 +1627,30 @@ struct UpstreamDone {
     guard: UpstreamGuard,
     status: u16,
     pool: Option<(Rc<crate::upstream::pool::Pools>, H1Sender)>,
+    try_idle: Option<TryIdleOutcome>,
+}
+
+/// The per-try idle timer of the attempt whose response is streaming, and what to tell when it runs out.
+struct TryIdleOutcome {
+    timer: TryIdle,
+    /// The host's index in the cluster, for outlier detection.
+    index: usize,
+    worker: Rc<crate::runtime::Worker>,
 }
 
 impl EndOfStream for UpstreamDone {
     fn end(&mut self, complete: bool, _bytes: u64) {
         let host_id = self.guard.host.id;
+        if let Some(t) = self.try_idle.as_ref().filter(|t| t.timer.fired()) {
+            // As Envoy's `onPerTryIdleTimeout` after the response started: counted, a local-origin timeout for
+            // outlier detection, and the response reset (the body ends with an error).
+            self.guard.cluster.stats.upstream_rq_per_try_idle_timeout.inc();
+            self.guard.host.stats.rq_timeout.fetch_add(1, Relaxed);
+            let mut rng = t.worker.rng.borrow_mut();
+            self.guard
+                .cluster
+                .record_outcome(t.index, Outcome::Timeout, &mut rng);
+        }
         self.guard.finish(complete && self.status < 500);
         if !complete || self.status >= 500 {
             self.guard.host.stats.rq_error.fetch_add(1, Relaxed);

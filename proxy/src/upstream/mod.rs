@@ -532,6 +532,7 @@ pub struct ClusterStats {
     pub upstream_rq_completed: Counter,
     pub upstream_rq_timeout: Counter,
     pub upstream_rq_per_try_timeout: Counter,
+    pub upstream_rq_per_try_idle_timeout: Counter,
     /// `retry.upstream_rq_<code>`: responses that were retried.
     pub retry_rq: CodeStats,
     pub upstream_rq_rx_reset: Counter,
@@ -572,6 +573,7 @@ impl ClusterStats {
             upstream_rq_completed: scope.counter("upstream_rq_completed"),
             upstream_rq_timeout: scope.counter("upstream_rq_timeout"),
             upstream_rq_per_try_timeout: scope.counter("upstream_rq_per_try_timeout"),
+            upstream_rq_per_try_idle_timeout: scope.counter("upstream_rq_per_try_idle_timeout"),
             retry_rq: CodeStats::new(&scope.scope("retry."), "upstream_rq"),
             upstream_rq_rx_reset: scope.counter("upstream_rq_rx_reset"),
             upstream_rq_tx_reset: scope.counter("upstream_rq_tx_reset"),
