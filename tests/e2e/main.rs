@@ -15,6 +15,7 @@ mod load_shedding;
 mod local_replies;
 mod observability;
 mod passthrough;
+mod pending_queue;
 mod per_try_idle;
 mod protocols;
 mod retry_budget;

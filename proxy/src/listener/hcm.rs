@@ -1026,6 +1026,8 @@ async fn forward(
             Err(e) => {
                 // Outlier detection sees local-origin failures; the retry policy sees a reset reason.
                 let (outcome, reason) = match &e {
+                    // A circuit breaker's overflow says nothing about the host, and is never retried.
+                    SendError::Connect(ConnectError::Overflow) => (None, Some(ResetReason::Overflow)),
                     SendError::Connect(_) => {
                         (Some(Outcome::ConnectFailed), Some(ResetReason::ConnectFailure))
                     }

@@ -538,6 +538,8 @@ pub struct ClusterStats {
     pub upstream_rq_rx_reset: Counter,
     pub upstream_rq_tx_reset: Counter,
     pub upstream_rq_pending_total: Counter,
+    /// Requests cancelled before they got a connection.
+    pub upstream_rq_cancelled: Counter,
     pub upstream_rq_pending_active: Gauge,
     pub upstream_rq_pending_failure_eject: Counter,
     pub upstream_rq_time: Histogram,
@@ -578,6 +580,7 @@ impl ClusterStats {
             upstream_rq_rx_reset: scope.counter("upstream_rq_rx_reset"),
             upstream_rq_tx_reset: scope.counter("upstream_rq_tx_reset"),
             upstream_rq_pending_total: scope.counter("upstream_rq_pending_total"),
+            upstream_rq_cancelled: scope.counter("upstream_rq_cancelled"),
             upstream_rq_pending_active: scope.gauge("upstream_rq_pending_active"),
             upstream_rq_pending_failure_eject: scope.counter("upstream_rq_pending_failure_eject"),
             upstream_rq_time: scope.histogram("upstream_rq_time"),
