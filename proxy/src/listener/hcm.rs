@@ -1154,6 +1154,8 @@ async fn forward(
         return Response::from_parts(
             rparts,
             Body::incoming(rbody)
+                // Response frames are stream activity too (Envoy resets the stream idle timer on encodeData).
+                .with_activity(activity)
                 .with_watchdog(watchdog)
                 .on_end(Box::new(done)),
         );
