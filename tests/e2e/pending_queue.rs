@@ -28,12 +28,14 @@ async fn parking_upstream() -> (Upstream, watch::Sender<bool>) {
     (upstream, release)
 }
 
-/// One worker (so that every request shares one pool) in front of `slow` with one connection at most; `/impatient`
-/// has a 0.2 s route timeout, other paths none.
+/// One worker (so that every request shares one pool) in front of `slow` with one connection and one request at
+/// most; `/impatient` has a 0.2 s route timeout, other paths none.
 async fn proxy(upstream: &Upstream) -> Proxy {
     let mut slow = cluster("slow", &[upstream.addr()]);
+    // `max_requests: 1` as well: a pending request does not hold a request unit (Envoy takes it when the request
+    // gets its connection), so the queue is not refused by it.
     slow["circuit_breakers"] = json!({"thresholds": [{"priority": "DEFAULT", "max_connections": 1,
-        "max_pending_requests": MAX_PENDING, "track_remaining": true}]});
+        "max_pending_requests": MAX_PENDING, "max_requests": 1, "track_remaining": true}]});
     let table = routes(vec![
         json!({"match": {"prefix": "/impatient"}, "route": {"cluster": "slow", "timeout": "0.2s"}}),
         json!({"match": {"prefix": "/"}, "route": {"cluster": "slow", "timeout": "0s"}}),

@@ -860,11 +860,9 @@ async fn forward(
         p => p,
     };
 
-    // Circuit breaker: the cluster's `max_requests`.
+    // The cluster's breakers: `max_requests` is taken per attempt once it has a connection (in `send`), as
+    // Envoy's pool does when it attaches a stream; retries are afforded here.
     let resources = cluster.breakers.resources(Priority::Default).clone();
-    let Some(_rq_permit) = resources.try_request() else {
-        return overflow_reply(cs, info, false);
-    };
     let provided = match provided_host(conn, cluster, &parts, info, 80).await {
         Ok(h) => h,
         Err(reply) => return *reply,
@@ -984,6 +982,7 @@ async fn forward(
             host: host.clone(),
             start: upstream_start,
             done: false,
+            request: None,
         };
 
         let per_try = timeouts.per_try.map(|t| upstream_start + t);
@@ -1022,7 +1021,10 @@ async fn forward(
         };
 
         let (resp, h1) = match result {
-            Ok(r) => r,
+            Ok((resp, h1, request)) => {
+                guard.request = request;
+                (resp, h1)
+            }
             Err(e) => {
                 // Outlier detection sees local-origin failures; the retry policy sees a reset reason.
                 let (outcome, reason) = match &e {
@@ -1515,7 +1517,7 @@ async fn send(
     mut parts: http::request::Parts,
     body: Body,
     try_idle: Option<&TryIdle>,
-) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
+) -> Result<Sent, SendError> {
     let pools = &conn.worker.pools;
     match protocol {
         Protocol::Http2 => {
@@ -1523,6 +1525,7 @@ async fn send(
             if let Some(t) = try_idle {
                 t.connected();
             }
+            let permit = request_permit(cluster)?;
             make_absolute(&mut parts);
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
@@ -1530,19 +1533,29 @@ async fn send(
                 .send_request(Request::from_parts(parts, body))
                 .await
                 .map_err(SendError::Upstream)?;
-            Ok((resp, None))
+            Ok((resp, None, Some(permit)))
         }
         _ => {
             make_origin_form(&mut parts);
             parts.version = Version::HTTP_11;
             let mut req = Request::from_parts(parts, body);
+            let mut permit = None;
             for attempt in 0..2 {
                 let mut sender = pools.http1(cluster, host).await.map_err(SendError::Connect)?;
                 if let Some(t) = try_idle {
                     t.connected();
                 }
+                if permit.is_none() {
+                    match request_permit(cluster) {
+                        Ok(p) => permit = Some(p),
+                        Err(e) => {
+                            pools.put_http1(host.id, sender);
+                            return Err(e);
+                        }
+                    }
+                }
                 match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, Some(sender))),
+                    Ok(resp) => return Ok((resp, Some(sender), permit)),
                     Err(mut e) => match e.take_message() {
                         Some(r) if attempt == 0 => req = r,
                         _ => return Err(SendError::Upstream(e.into_error())),
@@ -1554,8 +1567,25 @@ async fn send(
     }
 }
 
-fn unreachable_send() -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
+fn unreachable_send() -> Result<Sent, SendError> {
     Err(SendError::Connect(ConnectError::Timeout))
+}
+
+/// An attempt's response head, its HTTP/1.1 connection (to pool after the body), and its `max_requests` unit.
+type Sent = (
+    Response<Incoming>,
+    Option<H1Sender>,
+    Option<crate::upstream::breaker::Permit>,
+);
+
+/// A unit of the cluster's `max_requests` for an attempt that has its connection; an overflow (counting
+/// `upstream_rq_pending_overflow`, as Envoy does) otherwise.
+fn request_permit(cluster: &Cluster) -> Result<crate::upstream::breaker::Permit, SendError> {
+    cluster
+        .breakers
+        .resources(Priority::Default)
+        .try_request()
+        .ok_or(SendError::Connect(ConnectError::Overflow))
 }
 
 /// HTTP/1.1 upstream: origin-form request target, and `host` from the authority when the request had one.
@@ -1599,10 +1629,13 @@ struct UpstreamGuard {
     host: Arc<Host>,
     start: Instant,
     done: bool,
+    /// The attempt's unit of `max_requests`, held until its response ends.
+    request: Option<crate::upstream::breaker::Permit>,
 }
 
 impl UpstreamGuard {
     fn finish(&mut self, success: bool) {
+        self.request = None;
         let cs = &self.cluster.stats;
         cs.upstream_rq_active.dec();
         self.host.stats.rq_active.fetch_sub(1, Relaxed);
