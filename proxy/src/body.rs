@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project::{pin_project, pinned_drop};
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -170,34 +171,66 @@ pub struct Body {
 /// The last time a stream moved, shared by its request and response bodies.
 pub type Activity = std::rc::Rc<std::cell::Cell<Instant>>;
 
-/// Ends a body with an error when the route's deadline passes or the stream has been idle too long.
+/// Ends a body with an error when the route's deadline passes, the stream has been idle too long, or the
+/// attempt's per-try idle timer ([`TryIdle`]) runs out.
 pub struct Watchdog {
     pub deadline: Option<Instant>,
     pub idle: Option<(Duration, Activity)>,
+    try_idle: Option<TryIdle>,
+    /// Whether the sleep already accounts for the armed per-try idle timer.
+    try_idle_armed: bool,
     sleep: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Watchdog {
     /// `None` when there is nothing to watch.
     pub fn new(deadline: Option<Instant>, idle: Option<(Duration, Activity)>) -> Option<Box<Watchdog>> {
-        let first = Watchdog::next(deadline, idle.as_ref())?;
+        Watchdog::with_try_idle(deadline, idle, None)
+    }
+
+    /// As [`Watchdog::new`], also watching an attempt's per-try idle timer.
+    pub fn with_try_idle(
+        deadline: Option<Instant>,
+        idle: Option<(Duration, Activity)>,
+        try_idle: Option<TryIdle>,
+    ) -> Option<Box<Watchdog>> {
+        if deadline.is_none() && idle.is_none() && try_idle.is_none() {
+            return None;
+        }
+        let try_idle_armed = try_idle.as_ref().is_some_and(TryIdle::armed);
+        let first = Watchdog::next(deadline, idle.as_ref(), try_idle.as_ref());
         Some(Box::new(Watchdog {
             deadline,
             idle,
-            sleep: Box::pin(tokio::time::sleep_until(first)),
+            try_idle,
+            try_idle_armed,
+            sleep: Box::pin(tokio::time::sleep_until(first.unwrap_or_else(far_future))),
         }))
     }
 
-    fn next(deadline: Option<Instant>, idle: Option<&(Duration, Activity)>) -> Option<Instant> {
+    fn next(
+        deadline: Option<Instant>,
+        idle: Option<&(Duration, Activity)>,
+        try_idle: Option<&TryIdle>,
+    ) -> Option<Instant> {
         let idle_at = idle.map(|(d, a)| a.get() + *d);
-        match (deadline, idle_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let try_at = try_idle.and_then(TryIdle::expires_at);
+        [deadline, idle_at, try_at].into_iter().flatten().min()
     }
 
-    /// Ready with the reason once a limit has passed; re-arms itself when only activity moved the idle limit.
+    /// Ready with the reason once a limit has passed; re-arms itself when only activity moved an idle limit.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Expired> {
+        match &self.try_idle {
+            Some(t) if !self.try_idle_armed && t.armed() => {
+                // Armed since the sleep was set (by the connection pool or the request's end): count it in.
+                self.try_idle_armed = true;
+                if let Some(next) = Watchdog::next(self.deadline, self.idle.as_ref(), Some(t)) {
+                    self.sleep.as_mut().reset(next);
+                }
+            }
+            Some(t) if !self.try_idle_armed => t.wake_on_arm(cx.waker()),
+            _ => {}
+        }
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -206,12 +239,31 @@ impl Watchdog {
             if self.deadline.is_some_and(|d| d <= now) {
                 return Poll::Ready(Expired::Deadline);
             }
-            match Watchdog::next(self.deadline, self.idle.as_ref()) {
-                Some(next) if next > now => self.sleep.as_mut().reset(next),
-                _ => return Poll::Ready(Expired::Idle),
+            if let Some(t) = &self.try_idle {
+                if t.expires_at().is_some_and(|at| at <= now) {
+                    t.0.fired.set(true);
+                    return Poll::Ready(Expired::TryIdle);
+                }
             }
+            if self.idle.as_ref().is_some_and(|(d, a)| a.get() + *d <= now) {
+                return Poll::Ready(Expired::Idle);
+            }
+            let next = Watchdog::next(self.deadline, self.idle.as_ref(), self.try_idle.as_ref());
+            self.sleep.as_mut().reset(next.unwrap_or_else(far_future));
         }
     }
+
+    /// A frame of the watched body passed: the per-try idle timer starts over.
+    fn on_frame(&self) {
+        if let Some(t) = &self.try_idle {
+            t.touch();
+        }
+    }
+}
+
+/// A time no timer reaches (tokio caps sleeps at about two years).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 /// Which limit a [`Watchdog`] saw pass.
@@ -219,6 +271,105 @@ impl Watchdog {
 pub enum Expired {
     Deadline,
     Idle,
+    TryIdle,
+}
+
+/// One attempt's per-try idle timer (`RetryPolicy.per_try_idle_timeout`), after Envoy's
+/// `UpstreamRequest::setupPerTryTimeout` and `resetPerTryIdleTimer`.
+///
+/// The timer is armed once the attempt has its upstream connection ([`TryIdle::connected`]) *and* the whole
+/// request has been sent ([`TryIdle::request_sent`]); from then on it expires `timeout` after the later of
+/// arming and the last response frame (headers or body). It keeps running while the response streams to the
+/// client. Clones share the timer: the attempt's request body, the router waiting for response headers and the
+/// response body each hold one.
+#[derive(Clone)]
+pub struct TryIdle(std::rc::Rc<TryIdleState>);
+
+struct TryIdleState {
+    timeout: Duration,
+    connected: Cell<bool>,
+    sent: Cell<bool>,
+    last: Cell<Instant>,
+    /// The router's task, woken when the timer is armed from the connection task (the request's end).
+    waker: Cell<Option<std::task::Waker>>,
+    fired: Cell<bool>,
+}
+
+impl TryIdle {
+    pub fn new(timeout: Duration) -> TryIdle {
+        TryIdle(std::rc::Rc::new(TryIdleState {
+            timeout,
+            connected: Cell::new(false),
+            sent: Cell::new(false),
+            last: Cell::new(Instant::now()),
+            waker: Cell::new(None),
+            fired: Cell::new(false),
+        }))
+    }
+
+    /// The attempt has its upstream connection (or HTTP/2 stream slot).
+    pub fn connected(&self) {
+        self.0.connected.set(true);
+        self.arm_if_ready();
+    }
+
+    /// The attempt's request has been sent to its end.
+    pub fn request_sent(&self) {
+        self.0.sent.set(true);
+        self.arm_if_ready();
+    }
+
+    fn arm_if_ready(&self) {
+        if self.armed() {
+            self.0.last.set(Instant::now());
+            if let Some(w) = self.0.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    pub fn armed(&self) -> bool {
+        self.0.connected.get() && self.0.sent.get()
+    }
+
+    /// Whether the timer ran out.
+    pub fn fired(&self) -> bool {
+        self.0.fired.get()
+    }
+
+    /// Response headers or a response frame arrived: the timer starts over.
+    pub fn touch(&self) {
+        if self.armed() {
+            self.0.last.set(Instant::now());
+        }
+    }
+
+    fn expires_at(&self) -> Option<Instant> {
+        self.armed().then(|| self.0.last.get() + self.0.timeout)
+    }
+
+    fn wake_on_arm(&self, waker: &std::task::Waker) {
+        let w = match self.0.waker.take() {
+            Some(w) if w.will_wake(waker) => w,
+            _ => waker.clone(),
+        };
+        self.0.waker.set(Some(w));
+    }
+
+    /// A hook for the attempt's request body that arms the timer when the body has been sent to its end.
+    pub fn request_end_hook(&self) -> Box<dyn EndOfStream> {
+        Box::new(RequestSent(self.clone()))
+    }
+}
+
+struct RequestSent(TryIdle);
+
+impl EndOfStream for RequestSent {
+    fn end(&mut self, complete: bool, _bytes: u64) {
+        if complete {
+            self.0.request_sent();
+        }
+    }
 }
 
 impl Body {
@@ -305,6 +456,9 @@ pub enum BodyTimeout {
     Route,
     #[error("stream timeout")]
     Idle,
+    /// The attempt's `per_try_idle_timeout`.
+    #[error("upstream per try idle timeout")]
+    TryIdle,
 }
 
 impl HttpBody for Body {
@@ -322,6 +476,7 @@ impl HttpBody for Body {
                 let e = match why {
                     Expired::Deadline => BodyTimeout::Route,
                     Expired::Idle => BodyTimeout::Idle,
+                    Expired::TryIdle => BodyTimeout::TryIdle,
                 };
                 return Poll::Ready(Some(Err(Box::new(e))));
             }
@@ -349,6 +504,9 @@ impl HttpBody for Body {
                 }
                 if let Some(a) = this.activity.as_ref() {
                     a.set(Instant::now());
+                }
+                if let Some(w) = this.watchdog.as_ref() {
+                    w.on_frame();
                 }
                 if let (Some(c), Some(d)) = (this.counter.as_ref(), f.data_ref()) {
                     c.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -393,5 +551,80 @@ impl PinnedDrop for Body {
     fn drop(self: Pin<&mut Self>) {
         let this = self.project();
         Body::finish(this.hooks, false, *this.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+
+    #[tokio::test(start_paused = true)]
+    async fn per_try_idle_starts_with_connection_and_request_sent_and_restarts_on_frames() {
+        let t = TryIdle::new(Duration::from_millis(100));
+        let mut w = Watchdog::with_try_idle(None, None, Some(t.clone())).unwrap();
+        // Not armed: it never fires, whatever the time.
+        let waited = tokio::time::timeout(Duration::from_secs(10), poll_fn(|cx| w.poll_expired(cx))).await;
+        assert!(waited.is_err());
+        // Connected, but the request is still being sent: still not armed.
+        t.connected();
+        let waited = tokio::time::timeout(Duration::from_secs(10), poll_fn(|cx| w.poll_expired(cx))).await;
+        assert!(waited.is_err());
+        assert!(!t.armed());
+
+        // The request's end arms it while the watchdog waits (from elsewhere, as hyper's connection task does):
+        // the waiting task is woken and counts the timer in; a frame 60 ms later starts it over.
+        let start = Instant::now();
+        let other = async {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            t.request_sent();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            t.touch();
+        };
+        let (why, ()) = tokio::join!(poll_fn(|cx| w.poll_expired(cx)), other);
+        assert_eq!(why, Expired::TryIdle);
+        assert_eq!(start.elapsed(), Duration::from_millis(30 + 60 + 100));
+        assert!(t.fired());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_limit_to_pass_wins() {
+        let t = TryIdle::new(Duration::from_millis(100));
+        t.connected();
+        t.request_sent();
+        let start = Instant::now();
+        let mut w =
+            Watchdog::with_try_idle(Some(start + Duration::from_millis(50)), None, Some(t.clone())).unwrap();
+        assert_eq!(poll_fn(|cx| w.poll_expired(cx)).await, Expired::Deadline);
+        assert!(!t.fired());
+
+        // A stream idle timeout longer than the per-try idle timeout: the per-try one fires first.
+        let t = TryIdle::new(Duration::from_millis(100));
+        t.connected();
+        t.request_sent();
+        let activity: Activity = std::rc::Rc::new(Cell::new(Instant::now()));
+        let start = Instant::now();
+        let mut w = Watchdog::with_try_idle(
+            None,
+            Some((Duration::from_millis(300), activity)),
+            Some(t.clone()),
+        )
+        .unwrap();
+        assert_eq!(poll_fn(|cx| w.poll_expired(cx)).await, Expired::TryIdle);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_request_counts_as_sent_at_once() {
+        let t = TryIdle::new(Duration::from_millis(100));
+        let _body = Body::empty().on_end(t.request_end_hook());
+        assert!(!t.armed());
+        t.connected();
+        assert!(t.armed());
+        // A body dropped before its end does not arm it.
+        let t = TryIdle::new(Duration::from_millis(100));
+        drop(Body::full("abc").on_end(t.request_end_hook()));
+        t.connected();
+        assert!(!t.armed());
     }
 }

@@ -16,6 +16,8 @@ mod load_shedding;
 mod local_replies;
 mod observability;
 mod passthrough;
+mod pending_queue;
+mod per_try_idle;
 mod protocols;
 mod retry_budget;
 mod routing;

@@ -45,3 +45,43 @@ async fn a_route_idle_timeout_overrides_the_stream_idle_timeout() {
     // Other routes keep the connection manager's timeout.
     assert_eq!(proxy.h1().get("/delay/300", &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn the_stream_idle_timeout_restarts_on_every_response_frame() {
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+
+    let origin = Upstream::start("origin").await;
+    // Eight chunks 80 ms apart: 560 ms in all, longer than the 0.3 s stream idle timeout, never idle for long.
+    origin.set_handler(|_req| async {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, crate::harness::BoxError>>(1);
+        tokio::spawn(async move {
+            for i in 0..8 {
+                if i > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+                }
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"tick\n"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        http::Response::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed_unsync())
+    });
+    let config = bootstrap(
+        routes(vec![
+            json!({"match": {"prefix": "/"}, "route": {"cluster": "origin", "timeout": "0s"}}),
+        ]),
+        vec![cluster("origin", &[origin.addr()])],
+        json!({"stream_idle_timeout": "0.3s"}),
+    );
+    let proxy = Proxy::start(&config, &[]).await;
+    let r = proxy.h1().get("/stream", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 8 * b"tick\n".len());
+    assert_eq!(proxy.stat("http.ingress.downstream_rq_idle_timeout").await, 0);
+}

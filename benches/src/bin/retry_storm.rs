@@ -1,21 +1,27 @@
-//! The retry storm, reproduced (issue 4): a "payments" upstream of fixed capacity behind Remora, offered a steady
+//! The retry storm, reproduced (issue 4): a "payments" service of fixed capacity behind Remora, offered a steady
 //! open-loop load near 70 % of capacity; in the middle of the run payments degrades (service time × 10) and
 //! Remora's route retries (`retry_on: 5xx,reset,connect-failure`, `num_retries: 3`, a per-try timeout) pile onto
-//! it. Three arms, each its own Remora and its own fresh upstream:
+//! it. Payments runs as several hosts (3 by default), each with its own capacity; the degradation hits
+//! `--degraded` of them (1 by default: one bad replica, the case outlier detection exists for; `--degraded 3` is
+//! the whole service slowing down, which no ejection can help). Four arms, each its own Remora and its own fresh
+//! upstreams:
 //!
 //! - `no-budget`: every circuit-breaker threshold raised out of the way (`max_retries: 10000`);
 //! - `envoy-default`: no `circuit_breakers` at all, so Envoy's defaults (1024 connections, pending, requests;
 //!   `max_retries: 3`);
-//! - `budget+outlier`: Remora's recommended policy, `retry_budget {budget_percent: 20, min_retry_concurrency: 3}`
-//!   and `outlier_detection` (consecutive 5xx / gateway failures).
+//! - `budget`: the retry budget alone, `retry_budget {budget_percent: 20, min_retry_concurrency: 3}`, to tell its
+//!   effect from outlier detection's;
+//! - `budget+outlier`: Remora's recommended policy, the same retry budget and `outlier_detection` (consecutive
+//!   5xx / gateway failures, `max_ejection_percent: 50`).
 //!
-//! Per arm: upstream attempts ÷ offered requests during and after the degradation, client success per second, and
-//! the time from the end of the degradation until success is back above 99 % (for good: every later second).
+//! Per arm: upstream attempts ÷ offered requests during and after the degradation (and the share of attempts that
+//! went to the degraded hosts), client success per second, the time from the end of the degradation until
+//! success is back above 99 % (for good: every later second), and outlier ejections.
 //!
 //! ```text
 //! cargo build --release -p remora
 //! cargo run --release -p remora-benches --bin retry_storm -- [--quick] [--remora PATH] [--out DIR]
-//!     [--slots 20] [--service-ms 20] [--load 0.7] [--per-try-ms 300] [--workers 1]
+//!     [--hosts 3] [--degraded 1] [--slots 7] [--service-ms 20] [--load 0.7] [--per-try-ms 300] [--workers 1]
 //! ```
 //!
 //! Writes `benches/results/<date>-retry-storm/{results.md, plot.svg}` (or `--out DIR`).
@@ -39,6 +45,7 @@ const HTTP_OPTIONS: &str = "type.googleapis.com/envoy.extensions.upstreams.http.
 enum Arm {
     NoBudget,
     EnvoyDefault,
+    BudgetOnly,
     Budget,
 }
 
@@ -47,6 +54,7 @@ impl Arm {
         match self {
             Arm::NoBudget => "no-budget",
             Arm::EnvoyDefault => "envoy-default",
+            Arm::BudgetOnly => "budget",
             Arm::Budget => "budget+outlier",
         }
     }
@@ -55,6 +63,7 @@ impl Arm {
         match self {
             Arm::NoBudget => "#d62728",
             Arm::EnvoyDefault => "#1f77b4",
+            Arm::BudgetOnly => "#ff7f0e",
             Arm::Budget => "#2ca02c",
         }
     }
@@ -66,6 +75,10 @@ impl Arm {
                 "priority": "DEFAULT", "max_connections": 100000, "max_pending_requests": 100000,
                 "max_requests": 100000, "max_retries": 10000}]}}),
             Arm::EnvoyDefault => json!({}),
+            Arm::BudgetOnly => json!({
+                "circuit_breakers": {"thresholds": [{"priority": "DEFAULT",
+                    "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}}]},
+            }),
             Arm::Budget => json!({
                 "circuit_breakers": {"thresholds": [{"priority": "DEFAULT",
                     "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}}]},
@@ -80,6 +93,9 @@ struct Params {
     duration: u64,
     degrade_from: u64,
     degrade_to: u64,
+    hosts: usize,
+    degraded: usize,
+    /// Per host.
     slots: usize,
     service: Duration,
     rate: f64,
@@ -89,13 +105,19 @@ struct Params {
     workers: u32,
 }
 
-fn config(arm: Arm, upstream: std::net::SocketAddr, p: &Params) -> Value {
+fn config(arm: Arm, upstreams: &[std::net::SocketAddr], p: &Params) -> Value {
+    let endpoints: Vec<Value> = upstreams
+        .iter()
+        .map(|a| {
+            json!({"endpoint": {"address": {"socket_address": {
+                "address": a.ip().to_string(), "port_value": a.port()}}}})
+        })
+        .collect();
     let mut cluster = json!({
         "name": "payments",
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "payments", "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-            {"socket_address": {"address": upstream.ip().to_string(), "port_value": upstream.port()}}}}]}]},
+        "load_assignment": {"cluster_name": "payments", "endpoints": [{"lb_endpoints": endpoints}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}},
     });
@@ -129,8 +151,12 @@ struct ArmResult {
     arm: Arm,
     offered: Vec<u64>,
     attempts: Vec<u64>,
+    /// Attempts that went to the degraded hosts.
+    attempts_degraded: Vec<u64>,
     success: Vec<f64>,
     amp_during: f64,
+    /// Share of the attempts during the degradation that went to the degraded hosts.
+    degraded_share_during: f64,
     amp_after: f64,
     success_during: f64,
     success_after: f64,
@@ -138,18 +164,29 @@ struct ArmResult {
     retries: i64,
     retry_overflow: i64,
     rq_overflow: i64,
+    ejections: i64,
 }
 
 async fn run_arm(binary: &std::path::Path, arm: Arm, p: &Params) -> Result<ArmResult, Error> {
-    let upstream = CapacityUpstream::start(p.slots, p.service).await?;
-    let remora =
-        RemoraProcess::start(binary, &config(arm, upstream.addr(), p), p.workers, arm.name()).await?;
+    let mut upstreams = Vec::with_capacity(p.hosts);
+    for _ in 0..p.hosts {
+        upstreams.push(CapacityUpstream::start(p.slots, p.service).await?);
+    }
+    let addrs: Vec<_> = upstreams.iter().map(CapacityUpstream::addr).collect();
+    let remora = RemoraProcess::start(binary, &config(arm, &addrs, p), p.workers, arm.name()).await?;
     let addr = remora.listener("main").await?;
     let client = Arc::new(H2Client::new(addr, 4));
     let seconds = p.duration as usize;
     let start = Instant::now();
     let arrivals = Arc::new(PerSecond::new(start, seconds));
-    upstream.count_arrivals(Some(arrivals.clone()));
+    let arrivals_degraded = Arc::new(PerSecond::new(start, seconds));
+    let (degraded, healthy) = upstreams.split_at(p.degraded);
+    for u in degraded {
+        u.count_arrivals(Some(arrivals_degraded.clone()));
+    }
+    for u in healthy {
+        u.count_arrivals(Some(arrivals.clone()));
+    }
     let (from, to) = (p.degrade_from, p.degrade_to);
     let rate = p.rate;
     let records = run_load(
@@ -158,12 +195,24 @@ async fn run_arm(binary: &std::path::Path, arm: Arm, p: &Params) -> Result<ArmRe
         Duration::from_secs(p.duration),
         p.client_timeout,
         |_| rate,
-        |s| upstream.set_slowdown(if (from..to).contains(&s) { 10 } else { 1 }),
+        |s| {
+            for u in degraded {
+                u.set_slowdown(if (from..to).contains(&s) { 10 } else { 1 });
+            }
+        },
         start,
     )
     .await;
-    upstream.count_arrivals(None);
-    let attempts = arrivals.snapshot();
+    for u in &upstreams {
+        u.count_arrivals(None);
+    }
+    let attempts_degraded = arrivals_degraded.snapshot();
+    let attempts: Vec<u64> = arrivals
+        .snapshot()
+        .iter()
+        .zip(&attempts_degraded)
+        .map(|(h, d)| h + d)
+        .collect();
     let mut offered = vec![0u64; seconds];
     let mut ok = vec![0u64; seconds];
     for r in &records {
@@ -184,6 +233,7 @@ async fn run_arm(binary: &std::path::Path, arm: Arm, p: &Params) -> Result<ArmRe
     let result = ArmResult {
         arm,
         amp_during: sum(&attempts, from, to) / sum(&offered, from, to).max(1.0),
+        degraded_share_during: sum(&attempts_degraded, from, to) / sum(&attempts, from, to).max(1.0),
         amp_after: sum(&attempts, to, end) / sum(&offered, to, end).max(1.0),
         success_during: sum(&ok, from, to) / sum(&offered, from, to).max(1.0),
         success_after: sum(&ok, to, end) / sum(&offered, to, end).max(1.0),
@@ -193,8 +243,12 @@ async fn run_arm(binary: &std::path::Path, arm: Arm, p: &Params) -> Result<ArmRe
         rq_overflow: remora
             .stat("cluster.payments.upstream_rq_pending_overflow")
             .await?,
+        ejections: remora
+            .stat("cluster.payments.outlier_detection.ejections_enforced_total")
+            .await?,
         offered,
         attempts,
+        attempts_degraded,
         success,
     };
     Ok(result)
@@ -206,14 +260,18 @@ async fn main() -> Result<(), Error> {
     let quick = args.iter().any(|a| a == "--quick");
     let binary = remora_binary(&args)?;
     let (duration, degrade_from, degrade_to) = if quick { (12, 4, 8) } else { (30, 10, 20) };
-    let slots: usize = flag(&args, "--slots", 20)?;
+    let hosts: usize = flag(&args, "--hosts", 3)?;
+    let degraded: usize = flag::<usize>(&args, "--degraded", 1)?.min(hosts);
+    let slots: usize = flag(&args, "--slots", 7)?;
     let service = Duration::from_millis(flag(&args, "--service-ms", 20)?);
-    let capacity = slots as f64 / service.as_secs_f64();
+    let capacity = (hosts * slots) as f64 / service.as_secs_f64();
     let load: f64 = flag(&args, "--load", 0.7)?;
     let p = Params {
         duration,
         degrade_from,
         degrade_to,
+        hosts,
+        degraded,
         slots,
         service,
         rate: capacity * load,
@@ -231,7 +289,7 @@ async fn main() -> Result<(), Error> {
     };
 
     let mut results = Vec::new();
-    for arm in [Arm::NoBudget, Arm::EnvoyDefault, Arm::Budget] {
+    for arm in [Arm::NoBudget, Arm::EnvoyDefault, Arm::BudgetOnly, Arm::Budget] {
         eprintln!("retry_storm: arm {} ({duration} s)", arm.name());
         results.push(run_arm(&binary, arm, &p).await?);
     }
@@ -242,6 +300,7 @@ async fn main() -> Result<(), Error> {
             vec![
                 r.arm.name().to_owned(),
                 format!("{:.2}×", r.amp_during),
+                format!("{:.0} %", r.degraded_share_during * 100.0),
                 format!("{:.2}×", r.amp_after),
                 format!("{:.1} %", r.success_during * 100.0),
                 format!("{:.1} %", r.success_after * 100.0),
@@ -252,16 +311,20 @@ async fn main() -> Result<(), Error> {
                 r.retries.to_string(),
                 r.retry_overflow.to_string(),
                 r.rq_overflow.to_string(),
+                r.ejections.to_string(),
             ]
         })
         .collect();
     let mut md = format!(
-        "# Retry storm ({})\n\nPayments: {slots} slots × {} ms = {capacity:.0} rps; offered {:.0} rps open-loop \
-         ({:.0} %), {duration} s; service time × 10 from t = {degrade_from} s to t = {degrade_to} s. Route: \
+        "# Retry storm ({})\n\nPayments: {hosts} hosts × {slots} slots × {} ms = {capacity:.0} rps; offered {:.0} rps \
+         open-loop ({:.0} %), {duration} s; service time × 10 on {degraded} of the {hosts} hosts from \
+         t = {degrade_from} s to t = {degrade_to} s. Round-robin. Route: \
          `retry_on: 5xx,reset,connect-failure`, `num_retries: 3`, `per_try_timeout: {} ms`, `timeout: {} ms`; \
          client timeout {} ms; upstream over h2c; Remora `--concurrency {}`.\n\n\
-         Amplification = requests arriving at payments ÷ requests offered by clients, in the window. Recovery = \
-         seconds after the degradation ends until every later second has ≥ 99 % client success.\n\n",
+         Amplification = requests arriving at payments ÷ requests offered by clients, in the window; \"to degraded\" \
+         = share of the attempts during the degradation that went to the degraded host(s). Recovery = seconds \
+         after the degradation ends until every later second has ≥ 99 % client success. Ejections = \
+         `outlier_detection.ejections_enforced_total`.\n\n",
         if quick { "quick" } else { "full" },
         service.as_millis(),
         p.rate,
@@ -275,6 +338,7 @@ async fn main() -> Result<(), Error> {
         &[
             "arm",
             "amplification during",
+            "to degraded",
             "amplification after",
             "success during",
             "success after",
@@ -282,6 +346,7 @@ async fn main() -> Result<(), Error> {
             "upstream_rq_retry",
             "upstream_rq_retry_overflow",
             "upstream_rq_pending_overflow",
+            "ejections",
         ],
         &rows,
     ));
@@ -312,6 +377,7 @@ async fn main() -> Result<(), Error> {
             series: vec![
                 line("offered", "#555555", &r.offered, false),
                 line("upstream attempts", r.arm.color(), &r.attempts, false),
+                line("to degraded hosts", r.arm.color(), &r.attempts_degraded, true),
                 Series {
                     name: "capacity".into(),
                     color: "#999999",
@@ -343,7 +409,8 @@ async fn main() -> Result<(), Error> {
         shade,
         y_max: Some(100.0),
     });
-    let svg = svg_plot("Retry storm: payments degrades ×10 (shaded)", "time (s)", &panels);
+    let title = format!("Retry storm: {degraded} of {hosts} payments hosts degrade ×10 (shaded)");
+    let svg = svg_plot(&title, "time (s)", &panels);
     std::fs::write(out.join("results.md"), &md)?;
     std::fs::write(out.join("plot.svg"), svg)?;
     eprintln!("{md}");

@@ -7,7 +7,7 @@
 
 use super::config::{HcmConfig, ServerHeader, Underscores};
 use super::Conn;
-use crate::body::{Body, EndOfStream, Expired, Tee, Watchdog};
+use crate::body::{Body, EndOfStream, Expired, Tee, TryIdle, Watchdog};
 use crate::retry::{ResetReason, RetryPolicy, RetryState, RetryStatus, Timeouts};
 use crate::route::{Action, ClusterSpecifier, HostRewrite, Redirect, RouteAction, RouteTable};
 use crate::upstream::breaker::Priority;
@@ -861,17 +861,9 @@ async fn forward(
     }
     let downstream_h2 = parts.version == Version::HTTP_2;
 
-    // Circuit breaker: the cluster's `max_requests` (an aggregate's members' are taken per attempt, where
-    // Envoy's connection pools take them); its `max_retries` below is the route's cluster's, as the router's.
+    // The cluster's breakers: `max_requests` is taken per attempt once it has a connection (in `send`), as
+    // Envoy's pool does when it attaches a stream; retries are afforded here.
     let resources = cluster.breakers.resources(Priority::Default).clone();
-    let _rq_permit = match cluster.aggregate {
-        Some(_) => None,
-        None => match resources.try_request() {
-            Some(p) => Some(p),
-            None => return overflow_reply(cs, info, false),
-        },
-    };
-    let mut _member_permit = None;
     let provided = match provided_host(conn, cluster, &parts, info, 80).await {
         Ok(h) => h,
         Err(reply) => return *reply,
@@ -950,14 +942,8 @@ async fn forward(
         };
         // The cluster that serves this attempt: an aggregate's member, else the route's cluster.
         let target = member.as_ref().unwrap_or(cluster);
-        if member.is_some() {
-            // A new attempt's permit replaces the last one's.
-            _member_permit = None;
-            match target.breakers.resources(Priority::Default).try_request() {
-                Some(p) => _member_permit = Some(p),
-                None => return overflow_reply(cs, info, false),
-            }
-        }
+        // `max_requests` is the target's (an aggregate's member's), taken in `send` once the attempt has its
+        // connection.
         let protocol = match target.config.protocol {
             Protocol::Downstream if downstream_h2 => Protocol::Http2,
             Protocol::Downstream => Protocol::Http1,
@@ -992,7 +978,9 @@ async fn forward(
             }
             set_authority(&mut attempt_parts.uri, name);
         }
-        let req_body = match (&tee, single.take()) {
+        // `per_try_idle_timeout`: armed once this attempt has its connection and has sent the whole request.
+        let try_idle = timeouts.per_try_idle.map(TryIdle::new);
+        let mut req_body = match (&tee, single.take()) {
             (Some(t), _) => t.attempt(),
             (None, Some(b)) => Body::incoming(b),
             (None, None) => Body::empty(),
@@ -1000,6 +988,9 @@ async fn forward(
         .with_activity(activity.clone())
         .with_counter(info.rx_bytes.clone())
         .with_watchdog(Watchdog::new(request_deadline, None));
+        if let Some(t) = &try_idle {
+            req_body = req_body.on_end(t.request_end_hook());
+        }
         info.upstream = Some((host.address, cluster.clone()));
 
         // The pool's counts are the member's; the router's (response codes, times, retries) the route's.
@@ -1014,6 +1005,7 @@ async fn forward(
             host: host.clone(),
             start: upstream_start,
             done: false,
+            request: None,
         };
 
         let per_try = timeouts.per_try.map(|t| upstream_start + t);
@@ -1021,8 +1013,16 @@ async fn forward(
             (Some(d), Some(p)) => Some(d.min(p)),
             (d, p) => d.or(p),
         };
-        let sent = send(conn, target, &host, protocol, attempt_parts, req_body);
-        let result = match Watchdog::new(attempt_deadline, idle.clone()) {
+        let sent = send(
+            conn,
+            target,
+            &host,
+            protocol,
+            attempt_parts,
+            req_body,
+            try_idle.as_ref(),
+        );
+        let result = match Watchdog::with_try_idle(attempt_deadline, idle.clone(), try_idle.clone()) {
             Some(mut w) => {
                 tokio::pin!(sent);
                 std::future::poll_fn(|cx| {
@@ -1035,6 +1035,7 @@ async fn forward(
                         }
                         Expired::Deadline => Err(SendError::PerTryTimeout),
                         Expired::Idle => Err(SendError::Idle),
+                        Expired::TryIdle => Err(SendError::PerTryIdleTimeout),
                     })
                 })
                 .await
@@ -1043,10 +1044,15 @@ async fn forward(
         };
 
         let (resp, h1) = match result {
-            Ok(r) => r,
+            Ok((resp, h1, request)) => {
+                guard.request = request;
+                (resp, h1)
+            }
             Err(e) => {
                 // Outlier detection sees local-origin failures; the retry policy sees a reset reason.
                 let (outcome, reason) = match &e {
+                    // A circuit breaker's overflow says nothing about the host, and is never retried.
+                    SendError::Connect(ConnectError::Overflow) => (None, Some(ResetReason::Overflow)),
                     SendError::Connect(_) => {
                         (Some(Outcome::ConnectFailed), Some(ResetReason::ConnectFailure))
                     }
@@ -1054,15 +1060,21 @@ async fn forward(
                         (Some(Outcome::ConnectFailed), Some(ResetReason::RefusedStream))
                     }
                     SendError::Upstream(_) => (Some(Outcome::ConnectFailed), Some(ResetReason::Reset)),
-                    SendError::PerTryTimeout => (Some(Outcome::Timeout), Some(ResetReason::PerTryTimeout)),
+                    SendError::PerTryTimeout | SendError::PerTryIdleTimeout => {
+                        (Some(Outcome::Timeout), Some(ResetReason::PerTryTimeout))
+                    }
                     SendError::Timeout | SendError::Idle => (Some(Outcome::Timeout), None),
                 };
                 if let Some(o) = outcome {
                     target.record_outcome(index, o, &mut conn.worker.rng.borrow_mut());
                 }
                 host.stats.rq_error.fetch_add(1, Relaxed);
-                if matches!(e, SendError::PerTryTimeout) {
-                    cs.upstream_rq_per_try_timeout.inc();
+                match e {
+                    SendError::PerTryTimeout => cs.upstream_rq_per_try_timeout.inc(),
+                    SendError::PerTryIdleTimeout => cs.upstream_rq_per_try_idle_timeout.inc(),
+                    _ => {}
+                }
+                if matches!(e, SendError::PerTryTimeout | SendError::PerTryIdleTimeout) {
                     host.stats.rq_timeout.fetch_add(1, Relaxed);
                 }
                 guard.finish(false);
@@ -1098,6 +1110,9 @@ async fn forward(
 
         let status = resp.status().as_u16();
         info.response_at = Some(Instant::now());
+        if let Some(t) = &try_idle {
+            t.touch();
+        }
         target.record_outcome(index, Outcome::Http(status), &mut conn.worker.rng.borrow_mut());
         if let Some(r) = retry.as_mut() {
             if tee.as_ref().is_none_or(Tee::replayable) {
@@ -1148,15 +1163,24 @@ async fn forward(
         cs.upstream_rq.record(status);
         info.details = "via_upstream";
         guard.done = true;
+        // The per-try idle timer keeps watching the response body; when it runs out the response is reset.
+        let try_idle = try_idle.map(|t| TryIdleOutcome {
+            timer: t,
+            index,
+            worker: conn.worker.clone(),
+        });
+        let watchdog = Watchdog::with_try_idle(deadline, idle, try_idle.as_ref().map(|t| t.timer.clone()));
         let done = UpstreamDone {
             guard,
             status,
             pool: h1.map(|s| (conn.worker.pools.clone(), s)),
+            try_idle,
         };
-        let watchdog = Watchdog::new(deadline, idle);
         return Response::from_parts(
             rparts,
             Body::incoming(rbody)
+                // Response frames are stream activity too (Envoy resets the stream idle timer on encodeData).
+                .with_activity(activity)
                 .with_watchdog(watchdog)
                 .on_end(Box::new(done)),
         );
@@ -1374,6 +1398,14 @@ fn error_reply(
                 "upstream request timeout".to_string(),
             )
         }
+        SendError::PerTryIdleTimeout => {
+            info.details = "upstream_per_try_idle_timeout";
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                Flag::UpstreamRequestTimeout,
+                "upstream request timeout".to_string(),
+            )
+        }
         SendError::Connect(ConnectError::Timeout) => {
             info.details = "upstream_reset_before_response_started{connection_timeout}";
             (
@@ -1498,6 +1530,8 @@ fn remove_hop_by_hop_response(h: &mut HeaderMap) {
 enum SendError {
     Timeout,
     PerTryTimeout,
+    /// `per_try_idle_timeout`: no response byte for that long since the request was sent.
+    PerTryIdleTimeout,
     Idle,
     Connect(ConnectError),
     Upstream(hyper::Error),
@@ -1514,11 +1548,16 @@ async fn send(
     protocol: Protocol,
     mut parts: http::request::Parts,
     body: Body,
-) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
+    try_idle: Option<&TryIdle>,
+) -> Result<Sent, SendError> {
     let pools = &conn.worker.pools;
     match protocol {
         Protocol::Http2 => {
             let mut sender = pools.http2(cluster, host).await.map_err(SendError::Connect)?;
+            if let Some(t) = try_idle {
+                t.connected();
+            }
+            let permit = request_permit(cluster)?;
             make_absolute(&mut parts);
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
@@ -1526,16 +1565,29 @@ async fn send(
                 .send_request(Request::from_parts(parts, body))
                 .await
                 .map_err(SendError::Upstream)?;
-            Ok((resp, None))
+            Ok((resp, None, Some(permit)))
         }
         _ => {
             make_origin_form(&mut parts);
             parts.version = Version::HTTP_11;
             let mut req = Request::from_parts(parts, body);
+            let mut permit = None;
             for attempt in 0..2 {
                 let mut sender = pools.http1(cluster, host).await.map_err(SendError::Connect)?;
+                if let Some(t) = try_idle {
+                    t.connected();
+                }
+                if permit.is_none() {
+                    match request_permit(cluster) {
+                        Ok(p) => permit = Some(p),
+                        Err(e) => {
+                            pools.put_http1(host.id, sender);
+                            return Err(e);
+                        }
+                    }
+                }
                 match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, Some(sender))),
+                    Ok(resp) => return Ok((resp, Some(sender), permit)),
                     Err(mut e) => match e.take_message() {
                         Some(r) if attempt == 0 => req = r,
                         _ => return Err(SendError::Upstream(e.into_error())),
@@ -1547,8 +1599,25 @@ async fn send(
     }
 }
 
-fn unreachable_send() -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
+fn unreachable_send() -> Result<Sent, SendError> {
     Err(SendError::Connect(ConnectError::Timeout))
+}
+
+/// An attempt's response head, its HTTP/1.1 connection (to pool after the body), and its `max_requests` unit.
+type Sent = (
+    Response<Incoming>,
+    Option<H1Sender>,
+    Option<crate::upstream::breaker::Permit>,
+);
+
+/// A unit of the cluster's `max_requests` for an attempt that has its connection; an overflow (counting
+/// `upstream_rq_pending_overflow`, as Envoy does) otherwise.
+fn request_permit(cluster: &Cluster) -> Result<crate::upstream::breaker::Permit, SendError> {
+    cluster
+        .breakers
+        .resources(Priority::Default)
+        .try_request()
+        .ok_or(SendError::Connect(ConnectError::Overflow))
 }
 
 /// HTTP/1.1 upstream: origin-form request target, and `host` from the authority when the request had one.
@@ -1595,10 +1664,13 @@ struct UpstreamGuard {
     host: Arc<Host>,
     start: Instant,
     done: bool,
+    /// The attempt's unit of `max_requests`, held until its response ends.
+    request: Option<crate::upstream::breaker::Permit>,
 }
 
 impl UpstreamGuard {
     fn finish(&mut self, success: bool) {
+        self.request = None;
         let cs = &self.cluster.stats;
         let pool = self.member.as_ref().unwrap_or(&self.cluster);
         pool.stats.upstream_rq_active.dec();
@@ -1628,11 +1700,30 @@ struct UpstreamDone {
     guard: UpstreamGuard,
     status: u16,
     pool: Option<(Rc<crate::upstream::pool::Pools>, H1Sender)>,
+    try_idle: Option<TryIdleOutcome>,
+}
+
+/// The per-try idle timer of the attempt whose response is streaming, and what to tell when it runs out.
+struct TryIdleOutcome {
+    timer: TryIdle,
+    /// The host's index in the cluster, for outlier detection.
+    index: usize,
+    worker: Rc<crate::runtime::Worker>,
 }
 
 impl EndOfStream for UpstreamDone {
     fn end(&mut self, complete: bool, _bytes: u64) {
         let host_id = self.guard.host.id;
+        if let Some(t) = self.try_idle.as_ref().filter(|t| t.timer.fired()) {
+            // As Envoy's `onPerTryIdleTimeout` after the response started: counted, a local-origin timeout for
+            // outlier detection, and the response reset (the body ends with an error).
+            self.guard.cluster.stats.upstream_rq_per_try_idle_timeout.inc();
+            self.guard.host.stats.rq_timeout.fetch_add(1, Relaxed);
+            let mut rng = t.worker.rng.borrow_mut();
+            self.guard
+                .cluster
+                .record_outcome(t.index, Outcome::Timeout, &mut rng);
+        }
         self.guard.finish(complete && self.status < 500);
         if !complete || self.status >= 500 {
             self.guard.host.stats.rq_error.fetch_add(1, Relaxed);

@@ -163,6 +163,12 @@ impl Limit {
         }
     }
 
+    /// Take one unit whatever the maximum (Envoy's pool opening a host's first connection at the limit).
+    fn acquire_over_limit(&self, max: u64) {
+        let prev = self.current.fetch_add(1, Ordering::AcqRel);
+        self.publish(prev + 1, max);
+    }
+
     fn release(&self, max: u64) {
         let prev = self.current.fetch_sub(1, Ordering::AcqRel);
         self.publish(prev.saturating_sub(1), max);
@@ -208,6 +214,8 @@ pub struct Resources {
     cx_pool_overflow: Counter,
     rq_pending_overflow: Counter,
     rq_retry_overflow: Counter,
+    /// Woken whenever a connection unit is released: pending requests waiting on `max_connections`.
+    cx_released: tokio::sync::Notify,
 }
 
 impl Resources {
@@ -244,6 +252,7 @@ impl Resources {
             cx_pool_overflow: cluster.counter("upstream_cx_pool_overflow"),
             rq_pending_overflow: cluster.counter("upstream_rq_pending_overflow"),
             rq_retry_overflow: cluster.counter("upstream_rq_retry_overflow"),
+            cx_released: tokio::sync::Notify::new(),
         }
     }
 
@@ -278,18 +287,46 @@ impl Resources {
 
     /// Take a unit of `r`, or count the overflow and return `None`.
     pub fn try_acquire(self: &Arc<Self>, r: Resource) -> Option<Permit> {
-        let max = self.max(r);
-        if self.limit(r).try_acquire(max) {
-            if r == Resource::Retry && self.budget.is_some() {
-                self.clear_remaining_retries();
-            }
-            return Some(Permit {
-                res: self.clone(),
-                kind: r,
-            });
+        let permit = self.try_acquire_uncounted(r);
+        if permit.is_none() {
+            self.overflow_counter(r).inc();
         }
+        permit
+    }
+
+    /// Take a unit of `r` if one is free, without counting an overflow.
+    pub fn try_acquire_uncounted(self: &Arc<Self>, r: Resource) -> Option<Permit> {
+        let max = self.max(r);
+        if !self.limit(r).try_acquire(max) {
+            return None;
+        }
+        if r == Resource::Retry && self.budget.is_some() {
+            self.clear_remaining_retries();
+        }
+        Some(Permit {
+            res: self.clone(),
+            kind: r,
+        })
+    }
+
+    /// Take a unit of `r` even at its limit (the `*_open` gauge then reads 1).
+    pub fn acquire_over_limit(self: &Arc<Self>, r: Resource) -> Permit {
+        self.limit(r).acquire_over_limit(self.max(r));
+        Permit {
+            res: self.clone(),
+            kind: r,
+        }
+    }
+
+    /// Count an overflow of `r` (its `upstream_*_overflow` counter).
+    pub fn count_overflow(&self, r: Resource) {
         self.overflow_counter(r).inc();
-        None
+    }
+
+    /// A future that completes at the next release of a connection unit. Enable it (`Notified::enable`) before
+    /// checking the limit, so that a release between the check and the wait is not missed.
+    pub fn connection_released(&self) -> tokio::sync::futures::Notified<'_> {
+        self.cx_released.notified()
     }
 
     pub fn try_connection(self: &Arc<Self>) -> Option<Permit> {
@@ -329,6 +366,9 @@ impl Resources {
         self.limit(r).release(max);
         if r == Resource::Retry && self.budget.is_some() {
             self.clear_remaining_retries();
+        }
+        if r == Resource::Connection {
+            self.cx_released.notify_waiters();
         }
     }
 }
@@ -379,13 +419,16 @@ impl CircuitBreakers {
     /// Whether one more connection to a host that has `host_cx_active` connections is within
     /// `per_host_thresholds.max_connections`; counts `upstream_cx_overflow` when it is not.
     pub fn host_connection_allowed(&self, p: Priority, host_cx_active: u64) -> bool {
-        match self.per_host_max_connections[p.index()] {
-            Some(max) if host_cx_active >= max => {
-                self.cx_overflow.inc();
-                false
-            }
-            _ => true,
+        let allowed = self.host_connection_within_limit(p, host_cx_active);
+        if !allowed {
+            self.cx_overflow.inc();
         }
+        allowed
+    }
+
+    /// As [`CircuitBreakers::host_connection_allowed`], counting nothing.
+    pub fn host_connection_within_limit(&self, p: Priority, host_cx_active: u64) -> bool {
+        self.per_host_max_connections[p.index()].is_none_or(|max| host_cx_active < max)
     }
 }
 
@@ -531,6 +574,36 @@ mod tests {
         drop(pend);
         drop(rq);
         assert_eq!(r.max(Resource::Retry), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_limit_is_counted_and_its_release_wakes_waiters() {
+        let (cb, s) = breakers(Thresholds {
+            max_connections: 1,
+            track_remaining: true,
+            ..Default::default()
+        });
+        let r = cb.resources(Priority::Default);
+        let a = r.try_connection().unwrap();
+        assert!(r.try_acquire_uncounted(Resource::Connection).is_none());
+        assert_eq!(s.counter("cluster.c.upstream_cx_overflow").value(), 0);
+        // Envoy opens a pool's first connection even at the limit.
+        let b = r.acquire_over_limit(Resource::Connection);
+        assert_eq!(r.count(Resource::Connection), 2);
+        assert_eq!(gauge(&s, "cluster.c.circuit_breakers.default.cx_open"), 1);
+        assert_eq!(gauge(&s, "cluster.c.circuit_breakers.default.remaining_cx"), 0);
+
+        let released = r.connection_released();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        drop(b);
+        // Released but still at the limit; the waiter is woken all the same and finds it full.
+        tokio::time::timeout(std::time::Duration::from_secs(5), released)
+            .await
+            .unwrap();
+        assert!(r.try_acquire_uncounted(Resource::Connection).is_none());
+        drop(a);
+        assert!(r.try_acquire_uncounted(Resource::Connection).is_some());
     }
 
     #[test]

@@ -6,14 +6,32 @@
 //!
 //! A pooled HTTP/1.1 connection returns to its pool when the response body has been read to its end; one whose
 //! response was abandoned is dropped, and hyper closes it.
+//!
+//! # Pending requests (Envoy's `ConnPoolImplBase::newStreamImpl` and `tryCreateNewConnection`)
+//! A request that finds no ready connection (an idle HTTP/1.1 one, or the host's HTTP/2 one) becomes a *pending
+//! request*: it takes a unit of the cluster's `max_pending_requests` breaker or fails at once with an overflow
+//! (`upstream_rq_pending_overflow`; the router answers 503 UO with `x-envoy-overloaded`), and counts
+//! `upstream_rq_pending_total` and `upstream_rq_pending_active` while it waits. It then opens a connection if the
+//! `max_connections` breakers (cluster and per host) allow one, or if this worker has no connection at all to the
+//! host (Envoy's rule, so that a worker is never starved by another's connections; the breaker then reads open).
+//! Otherwise it counts `upstream_cx_overflow` and waits, without polling, for either:
+//! - an HTTP/1.1 connection of this worker to the host coming back from its response ([`Pools::put_http1`] hands
+//!   it to the oldest waiting request first), or
+//! - any connection of the cluster closing (the breaker's release wakes the waiters, which try again).
+//!
+//! A pending request dropped by its caller (the client went away, a route or per-try timeout) leaves the queue:
+//! its units are released and `upstream_rq_cancelled` counts it. An HTTP/2 request waits while the host's
+//! connection is being made; once it exists, stream slots are hyper's and h2's business (their queue is not
+//! counted as pending).
 
+use super::breaker::{Permit, Priority, Resource};
 use super::{Cluster, Host};
 use crate::body::Body;
 use crate::runtime::LocalExec;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -44,6 +62,10 @@ pub enum ConnectError {
 #[derive(Default)]
 struct HostPool {
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    /// Pending HTTP/1.1 requests of this worker waiting for a connection to the host, oldest first.
+    waiters: VecDeque<tokio::sync::oneshot::Sender<http1::SendRequest<Body>>>,
+    /// This worker's connections to the host, open or being opened.
+    live: Rc<Cell<u32>>,
     h2: Option<http2::SendRequest<Body>>,
     /// Set while this worker makes the host's HTTP/2 connection; woken when it is made (or failed).
     h2_connecting: Option<Rc<tokio::sync::Notify>>,
@@ -60,20 +82,63 @@ impl Pools {
         Rc::new(Pools::default())
     }
 
-    /// An idle HTTP/1.1 connection to `host`, or a new one.
+    /// An idle HTTP/1.1 connection to `host`, else one got as a pending request (see the module docs).
     pub async fn http1(
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
     ) -> Result<http1::SendRequest<Body>, ConnectError> {
+        if let Some(sender) = self.idle_http1(cluster, host).await {
+            return Ok(sender);
+        }
+        let mut pending = Pending::new(cluster)?;
+        let resources = cluster.breakers.resources(Priority::Default);
+        let mut first_try = true;
         loop {
-            let candidate = {
+            if let Some(sender) = self.idle_http1(cluster, host).await {
+                pending.done();
+                return Ok(sender);
+            }
+            // Listen for a released connection before looking at the limits, so that none is missed.
+            let released = resources.connection_released();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let live = self.live(host.id);
+            if let Some(permit) = connection_permit(cluster, host, live.get() == 0, first_try) {
+                // Pending until the connection is made (or failed).
+                let made = self.new_http1(cluster, host, permit, live).await;
+                pending.done();
+                return made;
+            }
+            first_try = false;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            {
                 let mut hosts = self.hosts.borrow_mut();
                 let pool = hosts.entry(host.id).or_default();
-                pool.idle.pop()
-            };
-            let Some((mut sender, since)) = candidate else {
-                break;
+                pool.waiters.retain(|w| !w.is_closed());
+                pool.waiters.push_back(tx);
+            }
+            tokio::select! {
+                biased;
+                handed = rx => {
+                    if let Ok(mut sender) = handed {
+                        if sender.ready().await.is_ok() {
+                            pending.done();
+                            return Ok(sender);
+                        }
+                    }
+                }
+                () = &mut released => {}
+            }
+        }
+    }
+
+    /// A pooled HTTP/1.1 connection that is still usable, if there is one.
+    async fn idle_http1(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Option<http1::SendRequest<Body>> {
+        loop {
+            let (mut sender, since) = {
+                let mut hosts = self.hosts.borrow_mut();
+                hosts.get_mut(&host.id)?.idle.pop()?
             };
             if sender.is_closed() {
                 continue;
@@ -84,10 +149,25 @@ impl Pools {
                 }
             }
             if sender.ready().await.is_ok() {
-                return Ok(sender);
+                return Some(sender);
             }
         }
-        let io = connect(cluster, host).await?;
+    }
+
+    fn live(&self, host_id: u64) -> Rc<Cell<u32>> {
+        self.hosts.borrow_mut().entry(host_id).or_default().live.clone()
+    }
+
+    async fn new_http1(
+        &self,
+        cluster: &Arc<Cluster>,
+        host: &Arc<Host>,
+        permit: Permit,
+        live: Rc<Cell<u32>>,
+    ) -> Result<http1::SendRequest<Body>, ConnectError> {
+        let live = Live::new(live);
+        let tcp = connect_with(cluster, host, permit).await?;
+        let io = TokioIo::new(with_tls(cluster, host, tcp).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -95,29 +175,38 @@ impl Pools {
         cluster.stats.upstream_cx_http1_total.inc();
         tokio::task::spawn_local(async move {
             let _ = conn.await;
+            drop(live);
         });
         Ok(sender)
     }
 
-    /// Give a connection back after its response ended.
+    /// Give a connection back after its response ended: to the oldest pending request of this worker waiting
+    /// for the host, else to the idle list.
     pub fn put_http1(&self, host_id: u64, sender: http1::SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
         let mut hosts = self.hosts.borrow_mut();
-        hosts
-            .entry(host_id)
-            .or_default()
-            .idle
-            .push((sender, Instant::now()));
+        let pool = hosts.entry(host_id).or_default();
+        let mut sender = sender;
+        while let Some(waiter) = pool.waiters.pop_front() {
+            match waiter.send(sender) {
+                Ok(()) => return,
+                // That request went away meanwhile.
+                Err(s) => sender = s,
+            }
+        }
+        pool.idle.push((sender, Instant::now()));
     }
 
-    /// The shared HTTP/2 connection to `host`, made if there is none or it closed.
+    /// The shared HTTP/2 connection to `host`, made if there is none or it closed. Requests that wait for it
+    /// to be made are pending requests.
     pub async fn http2(
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let mut pending = None;
         // One connection per host per worker: requests that arrive while it is being made wait for it.
         loop {
             let wait = {
@@ -125,6 +214,9 @@ impl Pools {
                 let pool = hosts.entry(host.id).or_default();
                 if let Some(s) = &pool.h2 {
                     if !s.is_closed() {
+                        if let Some(p) = pending.as_mut() {
+                            Pending::done(p);
+                        }
                         return Ok(s.clone());
                     }
                     pool.h2 = None;
@@ -137,6 +229,9 @@ impl Pools {
                     }
                 }
             };
+            if pending.is_none() {
+                pending = Some(Pending::new(cluster)?);
+            }
             let notified = wait.notified();
             tokio::pin!(notified);
             // Register before re-checking, so that a wake-up between the check and the wait is not lost.
@@ -155,7 +250,15 @@ impl Pools {
             pools: self,
             host: host.id,
         };
-        let sender = self.connect_h2(cluster, host).await?;
+        let mut pending = match pending {
+            Some(p) => p,
+            None => Pending::new(cluster)?,
+        };
+        // The worker's only connection to the host: always opened, even at `max_connections`.
+        let permit = connection_permit(cluster, host, true, true).ok_or(ConnectError::Overflow)?;
+        let made = self.connect_h2(cluster, host, permit).await;
+        pending.done();
+        let sender = made?;
         self.hosts.borrow_mut().entry(host.id).or_default().h2 = Some(sender.clone());
         Ok(sender)
     }
@@ -164,8 +267,10 @@ impl Pools {
         &self,
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
+        permit: Permit,
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
-        let io = connect(cluster, host).await?;
+        let tcp = connect_with(cluster, host, permit).await?;
+        let io = TokioIo::new(with_tls(cluster, host, tcp).await?);
         let (sender, conn) = http2::Builder::new(LocalExec)
             .timer(hyper_util::rt::TokioTimer::new())
             .handshake(io)
@@ -205,15 +310,96 @@ impl Drop for ConnectingGuard<'_> {
     }
 }
 
-/// Open a connection to `host` for an HTTP pool (see [`connect_upstream`]).
-async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<TokioIo<UpstreamIo>, ConnectError> {
-    connect_upstream(cluster, host).await.map(TokioIo::new)
+/// A request waiting for a connection: its unit of `max_pending_requests` and `upstream_rq_pending_active`.
+struct Pending<'a> {
+    stats: &'a super::ClusterStats,
+    _permit: Option<Permit>,
+    active: bool,
 }
 
-/// As [`connect_tcp`], then the cluster's TLS handshake when it has a TLS transport socket (HTTP pools and
-/// TCP proxying).
+impl<'a> Pending<'a> {
+    /// Counts `upstream_rq_pending_total`; `Overflow` (counting `upstream_rq_pending_overflow`) when the
+    /// cluster's pending requests are at `max_pending_requests`.
+    fn new(cluster: &'a Arc<Cluster>) -> Result<Pending<'a>, ConnectError> {
+        let permit = cluster
+            .breakers
+            .resources(Priority::Default)
+            .try_pending()
+            .ok_or(ConnectError::Overflow)?;
+        let stats = &cluster.stats;
+        stats.upstream_rq_pending_total.inc();
+        stats.upstream_rq_pending_active.inc();
+        Ok(Pending {
+            stats,
+            _permit: Some(permit),
+            active: true,
+        })
+    }
+
+    /// The request got its connection: it is no longer pending.
+    fn done(&mut self) {
+        if self.active {
+            self.active = false;
+            self._permit = None;
+            self.stats.upstream_rq_pending_active.dec();
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.active {
+            // Dropped while waiting: cancelled by its caller (or its connection failed).
+            self.stats.upstream_rq_cancelled.inc();
+            self.stats.upstream_rq_pending_active.dec();
+        }
+    }
+}
+
+/// Counts one of a worker's connections to a host while it is open (or being opened).
+struct Live(Rc<Cell<u32>>);
+
+impl Live {
+    fn new(count: Rc<Cell<u32>>) -> Live {
+        count.set(count.get() + 1);
+        Live(count)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+/// A unit of the `max_connections` breakers (cluster, and per host) for a new pooled connection, or `None` at
+/// either limit. With `force` (this worker has no connection to the host) the connection is allowed anyway, as
+/// Envoy's `tryCreateNewConnection` does. `count` counts `upstream_cx_overflow` when a limit is reached.
+fn connection_permit(cluster: &Arc<Cluster>, host: &Arc<Host>, force: bool, count: bool) -> Option<Permit> {
+    let resources = cluster.breakers.resources(Priority::Default);
+    let host_ok = cluster
+        .breakers
+        .host_connection_within_limit(Priority::Default, host.stats.cx_active.load(Relaxed));
+    let permit = host_ok
+        .then(|| resources.try_acquire_uncounted(Resource::Connection))
+        .flatten();
+    if permit.is_some() {
+        return permit;
+    }
+    if count {
+        resources.count_overflow(Resource::Connection);
+    }
+    force.then(|| resources.acquire_over_limit(Resource::Connection))
+}
+
+/// As [`connect_tcp`], then the cluster's TLS handshake when it has a TLS transport socket (TCP proxying).
 pub async fn connect_upstream(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<UpstreamIo, ConnectError> {
     let tcp = connect_tcp(cluster, host).await?;
+    with_tls(cluster, host, tcp).await
+}
+
+/// The cluster's TLS over a new connection, within `connect_timeout`, when it has a TLS transport socket.
+async fn with_tls(cluster: &Arc<Cluster>, host: &Arc<Host>, tcp: CountedIo) -> Result<UpstreamIo, ConnectError> {
     let Some(tls) = &cluster.tls else {
         return Ok(UpstreamIo::Plain(tcp));
     };
@@ -295,11 +481,10 @@ impl AsyncWrite for UpstreamIo {
 }
 
 /// A counted TCP connection to `host` under the cluster's connection breakers and `connect_timeout` (for
-/// HTTP pools, CONNECT tunnels and TCP proxying).
+/// CONNECT tunnels and TCP proxying: an overflow fails at once).
 pub async fn connect_tcp(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<CountedIo, ConnectError> {
-    let stats = &cluster.stats;
     // Circuit breakers: the cluster's `max_connections`, and the host's `per_host_thresholds`.
-    let prio = super::breaker::Priority::Default;
+    let prio = Priority::Default;
     if !cluster
         .breakers
         .host_connection_allowed(prio, host.stats.cx_active.load(Relaxed))
@@ -311,6 +496,17 @@ pub async fn connect_tcp(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<Cou
         .resources(prio)
         .try_connection()
         .ok_or(ConnectError::Overflow)?;
+    connect_with(cluster, host, permit).await
+}
+
+/// Open a counted TCP connection to `host` within the cluster's `connect_timeout`, holding `permit` (its unit
+/// of `max_connections`) while it is open.
+async fn connect_with(
+    cluster: &Arc<Cluster>,
+    host: &Arc<Host>,
+    permit: Permit,
+) -> Result<CountedIo, ConnectError> {
+    let stats = &cluster.stats;
     let start = Instant::now();
     let res = tokio::time::timeout(cluster.config.connect_timeout, TcpStream::connect(host.address)).await;
     let stream = match res {
@@ -351,7 +547,7 @@ pub struct CountedIo {
     host: Arc<Host>,
     opened: Instant,
     /// The connection's unit of the `max_connections` breaker, released when it closes.
-    _permit: super::breaker::Permit,
+    _permit: Permit,
 }
 
 impl Drop for CountedIo {
