@@ -365,9 +365,12 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let workers = crate::runtime::spawn_workers(concurrency, move |worker| {
         let shared = worker_shared.clone();
         async move {
+            let janitor =
+                tokio::task::spawn_local(crate::upstream::pool::purge_on_retirement(worker.pools.clone()));
             serve_listeners(&shared, &worker).await;
             // Draining: wait for this worker's connections, bounded by --drain-time-s.
             let _ = tokio::time::timeout(drain_time, worker.connections_closed()).await;
+            janitor.abort();
             worker.pools.clear();
         }
     });

@@ -354,3 +354,83 @@ async fn initial_fetch_timeout_lets_the_server_go_live_without_a_control_plane()
     assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
     assert!(proxy.stat("cluster_manager.cds.update_failure").await >= 1);
 }
+
+#[tokio::test]
+async fn removed_hosts_and_clusters_close_their_pooled_connections() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let (xds, proxy) = ads_world("GRPC", &a).await;
+    let addr = proxy.listener_addr("main").await;
+    let active = "cluster.svc.upstream_cx_active";
+    // One request leaves one idle pooled connection to `a`.
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat(active).await, 1);
+
+    // EDS moves the cluster to `b`: every worker closes its pooled connection to `a`, without a request.
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[b.addr()])]);
+    proxy.wait_stat(active, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(upstream_of(addr).await, "b");
+    assert_eq!(proxy.stat(active).await, 1);
+
+    // A new version of the cluster replaces the old one, whose pools close (as Envoy drains them).
+    let mut modified = eds_cluster("svc");
+    modified["connect_timeout"] = json!("2s");
+    xds.set(hx::CLUSTER, vec![modified.clone()]);
+    proxy
+        .wait_stat("cluster_manager.cluster_modified", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_stat(active, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(upstream_of(addr).await, "b");
+
+    // A removed cluster's pooled connections close too.
+    xds.set(hx::CLUSTER, vec![]);
+    proxy
+        .wait_stat("cluster_manager.cluster_removed", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_stat(active, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(proxy.stat("cluster.svc.upstream_cx_destroy").await, 3);
+}
+
+#[tokio::test]
+async fn a_drained_listener_stops_counting_as_draining_when_its_last_request_ends() {
+    let a = Upstream::start("a").await;
+    let (xds, proxy) = ads_world("GRPC", &a).await;
+    let addr = proxy.listener_addr("main").await;
+    let draining = "listener_manager.total_listeners_draining";
+    // A slow request is in flight on the listener when a new version replaces it.
+    let slow = tokio::spawn(async move { http1_client(addr).get("/delay/1500", &[]).await });
+    within_default("the slow request at the upstream", async {
+        while a.requests() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut changed = listener(
+        "main",
+        json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+    );
+    changed["per_connection_buffer_limit_bytes"] = json!(65536);
+    xds.set(hx::LISTENER, vec![changed]);
+    proxy
+        .wait_stat("listener_manager.listener_modified", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.stat(draining).await, 1);
+    // The request finishes on the old listener, with `connection: close`; then the old listener is gone.
+    let reply = slow.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("connection"), Some("close"));
+    proxy.wait_stat(draining, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
+
+    // A removed listener with no connection drains at once.
+    xds.set(hx::LISTENER, vec![]);
+    proxy
+        .wait_stat("listener_manager.listener_removed", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_stat(draining, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 0);
+}
+
+async fn within_default<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    crate::harness::within(DEFAULT_TIMEOUT, what, fut).await
+}

@@ -126,8 +126,9 @@ pub struct Bound {
     pub socket: std::net::TcpListener,
     pub stats: Arc<ListenerStats>,
     /// Raised to stop accepting and drain this listener's connections (server drain, or the listener was
-    /// removed or replaced).
-    pub stop: watch::Sender<bool>,
+    /// removed or replaced). Every accept loop and connection of the listener holds a receiver, so
+    /// [`Bound::drained`] resolves when the last of them has closed.
+    pub stop: Arc<watch::Sender<bool>>,
 }
 
 impl Bound {
@@ -140,12 +141,19 @@ impl Bound {
             config,
             socket,
             stats,
-            stop: watch::channel(false).0,
+            stop: Arc::new(watch::channel(false).0),
         })
     }
 
     pub fn drain(&self) {
         self.stop.send_replace(true);
+    }
+
+    /// Resolves once the listener has stopped accepting and its last connection has closed (after
+    /// [`Bound::drain`]). It does not keep the listening socket open.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
+        let stop = self.stop.clone();
+        async move { stop.closed().await }
     }
 }
 
@@ -346,8 +354,13 @@ async fn drive<F, E>(
     E: std::fmt::Display,
 {
     let hs = &conn.hcm.stats;
+    let drain_time = std::time::Duration::from_secs(conn.shared.options.drain_time_s);
     tokio::pin!(serve);
     let mut drained = *drain.borrow();
+    // A draining connection still open after `--drain-time-s` is closed (Envoy removes a drained listener,
+    // closing what remains, when its drain time is over).
+    let close_at = tokio::time::sleep(drain_time);
+    tokio::pin!(close_at);
     if drained {
         conn.draining.set(true);
         shutdown(serve.as_mut());
@@ -365,8 +378,13 @@ async fn drive<F, E>(
                     drained = true;
                     conn.draining.set(true);
                     hs.downstream_cx_drain_close.inc();
+                    close_at.as_mut().reset(Instant::now() + drain_time);
                     shutdown(serve.as_mut());
                 }
+            }
+            () = close_at.as_mut(), if drained => {
+                tracing::debug!(remote = %conn.remote, "drain time over; closing the connection");
+                break;
             }
         }
     }

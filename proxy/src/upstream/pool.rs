@@ -6,6 +6,13 @@
 //!
 //! A pooled HTTP/1.1 connection returns to its pool when the response body has been read to its end; one whose
 //! response was abandoned is dropped, and hyper closes it.
+//!
+//! A host that leaves its cluster, or whose cluster leaves the configuration, is *retired*
+//! ([`super::Host::is_retired`]): [`purge_retired_soon`] wakes every worker's [`purge_on_retirement`] task,
+//! which drops the host's pool. Idle HTTP/1.1 connections close at once; a busy one is not pooled again when
+//! its response ends; the HTTP/2 connection closes once its last stream ends (hyper closes a client connection
+//! when every `SendRequest` is gone). A request still in flight on an older snapshot gets an unpooled
+//! connection. This is Envoy's draining of the connection pools of removed hosts and clusters.
 
 use super::{Cluster, Host};
 use crate::body::Body;
@@ -38,12 +45,45 @@ pub enum ConnectError {
     Overflow,
 }
 
-#[derive(Default)]
+/// Bumped whenever hosts are retired; see the module docs.
+static RETIREMENTS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
+
+/// Ask every worker to drop the pools of retired hosts.
+pub fn purge_retired_soon() {
+    RETIREMENTS.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// A worker's janitor: purges `pools` whenever hosts are retired, for as long as the worker runs.
+pub async fn purge_on_retirement(pools: Rc<Pools>) {
+    let mut changes = RETIREMENTS.subscribe();
+    while changes.changed().await.is_ok() {
+        pools.purge_retired();
+    }
+}
+
+/// Whether connections to `host` may be pooled.
+fn poolable(cluster: &Cluster, host: &Host) -> bool {
+    !host.is_retired() && !cluster.is_retired()
+}
+
 struct HostPool {
+    host: Arc<Host>,
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
     h2: Option<http2::SendRequest<Body>>,
     /// Set while this worker makes the host's HTTP/2 connection; woken when it is made (or failed).
     h2_connecting: Option<Rc<tokio::sync::Notify>>,
+}
+
+impl HostPool {
+    fn new(host: &Arc<Host>) -> Self {
+        HostPool {
+            host: host.clone(),
+            idle: Vec::new(),
+            h2: None,
+            h2_connecting: None,
+        }
+    }
 }
 
 /// The pools of one worker.
@@ -63,11 +103,16 @@ impl Pools {
         cluster: &Arc<Cluster>,
         host: &Arc<Host>,
     ) -> Result<http1::SendRequest<Body>, ConnectError> {
+        let pooled = poolable(cluster, host);
         loop {
             let candidate = {
                 let mut hosts = self.hosts.borrow_mut();
-                let pool = hosts.entry(host.id).or_default();
-                pool.idle.pop()
+                let pool = if pooled {
+                    Some(hosts.entry(host.id).or_insert_with(|| HostPool::new(host)))
+                } else {
+                    hosts.get_mut(&host.id)
+                };
+                pool.and_then(|p| p.idle.pop())
             };
             let Some((mut sender, since)) = candidate else {
                 break;
@@ -96,17 +141,15 @@ impl Pools {
         Ok(sender)
     }
 
-    /// Give a connection back after its response ended.
+    /// Give a connection back after its response ended (dropped, and so closed, if its host was retired).
     pub fn put_http1(&self, host_id: u64, sender: http1::SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
         let mut hosts = self.hosts.borrow_mut();
-        hosts
-            .entry(host_id)
-            .or_default()
-            .idle
-            .push((sender, Instant::now()));
+        if let Some(pool) = hosts.get_mut(&host_id).filter(|p| !p.host.is_retired()) {
+            pool.idle.push((sender, Instant::now()));
+        }
     }
 
     /// The shared HTTP/2 connection to `host`, made if there is none or it closed.
@@ -117,9 +160,12 @@ impl Pools {
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
         // One connection per host per worker: requests that arrive while it is being made wait for it.
         loop {
+            if !poolable(cluster, host) {
+                return self.connect_h2(cluster, host).await;
+            }
             let wait = {
                 let mut hosts = self.hosts.borrow_mut();
-                let pool = hosts.entry(host.id).or_default();
+                let pool = hosts.entry(host.id).or_insert_with(|| HostPool::new(host));
                 if let Some(s) = &pool.h2 {
                     if !s.is_closed() {
                         return Ok(s.clone());
@@ -153,7 +199,11 @@ impl Pools {
             host: host.id,
         };
         let sender = self.connect_h2(cluster, host).await?;
-        self.hosts.borrow_mut().entry(host.id).or_default().h2 = Some(sender.clone());
+        if let Some(pool) = self.hosts.borrow_mut().get_mut(&host.id) {
+            if !pool.host.is_retired() {
+                pool.h2 = Some(sender.clone());
+            }
+        }
         Ok(sender)
     }
 
@@ -180,9 +230,19 @@ impl Pools {
         self.hosts.borrow_mut().clear();
     }
 
-    /// Drop pools of hosts that no longer exist (called when membership changes).
-    pub fn retain(&self, live: impl Fn(u64) -> bool) {
-        self.hosts.borrow_mut().retain(|id, _| live(*id));
+    /// Drop the pools of retired hosts (see the module docs). Requests waiting for a retired host's HTTP/2
+    /// connection are woken, and make their own.
+    pub fn purge_retired(&self) {
+        let mut hosts = self.hosts.borrow_mut();
+        hosts.retain(|_, p| {
+            if !p.host.is_retired() {
+                return true;
+            }
+            if let Some(n) = p.h2_connecting.take() {
+                n.notify_waiters();
+            }
+            false
+        });
     }
 }
 

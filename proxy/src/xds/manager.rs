@@ -124,7 +124,6 @@ struct Inner {
     held_static: Vec<Arc<Bound>>,
     cds_done: bool,
     lds_done: bool,
-    draining: usize,
 }
 
 /// The dynamic configuration of the server; see the module docs.
@@ -468,7 +467,7 @@ impl Dynamic {
         }
         inner.cds_version = version.to_string();
         inner.cds_done = true;
-        shared.clusters.store(Arc::new(snap));
+        publish_clusters(shared, snap);
         self.update_cluster_gauges(shared, &inner);
         Ok(changed)
     }
@@ -567,7 +566,7 @@ impl Dynamic {
             }
         }
         if let Some(snap) = snap {
-            shared.clusters.store(Arc::new(snap));
+            publish_clusters(shared, snap);
         }
         self.update_cluster_gauges(shared, &inner);
         drop(inner);
@@ -738,7 +737,7 @@ impl Dynamic {
                 self.lm.listener_removed.inc();
                 if let Some(b) = l.active {
                     shared.remove_listener(&b);
-                    inner.draining += 1;
+                    self.count_draining(shared, &b);
                 }
                 tracing::info!(listener = %name, "LDS: listener removed");
             }
@@ -755,20 +754,17 @@ impl Dynamic {
             Some(name) => self.rds.get(name).is_some_and(|r| r.received()),
             None => true,
         };
-        let mut drained = 0;
         for l in inner.listeners.values_mut() {
             let Some(w) = l.warming.as_ref() else { continue };
             if !ready(w) {
                 continue;
             }
             let Some(w) = l.warming.take() else { continue };
-            if l.active.is_some() {
-                drained += 1;
-            }
             shared.add_listener(w.clone(), l.active.as_ref());
-            l.active = Some(w);
+            if let Some(old) = l.active.replace(w) {
+                self.count_draining(shared, &old);
+            }
         }
-        inner.draining += drained;
         let (now_ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.held_static)
             .into_iter()
             .partition(|b| ready(b));
@@ -784,9 +780,30 @@ impl Dynamic {
             (inner.held_static.len() + inner.listeners.values().filter(|l| l.warming.is_some()).count())
                 as i64,
         );
-        self.lm.total_listeners_draining.set(inner.draining as i64);
         drop(inner);
         self.bump();
+    }
+
+    /// Count a listener that stopped serving in `total_listeners_draining` until its last connection has
+    /// closed (at most `--drain-time-s`, after which its connections are closed).
+    fn count_draining(&self, shared: &Shared, bound: &Bound) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let gauge = self.lm.total_listeners_draining.clone();
+        gauge.inc();
+        let drained = bound.drained();
+        // The connections close at the drain time; a little slack lets their tasks finish.
+        let limit =
+            std::time::Duration::from_secs(shared.options.drain_time_s) + std::time::Duration::from_secs(1);
+        let name = bound.config.name.clone();
+        rt.spawn(async move {
+            if tokio::time::timeout(limit, drained).await.is_err() {
+                tracing::warn!(listener = %name, "a drained listener still has connections after the drain time");
+            }
+            tracing::info!(listener = %name, "listener drained");
+            gauge.dec();
+        });
     }
 
     /// Apply an RDS update: each `RouteConfiguration` by its name. Tables nobody subscribed to are ignored.
@@ -845,6 +862,19 @@ impl Dynamic {
         }
         self.promote(shared);
         Ok(())
+    }
+}
+
+/// Swap `snap` in, and retire every cluster of the previous snapshot that it does not hold (removed, or
+/// replaced by a new version): their pooled connections close ([`Cluster::retire`]) while requests in flight,
+/// which hold their `Arc<Cluster>`, finish.
+fn publish_clusters(shared: &Shared, snap: ClusterSnapshot) {
+    let old = shared.clusters.swap(Arc::new(snap));
+    let new = shared.clusters.load();
+    for c in old.iter() {
+        if !new.by_name(c.name()).is_some_and(|n| Arc::ptr_eq(n, c)) {
+            c.retire();
+        }
     }
 }
 
