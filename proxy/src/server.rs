@@ -225,7 +225,7 @@ impl Shared {
             *set = Arc::new(v);
         });
         if let Some(old) = replaces {
-            old.drain();
+            old.drain_gently();
         }
     }
 
@@ -238,7 +238,7 @@ impl Shared {
         self.listeners.send_modify(|set| {
             *set = Arc::new(set.iter().filter(|b| !Arc::ptr_eq(b, bound)).cloned().collect());
         });
-        bound.drain();
+        bound.drain_gently();
     }
 
     /// The current listener set, to serve.

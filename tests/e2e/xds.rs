@@ -12,7 +12,8 @@ use http::Method;
 
 use crate::harness::xds as hx;
 use crate::harness::{
-    build_request, http1_client, load, Budget, Remora, TempDir, Upstream, XdsServer, DEFAULT_TIMEOUT,
+    build_request, h2c_client, http1_client, load, Budget, Remora, TempDir, Upstream, XdsServer,
+    DEFAULT_TIMEOUT,
 };
 use crate::support::{cluster, h2_cluster, routes, to_cluster};
 
@@ -314,7 +315,8 @@ async fn listener_change_drains_old_connections_and_rds_swaps_routes() {
         .await;
     assert_eq!(client.get("/", &[]).await.header("x-upstream"), Some("b"));
 
-    // A changed listener keeps its port; the old one drains: its idle keep-alive connection is closed, and the
+    // A changed listener keeps its port; the old one drains: the next response on its keep-alive connection
+    // carries `connection: close` (closing it while idle would race a request already on its way), and the
     // client's next request goes on a new connection to the new listener.
     let mut changed = listener(
         "main",
@@ -326,10 +328,14 @@ async fn listener_change_drains_old_connections_and_rds_swaps_routes() {
         .wait_stat("listener_manager.listener_modified", |v| v >= 1, DEFAULT_TIMEOUT)
         .await;
     assert_eq!(proxy.listener_addr("main").await, addr);
+    let reply = client.get("/", &[]).await;
+    assert_eq!(reply.header("x-upstream"), Some("b"));
+    assert_eq!(reply.header("connection"), Some("close"));
     proxy
         .wait_stat("http.ingress.downstream_cx_destroy", |v| v >= 1, DEFAULT_TIMEOUT)
         .await;
     let reply = client.get("/", &[]).await;
+    assert_eq!(reply.header("connection"), None);
     assert_eq!(reply.header("x-upstream"), Some("b"));
     assert!(proxy.stat("http.ingress.downstream_cx_total").await >= 2);
     assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
@@ -433,4 +439,143 @@ async fn a_drained_listener_stops_counting_as_draining_when_its_last_request_end
 
 async fn within_default<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     crate::harness::within(DEFAULT_TIMEOUT, what, fut).await
+}
+
+/// Drives load through the proxy for a few seconds while the control plane changes endpoints (every tick),
+/// routes, clusters (a routed cluster modified, a spare one added and removed) and the listener, about 40
+/// times a second, and asserts that every request got a 200 from one of the routed upstreams.
+async fn churn_loses_no_request(api_type: &str, h2: bool) {
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    // Only in the spare cluster, which no route names.
+    let decoy = Upstream::start("decoy").await;
+    let xds = XdsServer::start().await;
+    let main = |buffer: u32| {
+        let mut l = listener(
+            "main",
+            json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+        );
+        l["per_connection_buffer_limit_bytes"] = json!(buffer);
+        l
+    };
+    let table = |target: &str| {
+        let mut t = routes(vec![to_cluster(json!({"prefix": "/"}), target)]);
+        t["name"] = json!("r1");
+        t
+    };
+    let clusters = |timeout: u32, spare: bool| {
+        let mut svc1 = eds_cluster("svc1");
+        svc1["connect_timeout"] = json!(format!("{timeout}s"));
+        let mut v = vec![svc1, eds_cluster("svc2")];
+        if spare {
+            v.push(cluster("spare", &[decoy.addr()]));
+        }
+        v
+    };
+    let endpoints = |i: usize| {
+        let pick = |k: usize| -> Vec<SocketAddr> {
+            match k % 4 {
+                0 => vec![ups[0].addr()],
+                1 => vec![ups[0].addr(), ups[1].addr()],
+                2 => vec![ups[1].addr(), ups[2].addr()],
+                _ => vec![ups[2].addr()],
+            }
+        };
+        vec![assignment("svc1", &pick(i)), assignment("svc2", &pick(i + 2))]
+    };
+    xds.set(hx::CLUSTER, clusters(1, false));
+    xds.set(hx::ENDPOINT, endpoints(0));
+    xds.set(hx::LISTENER, vec![main(32768)]);
+    xds.set(hx::ROUTE, vec![table("svc1")]);
+    let proxy = Remora::start(&ads_bootstrap(&xds, api_type), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(http1_client(addr).get("/", &[]).await.status, StatusCode::OK);
+
+    let churn_for = Duration::from_secs(3);
+    let client = if h2 { h2c_client(addr) } else { http1_client(addr) };
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        workers.spawn(async move {
+            let stop = tokio::time::Instant::now() + churn_for;
+            let mut ok = 0u64;
+            let mut bad: Vec<String> = Vec::new();
+            while tokio::time::Instant::now() < stop {
+                match client.try_get("/", &[]).await {
+                    Ok(r)
+                        if r.status == StatusCode::OK
+                            && matches!(r.header("x-upstream"), Some("a" | "b" | "c")) =>
+                    {
+                        ok += 1
+                    }
+                    Ok(r) => bad.push(format!(
+                        "{} from {:?}: {}",
+                        r.status,
+                        r.header("x-upstream"),
+                        r.text()
+                    )),
+                    Err(e) => bad.push(e.to_string()),
+                }
+            }
+            (ok, bad)
+        });
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    let stop = tokio::time::Instant::now() + churn_for;
+    let mut i = 0usize;
+    while tokio::time::Instant::now() < stop {
+        tick.tick().await;
+        i += 1;
+        xds.set(hx::ENDPOINT, endpoints(i));
+        if i % 2 == 0 {
+            xds.set(hx::ROUTE, vec![table(if i % 4 == 0 { "svc1" } else { "svc2" })]);
+        }
+        if i % 3 == 0 {
+            xds.set(hx::CLUSTER, clusters(1 + (i / 3 % 2) as u32, i % 2 == 0));
+        }
+        if i % 5 == 0 {
+            xds.set(hx::LISTENER, vec![main(32768 + (i / 5 % 2) as u32)]);
+        }
+    }
+    let (mut ok, mut bad) = (0, Vec::new());
+    while let Some(w) = workers.join_next().await {
+        let (o, b) = w.unwrap_or_else(|e| panic!("load worker: {e}"));
+        ok += o;
+        bad.extend(b);
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} requests failed: {bad:#?}",
+        bad.len(),
+        ok + bad.len() as u64
+    );
+    assert!(ok > 100, "only {ok} requests in {churn_for:?}");
+    assert_eq!(decoy.requests(), 0);
+    // The changes were applied, not coalesced away.
+    assert!(proxy.stat("listener_manager.listener_modified").await >= 10);
+    assert!(proxy.stat("cluster_manager.cluster_modified").await >= 10);
+    assert!(proxy.stat("http.ingress.rds.r1.config_reload").await >= 10);
+    assert!(proxy.stat("cluster.svc1.update_success").await >= 40);
+    assert!(ups.iter().all(|u| u.requests() > 0));
+    assert_eq!(proxy.stat("cluster_manager.cds.update_rejected").await, 0);
+    assert_eq!(proxy.stat("listener_manager.lds.update_rejected").await, 0);
+}
+
+#[tokio::test]
+async fn sotw_churn_of_every_resource_type_loses_no_request() {
+    churn_loses_no_request("GRPC", false).await;
+}
+
+#[tokio::test]
+async fn delta_churn_of_every_resource_type_loses_no_request() {
+    churn_loses_no_request("DELTA_GRPC", false).await;
+}
+
+#[tokio::test]
+async fn churn_loses_no_h2_request() {
+    churn_loses_no_request("GRPC", true).await;
 }
