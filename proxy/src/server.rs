@@ -296,7 +296,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let dynamic = crate::xds::manager::Dynamic::new(
         &store,
         std::mem::take(&mut bootstrap.rds),
-        bootstrap.dynamic.ads.is_some(),
+        bootstrap.dynamic.uses_grpc(),
     );
     let local_cluster = local_cluster(&bootstrap);
     let clusters = build_clusters(&bootstrap, &store, &cluster_ids, &local_cluster);

@@ -579,3 +579,94 @@ async fn delta_churn_of_every_resource_type_loses_no_request() {
 async fn churn_loses_no_h2_request() {
     churn_loses_no_request("GRPC", true).await;
 }
+
+/// `cds_config` and `lds_config` with `api_config_source`s of their own: one reached through a static
+/// cluster (`envoy_grpc`, delta), the other at a `google_grpc` target URI (state of the world).
+#[tokio::test]
+async fn cds_and_lds_on_their_own_grpc_streams() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let xds = XdsServer::start().await;
+    xds.set(hx::CLUSTER, vec![cluster("svc", &[a.addr()])]);
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+        )],
+    );
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {
+            "cds_config": {"resource_api_version": "V3", "api_config_source": {"api_type": "DELTA_GRPC",
+                "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}},
+            "lds_config": {"resource_api_version": "V3", "api_config_source": {"api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"google_grpc": {"target_uri": xds.addr().to_string(), "stat_prefix": "xds"}}]}},
+        },
+        "static_resources": {"clusters": [h2_cluster("xds", &[xds.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    let mut paths = xds.stream_paths();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
+            "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners",
+        ]
+    );
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+
+    // Updates arrive on each stream.
+    xds.set(hx::CLUSTER, vec![cluster("svc", &[b.addr()])]);
+    proxy
+        .wait_stat("cluster_manager.cds.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+    xds.set(hx::LISTENER, vec![]);
+    proxy
+        .wait_stat("listener_manager.listener_removed", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+}
+
+#[tokio::test]
+async fn grpc_config_sources_refuse_what_remora_cannot_do_with_the_path() {
+    let source = |service: Value, api_type: &str| {
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "dynamic_resources": {"cds_config": {"api_config_source": {"api_type": api_type,
+                "transport_api_version": "V3", "grpc_services": [service]}}},
+        })
+        .to_string()
+    };
+    let tls = json!({"google_grpc": {"target_uri": "127.0.0.1:18000", "stat_prefix": "xds",
+        "channel_credentials": {"ssl_credentials": {}}}});
+    let (code, _, err) = crate::harness::validate(&source(tls, "GRPC")).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "dynamic_resources.cds_config.api_config_source.grpc_services[0].google_grpc.channel_credentials"
+        ),
+        "{err}"
+    );
+    let unix = json!({"google_grpc": {"target_uri": "unix:///run/xds.sock", "stat_prefix": "xds"}});
+    let (code, _, err) = crate::harness::validate(&source(unix, "GRPC")).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("google_grpc.target_uri"), "{err}");
+    let missing = json!({"envoy_grpc": {"cluster_name": "nowhere"}});
+    let (code, _, err) = crate::harness::validate(&source(missing, "GRPC")).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name"),
+        "{err}"
+    );
+    let rest = json!({"envoy_grpc": {"cluster_name": "nowhere"}});
+    let (code, _, err) = crate::harness::validate(&source(rest, "REST")).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cds_config.api_config_source.api_type"), "{err}");
+}

@@ -116,12 +116,25 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                 "a connection manager uses rds, which needs ads_config",
             );
         }
-        if let Some(ads) = &dynamic.ads {
-            if !clusters.iter().any(|c| c.name == ads.cluster_name) {
-                errs.push(
-                    "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
-                    format!("unknown static cluster {:?}", ads.cluster_name),
-                );
+        let grpc_sources = [
+            ("ads_config", dynamic.ads.as_ref()),
+            (
+                "cds_config.api_config_source",
+                dynamic.cds.as_ref().and_then(|c| c.api()),
+            ),
+            (
+                "lds_config.api_config_source",
+                dynamic.lds.as_ref().and_then(|c| c.api()),
+            ),
+        ];
+        for (path, api) in grpc_sources {
+            if let Some(crate::xds::GrpcTarget::Cluster(name)) = api.map(|a| &a.target) {
+                if !clusters.iter().any(|c| &c.name == name) {
+                    errs.push(
+                        format!("dynamic_resources.{path}.grpc_services[0].envoy_grpc.cluster_name"),
+                        format!("unknown static cluster {name:?}"),
+                    );
+                }
             }
         }
         root.unsupported("layered_runtime");

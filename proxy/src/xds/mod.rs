@@ -37,6 +37,9 @@ pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum Source {
     /// `ads: {}`: the aggregated stream of `dynamic_resources.ads_config`.
     Ads,
+    /// `api_config_source` (GRPC or DELTA_GRPC): a stream of the resource type's own discovery service
+    /// (`ClusterDiscoveryService/StreamClusters`, ...), apart from ADS.
+    Api(GrpcApiConfig),
     /// `path_config_source` (or the deprecated `path`): a file holding a `DiscoveryResponse`.
     Path {
         path: PathBuf,
@@ -53,19 +56,37 @@ pub struct SourceConfig {
     pub initial_fetch_timeout: Option<Duration>,
 }
 
-/// `dynamic_resources.ads_config.api_type`.
+impl SourceConfig {
+    /// The gRPC config source of its own, if that is where the resource comes from.
+    pub fn api(&self) -> Option<&GrpcApiConfig> {
+        match &self.source {
+            Source::Api(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// `ApiConfigSource.api_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApiType {
     Grpc,
     DeltaGrpc,
 }
 
-/// `dynamic_resources.ads_config`.
+/// Where a gRPC control plane is (`grpc_services[0]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AdsConfig {
+pub enum GrpcTarget {
+    /// `envoy_grpc.cluster_name`: a static cluster that reaches the control plane (its hosts in turn).
+    Cluster(String),
+    /// `google_grpc.target_uri` (`host:port`, or `dns:///host:port`), reached over h2c.
+    Uri(String),
+}
+
+/// A gRPC `ApiConfigSource`: `dynamic_resources.ads_config`, or a config source's `api_config_source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcApiConfig {
     pub api_type: ApiType,
-    /// `grpc_services[0].envoy_grpc.cluster_name`: a static cluster that reaches the control plane.
-    pub cluster_name: String,
+    pub target: GrpcTarget,
     /// `set_node_on_first_message_only`.
     pub node_on_first_message_only: bool,
 }
@@ -73,7 +94,7 @@ pub struct AdsConfig {
 /// `dynamic_resources`, lowered.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DynamicResources {
-    pub ads: Option<AdsConfig>,
+    pub ads: Option<GrpcApiConfig>,
     pub cds: Option<SourceConfig>,
     pub lds: Option<SourceConfig>,
 }
@@ -81,6 +102,14 @@ pub struct DynamicResources {
 impl DynamicResources {
     pub fn is_empty(&self) -> bool {
         self.cds.is_none() && self.lds.is_none()
+    }
+
+    /// Whether any resource comes from a gRPC control plane.
+    pub fn uses_grpc(&self) -> bool {
+        self.ads.is_some()
+            || [&self.cds, &self.lds]
+                .iter()
+                .any(|s| s.as_ref().is_some_and(|s| matches!(s.source, Source::Api(_))))
     }
 }
 
@@ -99,8 +128,8 @@ pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
         );
     }
     n.unsupported("authorities");
-    n.unsupported("api_config_source");
     n.unsupported("self");
+    let api = n.msg("api_config_source").map(|a| lower_grpc_api(&a, false));
     let ads = n.msg("ads").is_some();
     let path = n.string("path").filter(|p| !p.is_empty());
     let pcs = n.msg("path_config_source").map(|p| {
@@ -115,22 +144,29 @@ pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
             .map(PathBuf::from);
         (PathBuf::from(path), dir)
     });
-    let source = match (ads, path, pcs) {
-        (true, None, None) => Source::Ads,
-        (false, Some(p), None) => Source::Path {
+    let set = usize::from(ads)
+        + usize::from(path.is_some())
+        + usize::from(pcs.is_some())
+        + usize::from(api.is_some());
+    if set > 1 {
+        n.err_here("only one of ads, api_config_source, path and path_config_source may be set");
+        return None;
+    }
+    let source = match (ads, path, pcs, api) {
+        (true, ..) => Source::Ads,
+        (_, Some(p), ..) => Source::Path {
             path: PathBuf::from(p),
             watched_directory: None,
         },
-        (false, None, Some((path, watched_directory))) => Source::Path {
+        (_, _, Some((path, watched_directory)), _) => Source::Path {
             path,
             watched_directory,
         },
-        (false, None, None) => {
-            n.err_here("needs ads or path_config_source (other config sources are not supported by Remora)");
-            return None;
-        }
-        _ => {
-            n.err_here("only one of ads, path and path_config_source may be set");
+        (_, _, _, Some(api)) => Source::Api(api?),
+        (false, None, None, None) => {
+            n.err_here(
+                "needs ads, api_config_source or path_config_source (other config sources are not supported by Remora)",
+            );
             return None;
         }
     };
@@ -151,7 +187,7 @@ pub fn lower_dynamic_resources(d: &Node) -> DynamicResources {
     d.unsupported("cds_resources_locator");
     d.unsupported("lds_resources_locator");
     d.unsupported("default_config_source");
-    let ads = d.msg("ads_config").and_then(|a| lower_ads(&a));
+    let ads = d.msg("ads_config").and_then(|a| lower_grpc_api(&a, true));
     let uses_ads = [&cds, &lds]
         .iter()
         .any(|s| s.as_ref().is_some_and(|s| s.source == Source::Ads));
@@ -164,12 +200,20 @@ pub fn lower_dynamic_resources(d: &Node) -> DynamicResources {
     DynamicResources { ads, cds, lds }
 }
 
-fn lower_ads(a: &Node) -> Option<AdsConfig> {
+/// Lower a gRPC `ApiConfigSource` (`ads` for `dynamic_resources.ads_config`).
+fn lower_grpc_api(a: &Node, ads: bool) -> Option<GrpcApiConfig> {
     let api_type = match a.enum_name("api_type").as_str() {
         "GRPC" => ApiType::Grpc,
         "DELTA_GRPC" => ApiType::DeltaGrpc,
         other => {
-            a.err("api_type", format!("{other} is not supported by Remora for ADS"));
+            let why = if ads {
+                format!("{other} is not supported by Remora for ADS")
+            } else {
+                format!("{other} is not supported by Remora (GRPC and DELTA_GRPC are)")
+            };
+            a.err("api_type", why);
+            // The rest of the source (REST's `cluster_names`, `refresh_delay`, ...) goes with it.
+            a.mark_all();
             return None;
         }
     };
@@ -185,31 +229,73 @@ fn lower_ads(a: &Node) -> Option<AdsConfig> {
         a.err("grpc_services", "exactly one gRPC service is supported by Remora");
     }
     let g = services.first()?;
-    g.unsupported("google_grpc");
     g.unsupported("initial_metadata");
     g.unsupported("retry_policy");
-    // A per-call deadline; the ADS stream lives for as long as the connection.
+    // A per-call deadline; the stream lives for as long as the connection.
     g.mark("timeout");
-    let Some(e) = g.msg("envoy_grpc") else {
-        g.err(
-            "envoy_grpc",
-            "is required (google_grpc is not supported by Remora)",
-        );
+    let target = if let Some(e) = g.msg("envoy_grpc") {
+        let cluster_name = e.string("cluster_name").unwrap_or_default();
+        if cluster_name.is_empty() {
+            e.err("cluster_name", "is required");
+        }
+        e.mark("authority");
+        e.unsupported("retry_policy");
+        e.unsupported("max_receive_message_length");
+        e.unsupported("skip_envoy_headers");
+        GrpcTarget::Cluster(cluster_name)
+    } else if let Some(gg) = g.msg("google_grpc") {
+        let uri = lower_target_uri(&gg)?;
+        gg.mark("stat_prefix");
+        if gg.has("channel_credentials") {
+            gg.err(
+                "channel_credentials",
+                "TLS to the control plane is not supported by Remora yet (plaintext h2c only)",
+            );
+        }
+        gg.unsupported("channel_credentials_plugin");
+        gg.unsupported("call_credentials");
+        gg.unsupported("call_credentials_plugin");
+        gg.unsupported("credentials_factory_name");
+        gg.unsupported("config");
+        gg.unsupported("per_stream_buffer_limit_bytes");
+        gg.unsupported("channel_args");
+        GrpcTarget::Uri(uri)
+    } else {
+        g.err_here("needs envoy_grpc or google_grpc");
         return None;
     };
-    let cluster_name = e.string("cluster_name").unwrap_or_default();
-    if cluster_name.is_empty() {
-        e.err("cluster_name", "is required");
-    }
-    e.mark("authority");
-    e.unsupported("retry_policy");
-    e.unsupported("max_receive_message_length");
-    e.unsupported("skip_envoy_headers");
-    Some(AdsConfig {
+    Some(GrpcApiConfig {
         api_type,
-        cluster_name,
+        target,
         node_on_first_message_only,
     })
+}
+
+/// `google_grpc.target_uri` as `host:port`: plain, or gRPC's `dns:///host:port` and `ipv4:`/`ipv6:` forms.
+fn lower_target_uri(gg: &Node) -> Option<String> {
+    let uri = gg.string("target_uri").unwrap_or_default();
+    let hostport = uri
+        .strip_prefix("dns:///")
+        .or_else(|| uri.strip_prefix("dns:"))
+        .or_else(|| uri.strip_prefix("ipv4:"))
+        .or_else(|| uri.strip_prefix("ipv6:"))
+        .unwrap_or(&uri);
+    let valid = !hostport.is_empty()
+        && !hostport.contains('/')
+        && !hostport.contains(',')
+        && hostport
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !valid {
+        gg.err(
+            "target_uri",
+            format!(
+                "{uri:?} is not a host:port Remora can reach (dns:///host:port and ipv4:addr:port also work)"
+            ),
+        );
+        return None;
+    }
+    Some(hostport.to_string())
 }
 
 /// The statistics of one subscription (`configuration/overview/mgmt_server.rst`, "xDS subscription
@@ -468,7 +554,12 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
         }
     }
     if let Some(ads) = &d.ads {
-        tokio::spawn(ads::run(shared.clone(), ads.clone()));
+        tokio::spawn(ads::run(shared.clone(), ads.clone(), ads::Stream::Ads));
+    }
+    for (type_url, cfg) in [(CLUSTER_TYPE, &d.cds), (LISTENER_TYPE, &d.lds)] {
+        if let Some(Source::Api(api)) = cfg.as_ref().map(|c| &c.source) {
+            tokio::spawn(ads::run(shared.clone(), api.clone(), ads::Stream::Only(type_url)));
+        }
     }
     let timeouts: Vec<Option<Duration>> = [&d.cds, &d.lds]
         .into_iter()
