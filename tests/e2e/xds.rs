@@ -531,13 +531,16 @@ async fn churn_loses_no_request(api_type: &str, h2: bool) {
         tick.tick().await;
         i += 1;
         xds.set(hx::ENDPOINT, endpoints(i));
-        if i % 2 == 0 {
-            xds.set(hx::ROUTE, vec![table(if i % 4 == 0 { "svc1" } else { "svc2" })]);
+        if i.is_multiple_of(2) {
+            xds.set(
+                hx::ROUTE,
+                vec![table(if i.is_multiple_of(4) { "svc1" } else { "svc2" })],
+            );
         }
-        if i % 3 == 0 {
-            xds.set(hx::CLUSTER, clusters(1 + (i / 3 % 2) as u32, i % 2 == 0));
+        if i.is_multiple_of(3) {
+            xds.set(hx::CLUSTER, clusters(1 + (i / 3 % 2) as u32, i.is_multiple_of(2)));
         }
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             xds.set(hx::LISTENER, vec![main(32768 + (i / 5 % 2) as u32)]);
         }
     }

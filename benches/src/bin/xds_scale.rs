@@ -275,7 +275,7 @@ async fn main() -> Result<(), Error> {
         ]],
     ));
     std::fs::write(out.join("results.md"), &md)?;
-    println!("{md}");
+    remora_benches::outln!("{md}")?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }
