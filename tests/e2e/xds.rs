@@ -638,7 +638,7 @@ async fn cds_and_lds_on_their_own_grpc_streams() {
 }
 
 #[tokio::test]
-async fn grpc_config_sources_refuse_what_remora_cannot_do_with_the_path() {
+async fn api_config_sources_refuse_what_remora_cannot_do_with_the_path() {
     let source = |service: Value, api_type: &str| {
         json!({
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -668,8 +668,152 @@ async fn grpc_config_sources_refuse_what_remora_cannot_do_with_the_path() {
         err.contains("cds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name"),
         "{err}"
     );
+    // REST takes `cluster_names`, not `grpc_services`.
     let rest = json!({"envoy_grpc": {"cluster_name": "nowhere"}});
     let (code, _, err) = crate::harness::validate(&source(rest, "REST")).await;
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("cds_config.api_config_source.api_type"), "{err}");
+    assert!(
+        err.contains("cds_config.api_config_source.grpc_services: is not allowed with api_type REST"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cds_config.api_config_source.cluster_names: exactly one"),
+        "{err}"
+    );
+    assert!(!err.contains("not supported by Remora"), "{err}");
+}
+
+/// What the REST management server of [`cds_and_lds_polled_over_rest`] serves and saw.
+#[derive(Default)]
+struct RestPlane {
+    /// Per path: the version and the resources.
+    served: std::collections::HashMap<String, (u64, Vec<Value>)>,
+    /// Every request: path, `version_info`, whether it carried `error_detail`.
+    seen: Vec<(String, String, bool)>,
+    not_modified: u64,
+}
+
+/// `api_type: REST`: the proxy POSTs `DiscoveryRequest`s as JSON to `/v3/discovery:clusters` and
+/// `:listeners` every `refresh_delay`; a 304 changes nothing; a rejected response is NACKed in the next
+/// request's `error_detail`.
+#[tokio::test]
+async fn cds_and_lds_polled_over_rest() {
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let cp = Upstream::http1("cp").await;
+    let plane = Arc::new(Mutex::new(RestPlane::default()));
+    let set = |path: &str, resources: Vec<Value>| {
+        let mut p = plane.lock().unwrap_or_else(|e| e.into_inner());
+        let version = p.served.get(path).map_or(1, |(v, _)| v + 1);
+        p.served.insert(path.to_owned(), (version, resources));
+    };
+    set(
+        "/v3/discovery:clusters",
+        vec![typed(cluster("svc", &[a.addr()]), CLUSTER_TYPE)],
+    );
+    set(
+        "/v3/discovery:listeners",
+        vec![typed(
+            listener(
+                "main",
+                json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+            ),
+            LISTENER_TYPE,
+        )],
+    );
+    cp.set_handler({
+        let plane = plane.clone();
+        move |req: http::Request<hyper::body::Incoming>| {
+            let plane = plane.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let ok = req.method() == Method::POST
+                    && req.headers().get("content-type").is_some_and(|v| v == "application/json");
+                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let version = request["version_info"].as_str().unwrap_or_default().to_owned();
+                let mut p = plane.lock().unwrap_or_else(|e| e.into_inner());
+                p.seen.push((path.clone(), version.clone(), request.get("error_detail").is_some()));
+                let Some((current, resources)) = p.served.get(&path).cloned() else {
+                    return crate::harness::reply(404, "");
+                };
+                if !ok {
+                    return crate::harness::reply(400, "want a JSON POST");
+                }
+                if version == current.to_string() {
+                    p.not_modified += 1;
+                    return crate::harness::reply(304, "");
+                }
+                let type_url = request["type_url"].as_str().unwrap_or_default();
+                let resp = json!({"version_info": current.to_string(), "resources": resources, "type_url": type_url});
+                crate::harness::reply(200, resp.to_string())
+            }
+        }
+    });
+    let rest = json!({"api_type": "REST", "transport_api_version": "V3", "cluster_names": ["cp"],
+        "refresh_delay": "0.05s", "request_timeout": "1s"});
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {
+            "cds_config": {"resource_api_version": "V3", "api_config_source": rest},
+            "lds_config": {"resource_api_version": "V3", "api_config_source": rest},
+        },
+        "static_resources": {"clusters": [cluster("cp", &[cp.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+
+    // Polls that find nothing new are answered 304 and change nothing.
+    within_default("a 304", async {
+        while plane.lock().unwrap_or_else(|e| e.into_inner()).not_modified < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(proxy.stat("cluster_manager.cds.update_success").await, 1);
+    assert_eq!(proxy.stat("cluster_manager.cluster_modified").await, 0);
+
+    // A new version is picked up by the next poll.
+    set(
+        "/v3/discovery:clusters",
+        vec![typed(cluster("svc", &[b.addr()]), CLUSTER_TYPE)],
+    );
+    proxy
+        .wait_stat("cluster_manager.cds.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+
+    // A bad one is rejected: the next request says so in error_detail, with the accepted version.
+    set(
+        "/v3/discovery:clusters",
+        vec![typed(
+            json!({"name": "svc", "type": "STATIC", "lb_policy": "CLUSTER_PROVIDED"}),
+            CLUSTER_TYPE,
+        )],
+    );
+    proxy
+        .wait_stat("cluster_manager.cds.update_rejected", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    within_default("a NACK", async {
+        loop {
+            let nack = plane
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .seen
+                .iter()
+                .any(|(p, v, nack)| p == "/v3/discovery:clusters" && *nack && v == "2");
+            if nack {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(upstream_of(addr).await, "b");
+    assert_eq!(proxy.stat("listener_manager.lds.update_rejected").await, 0);
 }

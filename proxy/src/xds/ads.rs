@@ -169,7 +169,7 @@ fn get_strs(m: &DynamicMessage, field: &str) -> Vec<String> {
 }
 
 /// `error_detail` of a NACK.
-fn error_detail(errors: &ConfigErrors) -> Result<DynamicMessage, Status> {
+pub(super) fn error_detail(errors: &ConfigErrors) -> Result<DynamicMessage, Status> {
     let mut s = message("google.rpc.Status")?;
     s.set_field_by_name("code", Value::I32(INVALID_ARGUMENT));
     set_str(&mut s, "message", &errors.to_string());
@@ -321,7 +321,7 @@ async fn connect(target: &str) -> Result<tonic::transport::Channel, tonic::trans
 }
 
 /// The bootstrap's `node`, for the control plane.
-fn node(shared: &Shared) -> Option<DynamicMessage> {
+pub(super) fn node(shared: &Shared) -> Option<DynamicMessage> {
     match shared.bootstrap.message.get_field_by_name("node").as_deref() {
         Some(Value::Message(n)) => {
             let mut n = n.clone();

@@ -4,7 +4,9 @@
 //!   of one resource type atomically: all of it is lowered first, and either all of it takes effect or none
 //!   does (the errors, with their field paths, become the NACK's `error_detail`).
 //! - [`file`] watches `path_config_source` files (CDS and LDS from the filesystem).
-//! - [`ads`] speaks the aggregated discovery service over gRPC, state-of-the-world and delta.
+//! - [`ads`] speaks the aggregated discovery service over gRPC, state-of-the-world and delta (and a resource
+//!   type's own discovery service, for an `api_config_source` of its own).
+//! - [`rest`] polls a management server over REST-JSON (`api_type: REST`).
 //!
 //! What is read from the bootstrap is lowered here: `dynamic_resources` and the `ConfigSource`s that name
 //! where each resource type comes from.
@@ -12,6 +14,7 @@
 pub mod ads;
 pub mod file;
 pub mod manager;
+pub mod rest;
 
 use crate::config::error::{ConfigError, ConfigErrors};
 use crate::config::node::Node;
@@ -40,6 +43,8 @@ pub enum Source {
     /// `api_config_source` (GRPC or DELTA_GRPC): a stream of the resource type's own discovery service
     /// (`ClusterDiscoveryService/StreamClusters`, ...), apart from ADS.
     Api(GrpcApiConfig),
+    /// `api_config_source` with `api_type: REST`: polled ([`rest`]).
+    Rest(rest::RestConfig),
     /// `path_config_source` (or the deprecated `path`): a file holding a `DiscoveryResponse`.
     Path {
         path: PathBuf,
@@ -57,10 +62,14 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
-    /// The gRPC config source of its own, if that is where the resource comes from.
-    pub fn api(&self) -> Option<&GrpcApiConfig> {
+    /// The static cluster that reaches the management server, with its path under the config source.
+    pub fn control_plane_cluster(&self) -> Option<(&'static str, &str)> {
         match &self.source {
-            Source::Api(a) => Some(a),
+            Source::Api(GrpcApiConfig {
+                target: GrpcTarget::Cluster(c),
+                ..
+            }) => Some(("api_config_source.grpc_services[0].envoy_grpc.cluster_name", c)),
+            Source::Rest(r) => Some(("api_config_source.cluster_names[0]", &r.cluster_name)),
             _ => None,
         }
     }
@@ -129,7 +138,13 @@ pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
     }
     n.unsupported("authorities");
     n.unsupported("self");
-    let api = n.msg("api_config_source").map(|a| lower_grpc_api(&a, false));
+    let api = n.msg("api_config_source").map(|a| {
+        if a.enum_name("api_type") == "REST" {
+            lower_rest(&a).map(Source::Rest)
+        } else {
+            lower_grpc_api(&a, false).map(Source::Api)
+        }
+    });
     let ads = n.msg("ads").is_some();
     let path = n.string("path").filter(|p| !p.is_empty());
     let pcs = n.msg("path_config_source").map(|p| {
@@ -162,7 +177,7 @@ pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
             path,
             watched_directory,
         },
-        (_, _, _, Some(api)) => Source::Api(api?),
+        (_, _, _, Some(api)) => api?,
         (false, None, None, None) => {
             n.err_here(
                 "needs ads, api_config_source or path_config_source (other config sources are not supported by Remora)",
@@ -268,6 +283,35 @@ fn lower_grpc_api(a: &Node, ads: bool) -> Option<GrpcApiConfig> {
         api_type,
         target,
         node_on_first_message_only,
+    })
+}
+
+/// Lower a REST `ApiConfigSource` (see [`rest`]).
+fn lower_rest(a: &Node) -> Option<rest::RestConfig> {
+    a.mark("api_type");
+    a.mark("transport_api_version");
+    // Only the gRPC streams send the node once.
+    a.mark("set_node_on_first_message_only");
+    let names = a.strings("cluster_names");
+    if names.len() != 1 {
+        a.err("cluster_names", "exactly one cluster is required for REST");
+    }
+    if a.has("grpc_services") {
+        a.err("grpc_services", "is not allowed with api_type REST");
+        a.mark("grpc_services");
+    }
+    a.unsupported("rate_limit_settings");
+    a.unsupported("config_validators");
+    let second = Duration::from_secs(1);
+    let refresh_delay = a.duration("refresh_delay").unwrap_or(second);
+    let request_timeout = a.duration("request_timeout").unwrap_or(second);
+    if refresh_delay.is_zero() {
+        a.err("refresh_delay", "must be greater than 0");
+    }
+    Some(rest::RestConfig {
+        cluster_name: names.into_iter().next()?,
+        refresh_delay,
+        request_timeout,
     })
 }
 
@@ -556,9 +600,18 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
     if let Some(ads) = &d.ads {
         tokio::spawn(ads::run(shared.clone(), ads.clone(), ads::Stream::Ads));
     }
-    for (type_url, cfg) in [(CLUSTER_TYPE, &d.cds), (LISTENER_TYPE, &d.lds)] {
-        if let Some(Source::Api(api)) = cfg.as_ref().map(|c| &c.source) {
-            tokio::spawn(ads::run(shared.clone(), api.clone(), ads::Stream::Only(type_url)));
+    for (type_url, kind, cfg) in [
+        (CLUSTER_TYPE, file::Kind::Cds, &d.cds),
+        (LISTENER_TYPE, file::Kind::Lds, &d.lds),
+    ] {
+        match cfg.as_ref().map(|c| &c.source) {
+            Some(Source::Api(api)) => {
+                tokio::spawn(ads::run(shared.clone(), api.clone(), ads::Stream::Only(type_url)));
+            }
+            Some(Source::Rest(rest)) => {
+                tokio::spawn(rest::run(shared.clone(), rest.clone(), kind));
+            }
+            _ => {}
         }
     }
     let timeouts: Vec<Option<Duration>> = [&d.cds, &d.lds]
