@@ -817,3 +817,29 @@ async fn cds_and_lds_polled_over_rest() {
     assert_eq!(upstream_of(addr).await, "b");
     assert_eq!(proxy.stat("listener_manager.lds.update_rejected").await, 0);
 }
+
+/// A server drain (SIGTERM) also closes the idle connections of a listener that LDS replaced, which were only
+/// being discouraged: the process exits at once, not after `--drain-time-s`.
+#[tokio::test]
+async fn sigterm_closes_what_a_replaced_listener_still_drains() {
+    let a = Upstream::start("a").await;
+    let (xds, mut proxy) = ads_world("GRPC", &a).await;
+    let addr = proxy.listener_addr("main").await;
+    let client = http1_client(addr);
+    assert_eq!(client.get("/", &[]).await.status, StatusCode::OK);
+    let mut changed = listener(
+        "main",
+        json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+    );
+    changed["per_connection_buffer_limit_bytes"] = json!(65536);
+    xds.set(hx::LISTENER, vec![changed]);
+    proxy
+        .wait_stat("listener_manager.listener_modified", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    // The old listener's idle keep-alive connection is still open (the default drain time is 600 s).
+    assert_eq!(proxy.stat("listener_manager.total_listeners_draining").await, 1);
+    assert_eq!(proxy.stat("http.ingress.downstream_cx_active").await, 1);
+    proxy.sigterm();
+    let status = proxy.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "{status:?}\n{}", proxy.logs());
+}
