@@ -94,6 +94,10 @@ pub struct DynCluster {
 #[derive(Debug)]
 struct EdsState {
     endpoints: Vec<EndpointConfig>,
+    /// The encoded `ClusterLoadAssignment` they came from.
+    raw: Vec<u8>,
+    /// The `version` gauge's hash of `endpoints`.
+    hash: u64,
     received: bool,
     stats: SubscriptionStats,
     version: String,
@@ -442,6 +446,8 @@ impl Dynamic {
                     .entry(service_name.clone())
                     .or_insert_with(|| EdsState {
                         endpoints: Vec::new(),
+                        raw: Vec::new(),
+                        hash: 0,
                         received: false,
                         stats: SubscriptionStats::new(&stats_scope),
                         version: String::new(),
@@ -490,9 +496,29 @@ impl Dynamic {
         removed: &[String],
         version: &str,
     ) -> Result<(), ConfigErrors> {
+        // A state-of-the-world response repeats every assignment: those whose encoding did not change are
+        // neither lowered again nor applied.
+        let raws: Vec<Vec<u8>> = resources.iter().map(|r| r.message.encode_to_vec()).collect();
+        let same: Vec<bool> = {
+            let inner = lock(&self.inner);
+            resources
+                .iter()
+                .zip(&raws)
+                .map(|(r, raw)| {
+                    inner
+                        .endpoints
+                        .get(&r.name)
+                        .is_some_and(|e| e.received && e.raw == *raw)
+                })
+                .collect()
+        };
         let mut lowered = Vec::new();
         let mut errors = Vec::new();
-        for r in resources {
+        for ((r, raw), same) in resources.iter().zip(raws).zip(same) {
+            if same {
+                lowered.push((r, raw, None));
+                continue;
+            }
             let errs = Errors::default();
             let endpoints = {
                 let node = Node::root(&r.message, "", &errs);
@@ -500,10 +526,10 @@ impl Dynamic {
             };
             let what = format!("cluster load assignment {:?}", r.name);
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
-            lowered.push((r, endpoints));
+            lowered.push((r, raw, Some(endpoints)));
         }
         let mut inner = lock(&self.inner);
-        for (r, _) in &lowered {
+        for (r, ..) in &lowered {
             if let Some(eds) = inner.endpoints.get(&r.name) {
                 eds.stats.update_attempt.inc();
                 if !errors.is_empty() {
@@ -514,27 +540,36 @@ impl Dynamic {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let removed_sets = removed.iter().map(|n| (n.clone(), Vec::new(), n.clone()));
-        let updates: Vec<(String, Vec<EndpointConfig>, String)> = lowered
+        let removed_sets = removed
+            .iter()
+            .map(|n| (n.clone(), Some(Vec::new()), Vec::new(), n.clone()));
+        type Update = (String, Option<Vec<EndpointConfig>>, Vec<u8>, String);
+        let updates: Vec<Update> = lowered
             .into_iter()
-            .map(|(r, e)| (r.name.clone(), e, r.version.clone()))
+            .map(|(r, raw, e)| (r.name.clone(), e, raw, r.version.clone()))
             .chain(removed_sets)
             .collect();
         let mut snap: Option<ClusterSnapshot> = None;
-        for (name, endpoints, rversion) in updates {
+        for (name, endpoints, raw, rversion) in updates {
             let Some(eds) = inner.endpoints.get_mut(&name) else {
                 // Not subscribed (any more): nothing names it.
                 continue;
             };
-            let changed = !eds.received || eds.endpoints != endpoints;
-            eds.received = true;
-            eds.endpoints = endpoints.clone();
             eds.version = if rversion.is_empty() {
                 version.to_string()
             } else {
                 rversion
             };
-            let hash = content_hash(
+            let Some(endpoints) = endpoints else {
+                // The same assignment again.
+                eds.stats.accepted(eds.hash, false);
+                continue;
+            };
+            let changed = !eds.received || eds.endpoints != endpoints;
+            eds.received = true;
+            eds.endpoints = endpoints.clone();
+            eds.raw = raw;
+            eds.hash = content_hash(
                 eds.endpoints
                     .iter()
                     .map(|e| e.address.to_string().into_bytes())
@@ -542,7 +577,10 @@ impl Dynamic {
                     .iter()
                     .map(Vec::as_slice),
             );
-            eds.stats.accepted(hash, changed);
+            eds.stats.accepted(eds.hash, changed);
+            if !changed {
+                continue;
+            }
             // Active clusters (static or dynamic) that read this name get the hosts now.
             for c in shared.clusters.load().iter() {
                 if matches!(&c.config.discovery, Discovery::Eds { service_name } if *service_name == name) {
