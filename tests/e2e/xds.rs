@@ -378,6 +378,17 @@ async fn removed_hosts_and_clusters_close_their_pooled_connections() {
     assert_eq!(upstream_of(addr).await, "b");
     assert_eq!(proxy.stat(active).await, 1);
 
+    // The same assignment again (a SotW server resends every type on any change) changes nothing: the
+    // pooled connection to `b` stays, and the membership is not rebuilt.
+    let changes = proxy.stat("cluster.svc.membership_change").await;
+    let updates = proxy.stat("cluster.svc.update_success").await;
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[b.addr()])]);
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v > updates, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.stat("cluster.svc.membership_change").await, changes);
+    assert_eq!(proxy.stat(active).await, 1);
+
     // A new version of the cluster replaces the old one, whose pools close (as Envoy drains them).
     let mut modified = eds_cluster("svc");
     modified["connect_timeout"] = json!("2s");

@@ -6,7 +6,8 @@
 //! - `clusters`: 1,000 EDS clusters in one CDS response, then their 1,000 `ClusterLoadAssignment`s of 10
 //!   endpoints each (10,000 endpoints) in one EDS response. Timed: CDS push → ACK, the EDS subscription for all
 //!   1,000 names, EDS push → ACK (every cluster warmed), and the whole. Resident memory (VmRSS) before the
-//!   push and after. A fresh proxy per repetition.
+//!   push and after. Then one endpoint changes in one assignment and the whole EDS state is pushed again (as a
+//!   SotW control plane does), five times: the median time to ACK. A fresh proxy per repetition.
 //! - `big`: one EDS cluster of 10,000 endpoints; then one endpoint's port changes, `--changes` times, each a
 //!   full SotW EDS response (as a control plane sends it). Timed: the first 10,000-endpoint push, and each
 //!   one-endpoint change (median, p90, max).
@@ -90,6 +91,8 @@ struct ClustersRun {
     subscribed: Duration,
     eds: Duration,
     total: Duration,
+    /// One endpoint changed, every assignment pushed again: the median of five.
+    one_change: Duration,
     rss_before: u64,
     rss_after: u64,
 }
@@ -105,14 +108,10 @@ async fn clusters_run(
     let rss_before = memory(&proxy)?.rss_kib;
     let names: Vec<String> = (0..clusters).map(|i| format!("c{i}")).collect();
     let cds: Vec<Vec<u8>> = names.iter().map(|n| eds_cluster(n)).collect();
-    let eds: Vec<Vec<u8>> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let addrs: Vec<SocketAddr> = (0..per).map(|j| endpoint(i * per + j)).collect();
-            assignment(n, &addrs)
-        })
+    let mut addrs: Vec<Vec<SocketAddr>> = (0..clusters)
+        .map(|i| (0..per).map(|j| endpoint(i * per + j)).collect())
         .collect();
+    let mut eds: Vec<Vec<u8>> = names.iter().zip(&addrs).map(|(n, a)| assignment(n, a)).collect();
 
     let start = Instant::now();
     let cds_time = push_acked(&server, CLUSTER, "1", &cds).await?;
@@ -128,11 +127,20 @@ async fn clusters_run(
     if active != clusters as i64 + 1 || warming != 0 {
         return Err(format!("after the pushes: {active} active clusters, {warming} warming").into());
     }
+    let mut changes = Vec::new();
+    for k in 0..5 {
+        let i = (k * 389) % clusters;
+        let port = if addrs[i][0].port() == 8080 { 8081 } else { 8080 };
+        addrs[i][0].set_port(port);
+        eds[i] = assignment(&names[i], &addrs[i]);
+        changes.push(push_acked(&server, ENDPOINT, &(k + 2).to_string(), &eds).await?);
+    }
     Ok(ClustersRun {
         cds: cds_time,
         subscribed: sub.at - start,
         eds: eds_time,
         total,
+        one_change: quantile(&mut changes, 0.5),
         rss_before,
         rss_after: memory(&proxy)?.rss_kib,
     })
@@ -225,6 +233,7 @@ async fn main() -> Result<(), Error> {
             ms(r.subscribed),
             ms(r.eds),
             ms(r.total),
+            ms(r.one_change),
             mib(r.rss_before),
             mib(r.rss_after),
             mib(r.rss_after.saturating_sub(r.rss_before)),
@@ -237,6 +246,7 @@ async fn main() -> Result<(), Error> {
             "EDS subscribed (since CDS push)",
             "EDS push → ACK",
             "all warm",
+            "one endpoint changed, all pushed again → ACK (median of 5)",
             "RSS before",
             "RSS after",
             "RSS added",
