@@ -44,6 +44,8 @@ pub struct Resource {
     /// The resource's version: the response's `version_info` in SotW, the resource's own in delta.
     pub version: String,
     pub message: DynamicMessage,
+    /// The resource as it arrived (the `Any`'s value), to tell an unchanged resource without re-encoding it.
+    pub raw: bytes::Bytes,
 }
 
 /// Which held resources an update removes.
@@ -94,8 +96,8 @@ pub struct DynCluster {
 #[derive(Debug)]
 struct EdsState {
     endpoints: Vec<EndpointConfig>,
-    /// The encoded `ClusterLoadAssignment` they came from.
-    raw: Vec<u8>,
+    /// The encoded `ClusterLoadAssignment` they came from, as it arrived.
+    raw: bytes::Bytes,
     /// The `version` gauge's hash of `endpoints`.
     hash: u64,
     received: bool,
@@ -446,7 +448,7 @@ impl Dynamic {
                     .entry(service_name.clone())
                     .or_insert_with(|| EdsState {
                         endpoints: Vec::new(),
-                        raw: Vec::new(),
+                        raw: bytes::Bytes::new(),
                         hash: 0,
                         received: false,
                         stats: SubscriptionStats::new(&stats_scope),
@@ -498,23 +500,22 @@ impl Dynamic {
     ) -> Result<(), ConfigErrors> {
         // A state-of-the-world response repeats every assignment: those whose encoding did not change are
         // neither lowered again nor applied.
-        let raws: Vec<Vec<u8>> = resources.iter().map(|r| r.message.encode_to_vec()).collect();
         let same: Vec<bool> = {
             let inner = lock(&self.inner);
             resources
                 .iter()
-                .zip(&raws)
-                .map(|(r, raw)| {
+                .map(|r| {
                     inner
                         .endpoints
                         .get(&r.name)
-                        .is_some_and(|e| e.received && e.raw == *raw)
+                        .is_some_and(|e| e.received && e.raw == r.raw)
                 })
                 .collect()
         };
         let mut lowered = Vec::new();
         let mut errors = Vec::new();
-        for ((r, raw), same) in resources.iter().zip(raws).zip(same) {
+        for (r, same) in resources.iter().zip(same) {
+            let raw = r.raw.clone();
             if same {
                 lowered.push((r, raw, None));
                 continue;
@@ -542,8 +543,8 @@ impl Dynamic {
         }
         let removed_sets = removed
             .iter()
-            .map(|n| (n.clone(), Some(Vec::new()), Vec::new(), n.clone()));
-        type Update = (String, Option<Vec<EndpointConfig>>, Vec<u8>, String);
+            .map(|n| (n.clone(), Some(Vec::new()), bytes::Bytes::new(), n.clone()));
+        type Update = (String, Option<Vec<EndpointConfig>>, bytes::Bytes, String);
         let updates: Vec<Update> = lowered
             .into_iter()
             .map(|(r, raw, e)| (r.name.clone(), e, raw, r.version.clone()))

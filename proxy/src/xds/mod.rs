@@ -517,12 +517,13 @@ fn decode_any(any: &DynamicMessage, type_url: &str, path: &str) -> Result<manage
     }
     let desc = crate::config::descriptors::message_for_type_url(&url)
         .ok_or_else(|| ConfigError::new(path, format!("unknown type {url:?}")))?;
-    let message =
-        DynamicMessage::decode(desc, bytes).map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
+    let message = DynamicMessage::decode(desc, bytes.clone())
+        .map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
     Ok(manager::Resource {
         name: resource_name(&message),
         version: String::new(),
         message,
+        raw: bytes,
     })
 }
 
