@@ -35,3 +35,4 @@ macro_rules! outln {
     }};
 }
 pub mod scenario;
+pub mod xds;

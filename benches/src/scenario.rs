@@ -240,6 +240,11 @@ impl RemoraProcess {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The address of listener `name`, from `/listeners?format=json`.
     pub async fn listener(&self, name: &str) -> Result<SocketAddr, Error> {
         let (_, body) = http_get(self.admin, "/listeners?format=json").await?;

@@ -153,6 +153,9 @@ pub struct Shared {
     pub listener_addrs: Mutex<Vec<(String, SocketAddr)>>,
     /// The listeners workers serve; each worker starts an accept loop for every listener it has not seen.
     listeners: watch::Sender<Arc<Vec<Arc<Bound>>>>,
+    /// The drain signals of listeners that LDS replaced or removed while their connections still drain, so
+    /// that a server drain closes those too.
+    draining_listeners: Mutex<Vec<Arc<watch::Sender<listener::Drain>>>>,
     /// Clusters, listeners and route tables from xDS.
     pub dynamic: crate::xds::manager::Dynamic,
     /// `cluster_manager.local_cluster_name`, for zone-aware routing.
@@ -198,6 +201,14 @@ impl Shared {
         for b in self.listeners.borrow().iter() {
             b.drain();
         }
+        for stop in self
+            .draining_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            stop.send_replace(listener::Drain::Close);
+        }
         // Dropping the set closes the sockets once the workers' accept loops have let go of them.
         self.listeners.send_replace(Arc::new(Vec::new()));
         self.drain.send_replace(true);
@@ -229,7 +240,7 @@ impl Shared {
             *set = Arc::new(v);
         });
         if let Some(old) = replaces {
-            old.drain();
+            self.drain_gently(old);
         }
     }
 
@@ -242,7 +253,16 @@ impl Shared {
         self.listeners.send_modify(|set| {
             *set = Arc::new(set.iter().filter(|b| !Arc::ptr_eq(b, bound)).cloned().collect());
         });
-        bound.drain();
+        self.drain_gently(bound);
+    }
+
+    /// Discourage requests on a listener LDS replaced or removed (see [`listener::Drain::Discourage`]).
+    fn drain_gently(&self, bound: &Bound) {
+        bound.drain_gently();
+        let mut draining = self.draining_listeners.lock().unwrap_or_else(|e| e.into_inner());
+        // Listeners whose last connection has closed are done.
+        draining.retain(|s| s.receiver_count() > 0);
+        draining.push(bound.stop.clone());
     }
 
     /// The listener a connection redirected to `dst` is handed off to (`use_original_dst`): the one bound to
@@ -315,7 +335,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let dynamic = crate::xds::manager::Dynamic::new(
         &store,
         std::mem::take(&mut bootstrap.rds),
-        bootstrap.dynamic.ads.is_some(),
+        bootstrap.dynamic.uses_grpc(),
     );
     let local_cluster = local_cluster(&bootstrap);
     let clusters = build_clusters(&bootstrap, &store, &cluster_ids, &local_cluster);
@@ -336,6 +356,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         start_instant: Instant::now(),
         listener_addrs: Mutex::new(Vec::new()),
         listeners: watch::channel(Arc::new(Vec::new())).0,
+        draining_listeners: Mutex::default(),
         dynamic,
         local_cluster,
     });
@@ -384,9 +405,12 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let workers = crate::runtime::spawn_workers(concurrency, move |worker| {
         let shared = worker_shared.clone();
         async move {
+            let janitor =
+                tokio::task::spawn_local(crate::upstream::pool::purge_on_retirement(worker.pools.clone()));
             serve_listeners(&shared, &worker).await;
             // Draining: wait for this worker's connections, bounded by --drain-time-s.
             let _ = tokio::time::timeout(drain_time, worker.connections_closed()).await;
+            janitor.abort();
             worker.pools.clear();
         }
     });

@@ -12,7 +12,8 @@ use http::Method;
 
 use crate::harness::xds as hx;
 use crate::harness::{
-    build_request, http1_client, load, Budget, Remora, TempDir, Upstream, XdsServer, DEFAULT_TIMEOUT,
+    build_request, h2c_client, http1_client, load, Budget, Remora, TempDir, Upstream, XdsServer,
+    DEFAULT_TIMEOUT,
 };
 use crate::support::{cluster, h2_cluster, routes, to_cluster};
 
@@ -314,7 +315,8 @@ async fn listener_change_drains_old_connections_and_rds_swaps_routes() {
         .await;
     assert_eq!(client.get("/", &[]).await.header("x-upstream"), Some("b"));
 
-    // A changed listener keeps its port; the old one drains: its idle keep-alive connection is closed, and the
+    // A changed listener keeps its port; the old one drains: the next response on its keep-alive connection
+    // carries `connection: close` (closing it while idle would race a request already on its way), and the
     // client's next request goes on a new connection to the new listener.
     let mut changed = listener(
         "main",
@@ -326,10 +328,14 @@ async fn listener_change_drains_old_connections_and_rds_swaps_routes() {
         .wait_stat("listener_manager.listener_modified", |v| v >= 1, DEFAULT_TIMEOUT)
         .await;
     assert_eq!(proxy.listener_addr("main").await, addr);
+    let reply = client.get("/", &[]).await;
+    assert_eq!(reply.header("x-upstream"), Some("b"));
+    assert_eq!(reply.header("connection"), Some("close"));
     proxy
         .wait_stat("http.ingress.downstream_cx_destroy", |v| v >= 1, DEFAULT_TIMEOUT)
         .await;
     let reply = client.get("/", &[]).await;
+    assert_eq!(reply.header("connection"), None);
     assert_eq!(reply.header("x-upstream"), Some("b"));
     assert!(proxy.stat("http.ingress.downstream_cx_total").await >= 2);
     assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
@@ -353,4 +359,498 @@ async fn initial_fetch_timeout_lets_the_server_go_live_without_a_control_plane()
     assert_eq!(proxy.stat("listener_manager.lds.init_fetch_timeout").await, 1);
     assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
     assert!(proxy.stat("cluster_manager.cds.update_failure").await >= 1);
+}
+
+#[tokio::test]
+async fn removed_hosts_and_clusters_close_their_pooled_connections() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let (xds, proxy) = ads_world("GRPC", &a).await;
+    let addr = proxy.listener_addr("main").await;
+    let active = "cluster.svc.upstream_cx_active";
+    // One request leaves one idle pooled connection to `a`.
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat(active).await, 1);
+
+    // EDS moves the cluster to `b`: every worker closes its pooled connection to `a`, without a request.
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[b.addr()])]);
+    proxy.wait_stat(active, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(upstream_of(addr).await, "b");
+    assert_eq!(proxy.stat(active).await, 1);
+
+    // The same assignment again (a SotW server resends every type on any change) changes nothing: the
+    // pooled connection to `b` stays, and the membership is not rebuilt.
+    let changes = proxy.stat("cluster.svc.membership_change").await;
+    let updates = proxy.stat("cluster.svc.update_success").await;
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[b.addr()])]);
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v > updates, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.stat("cluster.svc.membership_change").await, changes);
+    assert_eq!(proxy.stat(active).await, 1);
+
+    // A new version of the cluster replaces the old one, whose pools close (as Envoy drains them).
+    let mut modified = eds_cluster("svc");
+    modified["connect_timeout"] = json!("2s");
+    xds.set(hx::CLUSTER, vec![modified.clone()]);
+    proxy
+        .wait_stat("cluster_manager.cluster_modified", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_stat(active, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(upstream_of(addr).await, "b");
+
+    // A removed cluster's pooled connections close too.
+    xds.set(hx::CLUSTER, vec![]);
+    proxy
+        .wait_stat("cluster_manager.cluster_removed", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_stat(active, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(proxy.stat("cluster.svc.upstream_cx_destroy").await, 3);
+}
+
+#[tokio::test]
+async fn a_drained_listener_stops_counting_as_draining_when_its_last_request_ends() {
+    let a = Upstream::start("a").await;
+    let (xds, proxy) = ads_world("GRPC", &a).await;
+    let addr = proxy.listener_addr("main").await;
+    let draining = "listener_manager.total_listeners_draining";
+    // A slow request is in flight on the listener when a new version replaces it.
+    let slow = tokio::spawn(async move { http1_client(addr).get("/delay/1500", &[]).await });
+    within_default("the slow request at the upstream", async {
+        while a.requests() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut changed = listener(
+        "main",
+        json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+    );
+    changed["per_connection_buffer_limit_bytes"] = json!(65536);
+    xds.set(hx::LISTENER, vec![changed]);
+    proxy
+        .wait_stat("listener_manager.listener_modified", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.stat(draining).await, 1);
+    // The request finishes on the old listener, with `connection: close`; then the old listener is gone.
+    let reply = slow.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("connection"), Some("close"));
+    proxy.wait_stat(draining, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
+
+    // A removed listener with no connection drains at once.
+    xds.set(hx::LISTENER, vec![]);
+    proxy
+        .wait_stat("listener_manager.listener_removed", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_stat(draining, |v| v == 0, DEFAULT_TIMEOUT).await;
+    assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 0);
+}
+
+async fn within_default<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    crate::harness::within(DEFAULT_TIMEOUT, what, fut).await
+}
+
+/// Drives load through the proxy for a few seconds while the control plane changes endpoints (every tick),
+/// routes, clusters (a routed cluster modified, a spare one added and removed) and the listener, about 40
+/// times a second, and asserts that every request got a 200 from one of the routed upstreams.
+async fn churn_loses_no_request(api_type: &str, h2: bool) {
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    // Only in the spare cluster, which no route names.
+    let decoy = Upstream::start("decoy").await;
+    let xds = XdsServer::start().await;
+    let main = |buffer: u32| {
+        let mut l = listener(
+            "main",
+            json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+        );
+        l["per_connection_buffer_limit_bytes"] = json!(buffer);
+        l
+    };
+    let table = |target: &str| {
+        let mut t = routes(vec![to_cluster(json!({"prefix": "/"}), target)]);
+        t["name"] = json!("r1");
+        t
+    };
+    let clusters = |timeout: u32, spare: bool| {
+        let mut svc1 = eds_cluster("svc1");
+        svc1["connect_timeout"] = json!(format!("{timeout}s"));
+        let mut v = vec![svc1, eds_cluster("svc2")];
+        if spare {
+            v.push(cluster("spare", &[decoy.addr()]));
+        }
+        v
+    };
+    let endpoints = |i: usize| {
+        let pick = |k: usize| -> Vec<SocketAddr> {
+            match k % 4 {
+                0 => vec![ups[0].addr()],
+                1 => vec![ups[0].addr(), ups[1].addr()],
+                2 => vec![ups[1].addr(), ups[2].addr()],
+                _ => vec![ups[2].addr()],
+            }
+        };
+        vec![assignment("svc1", &pick(i)), assignment("svc2", &pick(i + 2))]
+    };
+    xds.set(hx::CLUSTER, clusters(1, false));
+    xds.set(hx::ENDPOINT, endpoints(0));
+    xds.set(hx::LISTENER, vec![main(32768)]);
+    xds.set(hx::ROUTE, vec![table("svc1")]);
+    let proxy = Remora::start(&ads_bootstrap(&xds, api_type), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(http1_client(addr).get("/", &[]).await.status, StatusCode::OK);
+
+    let churn_for = Duration::from_secs(3);
+    let client = if h2 { h2c_client(addr) } else { http1_client(addr) };
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        workers.spawn(async move {
+            let stop = tokio::time::Instant::now() + churn_for;
+            let mut ok = 0u64;
+            let mut bad: Vec<String> = Vec::new();
+            while tokio::time::Instant::now() < stop {
+                match client.try_get("/", &[]).await {
+                    Ok(r)
+                        if r.status == StatusCode::OK
+                            && matches!(r.header("x-upstream"), Some("a" | "b" | "c")) =>
+                    {
+                        ok += 1
+                    }
+                    Ok(r) => bad.push(format!(
+                        "{} from {:?}: {}",
+                        r.status,
+                        r.header("x-upstream"),
+                        r.text()
+                    )),
+                    Err(e) => bad.push(e.to_string()),
+                }
+            }
+            (ok, bad)
+        });
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    let stop = tokio::time::Instant::now() + churn_for;
+    let mut i = 0usize;
+    while tokio::time::Instant::now() < stop {
+        tick.tick().await;
+        i += 1;
+        xds.set(hx::ENDPOINT, endpoints(i));
+        if i.is_multiple_of(2) {
+            xds.set(
+                hx::ROUTE,
+                vec![table(if i.is_multiple_of(4) { "svc1" } else { "svc2" })],
+            );
+        }
+        if i.is_multiple_of(3) {
+            xds.set(hx::CLUSTER, clusters(1 + (i / 3 % 2) as u32, i.is_multiple_of(2)));
+        }
+        if i.is_multiple_of(5) {
+            xds.set(hx::LISTENER, vec![main(32768 + (i / 5 % 2) as u32)]);
+        }
+    }
+    let (mut ok, mut bad) = (0, Vec::new());
+    while let Some(w) = workers.join_next().await {
+        let (o, b) = w.unwrap_or_else(|e| panic!("load worker: {e}"));
+        ok += o;
+        bad.extend(b);
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} requests failed: {bad:#?}",
+        bad.len(),
+        ok + bad.len() as u64
+    );
+    assert!(ok > 100, "only {ok} requests in {churn_for:?}");
+    assert_eq!(decoy.requests(), 0);
+    // The changes were applied, not coalesced away.
+    assert!(proxy.stat("listener_manager.listener_modified").await >= 10);
+    assert!(proxy.stat("cluster_manager.cluster_modified").await >= 10);
+    assert!(proxy.stat("http.ingress.rds.r1.config_reload").await >= 10);
+    assert!(proxy.stat("cluster.svc1.update_success").await >= 40);
+    assert!(ups.iter().all(|u| u.requests() > 0));
+    assert_eq!(proxy.stat("cluster_manager.cds.update_rejected").await, 0);
+    assert_eq!(proxy.stat("listener_manager.lds.update_rejected").await, 0);
+}
+
+#[tokio::test]
+async fn sotw_churn_of_every_resource_type_loses_no_request() {
+    churn_loses_no_request("GRPC", false).await;
+}
+
+#[tokio::test]
+async fn delta_churn_of_every_resource_type_loses_no_request() {
+    churn_loses_no_request("DELTA_GRPC", false).await;
+}
+
+#[tokio::test]
+async fn churn_loses_no_h2_request() {
+    churn_loses_no_request("GRPC", true).await;
+}
+
+/// `cds_config` and `lds_config` with `api_config_source`s of their own: one reached through a static
+/// cluster (`envoy_grpc`, delta), the other at a `google_grpc` target URI (state of the world).
+#[tokio::test]
+async fn cds_and_lds_on_their_own_grpc_streams() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let xds = XdsServer::start().await;
+    xds.set(hx::CLUSTER, vec![cluster("svc", &[a.addr()])]);
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+        )],
+    );
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {
+            "cds_config": {"resource_api_version": "V3", "api_config_source": {"api_type": "DELTA_GRPC",
+                "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}},
+            "lds_config": {"resource_api_version": "V3", "api_config_source": {"api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"google_grpc": {"target_uri": xds.addr().to_string(), "stat_prefix": "xds"}}]}},
+        },
+        "static_resources": {"clusters": [h2_cluster("xds", &[xds.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    let mut paths = xds.stream_paths();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
+            "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners",
+        ]
+    );
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+
+    // Updates arrive on each stream.
+    xds.set(hx::CLUSTER, vec![cluster("svc", &[b.addr()])]);
+    proxy
+        .wait_stat("cluster_manager.cds.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+    xds.set(hx::LISTENER, vec![]);
+    proxy
+        .wait_stat("listener_manager.listener_removed", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+}
+
+#[tokio::test]
+async fn api_config_sources_refuse_what_remora_cannot_do_with_the_path() {
+    let source = |service: Value, api_type: &str| {
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "dynamic_resources": {"cds_config": {"api_config_source": {"api_type": api_type,
+                "transport_api_version": "V3", "grpc_services": [service]}}},
+        })
+        .to_string()
+    };
+    let tls = json!({"google_grpc": {"target_uri": "127.0.0.1:18000", "stat_prefix": "xds",
+        "channel_credentials": {"ssl_credentials": {}}}});
+    let (code, _, err) = crate::harness::validate(&source(tls, "GRPC")).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "dynamic_resources.cds_config.api_config_source.grpc_services[0].google_grpc.channel_credentials"
+        ),
+        "{err}"
+    );
+    let unix = json!({"google_grpc": {"target_uri": "unix:///run/xds.sock", "stat_prefix": "xds"}});
+    let (code, _, err) = crate::harness::validate(&source(unix, "GRPC")).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("google_grpc.target_uri"), "{err}");
+    let missing = json!({"envoy_grpc": {"cluster_name": "nowhere"}});
+    let (code, _, err) = crate::harness::validate(&source(missing, "GRPC")).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name"),
+        "{err}"
+    );
+    // REST takes `cluster_names`, not `grpc_services`.
+    let rest = json!({"envoy_grpc": {"cluster_name": "nowhere"}});
+    let (code, _, err) = crate::harness::validate(&source(rest, "REST")).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cds_config.api_config_source.grpc_services: is not allowed with api_type REST"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cds_config.api_config_source.cluster_names: exactly one"),
+        "{err}"
+    );
+    assert!(!err.contains("not supported by Remora"), "{err}");
+}
+
+/// What the REST management server of [`cds_and_lds_polled_over_rest`] serves and saw.
+#[derive(Default)]
+struct RestPlane {
+    /// Per path: the version and the resources.
+    served: std::collections::HashMap<String, (u64, Vec<Value>)>,
+    /// Every request: path, `version_info`, whether it carried `error_detail`.
+    seen: Vec<(String, String, bool)>,
+    not_modified: u64,
+}
+
+/// `api_type: REST`: the proxy POSTs `DiscoveryRequest`s as JSON to `/v3/discovery:clusters` and
+/// `:listeners` every `refresh_delay`; a 304 changes nothing; a rejected response is NACKed in the next
+/// request's `error_detail`.
+#[tokio::test]
+async fn cds_and_lds_polled_over_rest() {
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let cp = Upstream::http1("cp").await;
+    let plane = Arc::new(Mutex::new(RestPlane::default()));
+    let set = |path: &str, resources: Vec<Value>| {
+        let mut p = plane.lock().unwrap_or_else(|e| e.into_inner());
+        let version = p.served.get(path).map_or(1, |(v, _)| v + 1);
+        p.served.insert(path.to_owned(), (version, resources));
+    };
+    set(
+        "/v3/discovery:clusters",
+        vec![typed(cluster("svc", &[a.addr()]), CLUSTER_TYPE)],
+    );
+    set(
+        "/v3/discovery:listeners",
+        vec![typed(
+            listener(
+                "main",
+                json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+            ),
+            LISTENER_TYPE,
+        )],
+    );
+    cp.set_handler({
+        let plane = plane.clone();
+        move |req: http::Request<hyper::body::Incoming>| {
+            let plane = plane.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let ok = req.method() == Method::POST
+                    && req.headers().get("content-type").is_some_and(|v| v == "application/json");
+                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let version = request["version_info"].as_str().unwrap_or_default().to_owned();
+                let mut p = plane.lock().unwrap_or_else(|e| e.into_inner());
+                p.seen.push((path.clone(), version.clone(), request.get("error_detail").is_some()));
+                let Some((current, resources)) = p.served.get(&path).cloned() else {
+                    return crate::harness::reply(404, "");
+                };
+                if !ok {
+                    return crate::harness::reply(400, "want a JSON POST");
+                }
+                if version == current.to_string() {
+                    p.not_modified += 1;
+                    return crate::harness::reply(304, "");
+                }
+                let type_url = request["type_url"].as_str().unwrap_or_default();
+                let resp = json!({"version_info": current.to_string(), "resources": resources, "type_url": type_url});
+                crate::harness::reply(200, resp.to_string())
+            }
+        }
+    });
+    let rest = json!({"api_type": "REST", "transport_api_version": "V3", "cluster_names": ["cp"],
+        "refresh_delay": "0.05s", "request_timeout": "1s"});
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {
+            "cds_config": {"resource_api_version": "V3", "api_config_source": rest},
+            "lds_config": {"resource_api_version": "V3", "api_config_source": rest},
+        },
+        "static_resources": {"clusters": [cluster("cp", &[cp.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+
+    // Polls that find nothing new are answered 304 and change nothing.
+    within_default("a 304", async {
+        while plane.lock().unwrap_or_else(|e| e.into_inner()).not_modified < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(proxy.stat("cluster_manager.cds.update_success").await, 1);
+    assert_eq!(proxy.stat("cluster_manager.cluster_modified").await, 0);
+
+    // A new version is picked up by the next poll.
+    set(
+        "/v3/discovery:clusters",
+        vec![typed(cluster("svc", &[b.addr()]), CLUSTER_TYPE)],
+    );
+    proxy
+        .wait_stat("cluster_manager.cds.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+
+    // A bad one is rejected: the next request says so in error_detail, with the accepted version.
+    set(
+        "/v3/discovery:clusters",
+        vec![typed(
+            json!({"name": "svc", "type": "STATIC", "lb_policy": "CLUSTER_PROVIDED"}),
+            CLUSTER_TYPE,
+        )],
+    );
+    proxy
+        .wait_stat("cluster_manager.cds.update_rejected", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    within_default("a NACK", async {
+        loop {
+            let nack = plane
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .seen
+                .iter()
+                .any(|(p, v, nack)| p == "/v3/discovery:clusters" && *nack && v == "2");
+            if nack {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(upstream_of(addr).await, "b");
+    assert_eq!(proxy.stat("listener_manager.lds.update_rejected").await, 0);
+}
+
+/// A server drain (SIGTERM) also closes the idle connections of a listener that LDS replaced, which were only
+/// being discouraged: the process exits at once, not after `--drain-time-s`.
+#[tokio::test]
+async fn sigterm_closes_what_a_replaced_listener_still_drains() {
+    let a = Upstream::start("a").await;
+    let (xds, mut proxy) = ads_world("GRPC", &a).await;
+    let addr = proxy.listener_addr("main").await;
+    let client = http1_client(addr);
+    assert_eq!(client.get("/", &[]).await.status, StatusCode::OK);
+    let mut changed = listener(
+        "main",
+        json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+    );
+    changed["per_connection_buffer_limit_bytes"] = json!(65536);
+    xds.set(hx::LISTENER, vec![changed]);
+    proxy
+        .wait_stat("listener_manager.listener_modified", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    // The old listener's idle keep-alive connection is still open (the default drain time is 600 s).
+    assert_eq!(proxy.stat("listener_manager.total_listeners_draining").await, 1);
+    assert_eq!(proxy.stat("http.ingress.downstream_cx_active").await, 1);
+    proxy.sigterm();
+    let status = proxy.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "{status:?}\n{}", proxy.logs());
 }

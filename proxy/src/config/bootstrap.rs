@@ -116,11 +116,23 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                 "a connection manager uses rds, which needs ads_config",
             );
         }
-        if let Some(ads) = &dynamic.ads {
-            if !clusters.iter().any(|c| c.name == ads.cluster_name) {
+        let mut control_planes = Vec::new();
+        if let Some(crate::xds::GrpcTarget::Cluster(name)) = dynamic.ads.as_ref().map(|a| &a.target) {
+            control_planes.push((
+                "ads_config.grpc_services[0].envoy_grpc.cluster_name".to_string(),
+                name.as_str(),
+            ));
+        }
+        for (what, source) in [("cds_config", &dynamic.cds), ("lds_config", &dynamic.lds)] {
+            if let Some((path, name)) = source.as_ref().and_then(|s| s.control_plane_cluster()) {
+                control_planes.push((format!("{what}.{path}"), name));
+            }
+        }
+        for (path, name) in control_planes {
+            if !clusters.iter().any(|c| c.name == name) {
                 errs.push(
-                    "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
-                    format!("unknown static cluster {:?}", ads.cluster_name),
+                    format!("dynamic_resources.{path}"),
+                    format!("unknown static cluster {name:?}"),
                 );
             }
         }

@@ -124,6 +124,19 @@ impl Conn {
     }
 }
 
+/// How a listener's connections are being drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    Serving,
+    /// LDS removed or replaced the listener: requests are discouraged for `--drain-time-s` (Envoy's drain
+    /// manager): an HTTP/1.1 connection closes after its next response, which carries `connection: close`
+    /// (closing an idle keep-alive connection at once would race a request the client is already sending);
+    /// an HTTP/2 connection gets a GOAWAY now. What is still open at the drain time is closed.
+    Discourage,
+    /// The server drains: idle connections close now, busy ones after their response.
+    Close,
+}
+
 /// A bound listener with its stats, ready to be served by workers.
 #[derive(Debug)]
 pub struct Bound {
@@ -132,8 +145,9 @@ pub struct Bound {
     pub socket: Option<std::net::TcpListener>,
     pub stats: Arc<ListenerStats>,
     /// Raised to stop accepting and drain this listener's connections (server drain, or the listener was
-    /// removed or replaced).
-    pub stop: watch::Sender<bool>,
+    /// removed or replaced). Every accept loop and connection of the listener holds a receiver, so
+    /// [`Bound::drained`] resolves when the last of them has closed.
+    pub stop: Arc<watch::Sender<Drain>>,
 }
 
 impl Bound {
@@ -146,12 +160,31 @@ impl Bound {
             config,
             socket,
             stats,
-            stop: watch::channel(false).0,
+            stop: Arc::new(watch::channel(Drain::Serving).0),
         })
     }
 
+    /// Stop accepting and close the connections as they go idle (the server drains).
     pub fn drain(&self) {
-        self.stop.send_replace(true);
+        self.stop.send_replace(Drain::Close);
+    }
+
+    /// Stop accepting and discourage requests on the open connections (see [`Drain::Discourage`]).
+    pub fn drain_gently(&self) {
+        self.stop.send_if_modified(|d| {
+            let serving = *d == Drain::Serving;
+            if serving {
+                *d = Drain::Discourage;
+            }
+            serving
+        });
+    }
+
+    /// Resolves once the listener has stopped accepting and its last connection has closed (after
+    /// [`Bound::drain`]). It does not keep the listening socket open.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
+        let stop = self.stop.clone();
+        async move { stop.closed().await }
     }
 }
 
@@ -196,7 +229,7 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
     loop {
         tokio::select! {
             biased;
-            _ = stop.wait_for(|d| *d) => break,
+            _ = stop.wait_for(|d| *d != Drain::Serving) => break,
             res = socket.accept() => match res {
                 Ok((stream, remote)) => accepted(&bound, &shared, &worker, stream, remote),
                 Err(e) => {
@@ -402,7 +435,7 @@ async fn serve_connection<S>(
     stream: S,
     alpn: Option<Vec<u8>>,
     lstats: Arc<ListenerStats>,
-    mut drain: watch::Receiver<bool>,
+    mut drain: watch::Receiver<Drain>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -522,17 +555,35 @@ async fn drive<F, E>(
     conn: &Conn,
     serve: F,
     shutdown: impl Fn(std::pin::Pin<&mut F>),
-    drain: &mut watch::Receiver<bool>,
+    drain: &mut watch::Receiver<Drain>,
 ) where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let hs = &conn.hcm.stats;
+    let drain_time = std::time::Duration::from_secs(conn.shared.options.drain_time_s);
     tokio::pin!(serve);
-    let mut drained = *drain.borrow();
-    if drained {
-        conn.draining.set(true);
-        shutdown(serve.as_mut());
+    // A draining connection still open after `--drain-time-s` is closed (Envoy removes a drained listener,
+    // closing what remains, when its drain time is over).
+    let close_at = tokio::time::sleep(drain_time);
+    tokio::pin!(close_at);
+    let mut state = Drain::Serving;
+    let mut shut = false;
+    let mut apply = |now: Drain, serve: std::pin::Pin<&mut F>, state: &mut Drain| {
+        if *state == Drain::Serving && now != Drain::Serving {
+            conn.draining.set(true);
+            hs.downstream_cx_drain_close.inc();
+        }
+        *state = now;
+        let h2 = conn.protocol.get() == 2 || conn.hcm.codec == Codec::Http2;
+        if !shut && (now == Drain::Close || (now == Drain::Discourage && h2)) {
+            shut = true;
+            shutdown(serve);
+        }
+    };
+    let first = *drain.borrow_and_update();
+    if first != Drain::Serving {
+        apply(first, serve.as_mut(), &mut state);
     }
     loop {
         tokio::select! {
@@ -542,13 +593,16 @@ async fn drive<F, E>(
                 }
                 break;
             }
-            changed = drain.changed(), if !drained => {
-                if changed.is_err() || *drain.borrow() {
-                    drained = true;
-                    conn.draining.set(true);
-                    hs.downstream_cx_drain_close.inc();
-                    shutdown(serve.as_mut());
+            changed = drain.changed(), if state != Drain::Close => {
+                let now = if changed.is_err() { Drain::Close } else { *drain.borrow_and_update() };
+                if state == Drain::Serving && now != Drain::Serving {
+                    close_at.as_mut().reset(Instant::now() + drain_time);
                 }
+                apply(now, serve.as_mut(), &mut state);
+            }
+            () = close_at.as_mut(), if state != Drain::Serving => {
+                tracing::debug!(remote = %conn.remote, "drain time over; closing the connection");
+                break;
             }
         }
     }

@@ -233,6 +233,9 @@ pub struct Host {
     /// `PENDING_ACTIVE_HC`: with `common_lb_config.ignore_new_hosts_until_first_hc`, a host new to the health
     /// checker is excluded from balancing (and from the host counts) until its first check completes.
     pub pending_active_hc: AtomicBool,
+    /// The host left its cluster's membership (or its cluster left the configuration): workers close its
+    /// pooled connections ([`pool::Pools::purge_retired`]) and pool no new ones.
+    retired: AtomicBool,
     pub stats: HostStats,
 }
 
@@ -267,8 +270,13 @@ impl Host {
             health_check_disabled: e.health_check_disabled,
             failed_active_hc: AtomicBool::new(false),
             pending_active_hc: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             stats: HostStats::default(),
         })
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Relaxed)
     }
 
     pub fn healthy(&self) -> bool {
@@ -716,6 +724,8 @@ pub struct Cluster {
     pub aggregate: Option<aggregate::Aggregate>,
     /// The TLS context for connections to the hosts (or why it could not be built; lowering checked it).
     pub tls: Option<Result<Arc<crate::tls::ClientTls>, String>>,
+    /// The cluster left the configuration (removed, or replaced by a new version); see [`Cluster::retire`].
+    retired: AtomicBool,
 }
 
 impl Cluster {
@@ -775,6 +785,7 @@ impl Cluster {
             original_dst,
             aggregate,
             me: me.clone(),
+            retired: AtomicBool::new(false),
         });
         if let Some(l) = &c.local {
             l.register(Arc::downgrade(&c));
@@ -796,8 +807,10 @@ impl Cluster {
         &self.config.name
     }
 
-    /// Replace the membership (hosts that remain keep their outlier state, matched by id).
+    /// Replace the membership (hosts that remain keep their outlier state, matched by id). Hosts that leave
+    /// are retired: every worker closes their pooled connections (Envoy drains the pools of removed hosts).
     pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
+        let before = self.hosts.load_full();
         if let Some(d) = &self.outlier {
             d.set_hosts(&hosts);
         }
@@ -808,7 +821,35 @@ impl Cluster {
                 .iter()
                 .for_each(|h| h.failed_active_hc.store(false, Relaxed)),
         }
+        let kept: std::collections::HashSet<u64> = hosts.iter().map(|h| h.id).collect();
+        if self.is_retired() {
+            // A host a retired cluster learns of (a forward-proxy lookup finishing late) is retired at once.
+            hosts.iter().for_each(|h| h.retired.store(true, Relaxed));
+        }
         self.publish(hosts);
+        let mut any = false;
+        for h in before.hosts.iter().filter(|h| !kept.contains(&h.id)) {
+            h.retired.store(true, Relaxed);
+            any = true;
+        }
+        if any {
+            pool::purge_retired_soon();
+        }
+    }
+
+    /// The cluster left the configuration (CDS removed it, or a new version replaced it): its hosts are
+    /// retired, so that every worker closes their idle pooled connections now and the busy ones when their
+    /// requests end (Envoy drains a removed cluster's connection pools). Requests in flight finish.
+    pub fn retire(&self) {
+        self.retired.store(true, Relaxed);
+        for h in &self.hosts.load().hosts {
+            h.retired.store(true, Relaxed);
+        }
+        pool::purge_retired_soon();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Relaxed)
     }
 
     /// Recompute which hosts take traffic (after an ejection or a return).

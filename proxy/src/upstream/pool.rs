@@ -23,6 +23,14 @@
 //! its units are released and `upstream_rq_cancelled` counts it. An HTTP/2 request waits while the host's
 //! connection is being made; once it exists, stream slots are hyper's and h2's business (their queue is not
 //! counted as pending).
+//!
+//! # Retired hosts
+//! A host that leaves its cluster, or whose cluster leaves the configuration, is *retired*
+//! ([`super::Host::is_retired`]): [`purge_retired_soon`] wakes every worker's [`purge_on_retirement`] task,
+//! which drops the host's pool. Idle HTTP/1.1 connections close at once; a busy one is not pooled again when
+//! its response ends; the HTTP/2 connection closes once its last stream ends (hyper closes a client connection
+//! when every `SendRequest` is gone). A request still in flight on an older snapshot gets an unpooled
+//! connection. This is Envoy's draining of the connection pools of removed hosts and clusters.
 
 use super::breaker::{Permit, Priority, Resource};
 use super::{Cluster, Host};
@@ -59,8 +67,30 @@ pub enum ConnectError {
     Tls(String),
 }
 
-#[derive(Default)]
+/// Bumped whenever hosts are retired; see the module docs.
+static RETIREMENTS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
+
+/// Ask every worker to drop the pools of retired hosts.
+pub fn purge_retired_soon() {
+    RETIREMENTS.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// A worker's janitor: purges `pools` whenever hosts are retired, for as long as the worker runs.
+pub async fn purge_on_retirement(pools: Rc<Pools>) {
+    let mut changes = RETIREMENTS.subscribe();
+    while changes.changed().await.is_ok() {
+        pools.purge_retired();
+    }
+}
+
+/// Whether connections to `host` may be pooled.
+fn poolable(cluster: &Cluster, host: &Host) -> bool {
+    !host.is_retired() && !cluster.is_retired()
+}
+
 struct HostPool {
+    host: Arc<Host>,
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
     /// Pending HTTP/1.1 requests of this worker waiting for a connection to the host, oldest first.
     waiters: VecDeque<tokio::sync::oneshot::Sender<http1::SendRequest<Body>>>,
@@ -69,6 +99,19 @@ struct HostPool {
     h2: Option<http2::SendRequest<Body>>,
     /// Set while this worker makes the host's HTTP/2 connection; woken when it is made (or failed).
     h2_connecting: Option<Rc<tokio::sync::Notify>>,
+}
+
+impl HostPool {
+    fn new(host: &Arc<Host>) -> Self {
+        HostPool {
+            host: host.clone(),
+            idle: Vec::new(),
+            waiters: VecDeque::new(),
+            live: Rc::new(Cell::new(0)),
+            h2: None,
+            h2_connecting: None,
+        }
+    }
 }
 
 /// The pools of one worker.
@@ -91,6 +134,11 @@ impl Pools {
         if let Some(sender) = self.idle_http1(cluster, host).await {
             return Ok(sender);
         }
+        if !poolable(cluster, host) {
+            // A request in flight on an older snapshot: its own connection, not pooled.
+            let permit = connection_permit(cluster, host, true, true).ok_or(ConnectError::Overflow)?;
+            return self.new_http1(cluster, host, permit, Rc::new(Cell::new(0))).await;
+        }
         let mut pending = Pending::new(cluster)?;
         let resources = cluster.breakers.resources(Priority::Default);
         let mut first_try = true;
@@ -99,11 +147,17 @@ impl Pools {
                 pending.done();
                 return Ok(sender);
             }
+            if !poolable(cluster, host) {
+                // Retired while this request waited: its own connection, not pooled.
+                pending.done();
+                let permit = connection_permit(cluster, host, true, true).ok_or(ConnectError::Overflow)?;
+                return self.new_http1(cluster, host, permit, Rc::new(Cell::new(0))).await;
+            }
             // Listen for a released connection before looking at the limits, so that none is missed.
             let released = resources.connection_released();
             tokio::pin!(released);
             released.as_mut().enable();
-            let live = self.live(host.id);
+            let live = self.live(host);
             if let Some(permit) = connection_permit(cluster, host, live.get() == 0, first_try) {
                 // Pending until the connection is made (or failed).
                 let made = self.new_http1(cluster, host, permit, live).await;
@@ -114,7 +168,7 @@ impl Pools {
             let (tx, rx) = tokio::sync::oneshot::channel();
             {
                 let mut hosts = self.hosts.borrow_mut();
-                let pool = hosts.entry(host.id).or_default();
+                let pool = hosts.entry(host.id).or_insert_with(|| HostPool::new(host));
                 pool.waiters.retain(|w| !w.is_closed());
                 pool.waiters.push_back(tx);
             }
@@ -154,8 +208,13 @@ impl Pools {
         }
     }
 
-    fn live(&self, host_id: u64) -> Rc<Cell<u32>> {
-        self.hosts.borrow_mut().entry(host_id).or_default().live.clone()
+    fn live(&self, host: &Arc<Host>) -> Rc<Cell<u32>> {
+        self.hosts
+            .borrow_mut()
+            .entry(host.id)
+            .or_insert_with(|| HostPool::new(host))
+            .live
+            .clone()
     }
 
     async fn new_http1(
@@ -181,13 +240,15 @@ impl Pools {
     }
 
     /// Give a connection back after its response ended: to the oldest pending request of this worker waiting
-    /// for the host, else to the idle list.
+    /// for the host, else to the idle list (dropped, and so closed, if its host was retired).
     pub fn put_http1(&self, host_id: u64, sender: http1::SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
         let mut hosts = self.hosts.borrow_mut();
-        let pool = hosts.entry(host_id).or_default();
+        let Some(pool) = hosts.get_mut(&host_id).filter(|p| !p.host.is_retired()) else {
+            return;
+        };
         let mut sender = sender;
         while let Some(waiter) = pool.waiters.pop_front() {
             match waiter.send(sender) {
@@ -209,9 +270,14 @@ impl Pools {
         let mut pending = None;
         // One connection per host per worker: requests that arrive while it is being made wait for it.
         loop {
+            if !poolable(cluster, host) {
+                // A request in flight on an older snapshot: its own connection, not pooled.
+                let permit = connection_permit(cluster, host, true, true).ok_or(ConnectError::Overflow)?;
+                return self.connect_h2(cluster, host, permit).await;
+            }
             let wait = {
                 let mut hosts = self.hosts.borrow_mut();
-                let pool = hosts.entry(host.id).or_default();
+                let pool = hosts.entry(host.id).or_insert_with(|| HostPool::new(host));
                 if let Some(s) = &pool.h2 {
                     if !s.is_closed() {
                         if let Some(p) = pending.as_mut() {
@@ -259,7 +325,11 @@ impl Pools {
         let made = self.connect_h2(cluster, host, permit).await;
         pending.done();
         let sender = made?;
-        self.hosts.borrow_mut().entry(host.id).or_default().h2 = Some(sender.clone());
+        if let Some(pool) = self.hosts.borrow_mut().get_mut(&host.id) {
+            if !pool.host.is_retired() {
+                pool.h2 = Some(sender.clone());
+            }
+        }
         Ok(sender)
     }
 
@@ -288,9 +358,20 @@ impl Pools {
         self.hosts.borrow_mut().clear();
     }
 
-    /// Drop pools of hosts that no longer exist (called when membership changes).
-    pub fn retain(&self, live: impl Fn(u64) -> bool) {
-        self.hosts.borrow_mut().retain(|id, _| live(*id));
+    /// Drop the pools of retired hosts (see the module docs). Requests waiting for a retired host's HTTP/2
+    /// connection are woken, and make their own; pending HTTP/1.1 requests waiting for a connection to come
+    /// back are woken too (their channel closes), and try again.
+    pub fn purge_retired(&self) {
+        let mut hosts = self.hosts.borrow_mut();
+        hosts.retain(|_, p| {
+            if !p.host.is_retired() {
+                return true;
+            }
+            if let Some(n) = p.h2_connecting.take() {
+                n.notify_waiters();
+            }
+            false
+        });
     }
 }
 
@@ -399,7 +480,11 @@ pub async fn connect_upstream(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Resul
 }
 
 /// The cluster's TLS over a new connection, within `connect_timeout`, when it has a TLS transport socket.
-async fn with_tls(cluster: &Arc<Cluster>, host: &Arc<Host>, tcp: CountedIo) -> Result<UpstreamIo, ConnectError> {
+async fn with_tls(
+    cluster: &Arc<Cluster>,
+    host: &Arc<Host>,
+    tcp: CountedIo,
+) -> Result<UpstreamIo, ConnectError> {
     let Some(tls) = &cluster.tls else {
         return Ok(UpstreamIo::Plain(tcp));
     };

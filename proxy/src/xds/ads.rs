@@ -1,8 +1,11 @@
 //! The aggregated discovery service client (`xds_protocol.rst`), state-of-the-world and incremental (delta).
 //!
 //! One gRPC stream to the control plane, reached through the static cluster that
-//! `ads_config.grpc_services[0].envoy_grpc.cluster_name` names (its hosts in turn, h2c). Messages are
-//! `DynamicMessage`s of Envoy's own descriptors through a small [`tonic::codec::Codec`]: no generated code.
+//! `grpc_services[0].envoy_grpc.cluster_name` names (its hosts in turn, h2c), or at
+//! `google_grpc.target_uri` (h2c). Messages are `DynamicMessage`s of Envoy's own descriptors through a small
+//! [`tonic::codec::Codec`]: no generated code. The same client serves a `cds_config` or `lds_config` with an
+//! `api_config_source` of its own: a stream of that type alone on its discovery service
+//! (`ClusterDiscoveryService/StreamClusters`, `ListenerDiscoveryService/DeltaListeners`, ...), as Envoy opens.
 //!
 //! The protocol as this client follows it:
 //! - The first request of a stream carries the `node` (every request does unless
@@ -21,7 +24,8 @@
 
 use super::manager::{Removal, Resource};
 use super::{
-    decode_resources, AdsConfig, ApiType, Source, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
+    decode_resources, ApiType, GrpcApiConfig, GrpcTarget, Source, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE,
+    ROUTE_TYPE,
 };
 use crate::config::descriptors;
 use crate::config::error::ConfigErrors;
@@ -39,6 +43,48 @@ use tonic::Status;
 
 const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// What one gRPC stream carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// The aggregated stream: every type whose config source is `ads` (and EDS and RDS).
+    Ads,
+    /// One type on its own discovery service (an `api_config_source`).
+    Only(&'static str),
+}
+
+impl Stream {
+    fn types(self, shared: &Shared) -> Vec<&'static str> {
+        match self {
+            Stream::Ads => types(shared),
+            Stream::Only(t) => vec![t],
+        }
+    }
+
+    fn path(self, api: ApiType) -> &'static str {
+        let delta = api == ApiType::DeltaGrpc;
+        match self {
+            Stream::Ads if delta => DELTA_PATH,
+            Stream::Ads => SOTW_PATH,
+            Stream::Only(LISTENER_TYPE) if delta => {
+                "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners"
+            }
+            Stream::Only(LISTENER_TYPE) => {
+                "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners"
+            }
+            Stream::Only(ENDPOINT_TYPE) if delta => {
+                "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints"
+            }
+            Stream::Only(ENDPOINT_TYPE) => {
+                "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints"
+            }
+            Stream::Only(ROUTE_TYPE) if delta => "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
+            Stream::Only(ROUTE_TYPE) => "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes",
+            Stream::Only(_) if delta => "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
+            Stream::Only(_) => "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
+        }
+    }
+}
 
 /// `google.rpc.Code.INVALID_ARGUMENT`.
 const INVALID_ARGUMENT: i32 = 3;
@@ -123,7 +169,7 @@ fn get_strs(m: &DynamicMessage, field: &str) -> Vec<String> {
 }
 
 /// `error_detail` of a NACK.
-fn error_detail(errors: &ConfigErrors) -> Result<DynamicMessage, Status> {
+pub(super) fn error_detail(errors: &ConfigErrors) -> Result<DynamicMessage, Status> {
     let mut s = message("google.rpc.Status")?;
     s.set_field_by_name("code", Value::I32(INVALID_ARGUMENT));
     set_str(&mut s, "message", &errors.to_string());
@@ -205,38 +251,56 @@ fn count_rejected(shared: &Shared, type_url: &str) {
     s.update_rejected.inc();
 }
 
-/// Run the ADS client for as long as the process lives.
-pub async fn run(shared: Arc<Shared>, cfg: AdsConfig) {
+/// Run a gRPC xDS client (the ADS stream, or one type's own) for as long as the process lives.
+pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
     let mut backoff = JitteredBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut rng = Rng::from_entropy();
-    let mut sotw = SotwState::default();
-    let mut delta = DeltaState::default();
+    let carried = stream.types(&shared);
+    let path = stream.path(cfg.api_type);
+    let mut sotw = SotwState {
+        carried: carried.clone(),
+        types: BTreeMap::new(),
+    };
+    let mut delta = DeltaState {
+        carried: carried.clone(),
+        types: BTreeMap::new(),
+    };
     let mut attempt = 0usize;
     loop {
-        let addr = {
-            let snap = shared.clusters.load();
-            snap.by_name(&cfg.cluster_name).and_then(|c| {
-                let hosts = c.hosts();
-                let n = hosts.hosts.len();
-                (n > 0).then(|| hosts.hosts[attempt % n].address)
-            })
+        let target = match &cfg.target {
+            GrpcTarget::Cluster(name) => {
+                let snap = shared.clusters.load();
+                snap.by_name(name)
+                    .and_then(|c| {
+                        let hosts = c.hosts();
+                        let n = hosts.hosts.len();
+                        (n > 0).then(|| hosts.hosts[attempt % n].address.to_string())
+                    })
+                    .ok_or_else(|| format!("cluster {name:?} has no hosts"))
+            }
+            GrpcTarget::Uri(uri) => Ok(uri.clone()),
         };
         attempt += 1;
-        let result = match addr {
-            None => Err(format!("cluster {:?} has no hosts", cfg.cluster_name)),
-            Some(addr) => match connect(addr).await {
-                Err(e) => Err(format!("cannot connect to {addr}: {e}")),
+        let result = match target {
+            Err(e) => Err(e),
+            Ok(target) => match connect(&target).await {
+                Err(e) => Err(format!("cannot connect to {target}: {e}")),
                 Ok(channel) => {
                     let r = match cfg.api_type {
-                        ApiType::Grpc => sotw.stream(&shared, &cfg, channel, &mut backoff).await,
-                        ApiType::DeltaGrpc => delta.stream(&shared, &cfg, channel, &mut backoff).await,
+                        ApiType::Grpc => sotw.stream(&shared, &cfg, channel, path, &mut backoff).await,
+                        ApiType::DeltaGrpc => delta.stream(&shared, &cfg, channel, path, &mut backoff).await,
                     };
-                    r.map_err(|s| format!("stream to {addr} ended: {}", s.message()))
+                    r.map_err(|s| format!("stream to {target} ended: {}", s.message()))
                 }
             },
         };
         shared.dynamic.connected_state.set(0);
-        for s in [&shared.dynamic.cds, &shared.dynamic.lds] {
+        for t in &carried {
+            let s = match *t {
+                CLUSTER_TYPE => &shared.dynamic.cds,
+                LISTENER_TYPE => &shared.dynamic.lds,
+                _ => continue,
+            };
             s.update_attempt.inc();
             s.update_failure.inc();
         }
@@ -248,8 +312,8 @@ pub async fn run(shared: Arc<Shared>, cfg: AdsConfig) {
     }
 }
 
-async fn connect(addr: std::net::SocketAddr) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+async fn connect(target: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
@@ -257,7 +321,7 @@ async fn connect(addr: std::net::SocketAddr) -> Result<tonic::transport::Channel
 }
 
 /// The bootstrap's `node`, for the control plane.
-fn node(shared: &Shared) -> Option<DynamicMessage> {
+pub(super) fn node(shared: &Shared) -> Option<DynamicMessage> {
     match shared.bootstrap.message.get_field_by_name("node").as_deref() {
         Some(Value::Message(n)) => {
             let mut n = n.clone();
@@ -282,6 +346,8 @@ struct SotwType {
 
 #[derive(Debug, Default)]
 struct SotwState {
+    /// The types this stream carries.
+    carried: Vec<&'static str>,
     types: BTreeMap<&'static str, SotwType>,
 }
 
@@ -346,7 +412,7 @@ impl SotwState {
 
     /// Send a request for every non-wildcard type whose names changed.
     fn resubscribe(&mut self, shared: &Shared, tx: &mut Sender) -> Result<(), Status> {
-        for type_url in types(shared) {
+        for type_url in self.carried.clone() {
             if wildcard(type_url) {
                 continue;
             }
@@ -365,8 +431,9 @@ impl SotwState {
     async fn stream(
         &mut self,
         shared: &Arc<Shared>,
-        cfg: &AdsConfig,
+        cfg: &GrpcApiConfig,
         channel: tonic::transport::Channel,
+        path: &'static str,
         backoff: &mut JitteredBackoff,
     ) -> Result<(), Status> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -381,7 +448,7 @@ impl SotwState {
             t.nonce.clear();
             t.requested = false;
         }
-        for type_url in types(shared) {
+        for type_url in self.carried.clone() {
             if wildcard(type_url) {
                 let t = self.types.entry(type_url).or_default();
                 t.requested = true;
@@ -389,16 +456,10 @@ impl SotwState {
             }
         }
         self.resubscribe(shared, &mut tx)?;
-        let mut inbound = open(
-            channel,
-            SOTW_PATH,
-            "envoy.service.discovery.v3.DiscoveryResponse",
-            rx,
-        )
-        .await?;
+        let mut inbound = open(channel, path, "envoy.service.discovery.v3.DiscoveryResponse", rx).await?;
         shared.dynamic.connected_state.set(1);
         backoff.reset();
-        tracing::info!("xDS: ADS stream (state of the world) open");
+        tracing::info!(path, "xDS: stream (state of the world) open");
         let mut changes = shared.dynamic.subscribe_changes();
         loop {
             tokio::select! {
@@ -420,7 +481,7 @@ impl SotwState {
 
     fn on_response(&mut self, shared: &Shared, resp: &DynamicMessage, tx: &mut Sender) -> Result<(), Status> {
         let type_url = get_str(resp, "type_url");
-        let Some(key) = types(shared).into_iter().find(|t| *t == type_url) else {
+        let Some(key) = self.carried.iter().copied().find(|t| *t == type_url) else {
             tracing::warn!(type_url = %type_url, "xDS: response for a type not subscribed to; ignored");
             return Ok(());
         };
@@ -473,6 +534,8 @@ struct DeltaType {
 
 #[derive(Debug, Default)]
 struct DeltaState {
+    /// The types this stream carries.
+    carried: Vec<&'static str>,
     types: BTreeMap<&'static str, DeltaType>,
 }
 
@@ -511,7 +574,7 @@ impl DeltaState {
     }
 
     fn resubscribe(&mut self, shared: &Shared, tx: &mut Sender) -> Result<(), Status> {
-        for type_url in types(shared) {
+        for type_url in self.carried.clone() {
             if wildcard(type_url) {
                 continue;
             }
@@ -543,8 +606,9 @@ impl DeltaState {
     async fn stream(
         &mut self,
         shared: &Arc<Shared>,
-        cfg: &AdsConfig,
+        cfg: &GrpcApiConfig,
         channel: tonic::transport::Channel,
+        path: &'static str,
         backoff: &mut JitteredBackoff,
     ) -> Result<(), Status> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -557,21 +621,21 @@ impl DeltaState {
         for t in self.types.values_mut() {
             t.requested = false;
         }
-        for type_url in types(shared) {
+        for type_url in self.carried.clone() {
             if let Some(m) = self.initial(shared, type_url)? {
                 tx.send(m)?;
             }
         }
         let mut inbound = open(
             channel,
-            DELTA_PATH,
+            path,
             "envoy.service.discovery.v3.DeltaDiscoveryResponse",
             rx,
         )
         .await?;
         shared.dynamic.connected_state.set(1);
         backoff.reset();
-        tracing::info!("xDS: ADS stream (delta) open");
+        tracing::info!(path, "xDS: stream (delta) open");
         let mut changes = shared.dynamic.subscribe_changes();
         loop {
             tokio::select! {
@@ -593,7 +657,7 @@ impl DeltaState {
 
     fn on_response(&mut self, shared: &Shared, resp: &DynamicMessage, tx: &mut Sender) -> Result<(), Status> {
         let type_url = get_str(resp, "type_url");
-        let Some(key) = types(shared).into_iter().find(|t| *t == type_url) else {
+        let Some(key) = self.carried.iter().copied().find(|t| *t == type_url) else {
             tracing::warn!(type_url = %type_url, "xDS: delta response for a type not subscribed to; ignored");
             return Ok(());
         };

@@ -44,6 +44,8 @@ pub struct Resource {
     /// The resource's version: the response's `version_info` in SotW, the resource's own in delta.
     pub version: String,
     pub message: DynamicMessage,
+    /// The resource as it arrived (the `Any`'s value), to tell an unchanged resource without re-encoding it.
+    pub raw: bytes::Bytes,
 }
 
 /// Which held resources an update removes.
@@ -94,6 +96,10 @@ pub struct DynCluster {
 #[derive(Debug)]
 struct EdsState {
     endpoints: Vec<EndpointConfig>,
+    /// The encoded `ClusterLoadAssignment` they came from, as it arrived.
+    raw: bytes::Bytes,
+    /// The `version` gauge's hash of `endpoints`.
+    hash: u64,
     received: bool,
     stats: SubscriptionStats,
     version: String,
@@ -124,7 +130,6 @@ struct Inner {
     held_static: Vec<Arc<Bound>>,
     cds_done: bool,
     lds_done: bool,
-    draining: usize,
 }
 
 /// The dynamic configuration of the server; see the module docs.
@@ -443,6 +448,8 @@ impl Dynamic {
                     .entry(service_name.clone())
                     .or_insert_with(|| EdsState {
                         endpoints: Vec::new(),
+                        raw: bytes::Bytes::new(),
+                        hash: 0,
                         received: false,
                         stats: SubscriptionStats::new(&stats_scope),
                         version: String::new(),
@@ -468,7 +475,7 @@ impl Dynamic {
         }
         inner.cds_version = version.to_string();
         inner.cds_done = true;
-        shared.clusters.store(Arc::new(snap));
+        publish_clusters(shared, snap);
         self.update_cluster_gauges(shared, &inner);
         Ok(changed)
     }
@@ -491,9 +498,28 @@ impl Dynamic {
         removed: &[String],
         version: &str,
     ) -> Result<(), ConfigErrors> {
+        // A state-of-the-world response repeats every assignment: those whose encoding did not change are
+        // neither lowered again nor applied.
+        let same: Vec<bool> = {
+            let inner = lock(&self.inner);
+            resources
+                .iter()
+                .map(|r| {
+                    inner
+                        .endpoints
+                        .get(&r.name)
+                        .is_some_and(|e| e.received && e.raw == r.raw)
+                })
+                .collect()
+        };
         let mut lowered = Vec::new();
         let mut errors = Vec::new();
-        for r in resources {
+        for (r, same) in resources.iter().zip(same) {
+            let raw = r.raw.clone();
+            if same {
+                lowered.push((r, raw, None));
+                continue;
+            }
             let errs = Errors::default();
             let endpoints = {
                 let node = Node::root(&r.message, "", &errs);
@@ -501,10 +527,10 @@ impl Dynamic {
             };
             let what = format!("cluster load assignment {:?}", r.name);
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
-            lowered.push((r, endpoints));
+            lowered.push((r, raw, Some(endpoints)));
         }
         let mut inner = lock(&self.inner);
-        for (r, _) in &lowered {
+        for (r, ..) in &lowered {
             if let Some(eds) = inner.endpoints.get(&r.name) {
                 eds.stats.update_attempt.inc();
                 if !errors.is_empty() {
@@ -515,27 +541,36 @@ impl Dynamic {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let removed_sets = removed.iter().map(|n| (n.clone(), Vec::new(), n.clone()));
-        let updates: Vec<(String, Vec<EndpointConfig>, String)> = lowered
+        let removed_sets = removed
+            .iter()
+            .map(|n| (n.clone(), Some(Vec::new()), bytes::Bytes::new(), n.clone()));
+        type Update = (String, Option<Vec<EndpointConfig>>, bytes::Bytes, String);
+        let updates: Vec<Update> = lowered
             .into_iter()
-            .map(|(r, e)| (r.name.clone(), e, r.version.clone()))
+            .map(|(r, raw, e)| (r.name.clone(), e, raw, r.version.clone()))
             .chain(removed_sets)
             .collect();
         let mut snap: Option<ClusterSnapshot> = None;
-        for (name, endpoints, rversion) in updates {
+        for (name, endpoints, raw, rversion) in updates {
             let Some(eds) = inner.endpoints.get_mut(&name) else {
                 // Not subscribed (any more): nothing names it.
                 continue;
             };
-            let changed = !eds.received || eds.endpoints != endpoints;
-            eds.received = true;
-            eds.endpoints = endpoints.clone();
             eds.version = if rversion.is_empty() {
                 version.to_string()
             } else {
                 rversion
             };
-            let hash = content_hash(
+            let Some(endpoints) = endpoints else {
+                // The same assignment again.
+                eds.stats.accepted(eds.hash, false);
+                continue;
+            };
+            let changed = !eds.received || eds.endpoints != endpoints;
+            eds.received = true;
+            eds.endpoints = endpoints.clone();
+            eds.raw = raw;
+            eds.hash = content_hash(
                 eds.endpoints
                     .iter()
                     .map(|e| e.address.to_string().into_bytes())
@@ -543,7 +578,10 @@ impl Dynamic {
                     .iter()
                     .map(Vec::as_slice),
             );
-            eds.stats.accepted(hash, changed);
+            eds.stats.accepted(eds.hash, changed);
+            if !changed {
+                continue;
+            }
             // Active clusters (static or dynamic) that read this name get the hosts now.
             for c in shared.clusters.load().iter() {
                 if matches!(&c.config.discovery, Discovery::Eds { service_name } if *service_name == name) {
@@ -567,7 +605,7 @@ impl Dynamic {
             }
         }
         if let Some(snap) = snap {
-            shared.clusters.store(Arc::new(snap));
+            publish_clusters(shared, snap);
         }
         self.update_cluster_gauges(shared, &inner);
         drop(inner);
@@ -737,7 +775,7 @@ impl Dynamic {
                 self.lm.listener_removed.inc();
                 if let Some(b) = l.active {
                     shared.remove_listener(&b);
-                    inner.draining += 1;
+                    self.count_draining(shared, &b);
                 }
                 tracing::info!(listener = %name, "LDS: listener removed");
             }
@@ -756,20 +794,17 @@ impl Dynamic {
                 .filter_map(|h| h.rds_name.as_ref())
                 .all(|name| self.rds.get(name).is_some_and(|r| r.received()))
         };
-        let mut drained = 0;
         for l in inner.listeners.values_mut() {
             let Some(w) = l.warming.as_ref() else { continue };
             if !ready(w) {
                 continue;
             }
             let Some(w) = l.warming.take() else { continue };
-            if l.active.is_some() {
-                drained += 1;
-            }
             shared.add_listener(w.clone(), l.active.as_ref());
-            l.active = Some(w);
+            if let Some(old) = l.active.replace(w) {
+                self.count_draining(shared, &old);
+            }
         }
-        inner.draining += drained;
         let (now_ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.held_static)
             .into_iter()
             .partition(|b| ready(b));
@@ -785,9 +820,30 @@ impl Dynamic {
             (inner.held_static.len() + inner.listeners.values().filter(|l| l.warming.is_some()).count())
                 as i64,
         );
-        self.lm.total_listeners_draining.set(inner.draining as i64);
         drop(inner);
         self.bump();
+    }
+
+    /// Count a listener that stopped serving in `total_listeners_draining` until its last connection has
+    /// closed (at most `--drain-time-s`, after which its connections are closed).
+    fn count_draining(&self, shared: &Shared, bound: &Bound) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let gauge = self.lm.total_listeners_draining.clone();
+        gauge.inc();
+        let drained = bound.drained();
+        // The connections close at the drain time; a little slack lets their tasks finish.
+        let limit =
+            std::time::Duration::from_secs(shared.options.drain_time_s) + std::time::Duration::from_secs(1);
+        let name = bound.config.name.clone();
+        rt.spawn(async move {
+            if tokio::time::timeout(limit, drained).await.is_err() {
+                tracing::warn!(listener = %name, "a drained listener still has connections after the drain time");
+            }
+            tracing::info!(listener = %name, "listener drained");
+            gauge.dec();
+        });
     }
 
     /// Apply an RDS update: each `RouteConfiguration` by its name. Tables nobody subscribed to are ignored.
@@ -846,6 +902,19 @@ impl Dynamic {
         }
         self.promote(shared);
         Ok(())
+    }
+}
+
+/// Swap `snap` in, and retire every cluster of the previous snapshot that it does not hold (removed, or
+/// replaced by a new version): their pooled connections close ([`Cluster::retire`]) while requests in flight,
+/// which hold their `Arc<Cluster>`, finish.
+fn publish_clusters(shared: &Shared, snap: ClusterSnapshot) {
+    let old = shared.clusters.swap(Arc::new(snap));
+    let new = shared.clusters.load();
+    for c in old.iter() {
+        if !new.by_name(c.name()).is_some_and(|n| Arc::ptr_eq(n, c)) {
+            c.retire();
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 //!   of one resource type atomically: all of it is lowered first, and either all of it takes effect or none
 //!   does (the errors, with their field paths, become the NACK's `error_detail`).
 //! - [`file`] watches `path_config_source` files (CDS and LDS from the filesystem).
-//! - [`ads`] speaks the aggregated discovery service over gRPC, state-of-the-world and delta.
+//! - [`ads`] speaks the aggregated discovery service over gRPC, state-of-the-world and delta (and a resource
+//!   type's own discovery service, for an `api_config_source` of its own).
+//! - [`rest`] polls a management server over REST-JSON (`api_type: REST`).
 //!
 //! What is read from the bootstrap is lowered here: `dynamic_resources` and the `ConfigSource`s that name
 //! where each resource type comes from.
@@ -12,6 +14,7 @@
 pub mod ads;
 pub mod file;
 pub mod manager;
+pub mod rest;
 
 use crate::config::error::{ConfigError, ConfigErrors};
 use crate::config::node::Node;
@@ -37,6 +40,11 @@ pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum Source {
     /// `ads: {}`: the aggregated stream of `dynamic_resources.ads_config`.
     Ads,
+    /// `api_config_source` (GRPC or DELTA_GRPC): a stream of the resource type's own discovery service
+    /// (`ClusterDiscoveryService/StreamClusters`, ...), apart from ADS.
+    Api(GrpcApiConfig),
+    /// `api_config_source` with `api_type: REST`: polled ([`rest`]).
+    Rest(rest::RestConfig),
     /// `path_config_source` (or the deprecated `path`): a file holding a `DiscoveryResponse`.
     Path {
         path: PathBuf,
@@ -53,19 +61,41 @@ pub struct SourceConfig {
     pub initial_fetch_timeout: Option<Duration>,
 }
 
-/// `dynamic_resources.ads_config.api_type`.
+impl SourceConfig {
+    /// The static cluster that reaches the management server, with its path under the config source.
+    pub fn control_plane_cluster(&self) -> Option<(&'static str, &str)> {
+        match &self.source {
+            Source::Api(GrpcApiConfig {
+                target: GrpcTarget::Cluster(c),
+                ..
+            }) => Some(("api_config_source.grpc_services[0].envoy_grpc.cluster_name", c)),
+            Source::Rest(r) => Some(("api_config_source.cluster_names[0]", &r.cluster_name)),
+            _ => None,
+        }
+    }
+}
+
+/// `ApiConfigSource.api_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApiType {
     Grpc,
     DeltaGrpc,
 }
 
-/// `dynamic_resources.ads_config`.
+/// Where a gRPC control plane is (`grpc_services[0]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AdsConfig {
+pub enum GrpcTarget {
+    /// `envoy_grpc.cluster_name`: a static cluster that reaches the control plane (its hosts in turn).
+    Cluster(String),
+    /// `google_grpc.target_uri` (`host:port`, or `dns:///host:port`), reached over h2c.
+    Uri(String),
+}
+
+/// A gRPC `ApiConfigSource`: `dynamic_resources.ads_config`, or a config source's `api_config_source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcApiConfig {
     pub api_type: ApiType,
-    /// `grpc_services[0].envoy_grpc.cluster_name`: a static cluster that reaches the control plane.
-    pub cluster_name: String,
+    pub target: GrpcTarget,
     /// `set_node_on_first_message_only`.
     pub node_on_first_message_only: bool,
 }
@@ -73,7 +103,7 @@ pub struct AdsConfig {
 /// `dynamic_resources`, lowered.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DynamicResources {
-    pub ads: Option<AdsConfig>,
+    pub ads: Option<GrpcApiConfig>,
     pub cds: Option<SourceConfig>,
     pub lds: Option<SourceConfig>,
 }
@@ -81,6 +111,14 @@ pub struct DynamicResources {
 impl DynamicResources {
     pub fn is_empty(&self) -> bool {
         self.cds.is_none() && self.lds.is_none()
+    }
+
+    /// Whether any resource comes from a gRPC control plane.
+    pub fn uses_grpc(&self) -> bool {
+        self.ads.is_some()
+            || [&self.cds, &self.lds]
+                .iter()
+                .any(|s| s.as_ref().is_some_and(|s| matches!(s.source, Source::Api(_))))
     }
 }
 
@@ -99,8 +137,14 @@ pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
         );
     }
     n.unsupported("authorities");
-    n.unsupported("api_config_source");
     n.unsupported("self");
+    let api = n.msg("api_config_source").map(|a| {
+        if a.enum_name("api_type") == "REST" {
+            lower_rest(&a).map(Source::Rest)
+        } else {
+            lower_grpc_api(&a, false).map(Source::Api)
+        }
+    });
     let ads = n.msg("ads").is_some();
     let path = n.string("path").filter(|p| !p.is_empty());
     let pcs = n.msg("path_config_source").map(|p| {
@@ -115,22 +159,29 @@ pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
             .map(PathBuf::from);
         (PathBuf::from(path), dir)
     });
-    let source = match (ads, path, pcs) {
-        (true, None, None) => Source::Ads,
-        (false, Some(p), None) => Source::Path {
+    let set = usize::from(ads)
+        + usize::from(path.is_some())
+        + usize::from(pcs.is_some())
+        + usize::from(api.is_some());
+    if set > 1 {
+        n.err_here("only one of ads, api_config_source, path and path_config_source may be set");
+        return None;
+    }
+    let source = match (ads, path, pcs, api) {
+        (true, ..) => Source::Ads,
+        (_, Some(p), ..) => Source::Path {
             path: PathBuf::from(p),
             watched_directory: None,
         },
-        (false, None, Some((path, watched_directory))) => Source::Path {
+        (_, _, Some((path, watched_directory)), _) => Source::Path {
             path,
             watched_directory,
         },
-        (false, None, None) => {
-            n.err_here("needs ads or path_config_source (other config sources are not supported by Remora)");
-            return None;
-        }
-        _ => {
-            n.err_here("only one of ads, path and path_config_source may be set");
+        (_, _, _, Some(api)) => api?,
+        (false, None, None, None) => {
+            n.err_here(
+                "needs ads, api_config_source or path_config_source (other config sources are not supported by Remora)",
+            );
             return None;
         }
     };
@@ -151,7 +202,7 @@ pub fn lower_dynamic_resources(d: &Node) -> DynamicResources {
     d.unsupported("cds_resources_locator");
     d.unsupported("lds_resources_locator");
     d.unsupported("default_config_source");
-    let ads = d.msg("ads_config").and_then(|a| lower_ads(&a));
+    let ads = d.msg("ads_config").and_then(|a| lower_grpc_api(&a, true));
     let uses_ads = [&cds, &lds]
         .iter()
         .any(|s| s.as_ref().is_some_and(|s| s.source == Source::Ads));
@@ -164,12 +215,20 @@ pub fn lower_dynamic_resources(d: &Node) -> DynamicResources {
     DynamicResources { ads, cds, lds }
 }
 
-fn lower_ads(a: &Node) -> Option<AdsConfig> {
+/// Lower a gRPC `ApiConfigSource` (`ads` for `dynamic_resources.ads_config`).
+fn lower_grpc_api(a: &Node, ads: bool) -> Option<GrpcApiConfig> {
     let api_type = match a.enum_name("api_type").as_str() {
         "GRPC" => ApiType::Grpc,
         "DELTA_GRPC" => ApiType::DeltaGrpc,
         other => {
-            a.err("api_type", format!("{other} is not supported by Remora for ADS"));
+            let why = if ads {
+                format!("{other} is not supported by Remora for ADS")
+            } else {
+                format!("{other} is not supported by Remora (GRPC and DELTA_GRPC are)")
+            };
+            a.err("api_type", why);
+            // The rest of the source (REST's `cluster_names`, `refresh_delay`, ...) goes with it.
+            a.mark_all();
             return None;
         }
     };
@@ -185,31 +244,102 @@ fn lower_ads(a: &Node) -> Option<AdsConfig> {
         a.err("grpc_services", "exactly one gRPC service is supported by Remora");
     }
     let g = services.first()?;
-    g.unsupported("google_grpc");
     g.unsupported("initial_metadata");
     g.unsupported("retry_policy");
-    // A per-call deadline; the ADS stream lives for as long as the connection.
+    // A per-call deadline; the stream lives for as long as the connection.
     g.mark("timeout");
-    let Some(e) = g.msg("envoy_grpc") else {
-        g.err(
-            "envoy_grpc",
-            "is required (google_grpc is not supported by Remora)",
-        );
+    let target = if let Some(e) = g.msg("envoy_grpc") {
+        let cluster_name = e.string("cluster_name").unwrap_or_default();
+        if cluster_name.is_empty() {
+            e.err("cluster_name", "is required");
+        }
+        e.mark("authority");
+        e.unsupported("retry_policy");
+        e.unsupported("max_receive_message_length");
+        e.unsupported("skip_envoy_headers");
+        GrpcTarget::Cluster(cluster_name)
+    } else if let Some(gg) = g.msg("google_grpc") {
+        let uri = lower_target_uri(&gg)?;
+        gg.mark("stat_prefix");
+        if gg.has("channel_credentials") {
+            gg.err(
+                "channel_credentials",
+                "TLS to the control plane is not supported by Remora yet (plaintext h2c only)",
+            );
+        }
+        gg.unsupported("channel_credentials_plugin");
+        gg.unsupported("call_credentials");
+        gg.unsupported("call_credentials_plugin");
+        gg.unsupported("credentials_factory_name");
+        gg.unsupported("config");
+        gg.unsupported("per_stream_buffer_limit_bytes");
+        gg.unsupported("channel_args");
+        GrpcTarget::Uri(uri)
+    } else {
+        g.err_here("needs envoy_grpc or google_grpc");
         return None;
     };
-    let cluster_name = e.string("cluster_name").unwrap_or_default();
-    if cluster_name.is_empty() {
-        e.err("cluster_name", "is required");
-    }
-    e.mark("authority");
-    e.unsupported("retry_policy");
-    e.unsupported("max_receive_message_length");
-    e.unsupported("skip_envoy_headers");
-    Some(AdsConfig {
+    Some(GrpcApiConfig {
         api_type,
-        cluster_name,
+        target,
         node_on_first_message_only,
     })
+}
+
+/// Lower a REST `ApiConfigSource` (see [`rest`]).
+fn lower_rest(a: &Node) -> Option<rest::RestConfig> {
+    a.mark("api_type");
+    a.mark("transport_api_version");
+    // Only the gRPC streams send the node once.
+    a.mark("set_node_on_first_message_only");
+    let names = a.strings("cluster_names");
+    if names.len() != 1 {
+        a.err("cluster_names", "exactly one cluster is required for REST");
+    }
+    if a.has("grpc_services") {
+        a.err("grpc_services", "is not allowed with api_type REST");
+        a.mark("grpc_services");
+    }
+    a.unsupported("rate_limit_settings");
+    a.unsupported("config_validators");
+    let second = Duration::from_secs(1);
+    let refresh_delay = a.duration("refresh_delay").unwrap_or(second);
+    let request_timeout = a.duration("request_timeout").unwrap_or(second);
+    if refresh_delay.is_zero() {
+        a.err("refresh_delay", "must be greater than 0");
+    }
+    Some(rest::RestConfig {
+        cluster_name: names.into_iter().next()?,
+        refresh_delay,
+        request_timeout,
+    })
+}
+
+/// `google_grpc.target_uri` as `host:port`: plain, or gRPC's `dns:///host:port` and `ipv4:`/`ipv6:` forms.
+fn lower_target_uri(gg: &Node) -> Option<String> {
+    let uri = gg.string("target_uri").unwrap_or_default();
+    let hostport = uri
+        .strip_prefix("dns:///")
+        .or_else(|| uri.strip_prefix("dns:"))
+        .or_else(|| uri.strip_prefix("ipv4:"))
+        .or_else(|| uri.strip_prefix("ipv6:"))
+        .unwrap_or(&uri);
+    let valid = !hostport.is_empty()
+        && !hostport.contains('/')
+        && !hostport.contains(',')
+        && hostport
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !valid {
+        gg.err(
+            "target_uri",
+            format!(
+                "{uri:?} is not a host:port Remora can reach (dns:///host:port and ipv4:addr:port also work)"
+            ),
+        );
+        return None;
+    }
+    Some(hostport.to_string())
 }
 
 /// The statistics of one subscription (`configuration/overview/mgmt_server.rst`, "xDS subscription
@@ -387,12 +517,13 @@ fn decode_any(any: &DynamicMessage, type_url: &str, path: &str) -> Result<manage
     }
     let desc = crate::config::descriptors::message_for_type_url(&url)
         .ok_or_else(|| ConfigError::new(path, format!("unknown type {url:?}")))?;
-    let message =
-        DynamicMessage::decode(desc, bytes).map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
+    let message = DynamicMessage::decode(desc, bytes.clone())
+        .map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
     Ok(manager::Resource {
         name: resource_name(&message),
         version: String::new(),
         message,
+        raw: bytes,
     })
 }
 
@@ -468,7 +599,21 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
         }
     }
     if let Some(ads) = &d.ads {
-        tokio::spawn(ads::run(shared.clone(), ads.clone()));
+        tokio::spawn(ads::run(shared.clone(), ads.clone(), ads::Stream::Ads));
+    }
+    for (type_url, kind, cfg) in [
+        (CLUSTER_TYPE, file::Kind::Cds, &d.cds),
+        (LISTENER_TYPE, file::Kind::Lds, &d.lds),
+    ] {
+        match cfg.as_ref().map(|c| &c.source) {
+            Some(Source::Api(api)) => {
+                tokio::spawn(ads::run(shared.clone(), api.clone(), ads::Stream::Only(type_url)));
+            }
+            Some(Source::Rest(rest)) => {
+                tokio::spawn(rest::run(shared.clone(), rest.clone(), kind));
+            }
+            _ => {}
+        }
     }
     let timeouts: Vec<Option<Duration>> = [&d.cds, &d.lds]
         .into_iter()

@@ -29,6 +29,17 @@ use super::{within, BoxError, Protocol, UpstreamOptions, POLL_INTERVAL};
 
 const SOTW: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// The per-type services (a config source's own `api_config_source`) are served like ADS.
+const SOTW_PATHS: [&str; 3] = [
+    SOTW,
+    "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
+    "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners",
+];
+const DELTA_PATHS: [&str; 3] = [
+    DELTA,
+    "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
+    "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
+];
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -84,6 +95,8 @@ struct State {
     /// Encoded resources by type and name.
     resources: Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
     requests: Mutex<Vec<DynamicMessage>>,
+    /// The path of every stream opened, in order.
+    paths: Mutex<Vec<String>>,
     nonce: AtomicU64,
 }
 
@@ -105,11 +118,17 @@ impl XdsServer {
                 let svc = Ads {
                     state: state.clone(),
                     version: version.subscribe(),
-                    delta: req.uri().path() == DELTA,
+                    delta: DELTA_PATHS.contains(&req.uri().path()),
                 };
                 Box::pin(async move {
                     let path = req.uri().path().to_owned();
-                    let resp = if path == SOTW || path == DELTA {
+                    let resp = if SOTW_PATHS.contains(&path.as_str()) || DELTA_PATHS.contains(&path.as_str())
+                    {
+                        svc.state
+                            .paths
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(path.clone());
                         let codec = DynamicCodec::new(desc(if svc.delta {
                             "envoy.service.discovery.v3.DeltaDiscoveryRequest"
                         } else {
@@ -165,6 +184,11 @@ impl XdsServer {
             .unwrap_or_else(|e| e.into_inner())
             .insert(type_url.to_owned(), map);
         self.version.send_modify(|v| *v += 1);
+    }
+
+    /// The gRPC path of every stream opened so far.
+    pub fn stream_paths(&self) -> Vec<String> {
+        self.state.paths.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Every request received so far.

@@ -1,0 +1,207 @@
+//! REST polling: a `cds_config` or `lds_config` whose `api_config_source` has `api_type: REST`, as Envoy's
+//! HTTP subscription does it (`xds_protocol.rst`, "REST-JSON polling subscriptions").
+//!
+//! Every `refresh_delay` (default 1 s) a `DiscoveryRequest` in JSON is POSTed to `/v3/discovery:clusters`
+//! (or `:listeners`) on a host of the static cluster `cluster_names[0]` (its hosts in turn, HTTP/1.1), and the
+//! answer must come within `request_timeout` (default 1 s). A 200 carries a `DiscoveryResponse` in JSON, applied
+//! as a state-of-the-world update; a 304 means nothing changed. REST has no nonce: the next request carries the
+//! last accepted `version_info`, and after a rejected response its `error_detail` (the NACK). A failed poll
+//! counts `update_failure` and keeps the last good config.
+
+use super::file::Kind;
+use super::manager::Removal;
+use super::{decode_resources, CLUSTER_TYPE, LISTENER_TYPE};
+use crate::config::descriptors;
+use crate::config::error::ConfigErrors;
+use crate::config::load::{self, Format};
+use crate::server::Shared;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use prost_reflect::{DynamicMessage, SerializeOptions, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A lowered REST `ApiConfigSource`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestConfig {
+    /// `cluster_names[0]`: a static cluster that reaches the management server.
+    pub cluster_name: String,
+    /// `refresh_delay` (default 1 s).
+    pub refresh_delay: Duration,
+    /// `request_timeout` (default 1 s).
+    pub request_timeout: Duration,
+}
+
+/// How one poll ended.
+enum Poll {
+    /// 200: the response to apply, or why it does not parse.
+    Response(Result<DynamicMessage, ConfigErrors>),
+    /// 304: nothing changed.
+    Unchanged,
+}
+
+/// Poll for as long as the process lives. The first poll (whatever its outcome) ends the initial fetch.
+pub async fn run(shared: Arc<Shared>, cfg: RestConfig, kind: Kind) {
+    let (type_url, path) = match kind {
+        Kind::Cds => (CLUSTER_TYPE, "/v3/discovery:clusters"),
+        Kind::Lds => (LISTENER_TYPE, "/v3/discovery:listeners"),
+    };
+    let mut version = String::new();
+    let mut rejected: Option<ConfigErrors> = None;
+    let mut attempt = 0usize;
+    let mut first = true;
+    loop {
+        let stats = match kind {
+            Kind::Cds => &shared.dynamic.cds,
+            Kind::Lds => &shared.dynamic.lds,
+        };
+        let outcome = poll(
+            &shared,
+            &cfg,
+            type_url,
+            path,
+            &version,
+            rejected.as_ref(),
+            attempt,
+        )
+        .await;
+        attempt += 1;
+        match outcome {
+            Ok(Poll::Unchanged) => {}
+            Ok(Poll::Response(parsed)) => {
+                let v = parsed
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.get_field_by_name("version_info"))
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let result = match parsed.and_then(|resp| decode_resources(&resp, type_url)) {
+                    Ok(mut resources) => {
+                        for r in &mut resources {
+                            r.version = v.clone();
+                        }
+                        let d = &shared.dynamic;
+                        match kind {
+                            Kind::Cds => d.apply_clusters(&shared, &resources, &Removal::Omitted, &v),
+                            Kind::Lds => d.apply_listeners(&shared, &resources, &Removal::Omitted, &v),
+                        }
+                    }
+                    Err(e) => {
+                        // Not even decoded: the managers never saw it.
+                        stats.update_attempt.inc();
+                        stats.update_rejected.inc();
+                        Err(e)
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        tracing::debug!(type_url, version = %v, "xDS REST: applied");
+                        version = v;
+                        rejected = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(type_url, rejected = %v, errors = %e, "xDS REST: rejected");
+                        rejected = Some(e);
+                    }
+                }
+            }
+            Err(e) => {
+                stats.update_attempt.inc();
+                stats.update_failure.inc();
+                tracing::warn!(type_url, error = %e, "xDS REST: poll failed; keeping the last good config");
+            }
+        }
+        if first {
+            first = false;
+            shared.dynamic.initial_done(kind == Kind::Cds);
+        }
+        tokio::time::sleep(cfg.refresh_delay).await;
+    }
+}
+
+/// The `DiscoveryRequest` of one poll, as JSON.
+fn request_body(
+    shared: &Shared,
+    type_url: &str,
+    version: &str,
+    rejected: Option<&ConfigErrors>,
+) -> Result<Vec<u8>, String> {
+    let desc = descriptors::message("envoy.service.discovery.v3.DiscoveryRequest")
+        .ok_or("no descriptor for DiscoveryRequest")?;
+    let mut m = DynamicMessage::new(desc);
+    m.set_field_by_name("version_info", Value::String(version.to_string()));
+    m.set_field_by_name("type_url", Value::String(type_url.to_string()));
+    if let Some(n) = super::ads::node(shared) {
+        m.set_field_by_name("node", Value::Message(n));
+    }
+    if let Some(e) = rejected {
+        let detail = super::ads::error_detail(e).map_err(|s| s.message().to_string())?;
+        m.set_field_by_name("error_detail", Value::Message(detail));
+    }
+    let mut ser = serde_json::Serializer::new(Vec::new());
+    m.serialize_with_options(&mut ser, &SerializeOptions::new().use_proto_field_name(true))
+        .map_err(|e| e.to_string())?;
+    Ok(ser.into_inner())
+}
+
+async fn poll(
+    shared: &Shared,
+    cfg: &RestConfig,
+    type_url: &str,
+    path: &str,
+    version: &str,
+    rejected: Option<&ConfigErrors>,
+    attempt: usize,
+) -> Result<Poll, String> {
+    let addr = {
+        let snap = shared.clusters.load();
+        snap.by_name(&cfg.cluster_name).and_then(|c| {
+            let hosts = c.hosts();
+            let n = hosts.hosts.len();
+            (n > 0).then(|| hosts.hosts[attempt % n].address)
+        })
+    }
+    .ok_or_else(|| format!("cluster {:?} has no hosts", cfg.cluster_name))?;
+    let body = request_body(shared, type_url, version, rejected)?;
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::post(path)
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| format!("{addr}: {e}"))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?
+            .to_bytes();
+        Ok::<_, String>((status, bytes))
+    };
+    let (status, bytes) = tokio::time::timeout(cfg.request_timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {:?}", cfg.request_timeout))??;
+    match status.as_u16() {
+        304 => Ok(Poll::Unchanged),
+        200 => {
+            let desc = descriptors::message("envoy.service.discovery.v3.DiscoveryResponse")
+                .ok_or("no descriptor for DiscoveryResponse")?;
+            let text = String::from_utf8_lossy(&bytes);
+            Ok(Poll::Response(load::message_from_text(
+                &text,
+                Format::Json,
+                &desc,
+            )))
+        }
+        other => Err(format!("{addr} answered {other}")),
+    }
+}
