@@ -7,6 +7,11 @@
 //!
 //! Histograms record integer values in the histogram's unit (milliseconds for every `*_time` and `*_ms` stat, as
 //! in Envoy) into log-linear buckets, from which the admin derives quantiles and Envoy's Prometheus buckets.
+//!
+//! The cargo feature `stats-off` compiles recording out: every add, set and record returns at once, while the
+//! registry, the handles and the admin's output stay (every value reads 0). It exists to measure what stats cost
+//! a request (`benches/stats-cost.sh`); nothing else should use it. One behaviour reads a stat: active health
+//! checking uses `upstream_cx_total` to pick `no_traffic_interval`, which then always applies.
 
 pub mod histogram;
 pub mod output;
@@ -16,6 +21,9 @@ pub use histogram::{Histogram, HistogramSnapshot};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+
+/// Whether recording is compiled in (false with the `stats-off` feature).
+pub const RECORDING: bool = !cfg!(feature = "stats-off");
 
 /// A monotonically increasing count.
 #[derive(Clone, Debug)]
@@ -47,6 +55,9 @@ impl Counter {
 
     #[inline]
     pub fn add(&self, n: u64) {
+        if !RECORDING {
+            return;
+        }
         self.0.value.fetch_add(n, Relaxed);
         if !self.0.used.load(Relaxed) {
             self.0.used.store(true, Relaxed);
@@ -89,12 +100,18 @@ impl Gauge {
 
     #[inline]
     pub fn add(&self, n: i64) {
+        if !RECORDING {
+            return;
+        }
         self.0.value.fetch_add(n, Relaxed);
         self.mark();
     }
 
     #[inline]
     pub fn set(&self, v: i64) {
+        if !RECORDING {
+            return;
+        }
         self.0.value.store(v, Relaxed);
         self.mark();
     }
@@ -287,6 +304,9 @@ impl CodeStats {
     /// Count one response with this status in its class counter and its own code counter.
     #[inline]
     pub fn record(&self, status: u16) {
+        if !RECORDING {
+            return;
+        }
         self.record_class(status);
         self.code(status).inc();
     }
