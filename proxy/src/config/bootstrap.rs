@@ -5,6 +5,7 @@ use super::node::{Errors, Node};
 use super::{cluster, listener};
 use crate::listener::config::ListenerConfig;
 use crate::server::ClusterIds;
+use crate::stats::tags::{TagProducer, TagSpecifier, TagValue, TagsConfig};
 use crate::stats::Store;
 use crate::upstream::ClusterConfig;
 use prost_reflect::DynamicMessage;
@@ -49,6 +50,8 @@ pub struct Bootstrap {
     pub dynamic: crate::xds::DynamicResources,
     /// The RDS tables static listeners subscribed to; the server keeps using them.
     pub rds: crate::xds::RdsRegistry,
+    /// `stats_config`: how the admin's Prometheus output turns stat names into names and labels.
+    pub stats_tags: TagProducer,
 }
 
 /// Lower a parsed bootstrap, collecting every error.
@@ -61,7 +64,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             Ok(m) => Arc::new(m),
             Err(e) => return Err(single("", format!("cannot start the access log writer: {e}"))),
         };
-    let (node, admin, listeners, clusters, dynamic, local_cluster_name) = {
+    let (node, admin, listeners, clusters, dynamic, local_cluster_name, stats_tags) = {
         let root = Node::root(&msg, "", &errs);
         let node = root.msg("node").map(|n| lower_node(&n)).unwrap_or_default();
         let admin = root.msg("admin").and_then(|a| lower_admin(&a));
@@ -145,11 +148,22 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                 cm.unsupported(f);
             }
         }
-        root.unsupported("stats_config");
+        let stats_tags = root
+            .msg("stats_config")
+            .map(|s| lower_stats_config(&s))
+            .unwrap_or_default();
         root.unsupported("stats_sinks");
         root.unsupported("overload_manager");
         root.unsupported("tracing");
-        (node, admin, listeners, clusters, dynamic, local_cluster_name)
+        (
+            node,
+            admin,
+            listeners,
+            clusters,
+            dynamic,
+            local_cluster_name,
+            stats_tags,
+        )
     };
     let found = errs.take();
     if !found.is_empty() {
@@ -167,7 +181,40 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         access_logs: logs,
         dynamic,
         rds,
+        stats_tags,
     })
+}
+
+/// `stats_config`: tag extraction (`stats_tags`, `use_all_default_tags`, `allow_default_tag_overrides`).
+/// `stats_matcher` and `histogram_bucket_settings` are refused.
+fn lower_stats_config(n: &Node) -> TagProducer {
+    let list = n.list("stats_tags");
+    let cfg = TagsConfig {
+        stats_tags: list
+            .iter()
+            .map(|t| TagSpecifier {
+                tag_name: t.string("tag_name").unwrap_or_default(),
+                value: match (t.string("regex"), t.string("fixed_value")) {
+                    (Some(r), _) => TagValue::Regex(r),
+                    (None, Some(v)) => TagValue::Fixed(v),
+                    (None, None) => TagValue::Default,
+                },
+            })
+            .collect(),
+        use_all_default_tags: n.wrapped_bool("use_all_default_tags").unwrap_or(true),
+        allow_default_tag_overrides: n.wrapped_bool("allow_default_tag_overrides").unwrap_or(false),
+    };
+    n.unsupported("stats_matcher");
+    n.unsupported("histogram_bucket_settings");
+    match TagProducer::new(&cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(t) = list.get(e.index) {
+                t.err(e.field, e.message);
+            }
+            TagProducer::default()
+        }
+    }
 }
 
 fn lower_node(n: &Node) -> NodeInfo {

@@ -15,6 +15,7 @@
 
 pub mod histogram;
 pub mod output;
+pub mod tags;
 
 pub use histogram::{Histogram, HistogramSnapshot};
 
