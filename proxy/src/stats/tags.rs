@@ -145,10 +145,11 @@ impl Extractor {
                 let (mut start, index) = found?;
                 let value = input[index];
                 let mut end = start + value.len();
+                // The dot after the token, or for the last token the dot before it.
                 if index + 1 < input.len() {
                     end += 1;
-                } else if start > 0 {
-                    start -= 1;
+                } else {
+                    start = start.saturating_sub(1);
                 }
                 Some((Some((start, end)), value.to_string()))
             }
