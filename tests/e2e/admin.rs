@@ -390,6 +390,33 @@ async fn stats_tags_without_the_defaults() {
     }
 }
 
+/// `stats_matcher`: an excluded stat is not created (absent from every format) while the others count.
+#[tokio::test]
+async fn stats_matcher_leaves_out_excluded_stats() {
+    let (_origin, proxy) = tagged_world(json!({"stats_matcher": {"exclusion_list": {"patterns": [
+        {"prefix": "cluster.payments-canary.upstream_rq_time"},
+        {"safe_regex": {"regex": ".*_cx_.*"}},
+        {"suffix": "_2xx"},
+    ]}}}))
+    .await;
+    let (_, text) = proxy.remora.admin_get("/stats").await;
+    assert!(
+        text.lines().any(|l| l == "http.ingress.downstream_rq_total: 2"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "cluster.payments-canary.upstream_rq_total: 2"),
+        "{text}"
+    );
+    for gone in ["_2xx", "upstream_rq_time", "_cx_"] {
+        assert!(!text.contains(gone), "{gone} was excluded:\n{text}");
+    }
+    let (_, prom) = proxy.remora.admin_get("/stats/prometheus").await;
+    assert!(!prom.contains("envoy_response_code_class=\"2\""), "{prom}");
+    assert!(prom.contains("envoy_response_code_class=\"5\""), "{prom}");
+}
+
 /// What Envoy refuses in `stats_tags` is refused with Envoy's message and the entry's path; the parts of
 /// `stats_config` Remora does not implement are refused by path.
 #[tokio::test]
@@ -400,14 +427,14 @@ async fn stats_config_refusals() {
             {"tag_name": "ok", "regex": "(a)"},
             {"tag_name": "no_such_default"},
         ],
-        "stats_matcher": {"reject_all": true},
+        "histogram_bucket_settings": [{"match": {"prefix": "cluster."}, "buckets": [1, 10]}],
     });
     let (code, stdout, stderr) =
         crate::harness::validate(&serde_json::to_string_pretty(&config).unwrap_or_default()).await;
     assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
     for want in [
         "stats_config.stats_tags[1].tag_name: No regex specified for tag specifier and no default regex for name: 'no_such_default'",
-        "stats_config.stats_matcher: not supported by Remora",
+        "stats_config.histogram_bucket_settings: not supported by Remora",
     ] {
         assert!(stderr.contains(want), "no {want:?} in\n{stderr}");
     }

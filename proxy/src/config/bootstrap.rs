@@ -6,7 +6,7 @@ use super::{cluster, listener};
 use crate::listener::config::ListenerConfig;
 use crate::server::ClusterIds;
 use crate::stats::tags::{TagProducer, TagSpecifier, TagValue, TagsConfig};
-use crate::stats::Store;
+use crate::stats::{StatsMatcher, Store};
 use crate::upstream::ClusterConfig;
 use prost_reflect::DynamicMessage;
 use std::collections::HashSet;
@@ -59,12 +59,20 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
     let errs = Errors::default();
     let ids = ClusterIds::default();
     let rds = crate::xds::RdsRegistry::default();
+    // First `stats_config`: its stats_matcher decides which of the stats created from here on exist.
+    let stats_tags = {
+        let root = Node::root(&msg, "", &errs);
+        root.mark_all();
+        root.msg("stats_config")
+            .map(|s| lower_stats_config(&s, store))
+            .unwrap_or_default()
+    };
     let logs =
         match crate::access_log::Manager::new(&store.scope(""), crate::access_log::DEFAULT_FLUSH_INTERVAL) {
             Ok(m) => Arc::new(m),
             Err(e) => return Err(single("", format!("cannot start the access log writer: {e}"))),
         };
-    let (node, admin, listeners, clusters, dynamic, local_cluster_name, stats_tags) = {
+    let (node, admin, listeners, clusters, dynamic, local_cluster_name) = {
         let root = Node::root(&msg, "", &errs);
         let node = root.msg("node").map(|n| lower_node(&n)).unwrap_or_default();
         let admin = root.msg("admin").and_then(|a| lower_admin(&a));
@@ -148,22 +156,11 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                 cm.unsupported(f);
             }
         }
-        let stats_tags = root
-            .msg("stats_config")
-            .map(|s| lower_stats_config(&s))
-            .unwrap_or_default();
+        root.mark("stats_config");
         root.unsupported("stats_sinks");
         root.unsupported("overload_manager");
         root.unsupported("tracing");
-        (
-            node,
-            admin,
-            listeners,
-            clusters,
-            dynamic,
-            local_cluster_name,
-            stats_tags,
-        )
+        (node, admin, listeners, clusters, dynamic, local_cluster_name)
     };
     let found = errs.take();
     if !found.is_empty() {
@@ -185,9 +182,9 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
     })
 }
 
-/// `stats_config`: tag extraction (`stats_tags`, `use_all_default_tags`, `allow_default_tag_overrides`).
-/// `stats_matcher` and `histogram_bucket_settings` are refused.
-fn lower_stats_config(n: &Node) -> TagProducer {
+/// `stats_config`: tag extraction (`stats_tags`, `use_all_default_tags`, `allow_default_tag_overrides`) and
+/// `stats_matcher` (set on `store`). `histogram_bucket_settings` is refused.
+fn lower_stats_config(n: &Node, store: &Store) -> TagProducer {
     let list = n.list("stats_tags");
     let cfg = TagsConfig {
         stats_tags: list
@@ -204,7 +201,9 @@ fn lower_stats_config(n: &Node) -> TagProducer {
         use_all_default_tags: n.wrapped_bool("use_all_default_tags").unwrap_or(true),
         allow_default_tag_overrides: n.wrapped_bool("allow_default_tag_overrides").unwrap_or(false),
     };
-    n.unsupported("stats_matcher");
+    if let Some(m) = n.msg("stats_matcher").and_then(|m| lower_stats_matcher(&m)) {
+        store.set_matcher(m);
+    }
     n.unsupported("histogram_bucket_settings");
     match TagProducer::new(&cfg) {
         Ok(p) => p,
@@ -214,6 +213,22 @@ fn lower_stats_config(n: &Node) -> TagProducer {
             }
             TagProducer::default()
         }
+    }
+}
+
+/// `stats_matcher`: `reject_all`, or an `exclusion_list` or `inclusion_list` of string matchers.
+fn lower_stats_matcher(m: &Node) -> Option<StatsMatcher> {
+    let list = |name: &str| -> Option<Vec<crate::route::StringMatcher>> {
+        let l = m.msg(name)?;
+        let patterns = l.list("patterns");
+        Some(patterns.iter().filter_map(super::route::string_matcher).collect())
+    };
+    if m.bool("reject_all") {
+        Some(StatsMatcher::RejectAll)
+    } else if let Some(p) = list("exclusion_list") {
+        Some(StatsMatcher::Exclusion(p))
+    } else {
+        list("inclusion_list").map(StatsMatcher::Inclusion)
     }
 }
 
