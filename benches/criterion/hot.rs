@@ -1,5 +1,6 @@
 //! Criterion benches of Remora's hot functions: route matching, config loading, header work, load-balancer
-//! picks and stats recording. Each is short (3 s of measurement) so that the whole run stays under two minutes:
+//! picks, stats recording and what one request costs in stats. Each is short (3 s of measurement) so that the
+//! whole run stays under two minutes:
 //!
 //! ```text
 //! cargo bench -p remora-benches --bench hot
@@ -9,7 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +19,13 @@ use http::{HeaderMap, Uri};
 use remora::config::load::{self, Format};
 use remora::config::node::{Errors, Node};
 use remora::config::{bootstrap, descriptors, route};
+use remora::listener::config::HcmStats;
 use remora::route::RouteTable;
 use remora::server::ClusterIds;
 use remora::stats::Store;
+use remora::upstream::breaker::{CircuitBreakers, CircuitBreakersConfig, Priority};
 use remora::upstream::lb::Rng;
-use remora::upstream::{EndpointConfig, EndpointHealth, Host, HostSet, LbPolicy, Locality};
+use remora::upstream::{ClusterStats, EndpointConfig, EndpointHealth, Host, HostSet, LbPolicy, Locality};
 
 const ROUTES: usize = 1_000;
 const CLUSTERS: usize = 1_000;
@@ -193,6 +196,76 @@ fn stats_recording(c: &mut Criterion) {
     g.finish();
 }
 
+/// Everything a proxied HTTP/1.1 request that succeeds with a 200 records, on the handles the connection manager
+/// and the cluster really hold ([`HcmStats`], [`ClusterStats`], the host's counters, the `max_requests`
+/// breaker), built from the real structs under the names a server gives them. The calls and their order follow
+/// `listener/hcm.rs` (`handle`, `forward`, `UpstreamGuard::finish`, `Stream::end`) and `upstream/pool.rs`
+/// (one read and one write on the upstream connection).
+fn stats_per_request(c: &mut Criterion) {
+    let store = Store::new();
+    let hcm = HcmStats::new(
+        &store.scope("http.ingress."),
+        &store.scope("listener.127.0.0.1_10000.http.ingress."),
+    );
+    let cluster_scope = store.scope("cluster.backend.");
+    let cs = ClusterStats::new(&cluster_scope);
+    let breakers = CircuitBreakers::new(&CircuitBreakersConfig::default(), &cluster_scope);
+    let host = Host::new(&EndpointConfig {
+        address: "10.0.0.1:8080".parse().unwrap(),
+        hostname: String::new(),
+        weight: 1,
+        priority: 0,
+        locality: Locality::default(),
+        health: EndpointHealth::Unknown,
+        locality_weight: 1,
+        health_check_port: None,
+        health_check_disabled: false,
+    });
+    let mut elapsed = 0u64;
+    let mut one_request = |with_breaker: bool| {
+        // Elapsed milliseconds as loopback requests see them: mostly 0, sometimes 1 or 2.
+        elapsed = (elapsed + 1) % 7;
+        let ms = black_box(elapsed / 3);
+        // handle()
+        hcm.downstream_rq_total.inc();
+        hcm.downstream_rq_active.inc();
+        hcm.downstream_rq_http1_total.inc();
+        hcm.rq_total.inc();
+        let permit = with_breaker.then(|| breakers.resources(Priority::Default).try_request());
+        // forward(): one attempt.
+        cs.upstream_rq_total.inc();
+        cs.upstream_rq_active.inc();
+        host.stats.rq_total.fetch_add(1, Relaxed);
+        host.stats.rq_active.fetch_add(1, Relaxed);
+        cs.upstream_cx_tx_bytes_total.add(black_box(120));
+        cs.upstream_cx_rx_bytes_total.add(black_box(90));
+        cs.upstream_rq.record(black_box(200));
+        // UpstreamGuard::finish(true)
+        cs.upstream_rq_active.dec();
+        host.stats.rq_active.fetch_sub(1, Relaxed);
+        host.stats.rq_success.fetch_add(1, Relaxed);
+        cs.upstream_rq_completed.inc();
+        cs.upstream_rq_time.record(ms);
+        drop(permit);
+        // Stream::end()
+        hcm.downstream_rq_active.dec();
+        hcm.downstream_rq_completed.inc();
+        hcm.downstream_rq.record_class(200);
+        hcm.listener_rq_completed.inc();
+        hcm.listener_rq.record_class(200);
+        hcm.downstream_rq_time.record(ms);
+    };
+    let mut g = c.benchmark_group("stats_per_request");
+    g.bench_function("counters_gauges_histograms", |b| b.iter(|| one_request(false)));
+    g.bench_function("with_max_requests_breaker", |b| b.iter(|| one_request(true)));
+    g.finish();
+    let total = store.counter("cluster.backend.upstream_rq_200").value();
+    assert!(
+        total > 0 || !remora::stats::RECORDING,
+        "the bench recorded nothing"
+    );
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .measurement_time(Duration::from_secs(3))
@@ -202,6 +275,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot;
     config = config();
-    targets = route_matching, config_loading, header_work, lb_pick, stats_recording
+    targets = route_matching, config_loading, header_work, lb_pick, stats_recording, stats_per_request
 }
 criterion_main!(hot);

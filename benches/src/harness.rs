@@ -21,14 +21,15 @@ use crate::child::{on_path, pinned, Guard};
 use crate::hist::Histogram;
 use crate::load::{probe, LoadConfig};
 use crate::procfs::{group_cpu, group_memory, machine_busy, ticks_per_second, CpuTicks, Memory};
-use crate::proxies::{bootstrap, haproxy_conf, kind, nginx_conf, Kind, Ports, ARM_NAMES};
+use crate::proxies::{bootstrap, haproxy_conf, kind, nginx_conf, Kind, Ports, Variant, ARM_NAMES};
 use crate::workload::{self, Workload};
 use crate::{outln, report, Result};
 
 const USAGE: &str = "usage: bench-harness [--quick] [--workloads all|h1-c1,h1-c50,h1-c500,h1-64k,h2c,grpc]
-    [--arms direct,remora,remora-full,remora-log,envoy,envoy-full,envoy-log,nginx,haproxy]
+    [--arms direct,remora,remora-nostats,remora-full,remora-log,envoy,envoy-full,envoy-log,nginx,haproxy]
     [--duration 10s] [--warmup 1s] [--reps 3] [--strace] [--no-open-loop]
     [--out DIR | --results-dir DIR] [--config-dir DIR] [--bin-dir DIR] [--remora PATH] [--remora-build-failed]
+    [--remora-nostats PATH (default: BIN_DIR/remora-nostats)]
     [--proxy-core 0] [--load-core 1] [--no-pin] [--upstream-threads 1] [--startup-timeout 15s] [--keep-temp]
     [--quiet-wait 30s (before each run, wait up to this long for other processes to go quiet; 0 to not wait)]
     [--retries 2 (redo a run during which other processes used more than 10% of a core)]";
@@ -60,6 +61,8 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// The Remora binary.
     pub remora: PathBuf,
+    /// The Remora binary built with `--features stats-off` (arm `remora-nostats`).
+    pub remora_nostats: PathBuf,
     /// run.sh could not build Remora: report its arms as not measured.
     pub remora_build_failed: bool,
     /// The core for proxies (`None`: unpinned).
@@ -133,6 +136,9 @@ impl Options {
             config_dir: a
                 .value("--config-dir")?
                 .map_or_else(|| manifest.join("../config/bench"), PathBuf::from),
+            remora_nostats: a
+                .value("--remora-nostats")?
+                .map_or_else(|| bin_dir.join("remora-nostats"), PathBuf::from),
             remora: a
                 .value("--remora")?
                 .map_or_else(|| bin_dir.join("remora"), PathBuf::from),
@@ -382,6 +388,7 @@ async fn run(opts: Options) -> Result<()> {
     if !opts.arms_explicit {
         opts.arms.retain(|a| match kind(a) {
             Some(Kind::Envoy(_)) => envoy.is_some(),
+            Some(Kind::RemoraNoStats) => opts.remora_nostats.is_file(),
             Some(Kind::Nginx) => nginx.is_some(),
             Some(Kind::Haproxy) => haproxy.is_some(),
             _ => true,
@@ -885,16 +892,25 @@ async fn start_arm(ctx: &Ctx, w: &Workload, name: &str) -> Result<Live> {
                 log: None,
             })
         }
-        Kind::Remora(v) | Kind::Envoy(v) => {
-            let is_remora = matches!(k, Kind::Remora(_));
+        Kind::Remora(_) | Kind::RemoraNoStats | Kind::Envoy(_) => {
+            let v = match k {
+                Kind::Remora(v) | Kind::Envoy(v) => v,
+                _ => Variant::Plain,
+            };
+            let is_remora = !matches!(k, Kind::Envoy(_));
             let program = if is_remora {
                 if o.remora_build_failed {
                     return Err("`cargo build --release -p remora` failed (see run.sh's output)".into());
                 }
-                if !o.remora.is_file() {
-                    return Err(format!("no binary at {}", o.remora.display()).into());
+                let bin = if k == Kind::RemoraNoStats {
+                    &o.remora_nostats
+                } else {
+                    &o.remora
+                };
+                if !bin.is_file() {
+                    return Err(format!("no binary at {}", bin.display()).into());
                 }
-                o.remora.clone()
+                bin.clone()
             } else {
                 ctx.envoy.clone().ok_or_else(|| missing("envoy"))?
             };
@@ -1247,6 +1263,15 @@ async fn environment(
         Err(_) => format!("{} (missing)", o.remora.display()),
     };
     lines.push(format!("Remora: {remora}"));
+    if o.arms.iter().any(|a| kind(a) == Some(Kind::RemoraNoStats)) {
+        let nostats = match std::fs::metadata(&o.remora_nostats).and_then(|m| m.modified()) {
+            Ok(t) => format!("{} (built {})", o.remora_nostats.display(), date_time(t)),
+            Err(_) => format!("{} (missing)", o.remora_nostats.display()),
+        };
+        lines.push(format!(
+            "Remora without stats (`--features stats-off`): {nostats}"
+        ));
+    }
     for (name, p, arg) in [
         ("Envoy", envoy, "--version"),
         ("nginx", nginx, "-v"),

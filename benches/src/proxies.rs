@@ -47,6 +47,9 @@ pub enum Kind {
     Direct,
     /// `target/release/remora`.
     Remora(Variant),
+    /// A `remora` built with `--features stats-off` (stat recording compiled out), plain bootstrap: the
+    /// baseline for what stats cost (`benches/stats-cost.sh`).
+    RemoraNoStats,
     /// `envoy` from PATH.
     Envoy(Variant),
     /// `nginx` from PATH.
@@ -56,9 +59,10 @@ pub enum Kind {
 }
 
 /// Every arm name, in report order.
-pub const ARM_NAMES: [&str; 9] = [
+pub const ARM_NAMES: [&str; 10] = [
     "direct",
     "remora",
+    "remora-nostats",
     "remora-full",
     "remora-log",
     "envoy",
@@ -73,6 +77,7 @@ pub fn kind(name: &str) -> Option<Kind> {
     Some(match name {
         "direct" => Kind::Direct,
         "remora" => Kind::Remora(Variant::Plain),
+        "remora-nostats" => Kind::RemoraNoStats,
         "remora-full" => Kind::Remora(Variant::Full),
         "remora-log" => Kind::Remora(Variant::AccessLog),
         "envoy" => Kind::Envoy(Variant::Plain),

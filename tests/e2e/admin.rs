@@ -332,6 +332,122 @@ async fn stats_prometheus_format() {
     assert!(same.contains("# TYPE envoy_cluster_upstream_rq_total counter"));
 }
 
+/// A proxy with cluster `payments-canary` and `stats_config`, after two requests.
+async fn tagged_world(stats_config: Value) -> (Upstream, Proxy) {
+    let origin = Upstream::start("origin").await;
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "payments-canary")]);
+    let mut config = bootstrap(
+        table,
+        vec![cluster("payments-canary", &[origin.addr()])],
+        Value::Null,
+    );
+    config["stats_config"] = stats_config;
+    let proxy = Proxy::start(&config, &[]).await;
+    let c = proxy.h1();
+    for _ in 0..2 {
+        assert_eq!(c.get("/", &[]).await.status, StatusCode::OK);
+    }
+    (origin, proxy)
+}
+
+/// `stats_config.stats_tags`: a regex tag (its first group cut from the name) and a fixed tag, next to Envoy's
+/// default tags, in both Prometheus endpoints.
+#[tokio::test]
+async fn stats_tags_become_prometheus_labels() {
+    let (_origin, proxy) = tagged_world(json!({"stats_tags": [
+        {"tag_name": "track", "regex": "^cluster\\.[^.]*-(canary|stable)\\."},
+        {"tag_name": "mesh", "fixed_value": "east"},
+    ]}))
+    .await;
+    for path in ["/stats/prometheus", "/stats?format=prometheus"] {
+        let (status, text) = proxy.remora.admin_get(path).await;
+        assert_eq!(status, StatusCode::OK);
+        for want in [
+            "envoy_cluster_upstream_rq_total{mesh=\"east\",envoy_cluster_name=\"payments-canary\",track=\"canary\"} 2",
+            "envoy_cluster_upstream_rq_xx{envoy_response_code_class=\"2\",mesh=\"east\",envoy_cluster_name=\"payments-canary\",track=\"canary\"} 2",
+            "envoy_http_downstream_rq_total{mesh=\"east\",envoy_http_conn_manager_prefix=\"ingress\"} 2",
+            "envoy_server_live{mesh=\"east\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{path}: no {want:?} in\n{text}");
+        }
+    }
+}
+
+/// `use_all_default_tags: false` keeps only the defaults that `stats_tags` names.
+#[tokio::test]
+async fn stats_tags_without_the_defaults() {
+    let (_origin, proxy) = tagged_world(json!({
+        "use_all_default_tags": false,
+        "stats_tags": [{"tag_name": "envoy.cluster_name"}],
+    }))
+    .await;
+    let (_, text) = proxy.remora.admin_get("/stats/prometheus").await;
+    for want in [
+        "envoy_cluster_upstream_rq_2xx{envoy_cluster_name=\"payments-canary\"} 2",
+        "envoy_http_ingress_downstream_rq_total{} 2",
+    ] {
+        assert!(text.lines().any(|l| l == want), "no {want:?} in\n{text}");
+    }
+}
+
+/// `stats_matcher`: an excluded stat is not created (absent from every format) while the others count.
+#[tokio::test]
+async fn stats_matcher_leaves_out_excluded_stats() {
+    let (_origin, proxy) = tagged_world(json!({"stats_matcher": {"exclusion_list": {"patterns": [
+        {"prefix": "cluster.payments-canary.upstream_rq_time"},
+        {"safe_regex": {"regex": ".*_cx_.*"}},
+        {"suffix": "_2xx"},
+    ]}}}))
+    .await;
+    let (_, text) = proxy.remora.admin_get("/stats").await;
+    assert!(
+        text.lines().any(|l| l == "http.ingress.downstream_rq_total: 2"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "cluster.payments-canary.upstream_rq_total: 2"),
+        "{text}"
+    );
+    for gone in ["_2xx", "upstream_rq_time", "_cx_"] {
+        assert!(!text.contains(gone), "{gone} was excluded:\n{text}");
+    }
+    let (_, prom) = proxy.remora.admin_get("/stats/prometheus").await;
+    assert!(!prom.contains("envoy_response_code_class=\"2\""), "{prom}");
+    assert!(prom.contains("envoy_response_code_class=\"5\""), "{prom}");
+}
+
+/// What Envoy refuses in `stats_tags` is refused with Envoy's message and the entry's path; the parts of
+/// `stats_config` Remora does not implement are refused by path.
+#[tokio::test]
+async fn stats_config_refusals() {
+    let mut config = bootstrap(routes(vec![]), vec![], Value::Null);
+    config["stats_config"] = json!({
+        "stats_tags": [
+            {"tag_name": "ok", "regex": "(a)"},
+            {"tag_name": "no_such_default"},
+        ],
+        "histogram_bucket_settings": [{"match": {"prefix": "cluster."}, "buckets": [1, 10]}],
+    });
+    let (code, stdout, stderr) =
+        crate::harness::validate(&serde_json::to_string_pretty(&config).unwrap_or_default()).await;
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    for want in [
+        "stats_config.stats_tags[1].tag_name: No regex specified for tag specifier and no default regex for name: 'no_such_default'",
+        "stats_config.histogram_bucket_settings: not supported by Remora",
+    ] {
+        assert!(stderr.contains(want), "no {want:?} in\n{stderr}");
+    }
+    config["stats_config"] = json!({"stats_tags": [{"tag_name": "x", "regex": "+invalid"}]});
+    let (code, _, stderr) =
+        crate::harness::validate(&serde_json::to_string_pretty(&config).unwrap_or_default()).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("stats_config.stats_tags[0].regex: Invalid regex '+invalid'"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn healthcheck_fail_and_ok_flip_readiness() {
     let (_origin, proxy) = world(0).await;

@@ -221,7 +221,7 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
             };
             match format {
                 "json" => json(&output::json(&shared.store, &sel)),
-                "prometheus" => text(StatusCode::OK, output::prometheus(&shared.store, &sel)),
+                "prometheus" => text(StatusCode::OK, output::prometheus(&shared.store, &shared.bootstrap.stats_tags, &sel)),
                 "" | "text" => text(StatusCode::OK, output::text(&shared.store, &sel)),
                 other => text(StatusCode::BAD_REQUEST, format!("usage: /stats?format=(html|active-html|json|prometheus|text): unknown format {other}\n")),
             }

@@ -5,7 +5,8 @@ use super::node::{Errors, Node};
 use super::{cluster, listener};
 use crate::listener::config::ListenerConfig;
 use crate::server::ClusterIds;
-use crate::stats::Store;
+use crate::stats::tags::{TagProducer, TagSpecifier, TagValue, TagsConfig};
+use crate::stats::{StatsMatcher, Store};
 use crate::upstream::ClusterConfig;
 use prost_reflect::DynamicMessage;
 use std::collections::HashSet;
@@ -49,6 +50,8 @@ pub struct Bootstrap {
     pub dynamic: crate::xds::DynamicResources,
     /// The RDS tables static listeners subscribed to; the server keeps using them.
     pub rds: crate::xds::RdsRegistry,
+    /// `stats_config`: how the admin's Prometheus output turns stat names into names and labels.
+    pub stats_tags: TagProducer,
 }
 
 /// Lower a parsed bootstrap, collecting every error.
@@ -56,6 +59,14 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
     let errs = Errors::default();
     let ids = ClusterIds::default();
     let rds = crate::xds::RdsRegistry::default();
+    // First `stats_config`: its stats_matcher decides which of the stats created from here on exist.
+    let stats_tags = {
+        let root = Node::root(&msg, "", &errs);
+        root.mark_all();
+        root.msg("stats_config")
+            .map(|s| lower_stats_config(&s, store))
+            .unwrap_or_default()
+    };
     let logs =
         match crate::access_log::Manager::new(&store.scope(""), crate::access_log::DEFAULT_FLUSH_INTERVAL) {
             Ok(m) => Arc::new(m),
@@ -157,7 +168,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                 cm.unsupported(f);
             }
         }
-        root.unsupported("stats_config");
+        root.mark("stats_config");
         root.unsupported("stats_sinks");
         root.unsupported("overload_manager");
         root.unsupported("tracing");
@@ -179,7 +190,58 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         access_logs: logs,
         dynamic,
         rds,
+        stats_tags,
     })
+}
+
+/// `stats_config`: tag extraction (`stats_tags`, `use_all_default_tags`, `allow_default_tag_overrides`) and
+/// `stats_matcher` (set on `store`). `histogram_bucket_settings` is refused.
+fn lower_stats_config(n: &Node, store: &Store) -> TagProducer {
+    let list = n.list("stats_tags");
+    let cfg = TagsConfig {
+        stats_tags: list
+            .iter()
+            .map(|t| TagSpecifier {
+                tag_name: t.string("tag_name").unwrap_or_default(),
+                value: match (t.string("regex"), t.string("fixed_value")) {
+                    (Some(r), _) => TagValue::Regex(r),
+                    (None, Some(v)) => TagValue::Fixed(v),
+                    (None, None) => TagValue::Default,
+                },
+            })
+            .collect(),
+        use_all_default_tags: n.wrapped_bool("use_all_default_tags").unwrap_or(true),
+        allow_default_tag_overrides: n.wrapped_bool("allow_default_tag_overrides").unwrap_or(false),
+    };
+    if let Some(m) = n.msg("stats_matcher").and_then(|m| lower_stats_matcher(&m)) {
+        store.set_matcher(m);
+    }
+    n.unsupported("histogram_bucket_settings");
+    match TagProducer::new(&cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(t) = list.get(e.index) {
+                t.err(e.field, e.message);
+            }
+            TagProducer::default()
+        }
+    }
+}
+
+/// `stats_matcher`: `reject_all`, or an `exclusion_list` or `inclusion_list` of string matchers.
+fn lower_stats_matcher(m: &Node) -> Option<StatsMatcher> {
+    let list = |name: &str| -> Option<Vec<crate::route::StringMatcher>> {
+        let l = m.msg(name)?;
+        let patterns = l.list("patterns");
+        Some(patterns.iter().filter_map(super::route::string_matcher).collect())
+    };
+    if m.bool("reject_all") {
+        Some(StatsMatcher::RejectAll)
+    } else if let Some(p) = list("exclusion_list") {
+        Some(StatsMatcher::Exclusion(p))
+    } else {
+        list("inclusion_list").map(StatsMatcher::Inclusion)
+    }
 }
 
 fn lower_node(n: &Node) -> NodeInfo {

@@ -7,15 +7,24 @@
 //!
 //! Histograms record integer values in the histogram's unit (milliseconds for every `*_time` and `*_ms` stat, as
 //! in Envoy) into log-linear buckets, from which the admin derives quantiles and Envoy's Prometheus buckets.
+//!
+//! The cargo feature `stats-off` compiles recording out: every add, set and record returns at once, while the
+//! registry, the handles and the admin's output stay (every value reads 0). It exists to measure what stats cost
+//! a request (`benches/stats-cost.sh`); nothing else should use it. One behaviour reads a stat: active health
+//! checking uses `upstream_cx_total` to pick `no_traffic_interval`, which then always applies.
 
 pub mod histogram;
 pub mod output;
+pub mod tags;
 
 pub use histogram::{Histogram, HistogramSnapshot};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+
+/// Whether recording is compiled in (false with the `stats-off` feature).
+pub const RECORDING: bool = !cfg!(feature = "stats-off");
 
 /// A monotonically increasing count.
 #[derive(Clone, Debug)]
@@ -47,6 +56,9 @@ impl Counter {
 
     #[inline]
     pub fn add(&self, n: u64) {
+        if !RECORDING {
+            return;
+        }
         self.0.value.fetch_add(n, Relaxed);
         if !self.0.used.load(Relaxed) {
             self.0.used.store(true, Relaxed);
@@ -89,12 +101,18 @@ impl Gauge {
 
     #[inline]
     pub fn add(&self, n: i64) {
+        if !RECORDING {
+            return;
+        }
         self.0.value.fetch_add(n, Relaxed);
         self.mark();
     }
 
     #[inline]
     pub fn set(&self, v: i64) {
+        if !RECORDING {
+            return;
+        }
         self.0.value.store(v, Relaxed);
         self.mark();
     }
@@ -123,10 +141,34 @@ pub enum Metric {
     Histogram(Histogram),
 }
 
+/// `stats_config.stats_matcher`: which stats exist. A rejected name gets a handle that belongs to no store: it
+/// counts into the void and the admin never shows it, like Envoy's null stats.
+#[derive(Clone, Debug)]
+pub enum StatsMatcher {
+    /// `reject_all: true`.
+    RejectAll,
+    /// `exclusion_list`: reject the names any pattern matches.
+    Exclusion(Vec<crate::route::StringMatcher>),
+    /// `inclusion_list`: reject the names no pattern matches.
+    Inclusion(Vec<crate::route::StringMatcher>),
+}
+
+impl StatsMatcher {
+    pub fn rejects(&self, name: &str) -> bool {
+        match self {
+            StatsMatcher::RejectAll => true,
+            StatsMatcher::Exclusion(p) => p.iter().any(|m| m.matches(name)),
+            StatsMatcher::Inclusion(p) => !p.iter().any(|m| m.matches(name)),
+        }
+    }
+}
+
 /// The registry of every metric, by full name.
 #[derive(Default, Debug)]
 pub struct Store {
     metrics: Mutex<BTreeMap<String, Metric>>,
+    /// Set once, by the bootstrap's `stats_config`, before any other stat is created.
+    matcher: std::sync::OnceLock<StatsMatcher>,
 }
 
 impl Store {
@@ -134,7 +176,15 @@ impl Store {
         Arc::new(Store::default())
     }
 
+    /// Apply `stats_config.stats_matcher` to every stat created from now on (the first call wins).
+    pub fn set_matcher(&self, m: StatsMatcher) {
+        let _ = self.matcher.set(m);
+    }
+
     fn get_or_insert(&self, name: &str, make: impl FnOnce() -> Metric) -> Metric {
+        if self.matcher.get().is_some_and(|m| m.rejects(name)) {
+            return make();
+        }
         let mut map = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = map.get(name) {
             return m.clone();
@@ -287,6 +337,9 @@ impl CodeStats {
     /// Count one response with this status in its class counter and its own code counter.
     #[inline]
     pub fn record(&self, status: u16) {
+        if !RECORDING {
+            return;
+        }
         self.record_class(status);
         self.code(status).inc();
     }
@@ -311,5 +364,38 @@ impl CodeStats {
         let c = self.scope.lazy_counter(&format!("{}_{}", self.stem, status));
         rare.push((status, c.clone()));
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{StatsMatcher, Store};
+    use crate::route::StringMatcher;
+
+    /// A rejected name yields a working handle that no output lists; the others are stored as before.
+    #[test]
+    fn stats_matcher_rejects_before_creation() {
+        let store = Store::new();
+        store.set_matcher(StatsMatcher::Exclusion(vec![StringMatcher::Prefix(
+            "cluster.a.".into(),
+            false,
+        )]));
+        store.counter("cluster.a.upstream_rq_total").inc();
+        store.histogram("cluster.a.upstream_rq_time").record(3);
+        store.counter("cluster.b.upstream_rq_total").inc();
+        let names: Vec<String> = store.snapshot().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["cluster.b.upstream_rq_total"]);
+
+        let store = Store::new();
+        store.set_matcher(StatsMatcher::Inclusion(vec![StringMatcher::Suffix(
+            "_total".into(),
+            false,
+        )]));
+        store.counter("server.total");
+        store.counter("x_total");
+        store.gauge("server.live");
+        let names: Vec<String> = store.snapshot().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["x_total"]);
+        assert!(StatsMatcher::RejectAll.rejects("server.live"));
     }
 }

@@ -1,5 +1,6 @@
 //! The admin's renderings of the store: Envoy's text format, JSON and Prometheus text exposition.
 
+use super::tags::{Tag, TagProducer};
 use super::{Metric, Store};
 use std::fmt::Write;
 
@@ -122,65 +123,6 @@ pub fn json(store: &Store, sel: &Select) -> serde_json::Value {
     serde_json::json!({ "stats": stats })
 }
 
-/// One default tag extractor: a regex whose first capture group is removed from the name and whose second is
-/// the tag's value, as Envoy's `well_known_names.cc` defines them (the subset whose stats Remora has).
-struct Extractor {
-    tag: &'static str,
-    re: regex::Regex,
-}
-
-fn extractors() -> &'static [Extractor] {
-    static X: std::sync::OnceLock<Vec<Extractor>> = std::sync::OnceLock::new();
-    X.get_or_init(|| {
-        [
-            ("envoy_response_code", r"_rq(_(\d{3}))$"),
-            ("envoy_response_code_class", r"_rq_((\d))xx$"),
-            ("envoy_cluster_name", r"^cluster\.(([^\.]+)\.)"),
-            (
-                "envoy_http_conn_manager_prefix",
-                r"^listener(?:\.[^\.]+)*?\.http\.(([^\.]+)\.)",
-            ),
-            ("envoy_http_conn_manager_prefix", r"^http\.(([^\.]+)\.)"),
-            (
-                "envoy_listener_address",
-                r"^listener\.(((?:[_.[:digit:]]*|[_\[\]aAbBcCdDeEfF[:digit:]]*))\.)",
-            ),
-            ("envoy_tcp_prefix", r"^tcp\.(([^\.]+)\.)\w+?$"),
-        ]
-        .into_iter()
-        .filter_map(|(tag, re)| regex::Regex::new(re).ok().map(|re| Extractor { tag, re }))
-        .collect()
-    })
-}
-
-/// Apply Envoy's default tag extraction to a stat name: the tag-extracted name (still dotted, what Envoy groups
-/// and sorts by) and the tags in extraction order.
-pub fn extract_tags(name: &str) -> (String, Vec<(&'static str, String)>) {
-    let mut rest = name.to_string();
-    let mut tags: Vec<(&'static str, String)> = Vec::new();
-    for x in extractors() {
-        if tags.iter().any(|(t, _)| *t == x.tag) {
-            continue;
-        }
-        let Some(c) = x.re.captures(&rest) else { continue };
-        let (Some(remove), Some(value)) = (c.get(1), c.get(2)) else {
-            continue;
-        };
-        let value = value.as_str().to_string();
-        let (start, end) = (remove.start(), remove.end());
-        // Remove the group, and a separator left doubled by the removal.
-        let mut new = String::with_capacity(rest.len());
-        new.push_str(&rest[..start]);
-        new.push_str(&rest[end..]);
-        if new.ends_with('.') || new.ends_with('_') {
-            new.pop();
-        }
-        rest = new.replace("..", ".");
-        tags.push((x.tag, value));
-    }
-    (rest, tags)
-}
-
 /// Envoy's Prometheus metric name for a tag-extracted name: `envoy_` and the name with every character outside
 /// `[a-zA-Z0-9_]` replaced by `_`.
 fn sanitize(extracted: &str) -> String {
@@ -196,9 +138,9 @@ fn sanitize(extracted: &str) -> String {
     out
 }
 
-/// Split a stat name into Prometheus name and labels with Envoy's default tag extraction.
-pub fn prometheus_name(name: &str) -> (String, Vec<(&'static str, String)>) {
-    let (extracted, tags) = extract_tags(name);
+/// Split a stat name into Prometheus name and labels.
+pub fn prometheus_name<'t>(tags: &'t TagProducer, name: &str) -> (String, Vec<Tag<'t>>) {
+    let (extracted, tags) = tags.produce(name);
     (sanitize(&extracted), tags)
 }
 
@@ -210,10 +152,10 @@ fn stat_name_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// The text between a series' braces: `k="v",...`, with `extra` (the histogram's `le`) last. Envoy writes
 /// the braces even when there is no label (`envoy_server_live{} 1`).
-fn labels(tags: &[(&'static str, String)], extra: Option<(&str, String)>) -> String {
+fn labels(tags: &[Tag<'_>], extra: Option<(&str, String)>) -> String {
     let mut parts: Vec<String> = tags
         .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .map(|t| format!("{}=\"{}\"", t.label, escape(&t.value)))
         .collect();
     if let Some((k, v)) = extra {
         parts.push(format!("{k}=\"{v}\""));
@@ -235,16 +177,16 @@ fn prom_number(v: f64) -> String {
 }
 
 /// One series waiting to be written: its full stat name (the sort key within a group), tags and metric.
-struct Series {
+struct Series<'t> {
     name: String,
-    tags: Vec<(&'static str, String)>,
+    tags: Vec<Tag<'t>>,
     metric: Metric,
 }
 
 /// Series grouped by tag-extracted name, in Envoy's order.
-type Groups = Vec<(String, Vec<Series>)>;
+type Groups<'t> = Vec<(String, Vec<Series<'t>>)>;
 
-fn group(series: std::collections::HashMap<String, Vec<Series>>) -> Groups {
+fn group(series: std::collections::HashMap<String, Vec<Series<'_>>>) -> Groups<'_> {
     let mut groups: Groups = series.into_iter().collect();
     groups.sort_by(|a, b| stat_name_cmp(&a.0, &b.0));
     for (_, s) in &mut groups {
@@ -257,15 +199,15 @@ fn group(series: std::collections::HashMap<String, Vec<Series>>) -> Groups {
 /// histograms. Within each kind, one group per tag-extracted name in stat-name order, each opened by
 /// `# TYPE <name> <kind>` and closed by a blank line, its series in order of their full stat names. Every
 /// series has braces, `le` is the last label of a bucket, buckets are Envoy's default bounds and cumulative,
-/// then `+Inf`, `_sum` and `_count`. No `# HELP` lines.
-pub fn prometheus(store: &Store, sel: &Select) -> String {
+/// then `+Inf`, `_sum` and `_count`. No `# HELP` lines. Tags come from `tags` (the bootstrap's `stats_config`).
+pub fn prometheus(store: &Store, tags: &TagProducer, sel: &Select) -> String {
     use std::collections::HashMap;
-    let mut kinds: [HashMap<String, Vec<Series>>; 3] = Default::default();
+    let mut kinds: [HashMap<String, Vec<Series<'_>>>; 3] = Default::default();
     for (name, m) in store.snapshot() {
         if !sel.keep(&name, &m) {
             continue;
         }
-        let (extracted, tags) = extract_tags(&name);
+        let (extracted, tags) = tags.produce(&name);
         let kind = match m {
             Metric::Counter(_) => 0,
             Metric::Gauge(_) => 1,
@@ -291,7 +233,7 @@ pub fn prometheus(store: &Store, sel: &Select) -> String {
     out
 }
 
-fn write_series(out: &mut String, pname: &str, s: &Series) {
+fn write_series(out: &mut String, pname: &str, s: &Series<'_>) {
     let tags = &s.tags;
     match &s.metric {
         Metric::Counter(c) => {
@@ -318,6 +260,7 @@ fn write_series(out: &mut String, pname: &str, s: &Series) {
 #[cfg(test)]
 mod tests {
     use super::{prometheus, prometheus_name, Select};
+    use crate::stats::tags::TagProducer;
     use crate::stats::Store;
 
     /// Envoy's layout (`test/server/admin/prometheus_stats_test.cc`): kinds in order, groups by tag-extracted
@@ -338,7 +281,7 @@ mod tests {
         for v in [0, 7, 7_000] {
             h.record(v);
         }
-        let got = prometheus(&store, &Select::default());
+        let got = prometheus(&store, &TagProducer::default(), &Select::default());
         let want = r#"# TYPE envoy_cluster_upstream_rq_xx counter
 envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="backend"} 3
 envoy_cluster_upstream_rq_xx{envoy_response_code_class="5",envoy_cluster_name="backend"} 2
@@ -393,7 +336,7 @@ envoy_server_initialization_time_ms_count{} 3
         store.histogram("cluster.b.upstream_rq_time").record(30);
         store.histogram("cluster.a.upstream_rq_time");
         store.counter("cluster.a.upstream_rq_total");
-        let all = prometheus(&store, &Select::default());
+        let all = prometheus(&store, &TagProducer::default(), &Select::default());
         assert!(all.contains("envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=\"b\",le=\"50\"} 1\n"));
         assert!(all.contains("envoy_cluster_upstream_rq_time_sum{envoy_cluster_name=\"a\"} 0\n"));
         let a = all.find("{envoy_cluster_name=\"a\",le=\"0.5\"}");
@@ -401,6 +344,7 @@ envoy_server_initialization_time_ms_count{} 3
         assert!(a < b, "series sorted by stat name");
         let used = prometheus(
             &store,
+            &TagProducer::default(),
             &Select {
                 used_only: true,
                 filter: None,
@@ -458,10 +402,11 @@ envoy_server_initialization_time_ms_count{} 3
             ),
             ("server.live", "envoy_server_live", &[]),
         ];
+        let p = TagProducer::default();
         for (name, want, tags) in cases {
-            let (got, got_tags) = prometheus_name(name);
+            let (got, got_tags) = prometheus_name(&p, name);
             assert_eq!(&got, want, "{name}");
-            let got_tags: Vec<(&str, &str)> = got_tags.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let got_tags: Vec<(&str, &str)> = got_tags.iter().map(|t| (t.label, t.value.as_str())).collect();
             assert_eq!(&got_tags, tags, "{name}");
         }
     }
