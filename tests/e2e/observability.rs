@@ -26,24 +26,7 @@ use crate::harness::{get, http1_client, within, TempDir, Upstream};
 use crate::support::{bootstrap, cluster, routes, Proxy};
 
 /// Metrics that the corpus dashboards query and Remora does not export yet, with the reason.
-const NOT_IMPLEMENTED: &[(&str, &str)] = &[
-    (
-        "envoy_listener_ssl_certificate_expiration_unix_time_seconds",
-        "TLS on listeners (and its certificate stats) is not implemented",
-    ),
-    (
-        "envoy_tcp_downstream_cx_total",
-        "tcp.<stat_prefix>.* comes with the TCP proxy filter, not implemented",
-    ),
-    (
-        "envoy_tcp_downstream_cx_rx_bytes_total",
-        "tcp.<stat_prefix>.* comes with the TCP proxy filter, not implemented",
-    ),
-    (
-        "envoy_tcp_downstream_cx_tx_bytes_total",
-        "tcp.<stat_prefix>.* comes with the TCP proxy filter, not implemented",
-    ),
-];
+const NOT_IMPLEMENTED: &[(&str, &str)] = &[];
 
 /// Metrics that the shipped alert rules use before Remora exports them: the rule is kept, its expression must
 /// parse and run, and the day the metric appears this list must shrink (the test says so).
@@ -395,8 +378,37 @@ fn scenario_config(origin: SocketAddr) -> Value {
                 "route_config": routes(vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}})]),
                 "http_filters": shed_filters}}]}],
     });
+    // A TCP proxy listener and a TLS listener (an inline self-signed certificate), for the dashboards' tcp.*
+    // and certificate-expiry panels.
+    let tcp = json!({
+        "name": "tcp",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": "tcp_backend", "cluster": "backend"}}]}],
+    });
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("key: {e}"));
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .and_then(|p| p.self_signed(&key))
+        .unwrap_or_else(|e| panic!("certificate: {e}"));
+    let tls = json!({
+        "name": "tls",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [{
+            "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {"@type": HCM_TYPE, "stat_prefix": "tls",
+                    "route_config": routes(vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}})]),
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}],
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {"tls_certificates": [{
+                    "certificate_chain": {"inline_string": cert.pem()},
+                    "private_key": {"inline_string": key.serialize_pem()}}]}}},
+        }],
+    });
     match config["static_resources"]["listeners"].as_array_mut() {
-        Some(listeners) => listeners.push(shed),
+        Some(listeners) => listeners.extend([shed, tcp, tls]),
         None => panic!("bootstrap without listeners: {config}"),
     }
     config
@@ -412,6 +424,9 @@ async fn run_traffic(proxy: &Proxy) {
     for _ in 0..5 {
         assert_eq!(get(shed_addr, "/shed", &[]).await.0, StatusCode::OK);
     }
+    // HTTP through the TCP proxy listener.
+    let tcp_addr = proxy.remora.listener_addr("tcp").await;
+    assert_eq!(get(tcp_addr, "/through-tcp", &[]).await.0, StatusCode::OK);
     // 503 from the upstream, retried once (two 5xx in a row: the host is also ejected).
     assert_eq!(
         main.get("/status/503", &[]).await.status,

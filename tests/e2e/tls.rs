@@ -247,6 +247,17 @@ async fn a_tls_listener_serves_curl_and_openssl_and_follows_alpn() {
             Duration::from_secs(5),
         )
         .await;
+    // As the public dashboards query it.
+    let prom = remora.admin_get("/stats/prometheus").await.1;
+    let line = prom
+        .lines()
+        .find(|l| l.starts_with("envoy_listener_ssl_certificate_expiration_unix_time_seconds{"))
+        .unwrap_or_else(|| panic!("{prom}"));
+    assert!(
+        line.contains("envoy_tls_certificate=\"unnamed_cert_e3b0c442\""),
+        "{line}"
+    );
+    assert!(line.contains("envoy_listener_address=\"127.0.0.1_0\""), "{line}");
 }
 
 /// A client-side sidecar originating mTLS to a server-side sidecar terminating it, then each refusal.

@@ -330,6 +330,17 @@ fn defaults() -> Vec<(&'static str, DefaultKind)> {
             ),
         ),
         (
+            // The certificate expiry gauges (`<scope>.ssl.certificate.<name>.expiration_unix_time_seconds`), which
+            // public Envoy dashboards chart by `envoy_tls_certificate`. A certificate's name may hold dots (SDS
+            // secret names, SPIFFE IDs), so it runs to the fixed suffix.
+            "envoy.tls_certificate",
+            Re2(
+                r"^<LISTENER_OR_CLUSTER>\.ssl\.certificate(\.(.*?))\.expiration_unix_time_seconds$",
+                ".ssl.certificate.",
+                "",
+            ),
+        ),
+        (
             "cipher_suite",
             Re2(
                 r"^cluster\.<TAG_VALUE>\.ssl\.ciphers(\.(<CIPHER>))$",

@@ -466,3 +466,27 @@ fn labels_are_sanitized() {
     assert_eq!(prometheus_label("another_tag_name"), "another_tag_name");
     assert_eq!(prometheus_label("1abc"), "_1abc");
 }
+
+/// The certificate expiry gauge, as the public Envoy dashboards query it: by listener address and certificate.
+#[test]
+fn certificate_expiry_gauges_are_tagged_by_certificate() {
+    let p = producer(true, &[]);
+    check_default(
+        &p,
+        "listener.127.0.0.1_8443.ssl.certificate.spiffe://mesh.local/ns/a.expiration_unix_time_seconds",
+        "listener.ssl.certificate.expiration_unix_time_seconds",
+        &[
+            ("envoy.listener_address", "127.0.0.1_8443"),
+            ("envoy.tls_certificate", "spiffe://mesh.local/ns/a"),
+        ],
+    );
+    check_default(
+        &p,
+        "cluster.payments.ssl.certificate.unnamed_cert_e3b0c442.expiration_unix_time_seconds",
+        "cluster.ssl.certificate.expiration_unix_time_seconds",
+        &[
+            ("envoy.cluster_name", "payments"),
+            ("envoy.tls_certificate", "unnamed_cert_e3b0c442"),
+        ],
+    );
+}
