@@ -3,6 +3,7 @@
 mod admin;
 mod aggregate;
 mod balancing;
+mod container;
 mod corpus;
 mod dns;
 mod fuzz_replay;
