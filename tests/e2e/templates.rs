@@ -127,7 +127,7 @@ async fn a_rendered_bootstrap_sends_declared_dependencies_to_their_cluster() {
     let work = TempDir::new();
     let manifest = format!(
         "service: orders\nport: {}\nzone: z1\ndependencies:\n- name: payments\n  host: payments.internal\n  \
-         port: {}\n  protocol: http1\n  timeout: 5s\n",
+         port: {}\n  protocol: http1\n  timeout: 5s\n  health_check: /healthz\n",
         app.port(),
         payments.port()
     );
@@ -181,5 +181,34 @@ async fn a_rendered_bootstrap_sends_declared_dependencies_to_their_cluster() {
     assert!(
         clusters.contains("payments::default_priority::max_connections::1024"),
         "{clusters}"
+    );
+    // The dependency asked for active health checks: they ran, and passed.
+    let (_, stats) = remora.admin_get("/stats").await;
+    assert!(
+        stats.contains("cluster.payments.health_check.success: "),
+        "{stats}"
+    );
+    assert!(
+        !stats.contains("cluster.payments.health_check.success: 0\n"),
+        "{stats}"
+    );
+}
+
+/// The image's `envoy` entrypoint gets `envoy envoy -c ...` from a pod spec written for Envoy's image, whose
+/// entrypoint script runs `"$@"` when the first argument is not a flag: a leading `envoy` is skipped.
+#[tokio::test]
+async fn a_leading_envoy_argument_is_skipped_as_envoys_entrypoint_does() {
+    let out = Command::new(REMORA)
+        .args(["envoy", "--version"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = within(DEFAULT_TIMEOUT, "remora envoy --version", out)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("remora  version:"),
+        "{out:?}"
     );
 }

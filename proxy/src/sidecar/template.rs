@@ -14,6 +14,7 @@
 //!   protocol: grpc         # http1, h2 or grpc
 //!   name: payments         # optional: the cluster's name; default the host
 //!   timeout: 2s            # optional: overrides dependency.timeout
+//!   health_check: tcp      # optional: active health checks, a path (/healthz; http1 only) or tcp
 //!   retries:               # optional: overrides any of dependency.retries
 //!     num_retries: 3
 //!     per_try_timeout: 500ms
@@ -59,6 +60,35 @@ pub struct DependencyDefaults {
     pub circuit_breakers: CircuitBreakers,
     /// Copied as-is into each cluster's `outlier_detection` (Envoy's field names).
     pub outlier_detection: Map<String, Value>,
+    pub health_check: HealthCheckDefaults,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckDefaults {
+    pub timeout: String,
+    pub interval: String,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+}
+
+impl DependencyDefaults {
+    fn bad(field: &str, v: &str) -> TemplateError {
+        TemplateError {
+            file: "config/templates/defaults.yaml".into(),
+            line: None,
+            message: format!("dependency.{field}: '{v}' is not a duration"),
+        }
+    }
+
+    fn timeout_ms(&self) -> Result<u64, TemplateError> {
+        millis(&self.timeout).ok_or_else(|| Self::bad("timeout", &self.timeout))
+    }
+
+    fn per_try_timeout_ms(&self) -> Result<u64, TemplateError> {
+        let v = &self.retries.per_try_timeout;
+        millis(v).ok_or_else(|| Self::bad("retries.per_try_timeout", v))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +156,8 @@ pub struct Dependency {
     pub name: Option<String>,
     pub timeout: Option<String>,
     pub retries: Option<RetryOverride>,
+    /// Active health checking: a path (`/healthz`, HTTP/1.1 dependencies) or `tcp` (connect only).
+    pub health_check: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,17 +310,17 @@ pub fn render_value(file: &str, text: &str, defaults: &Defaults) -> Result<Value
             ));
         }
         let timeout = match &dep.timeout {
-            Some(t) => duration(t).ok_or_else(|| {
+            Some(t) => millis(t).ok_or_else(|| {
                 err(
                     lines.key_in_item("dependencies", i, "timeout").or(at),
                     format!("dependency '{name}': timeout '{t}' is not a duration (like 2s or 250ms)"),
                 )
             })?,
-            None => defaults.dependency.timeout.clone(),
+            None => defaults.dependency.timeout_ms()?,
         };
         let over = dep.retries.as_ref();
         let per_try = match over.and_then(|r| r.per_try_timeout.as_ref()) {
-            Some(t) => duration(t).ok_or_else(|| {
+            Some(t) => millis(t).ok_or_else(|| {
                 err(
                     lines.key_in_item("dependencies", i, "per_try_timeout").or(at),
                     format!(
@@ -296,7 +328,36 @@ pub fn render_value(file: &str, text: &str, defaults: &Defaults) -> Result<Value
                     ),
                 )
             })?,
-            None => defaults.dependency.retries.per_try_timeout.clone(),
+            // The default never outlasts the whole request's timeout.
+            None => defaults.dependency.per_try_timeout_ms()?.min(timeout),
+        };
+        if per_try > timeout {
+            return Err(err(
+                lines.key_in_item("dependencies", i, "per_try_timeout").or(at),
+                format!(
+                    "dependency '{name}': per_try_timeout {} is longer than the timeout {}",
+                    format_ms(per_try),
+                    format_ms(timeout)
+                ),
+            ));
+        }
+        let health = match dep.health_check.as_deref() {
+            None => None,
+            Some("tcp") => Some(json!({ "tcp_health_check": {} })),
+            Some(path) if path.starts_with('/') && dep.protocol == Protocol::Http1 => {
+                Some(json!({ "http_health_check": { "path": path } }))
+            }
+            Some(path) => {
+                let why = if path.starts_with('/') {
+                    "HTTP health checks are HTTP/1.1 only in Remora: use `tcp` for h2 and grpc dependencies"
+                } else {
+                    "is a path (/healthz) or `tcp`"
+                };
+                return Err(err(
+                    lines.key_in_item("dependencies", i, "health_check").or(at),
+                    format!("dependency '{name}': health_check '{path}': {why}"),
+                ));
+            }
         };
         let retry_on = match over.and_then(|r| r.retry_on.clone()) {
             Some(r) => r,
@@ -306,12 +367,12 @@ pub fn render_value(file: &str, text: &str, defaults: &Defaults) -> Result<Value
         let num_retries = over
             .and_then(|r| r.num_retries)
             .unwrap_or(defaults.dependency.retries.num_retries);
-        let mut route = json!({ "cluster": name, "timeout": timeout });
+        let mut route = json!({ "cluster": name, "timeout": format_ms(timeout) });
         if num_retries > 0 {
             route["retry_policy"] = json!({
                 "retry_on": retry_on,
                 "num_retries": num_retries,
-                "per_try_timeout": per_try,
+                "per_try_timeout": format_ms(per_try),
             });
         }
         vhosts.push(json!({
@@ -319,7 +380,21 @@ pub fn render_value(file: &str, text: &str, defaults: &Defaults) -> Result<Value
             "domains": [dep.host, format!("{}:{}", dep.host, dep.port)],
             "routes": [{ "match": { "prefix": "/" }, "route": route }],
         }));
-        clusters.push(dependency_cluster(&name, dep, defaults));
+        let mut cluster = dependency_cluster(&name, dep, defaults);
+        if let Some(kind) = health {
+            let hc = &defaults.dependency.health_check;
+            let mut check = json!({
+                "timeout": hc.timeout,
+                "interval": hc.interval,
+                "unhealthy_threshold": hc.unhealthy_threshold,
+                "healthy_threshold": hc.healthy_threshold,
+            });
+            if let (Some(c), Value::Object(k)) = (check.as_object_mut(), kind) {
+                c.extend(k);
+            }
+            cluster["health_checks"] = json!([check]);
+        }
+        clusters.push(cluster);
     }
     let pt = &defaults.passthrough;
     vhosts.push(json!({
@@ -504,7 +579,21 @@ fn is_host(s: &str) -> bool {
 }
 
 /// `2s`, `1.5s` or `250ms` as the protobuf JSON duration (`0.250s`).
+#[cfg(test)]
 fn duration(s: &str) -> Option<String> {
+    millis(s).map(format_ms)
+}
+
+fn format_ms(ms: u64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}.{:03}s", ms / 1000, ms % 1000)
+    }
+}
+
+/// `2s`, `1.5s` or `250ms` in milliseconds (more than 0).
+fn millis(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1u64)
@@ -528,14 +617,7 @@ fn duration(s: &str) -> Option<String> {
         format!("{frac:0<3}").parse().ok()?
     };
     let ms = whole.checked_mul(scale)?.checked_add(frac_ms * scale / 1000)?;
-    if ms == 0 {
-        return None;
-    }
-    Some(if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{}.{:03}s", ms / 1000, ms % 1000)
-    })
+    (ms > 0).then_some(ms)
 }
 
 /// Finds the lines of keys and sequence items in a block-style manifest, for errors serde cannot place.
@@ -703,6 +785,44 @@ dependencies:
         let e = error(text);
         assert_eq!(e.line, Some(9), "{e}");
         assert!(e.message.contains("duplicate dependency b:1"), "{e}");
+    }
+
+    #[test]
+    fn per_try_timeouts_fit_the_timeout_and_health_checks() {
+        let v = render_value(
+            "svc.yaml",
+            "service: a\nport: 80\nzone: z\ndependencies:\n- host: b\n  port: 1\n  protocol: http1\n  \
+             timeout: 1s\n  health_check: /healthz\n- host: c\n  port: 1\n  protocol: grpc\n  health_check: tcp\n",
+            &Defaults::embedded().unwrap(),
+        )
+        .unwrap();
+        let vhosts = &v["static_resources"]["listeners"][1]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["route_config"]["virtual_hosts"];
+        assert_eq!(
+            vhosts[0]["routes"][0]["route"]["retry_policy"]["per_try_timeout"],
+            "1s"
+        );
+        let clusters = &v["static_resources"]["clusters"];
+        assert_eq!(
+            clusters[1]["health_checks"][0]["http_health_check"]["path"],
+            "/healthz"
+        );
+        assert!(clusters[2]["health_checks"][0]["tcp_health_check"].is_object());
+        let e = error(
+            "service: a\nport: 80\nzone: z\ndependencies:\n- host: b\n  port: 1\n  protocol: h2\n  \
+             health_check: /healthz\n",
+        );
+        assert_eq!(e.line, Some(8), "{e}");
+        let e = error(
+            "service: a\nport: 80\nzone: z\ndependencies:\n- host: b\n  port: 1\n  protocol: h2\n  \
+             timeout: 1s\n  retries:\n    per_try_timeout: 2s\n",
+        );
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(
+            e.message
+                .contains("per_try_timeout 2s is longer than the timeout 1s"),
+            "{e}"
+        );
     }
 
     #[test]
