@@ -105,6 +105,10 @@ fn inject(args: &[String]) -> i32 {
     use std::io::Read;
     let (opts, file) = match inject::parse_args(args) {
         Ok(x) => x,
+        Err(_) if args.iter().any(|a| a == "-h" || a == "--help") => {
+            print!("{}", inject::USAGE);
+            return 0;
+        }
         Err(e) => {
             eprintln!("{e}");
             return 2;
