@@ -16,10 +16,20 @@ command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   need_pkgs+=(prometheus)
 fi
+# The sidecar image (tests/e2e/container.rs): built with buildah, run with podman on runc.
+for tool in buildah podman runc; do
+  command -v "$tool" >/dev/null 2>&1 || need_pkgs+=("$tool")
+done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# Every Kubernetes manifest shipped or generated passes `kubernetes-validate --strict` (tests/e2e/kubernetes.rs).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "installing: kubernetes-validate (pip)"
+  python3 -m pip install -q kubernetes-validate >/dev/null 2>&1 || echo "kubernetes-validate: pip install failed; that check will skip"
 fi
 
 cargo fmt --all -- --check

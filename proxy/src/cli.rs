@@ -101,7 +101,10 @@ Remora: an Envoy-compatible sidecar proxy. Takes Envoy's command line.
   --version                       Print the version.
   -h, --help                      Print this help.
 
-Subcommands (Remora's own): none yet.
+Subcommands (Remora's own):
+  remora template SERVICE.yaml    Render a sidecar bootstrap from a service manifest (config/templates/).
+  remora inject [FILE|-] [--canary N] [--init-iptables] ...
+                                  Add the sidecar to Kubernetes Deployments (remora inject --help).
 ";
 
 /// Parse the arguments after the program name.

@@ -43,6 +43,7 @@ pub mod retry;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod sidecar;
 pub mod stats;
 pub mod tls;
 pub mod upstream;

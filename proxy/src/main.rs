@@ -8,7 +8,20 @@ use remora::config;
 
 fn main() {
     remora::util::limit_malloc_arenas();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // Envoy's image runs `envoy "$@"` when the first argument is a flag, else "$@": a pod spec's
+    // `args: ["envoy", "-c", ...]` reaches this image's `envoy` entrypoint as `envoy envoy -c ...`. Envoy takes no
+    // positional argument, so a leading `envoy` can only mean that.
+    if args.first().map(String::as_str) == Some("envoy") {
+        args.remove(0);
+    }
+    // Remora's own subcommands (Envoy has none, so a first argument cannot be mistaken for one of its flags).
+    if args.first().map(String::as_str) == Some("template") {
+        std::process::exit(template(&args[1..]));
+    }
+    if args.first().map(String::as_str) == Some("inject") {
+        std::process::exit(inject(&args[1..]));
+    }
     let opts = match cli::parse(&args) {
         Ok(Command::Run(o)) => *o,
         Ok(Command::Help) => {
@@ -57,6 +70,67 @@ fn main() {
             remora::util::release_freed_memory();
             let code = remora::server::run(opts, bootstrap);
             std::process::exit(code);
+        }
+    }
+}
+
+/// `remora template SERVICE.yaml`: the bootstrap on stdout.
+fn template(args: &[String]) -> i32 {
+    let [path] = args else {
+        eprintln!("usage: remora template SERVICE.yaml  (renders the sidecar bootstrap on stdout)");
+        return 2;
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {path}: {e}");
+            return 1;
+        }
+    };
+    match remora::sidecar::template::render(path, &text) {
+        Ok(yaml) => {
+            print!("{yaml}");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `remora inject [FILE|-] [options]`: the Deployments with the sidecar on stdout.
+fn inject(args: &[String]) -> i32 {
+    use remora::sidecar::inject;
+    use std::io::Read;
+    let (opts, file) = match inject::parse_args(args) {
+        Ok(x) => x,
+        Err(_) if args.iter().any(|a| a == "-h" || a == "--help") => {
+            print!("{}", inject::USAGE);
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    let mut text = String::new();
+    let read = match &file {
+        Some(path) => std::fs::read_to_string(path).map(|t| text = t),
+        None => std::io::stdin().read_to_string(&mut text).map(|_| ()),
+    };
+    if let Err(e) = read {
+        eprintln!("error: {}: {e}", file.as_deref().unwrap_or("stdin"));
+        return 1;
+    }
+    match inject::inject(&text, &opts) {
+        Ok(out) => {
+            print!("{out}");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.as_deref().unwrap_or("stdin"));
+            1
         }
     }
 }

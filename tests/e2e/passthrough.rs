@@ -69,7 +69,11 @@ fn dfp_bootstrap(dns: SocketAddr, max_hosts: u32, extra: Vec<Value>) -> Value {
     )
 }
 
-async fn get_absolute(proxy: SocketAddr, authority: &str, path: &str) -> crate::support::RawResponse {
+pub(crate) async fn get_absolute(
+    proxy: SocketAddr,
+    authority: &str,
+    path: &str,
+) -> crate::support::RawResponse {
     let mut c = RawConn::connect(proxy).await;
     c.send(
         format!("GET http://{authority}{path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
@@ -807,7 +811,7 @@ async fn dynamic_forward_proxy_follows_address_changes_and_expires_unused_hosts(
     assert_eq!(proxy.stat("cluster.dynamic.membership_total").await, 0);
 }
 
-fn cares(dns: SocketAddr) -> Value {
+pub(crate) fn cares(dns: SocketAddr) -> Value {
     json!({
         "name": "envoy.network.dns_resolver.cares",
         "typed_config": {
