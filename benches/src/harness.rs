@@ -25,7 +25,7 @@ use crate::proxies::{bootstrap, haproxy_conf, kind, nginx_conf, Kind, Ports, ARM
 use crate::workload::{self, Workload};
 use crate::{outln, report, Result};
 
-const USAGE: &str = "usage: bench-harness [--quick] [--workloads all|h1-c1,h1-c50,h1-c500,h1-64k,h2c,grpc]
+const USAGE: &str = "usage: bench-harness [--quick] [--workloads all|h1-c1,h1-c50,h1-c500,h1-64k,h2c,grpc,tls-h1-c50,tls-handshake]
     [--arms direct,remora,remora-full,remora-log,envoy,envoy-full,envoy-log,nginx,haproxy]
     [--duration 10s] [--warmup 1s] [--reps 3] [--strace] [--no-open-loop]
     [--out DIR | --results-dir DIR] [--config-dir DIR] [--bin-dir DIR] [--remora PATH] [--remora-build-failed]
@@ -426,6 +426,9 @@ async fn run(opts: Options) -> Result<()> {
         busy_waits: std::cell::Cell::new(0),
     };
 
+    if ctx.opts.workloads.iter().any(|w| w.tls) {
+        crate::tls::TlsFiles::generate(&ctx.tmp.path.join("tls"))?;
+    }
     let raw = ctx.opts.out_dir.join("raw");
     clear_previous(&ctx.opts.out_dir)?;
     std::fs::create_dir_all(&raw)?;
@@ -595,8 +598,12 @@ async fn run_workload(ctx: &Ctx, w: &Workload, raw: &Path) -> Result<WorkloadRun
         }
     }
 
-    // Open loop at half the slowest proxy's saturation rate, interleaved.
-    let open_rate = if o.open_loop { open_rate(&arms) } else { None };
+    // Open loop at half the slowest proxy's saturation rate, interleaved (not with a connection per request).
+    let open_rate = if o.open_loop && !w.new_conn {
+        open_rate(&arms)
+    } else {
+        None
+    };
     if let Some((rate, from)) = &open_rate {
         eprintln!("  open loop at {rate:.0} req/s (50% of {from}'s median saturation rate)");
         for rep in 0..o.reps {
@@ -859,6 +866,8 @@ fn load_config(w: &Workload, port: u16, ctx: &Ctx) -> LoadConfig {
         grpc: w.grpc,
         timeout: Duration::from_secs(2),
         threads: 1,
+        tls: w.tls,
+        new_conn: w.new_conn,
     }
 }
 
@@ -874,10 +883,12 @@ async fn start_arm(ctx: &Ctx, w: &Workload, name: &str) -> Result<Live> {
             admin: p[1],
             upstream: ctx.upstream_port,
             access_log: ctx.tmp.path.join(format!("{name}-{}-access.log", w.name)),
+            tls_dir: ctx.tmp.path.join("tls"),
         }
     };
     let file = |ext: &str| ctx.tmp.path.join(format!("{name}-{}.{ext}", w.name));
     let (program, args): (PathBuf, Vec<String>) = match k {
+        Kind::Direct if w.tls => return Err("n/a: the direct path has no TLS".into()),
         Kind::Direct => {
             return Ok(Live {
                 port: ctx.upstream_port,
@@ -1063,6 +1074,12 @@ async fn run_load(ctx: &Ctx, w: &Workload, live: &Live, rate: Option<f64>, strac
     ];
     if w.grpc {
         args.push("--grpc".into());
+    }
+    if w.tls {
+        args.push("--tls".into());
+    }
+    if w.new_conn {
+        args.push("--new-conn".into());
     }
     if let Some(r) = rate {
         args.extend(["--rate".into(), format!("{r:.3}"), "--hist".into()]);
