@@ -107,14 +107,13 @@ impl Options {
                 .ok_or("no directory for this executable")?
                 .to_path_buf(),
         };
+        // Both are read so that `--out` also works through run.sh, which always passes `--results-dir`.
+        let results_dir = a.value("--results-dir")?;
         let out_dir = match a.value("--out")? {
             Some(d) => PathBuf::from(d),
-            None => {
-                let base = a
-                    .value("--results-dir")?
-                    .map_or_else(|| manifest.join("results"), PathBuf::from);
-                base.join(format!("{}{}", today(), if quick { "-quick" } else { "" }))
-            }
+            None => results_dir
+                .map_or_else(|| manifest.join("results"), PathBuf::from)
+                .join(format!("{}{}", today(), if quick { "-quick" } else { "" })),
         };
         let no_pin = a.flag("--no-pin");
         let proxy_core = a.parse("--proxy-core")?.unwrap_or(0);
@@ -1360,6 +1359,8 @@ mod tests {
         assert_eq!(o.duration, Duration::from_secs(5));
         assert_eq!(o.reps, 3);
         assert!(o.out_dir.to_string_lossy().ends_with("-quick"));
+        let o = Options::parse(Args::new(["--results-dir", "/r", "--out", "/x/tls"])).unwrap();
+        assert_eq!(o.out_dir, Path::new("/x/tls"));
         assert!(Options::parse(Args::new(["--arms", "squid"])).is_err());
         assert!(Options::parse(Args::new(["--frobnicate"])).is_err());
     }
