@@ -670,11 +670,15 @@ async fn connect(cfg: &LoadConfig, tmpl: &Template, deadline: Instant) -> Option
                 .ok()?;
             if NEGOTIATED.get().is_none() {
                 let c = s.get_ref().1;
+                let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".to_owned());
                 let _ = NEGOTIATED.set(format!(
-                    "{:?} {:?} {:?}",
-                    c.protocol_version(),
-                    c.negotiated_cipher_suite().map(|s| s.suite()),
-                    c.negotiated_key_exchange_group().map(|g| g.name()),
+                    "{} {} {}",
+                    or_none(c.protocol_version().map(|v| format!("{v:?}"))),
+                    or_none(c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()))),
+                    or_none(
+                        c.negotiated_key_exchange_group()
+                            .map(|g| format!("{:?}", g.name()))
+                    ),
                 ));
             }
             Stream::Tls(Box::new(s))
@@ -1126,7 +1130,7 @@ mod tests {
         // Kept alive: one handshake per connection.
         assert_eq!(seen.lock().unwrap().len(), keep.connections);
         let j = r.to_json(false);
-        assert_eq!(j["tls"], "TLSv1_3 Some(TLS13_AES_128_GCM_SHA256) Some(X25519)");
+        assert_eq!(j["tls"], "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519");
 
         seen.lock().unwrap().clear();
         let mut fresh = keep.clone();
@@ -1140,7 +1144,7 @@ mod tests {
         assert!(seen.len() >= n, "{} handshakes for {n} requests", seen.len());
         assert!(seen
             .iter()
-            .all(|s| s == "TLSv1_3 Some(TLS13_AES_128_GCM_SHA256) Some(X25519) resumed=false"));
+            .all(|s| s == "Some(TLSv1_3) Some(TLS13_AES_128_GCM_SHA256) Some(X25519) resumed=false"));
     }
 
     #[test]
