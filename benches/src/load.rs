@@ -799,24 +799,26 @@ async fn per_request_connections(
         let outcome = timeout_at(limit, one_request_connection(cfg, tmpl, limit)).await;
         let done = Instant::now();
         let counts = done >= sched.measure_start && done < sched.measure_end;
-        let mut t = tally.borrow_mut();
-        match outcome {
-            Ok(Some(Ok(bytes))) => {
-                if counts {
-                    t.hist
-                        .record(done.saturating_duration_since(base).as_nanos() as u64);
-                    t.bytes += bytes;
+        let connect_failed = {
+            let mut t = tally.borrow_mut();
+            match outcome {
+                Ok(Some(Ok(bytes))) => {
+                    if counts {
+                        t.hist
+                            .record(done.saturating_duration_since(base).as_nanos() as u64);
+                        t.bytes += bytes;
+                    }
                 }
+                Ok(None) => t.errors.connect += u64::from(counts),
+                Ok(Some(Err(Failure::Status(_)))) => t.errors.status += u64::from(counts),
+                Ok(Some(Err(Failure::Io(_)))) => t.errors.io += u64::from(counts),
+                Err(_) => t.errors.timeout += u64::from(counts),
             }
-            Ok(None) => {
-                t.errors.connect += u64::from(counts);
-                drop(t);
-                // Not a hot loop against a closed port.
-                sleep_until((Instant::now() + Duration::from_millis(10)).min(sched.measure_end)).await;
-            }
-            Ok(Some(Err(Failure::Status(_)))) => t.errors.status += u64::from(counts),
-            Ok(Some(Err(Failure::Io(_)))) => t.errors.io += u64::from(counts),
-            Err(_) => t.errors.timeout += u64::from(counts),
+            matches!(outcome, Ok(None))
+        };
+        if connect_failed {
+            // Not a hot loop against a closed port.
+            sleep_until((Instant::now() + Duration::from_millis(10)).min(sched.measure_end)).await;
         }
     }
     tally.take()
