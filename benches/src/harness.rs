@@ -25,7 +25,7 @@ use crate::proxies::{bootstrap, haproxy_conf, kind, nginx_conf, Kind, Ports, Var
 use crate::workload::{self, Workload};
 use crate::{outln, report, Result};
 
-const USAGE: &str = "usage: bench-harness [--quick] [--workloads all|h1-c1,h1-c50,h1-c500,h1-64k,h2c,grpc]
+const USAGE: &str = "usage: bench-harness [--quick] [--workloads all|h1-c1,h1-c50,h1-c500,h1-64k,h2c,grpc,tls-h1-c50,tls-handshake]
     [--arms direct,remora,remora-nostats,remora-full,remora-log,envoy,envoy-full,envoy-log,nginx,haproxy]
     [--duration 10s] [--warmup 1s] [--reps 3] [--strace] [--no-open-loop]
     [--out DIR | --results-dir DIR] [--config-dir DIR] [--bin-dir DIR] [--remora PATH] [--remora-build-failed]
@@ -110,14 +110,13 @@ impl Options {
                 .ok_or("no directory for this executable")?
                 .to_path_buf(),
         };
+        // Both are read so that `--out` also works through run.sh, which always passes `--results-dir`.
+        let results_dir = a.value("--results-dir")?;
         let out_dir = match a.value("--out")? {
             Some(d) => PathBuf::from(d),
-            None => {
-                let base = a
-                    .value("--results-dir")?
-                    .map_or_else(|| manifest.join("results"), PathBuf::from);
-                base.join(format!("{}{}", today(), if quick { "-quick" } else { "" }))
-            }
+            None => results_dir
+                .map_or_else(|| manifest.join("results"), PathBuf::from)
+                .join(format!("{}{}", today(), if quick { "-quick" } else { "" })),
         };
         let no_pin = a.flag("--no-pin");
         let proxy_core = a.parse("--proxy-core")?.unwrap_or(0);
@@ -433,6 +432,9 @@ async fn run(opts: Options) -> Result<()> {
         busy_waits: std::cell::Cell::new(0),
     };
 
+    if ctx.opts.workloads.iter().any(|w| w.tls) {
+        crate::tls::TlsFiles::generate(&ctx.tmp.path.join("tls"))?;
+    }
     let raw = ctx.opts.out_dir.join("raw");
     clear_previous(&ctx.opts.out_dir)?;
     std::fs::create_dir_all(&raw)?;
@@ -602,8 +604,12 @@ async fn run_workload(ctx: &Ctx, w: &Workload, raw: &Path) -> Result<WorkloadRun
         }
     }
 
-    // Open loop at half the slowest proxy's saturation rate, interleaved.
-    let open_rate = if o.open_loop { open_rate(&arms) } else { None };
+    // Open loop at half the slowest proxy's saturation rate, interleaved (not with a connection per request).
+    let open_rate = if o.open_loop && !w.new_conn {
+        open_rate(&arms)
+    } else {
+        None
+    };
     if let Some((rate, from)) = &open_rate {
         eprintln!("  open loop at {rate:.0} req/s (50% of {from}'s median saturation rate)");
         for rep in 0..o.reps {
@@ -866,6 +872,8 @@ fn load_config(w: &Workload, port: u16, ctx: &Ctx) -> LoadConfig {
         grpc: w.grpc,
         timeout: Duration::from_secs(2),
         threads: 1,
+        tls: w.tls,
+        new_conn: w.new_conn,
     }
 }
 
@@ -881,10 +889,12 @@ async fn start_arm(ctx: &Ctx, w: &Workload, name: &str) -> Result<Live> {
             admin: p[1],
             upstream: ctx.upstream_port,
             access_log: ctx.tmp.path.join(format!("{name}-{}-access.log", w.name)),
+            tls_dir: ctx.tmp.path.join("tls"),
         }
     };
     let file = |ext: &str| ctx.tmp.path.join(format!("{name}-{}.{ext}", w.name));
     let (program, args): (PathBuf, Vec<String>) = match k {
+        Kind::Direct if w.tls => return Err("n/a: the direct path has no TLS".into()),
         Kind::Direct => {
             return Ok(Live {
                 port: ctx.upstream_port,
@@ -1079,6 +1089,12 @@ async fn run_load(ctx: &Ctx, w: &Workload, live: &Live, rate: Option<f64>, strac
     ];
     if w.grpc {
         args.push("--grpc".into());
+    }
+    if w.tls {
+        args.push("--tls".into());
+    }
+    if w.new_conn {
+        args.push("--new-conn".into());
     }
     if let Some(r) = rate {
         args.extend(["--rate".into(), format!("{r:.3}"), "--hist".into()]);
@@ -1368,6 +1384,8 @@ mod tests {
         assert_eq!(o.duration, Duration::from_secs(5));
         assert_eq!(o.reps, 3);
         assert!(o.out_dir.to_string_lossy().ends_with("-quick"));
+        let o = Options::parse(Args::new(["--results-dir", "/r", "--out", "/x/tls"])).unwrap();
+        assert_eq!(o.out_dir, Path::new("/x/tls"));
         assert!(Options::parse(Args::new(["--arms", "squid"])).is_err());
         assert!(Options::parse(Args::new(["--frobnicate"])).is_err());
     }

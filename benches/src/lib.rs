@@ -18,6 +18,7 @@ pub mod procfs;
 pub mod proxies;
 pub mod report;
 pub mod svg;
+pub mod tls;
 pub mod upstream;
 pub mod workload;
 

@@ -15,6 +15,15 @@
 //! (`pace`) wakes slots at their intended times to within microseconds; tokio's timer alone would release
 //! them in 1 ms bursts.
 //!
+//! **TLS** (`tls`): every connection is TLS 1.3 offering only `TLS_AES_128_GCM_SHA256` and X25519, with
+//! resumption disabled, so every proxy negotiates the same and every handshake is a full one. The client
+//! checks neither the certificate nor the handshake signature (a benchmark over loopback: that would cost the
+//! generator two ECDSA verifications per handshake and change nothing on the proxy's side).
+//!
+//! **A connection per request** (`new_conn`, HTTP/1.1 closed loop only): each slot connects (and handshakes),
+//! sends one request, reads the answer, closes (TLS `close_notify`, then FIN) and starts over; latency runs
+//! from the connect to the end of the response.
+//!
 //! Timeline: `start` (connections open, warm-up) → `measure_start` → `measure_end` (no new requests) →
 //! `deadline` (in-flight requests abandoned). Every await is bounded by the deadline.
 
@@ -34,10 +43,13 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::LocalSet;
 use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::hist::Histogram;
 use crate::upstream::{grpc_frame, GRPC_PATH};
@@ -91,6 +103,10 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Worker threads, each a current_thread runtime with its share of the connections.
     pub threads: usize,
+    /// TLS 1.3 to the target (see the module's documentation).
+    pub tls: bool,
+    /// A new connection for every request (HTTP/1.1, closed loop).
+    pub new_conn: bool,
 }
 
 impl LoadConfig {
@@ -107,6 +123,9 @@ impl LoadConfig {
         }
         if matches!(self.rate, Some(r) if !(r.is_finite() && r > 0.0)) {
             return Err("--rate must be positive".into());
+        }
+        if self.new_conn && (self.proto != Proto::H1 || self.rate.is_some()) {
+            return Err("--new-conn needs --proto h1 and a closed loop (no --rate)".into());
         }
         if self.duration.is_zero() {
             return Err("--duration must be positive".into());
@@ -210,6 +229,8 @@ impl Report {
             "errors_io": self.tally.errors.io,
             "errors_timeout": self.tally.errors.timeout,
             "rps": self.rps(),
+            "tls": c.tls.then(|| NEGOTIATED.get().cloned()),
+            "new_conn": c.new_conn,
             "bytes": self.tally.bytes,
             "latency_us": {
                 "min": us(h.min()),
@@ -369,7 +390,7 @@ async fn run_shard(
 pub async fn probe(cfg: &LoadConfig) -> Result<()> {
     let tmpl = Template::new(cfg)?;
     let deadline = Instant::now() + cfg.timeout;
-    let mut sender = match connect(cfg, deadline)
+    let mut sender = match connect(cfg, &tmpl, deadline)
         .await
         .ok_or("cannot connect (or handshake)")?
     {
@@ -399,6 +420,8 @@ struct Template {
     host: Option<HeaderValue>,
     body: Bytes,
     grpc: bool,
+    /// The TLS client, when the target speaks TLS.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Template {
@@ -428,6 +451,11 @@ impl Template {
             },
             body,
             grpc: cfg.grpc,
+            tls: if cfg.tls {
+                Some(Arc::new(tls_client()?))
+            } else {
+                None
+            },
         })
     }
 
@@ -484,7 +512,133 @@ impl Sender {
     }
 }
 
-type Io = TokioIo<TcpStream>;
+type Io = TokioIo<Stream>;
+
+/// A connection's byte stream: plain TCP or TLS over it.
+pub enum Stream {
+    /// Cleartext.
+    Plain(TcpStream),
+    /// TLS (boxed: a rustls connection is large).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What the first TLS connection negotiated (`TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519`), for the report.
+static NEGOTIATED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The TLS client: TLS 1.3 only, one cipher suite and one key-exchange group (so every server negotiates
+/// the same), no resumption (so every handshake is full), and no verification of the server (see the module
+/// documentation).
+fn tls_client() -> Result<rustls::ClientConfig> {
+    use rustls::crypto::ring;
+    let mut provider = ring::default_provider();
+    provider.cipher_suites = vec![ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
+    provider.kx_groups = vec![ring::kx_group::X25519];
+    let provider = Arc::new(provider);
+    let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    c.resumption = rustls::client::Resumption::disabled();
+    Ok(c)
+}
+
+/// Accepts any server certificate and handshake signature: the load generator measures the server's cost.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
 
 /// A fresh connection: the handle to send on and the future that drives the connection's I/O.
 enum Conn {
@@ -498,13 +652,38 @@ enum Conn {
     ),
 }
 
-async fn connect(cfg: &LoadConfig, deadline: Instant) -> Option<Conn> {
+async fn connect(cfg: &LoadConfig, tmpl: &Template, deadline: Instant) -> Option<Conn> {
     let limit = deadline.min(Instant::now() + cfg.timeout);
     let stream = timeout_at(limit, TcpStream::connect(cfg.target))
         .await
         .ok()?
         .ok()?;
     stream.set_nodelay(true).ok()?;
+    let stream = match &tmpl.tls {
+        None => Stream::Plain(stream),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+            let connector = TlsConnector::from(tls.clone());
+            let s = timeout_at(limit, connector.connect(name, stream))
+                .await
+                .ok()?
+                .ok()?;
+            if NEGOTIATED.get().is_none() {
+                let c = s.get_ref().1;
+                let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".to_owned());
+                let _ = NEGOTIATED.set(format!(
+                    "{} {} {}",
+                    or_none(c.protocol_version().map(|v| format!("{v:?}"))),
+                    or_none(c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()))),
+                    or_none(
+                        c.negotiated_key_exchange_group()
+                            .map(|g| format!("{:?}", g.name()))
+                    ),
+                ));
+            }
+            Stream::Tls(Box::new(s))
+        }
+    };
     let io = TokioIo::new(stream);
     match cfg.proto {
         Proto::H1 => {
@@ -568,8 +747,11 @@ async fn connection(cfg: LoadConfig, tmpl: Template, sched: Schedule, pacers: Ve
             prev_done: sched.start,
         })
         .collect();
+    if cfg.new_conn {
+        return per_request_connections(&cfg, &tmpl, sched, &tally).await;
+    }
     while Instant::now() < sched.measure_end {
-        match connect(&cfg, sched.measure_end).await {
+        match connect(&cfg, &tmpl, sched.measure_end).await {
             None => {
                 let now = Instant::now();
                 if now >= sched.measure_start && now < sched.measure_end {
@@ -599,6 +781,66 @@ async fn connection(cfg: LoadConfig, tmpl: Template, sched: Schedule, pacers: Ve
         }
     }
     tally.into_inner()
+}
+
+/// The connection-per-request loop of one slot: connect, one request, close, until the window closes.
+async fn per_request_connections(
+    cfg: &LoadConfig,
+    tmpl: &Template,
+    sched: Schedule,
+    tally: &RefCell<Tally>,
+) -> Tally {
+    loop {
+        let base = Instant::now();
+        if base >= sched.measure_end {
+            break;
+        }
+        let limit = sched.deadline.min(base + cfg.timeout);
+        let outcome = timeout_at(limit, one_request_connection(cfg, tmpl, limit)).await;
+        let done = Instant::now();
+        let counts = done >= sched.measure_start && done < sched.measure_end;
+        let connect_failed = {
+            let mut t = tally.borrow_mut();
+            match outcome {
+                Ok(Some(Ok(bytes))) => {
+                    if counts {
+                        t.hist
+                            .record(done.saturating_duration_since(base).as_nanos() as u64);
+                        t.bytes += bytes;
+                    }
+                }
+                Ok(None) => t.errors.connect += u64::from(counts),
+                Ok(Some(Err(Failure::Status(_)))) => t.errors.status += u64::from(counts),
+                Ok(Some(Err(Failure::Io(_)))) => t.errors.io += u64::from(counts),
+                Err(_) => t.errors.timeout += u64::from(counts),
+            }
+            matches!(outcome, Ok(None))
+        };
+        if connect_failed {
+            // Not a hot loop against a closed port.
+            sleep_until((Instant::now() + Duration::from_millis(10)).min(sched.measure_end)).await;
+        }
+    }
+    tally.take()
+}
+
+/// Connects, sends one request, reads the answer and closes the connection (hyper shuts the stream down,
+/// which for TLS sends `close_notify`, once the sender is dropped). `None` if connecting failed.
+async fn one_request_connection(
+    cfg: &LoadConfig,
+    tmpl: &Template,
+    limit: Instant,
+) -> Option<std::result::Result<u64, Failure>> {
+    let Conn::H1(sender, conn) = connect(cfg, tmpl, limit).await? else {
+        return None;
+    };
+    let exchange_once = async move {
+        let mut s = Sender::H1(sender);
+        exchange(&mut s, tmpl).await
+        // `s` is dropped here: the connection closes once idle.
+    };
+    let (outcome, _) = tokio::join!(exchange_once, conn);
+    Some(outcome)
 }
 
 /// Sends requests on `sender` until the window closes (returns) or the connection fails (returns early).
@@ -750,6 +992,8 @@ mod tests {
             grpc: false,
             timeout: Duration::from_secs(2),
             threads: 1,
+            tls: false,
+            new_conn: false,
         }
     }
 
@@ -816,6 +1060,95 @@ mod tests {
         assert!(probe(&config(closed, Proto::H1)).await.is_err());
     }
 
+    /// A TLS-terminating origin (rcgen's ECDSA P-256 certificate, rustls server, hyper HTTP/1.1) that counts
+    /// handshakes and records what each negotiated.
+    fn tls_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        use hyper::service::service_fn;
+        let dir = std::env::temp_dir().join(format!("remora-bench-load-tls-{}", std::process::id()));
+        let files = crate::tls::TlsFiles::generate(&dir).unwrap();
+        let pem = |p: &std::path::Path| std::fs::read(p).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        let cert = rustls::pki_types::CertificateDer::from_pem_slice(&pem(&files.cert)).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem(&files.key)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let server =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert], key)
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                loop {
+                    let (tcp, _) = l.accept().await.unwrap();
+                    let (acceptor, log) = (acceptor.clone(), log.clone());
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let c = tls.get_ref().1;
+                        log.lock().unwrap().push(format!(
+                            "{:?} {:?} {:?} resumed={}",
+                            c.protocol_version(),
+                            c.negotiated_cipher_suite().map(|s| s.suite()),
+                            c.negotiated_key_exchange_group().map(|g| g.name()),
+                            c.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+                        ));
+                        let svc = service_fn(|_req| async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from_static(b"ok"),
+                            )))
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                    });
+                }
+            })
+        });
+        (addr, seen)
+    }
+
+    #[test]
+    fn tls_keep_alive_and_a_handshake_per_request() {
+        let (target, seen) = tls_upstream();
+        let mut keep = config(target, Proto::H1);
+        keep.tls = true;
+        let r = run(&keep, |_| {}).unwrap();
+        assert_eq!(r.tally.errors.total(), 0, "{:?}", r.tally.errors);
+        assert!(r.tally.hist.count() > 10);
+        // Kept alive: one handshake per connection.
+        assert_eq!(seen.lock().unwrap().len(), keep.connections);
+        let j = r.to_json(false);
+        assert_eq!(j["tls"], "TLSv1_3 TLS13_AES_128_GCM_SHA256 X25519");
+
+        seen.lock().unwrap().clear();
+        let mut fresh = keep.clone();
+        fresh.new_conn = true;
+        let r = run(&fresh, |_| {}).unwrap();
+        assert_eq!(r.tally.errors.total(), 0, "{:?}", r.tally.errors);
+        let n = r.tally.hist.count() as usize;
+        assert!(n > 10);
+        let seen = seen.lock().unwrap();
+        // Every request had its own full handshake (warm-up ones too, so at least as many), all alike.
+        assert!(seen.len() >= n, "{} handshakes for {n} requests", seen.len());
+        assert!(seen
+            .iter()
+            .all(|s| s == "Some(TLSv1_3) Some(TLS13_AES_128_GCM_SHA256) Some(X25519) resumed=false"));
+    }
+
     #[test]
     fn rejects_bad_combinations() {
         let t = SocketAddr::from(([127, 0, 0, 1], 1));
@@ -827,6 +1160,13 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = config(t, Proto::H1);
         c.rate = Some(0.0);
+        assert!(c.validate().is_err());
+        let mut c = config(t, Proto::H2);
+        c.new_conn = true;
+        assert!(c.validate().is_err());
+        let mut c = config(t, Proto::H1);
+        c.new_conn = true;
+        c.rate = Some(10.0);
         assert!(c.validate().is_err());
     }
 }

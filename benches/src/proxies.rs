@@ -4,9 +4,14 @@
 //! generated here: one worker, keep-alive both sides with no per-connection request limit, no access log, no
 //! response buffering, and h2 towards the upstream where the workload calls for it (nginx can only do that for
 //! gRPC, so its h2c arm talks HTTP/1.1 to the upstream).
+//!
+//! TLS workloads: every proxy terminates TLS 1.3 with the run's certificate ([`crate::tls`]) and talks
+//! plaintext HTTP/1.1 to the upstream, with session resumption off (no tickets, no session cache) wherever
+//! the proxy has a switch for it.
 
 use std::path::{Path, PathBuf};
 
+use crate::tls::TlsFiles;
 use crate::workload::Workload;
 use crate::Result;
 
@@ -33,9 +38,10 @@ impl Variant {
     /// The bootstrap template's file name for this variant and workload.
     pub fn bootstrap_file(self, w: &Workload) -> String {
         format!(
-            "remora-bench{}{}.yaml",
+            "remora-bench{}{}{}.yaml",
             self.suffix(),
-            if w.upstream_h2() { "-h2" } else { "" }
+            if w.upstream_h2() { "-h2" } else { "" },
+            if w.tls { "-tls" } else { "" }
         )
     }
 }
@@ -133,6 +139,8 @@ pub struct Ports {
     pub upstream: u16,
     /// The access log file (the access-log variant).
     pub access_log: PathBuf,
+    /// The directory of the TLS workloads' certificate ([`TlsFiles::in_dir`]).
+    pub tls_dir: PathBuf,
 }
 
 /// A Remora/Envoy bootstrap rendered from `config_dir`.
@@ -146,6 +154,14 @@ pub fn bootstrap(config_dir: &Path, variant: Variant, w: &Workload, ports: &Port
             ("LISTEN_PORT", ports.listen.to_string()),
             ("UPSTREAM_PORT", ports.upstream.to_string()),
             ("ACCESS_LOG_PATH", ports.access_log.display().to_string()),
+            (
+                "TLS_CERT",
+                TlsFiles::in_dir(&ports.tls_dir).cert.display().to_string(),
+            ),
+            (
+                "TLS_KEY",
+                TlsFiles::in_dir(&ports.tls_dir).key.display().to_string(),
+            ),
         ],
     )
     .map_err(|e| format!("{}: {e}", path.display()).into())
@@ -156,6 +172,19 @@ pub fn nginx_conf(dir: &Path, w: &Workload, ports: &Ports) -> String {
     let d = dir.display();
     // nginx 1.22 (Debian 12): `listen ... http2` without TLS means h2c prior knowledge only.
     let http2 = if w.upstream_h2() { " http2" } else { "" };
+    // TLS 1.3 only; no session cache and no tickets, so every handshake is a full one.
+    let tls = if w.tls {
+        let f = TlsFiles::in_dir(&ports.tls_dir);
+        format!(
+            "\n        ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols TLSv1.3;\n        \
+             ssl_session_cache off;\n        ssl_session_tickets off;",
+            f.cert.display(),
+            f.key.display()
+        )
+    } else {
+        String::new()
+    };
+    let ssl = if w.tls { " ssl" } else { "" };
     let pass = if w.grpc {
         "grpc_pass grpc://bench_upstream;".to_owned()
     } else {
@@ -198,7 +227,7 @@ http {{
         keepalive_timeout 300s;
     }}
     server {{
-        listen 127.0.0.1:{listen}{http2};
+        listen 127.0.0.1:{listen}{ssl}{http2};{tls}
         location / {{
             {pass}
         }}
@@ -213,9 +242,21 @@ http {{
 /// A HAProxy config: one thread, connection reuse towards the upstream like Envoy's pool.
 pub fn haproxy_conf(w: &Workload, ports: &Ports) -> String {
     let h2 = if w.upstream_h2() { " proto h2" } else { "" };
+    // TLS 1.3 only, no tickets, and (tune.ssl.cachesize 0) no session cache: every handshake is a full one.
+    let (ssl, cache) = if w.tls {
+        (
+            format!(
+                " ssl crt {} ssl-min-ver TLSv1.3 no-tls-tickets",
+                TlsFiles::in_dir(&ports.tls_dir).combined.display()
+            ),
+            "\n    tune.ssl.cachesize 0",
+        )
+    } else {
+        (String::new(), "")
+    };
     format!(
         r#"global
-    nbthread 1
+    nbthread 1{cache}
     # HAProxy wants two descriptors per connection and refuses to start if the limit is lower.
     maxconn 4000
 
@@ -230,7 +271,7 @@ defaults
     http-reuse always
 
 frontend bench
-    bind 127.0.0.1:{listen}{h2}
+    bind 127.0.0.1:{listen}{ssl}{h2}
     default_backend bench_upstream
 
 backend bench_upstream
@@ -252,6 +293,7 @@ mod tests {
             admin: 10002,
             upstream: 10003,
             access_log: "/tmp/x/access.log".into(),
+            tls_dir: "/tmp/x/tls".into(),
         }
     }
 
@@ -285,6 +327,8 @@ mod tests {
                 );
                 assert_eq!(y.contains("retry_budget"), v == Variant::Full);
                 assert_eq!(y.contains("/tmp/x/access.log"), v == Variant::AccessLog);
+                assert_eq!(y.contains("/tmp/x/tls/cert.pem"), w.tls);
+                assert_eq!(y.contains("DownstreamTlsContext"), w.tls);
             }
         }
     }
@@ -302,12 +346,15 @@ mod tests {
     fn generated_configs_validate() {
         let dir = std::env::temp_dir().join(format!("remora-bench-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let mut ports = ports();
+        ports.tls_dir = dir.join("tls");
+        TlsFiles::generate(&ports.tls_dir).unwrap();
         for w in &ALL {
             if let Some(nginx) =
                 crate::child::on_path("nginx").or_else(|| crate::child::on_path("/usr/sbin/nginx"))
             {
                 let conf = dir.join(format!("nginx-{}.conf", w.name));
-                std::fs::write(&conf, nginx_conf(&dir, w, &ports())).unwrap();
+                std::fs::write(&conf, nginx_conf(&dir, w, &ports)).unwrap();
                 let out = std::process::Command::new(nginx)
                     .arg("-t")
                     .arg("-p")
@@ -329,7 +376,7 @@ mod tests {
                 crate::child::on_path("haproxy").or_else(|| crate::child::on_path("/usr/sbin/haproxy"))
             {
                 let conf = dir.join(format!("haproxy-{}.cfg", w.name));
-                std::fs::write(&conf, haproxy_conf(w, &ports())).unwrap();
+                std::fs::write(&conf, haproxy_conf(w, &ports)).unwrap();
                 let out = std::process::Command::new(haproxy)
                     .arg("-c")
                     .arg("-f")
@@ -357,5 +404,15 @@ mod tests {
         assert!(n.contains("listen 127.0.0.1:10001;") && n.contains("proxy_pass"));
         assert!(haproxy_conf(grpc, &ports()).contains("server upstream 127.0.0.1:10003 proto h2"));
         assert!(haproxy_conf(h1, &ports()).contains("server upstream 127.0.0.1:10003\n"));
+        let tls = ALL.iter().find(|w| w.tls).unwrap();
+        let n = nginx_conf(Path::new("/tmp/x"), tls, &ports());
+        assert!(n.contains("listen 127.0.0.1:10001 ssl;") && n.contains("ssl_session_tickets off;"));
+        assert!(n.contains("ssl_certificate_key /tmp/x/tls/key.pem;"));
+        let h = haproxy_conf(tls, &ports());
+        assert!(
+            h.contains("bind 127.0.0.1:10001 ssl crt /tmp/x/tls/cert-and-key.pem")
+                && h.contains("no-tls-tickets")
+        );
+        assert!(h.contains("tune.ssl.cachesize 0") && !haproxy_conf(h1, &ports()).contains("ssl"));
     }
 }

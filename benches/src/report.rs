@@ -185,6 +185,34 @@ fn first_line(s: &str) -> String {
     }
 }
 
+/// What the TLS workloads negotiated with each arm, as bench-load recorded it.
+fn tls_line(md: &mut String, wr: &WorkloadRuns) {
+    let mut seen: Vec<(String, Vec<&str>)> = Vec::new();
+    for a in &wr.arms {
+        for r in &a.closed {
+            let Some(t) = r.load.get("tls").and_then(Value::as_str) else {
+                continue;
+            };
+            match seen.iter_mut().find(|(k, _)| k == t) {
+                Some((_, arms)) if arms.contains(&a.name.as_str()) => {}
+                Some((_, arms)) => arms.push(&a.name),
+                None => seen.push((t.to_owned(), vec![&a.name])),
+            }
+        }
+    }
+    let parts: Vec<String> = seen
+        .iter()
+        .map(|(t, arms)| format!("`{t}` ({})", arms.join(", ")))
+        .collect();
+    let _ = writeln!(
+        md,
+        "TLS terminates at the proxy (plaintext HTTP/1.1 to the upstream) with the run's self-signed ECDSA P-256 \
+         certificate, the same for every proxy; the client offers only TLS 1.3, TLS_AES_128_GCM_SHA256 and X25519 and \
+         never resumes, so every handshake is full. Negotiated: {}.\n",
+        if parts.is_empty() { "not recorded".to_owned() } else { parts.join("; ") }
+    );
+}
+
 /// The Markdown section for one workload.
 fn workload_section(md: &mut String, wr: &WorkloadRuns, sums: &[ArmSummary], reps: usize) {
     let w = &wr.workload;
@@ -200,6 +228,9 @@ fn workload_section(md: &mut String, wr: &WorkloadRuns, sums: &[ArmSummary], rep
         None => {
             let _ = writeln!(md, "No open-loop latency runs.\n");
         }
+    }
+    if w.tls {
+        tls_line(md, wr);
     }
     let direct = sums.iter().find(|s| s.name == "direct").and_then(|s| s.latency);
     let _ = writeln!(

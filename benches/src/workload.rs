@@ -22,6 +22,10 @@ pub struct Workload {
     pub body: usize,
     /// Unary gRPC calls.
     pub grpc: bool,
+    /// TLS from the load generator to the proxy (terminated there; plaintext to the upstream).
+    pub tls: bool,
+    /// A new connection (and TLS handshake) for every request.
+    pub new_conn: bool,
 }
 
 impl Workload {
@@ -32,7 +36,7 @@ impl Workload {
 }
 
 /// Every workload, in report order.
-pub const ALL: [Workload; 6] = [
+pub const ALL: [Workload; 8] = [
     Workload {
         name: "h1-c1",
         title: "HTTP/1.1 keep-alive, 1 connection, small body",
@@ -42,6 +46,8 @@ pub const ALL: [Workload; 6] = [
         path: "/",
         body: 0,
         grpc: false,
+        tls: false,
+        new_conn: false,
     },
     Workload {
         name: "h1-c50",
@@ -52,6 +58,8 @@ pub const ALL: [Workload; 6] = [
         path: "/",
         body: 0,
         grpc: false,
+        tls: false,
+        new_conn: false,
     },
     Workload {
         name: "h1-c500",
@@ -62,6 +70,8 @@ pub const ALL: [Workload; 6] = [
         path: "/",
         body: 0,
         grpc: false,
+        tls: false,
+        new_conn: false,
     },
     Workload {
         name: "h1-64k",
@@ -72,6 +82,8 @@ pub const ALL: [Workload; 6] = [
         path: "/size/65536",
         body: 0,
         grpc: false,
+        tls: false,
+        new_conn: false,
     },
     Workload {
         name: "h2c",
@@ -82,6 +94,8 @@ pub const ALL: [Workload; 6] = [
         path: "/",
         body: 0,
         grpc: false,
+        tls: false,
+        new_conn: false,
     },
     Workload {
         name: "grpc",
@@ -92,6 +106,34 @@ pub const ALL: [Workload; 6] = [
         path: "/",
         body: 64,
         grpc: true,
+        tls: false,
+        new_conn: false,
+    },
+    Workload {
+        name: "tls-h1-c50",
+        title: "HTTP/1.1 keep-alive over TLS 1.3, 50 connections, small body",
+        proto: Proto::H1,
+        connections: 50,
+        streams: 1,
+        path: "/",
+        body: 0,
+        grpc: false,
+        tls: true,
+        new_conn: false,
+    },
+    Workload {
+        name: "tls-handshake",
+        title:
+            "a new TLS 1.3 connection per request (full handshake, one HTTP/1.1 request, close), 50 clients: \
+                req/s is handshakes/s and CPU µs/req is CPU per handshake",
+        proto: Proto::H1,
+        connections: 50,
+        streams: 1,
+        path: "/",
+        body: 0,
+        grpc: false,
+        tls: true,
+        new_conn: true,
     },
 ];
 
@@ -124,5 +166,8 @@ mod tests {
         assert_eq!(select(QUICK).unwrap()[0].connections, 50);
         assert_eq!(select("grpc,h1-c1").unwrap().len(), 2);
         assert!(select("h3").is_err());
+        let tls = select("tls-h1-c50,tls-handshake").unwrap();
+        assert!(tls.iter().all(|w| w.tls && !w.upstream_h2()));
+        assert_eq!(tls.iter().filter(|w| w.new_conn).count(), 1);
     }
 }

@@ -12,7 +12,8 @@ use remora_benches::{outln, Result};
 const USAGE: &str =
     "usage: bench-load --target 127.0.0.1:PORT [--proto h1|h2] [--connections 50] [--streams 1]
     [--duration 10s] [--warmup 1s] [--rate RPS (open loop; default closed loop)] [--path /] [--body BYTES]
-    [--grpc] [--host HOST] [--timeout 5s] [--threads 1] [--hist]";
+    [--grpc] [--host HOST] [--timeout 5s] [--threads 1] [--hist]
+    [--tls (TLS 1.3, no resumption, server not verified)] [--new-conn (a connection per request; h1, closed loop)]";
 
 fn main() -> ExitCode {
     match main_inner() {
@@ -53,6 +54,8 @@ fn main_inner() -> Result<()> {
         grpc: args.flag("--grpc"),
         timeout: args.duration("--timeout")?.unwrap_or(Duration::from_secs(5)),
         threads: args.parse("--threads")?.unwrap_or(1),
+        tls: args.flag("--tls"),
+        new_conn: args.flag("--new-conn"),
     };
     let hist = args.flag("--hist");
     args.finish()?;
