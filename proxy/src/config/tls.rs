@@ -44,11 +44,13 @@ pub fn lower_downstream(d: &Node) -> Option<tls::ServerSpec> {
     d.unsupported("require_sni");
     d.unsupported("session_ticket_keys");
     d.unsupported("session_ticket_keys_sds_secret_config");
-    // Remora issues no session tickets: disabling them changes nothing.
+    // Stateless resumption (session tickets sealed with a ticket key) is never on in Remora: disabling it
+    // changes nothing. Stateful resumption (rustls's in-memory session cache, whose TLS 1.3 tickets name a cache
+    // entry) is on by default, as in Envoy, and `disable_stateful_session_resumption` turns it off.
     if d.bool("disable_stateless_session_resumption") {
         d.mark("disable_stateless_session_resumption");
     }
-    d.unsupported("disable_stateful_session_resumption");
+    let disable_stateful_session_resumption = d.bool("disable_stateful_session_resumption");
     d.unsupported("session_timeout");
     d.unsupported("ocsp_staple_policy");
     d.unsupported("full_scan_certs_on_sni_mismatch");
@@ -79,6 +81,7 @@ pub fn lower_downstream(d: &Node) -> Option<tls::ServerSpec> {
         ca: c.ca,
         san: c.san,
         require_client_certificate,
+        disable_stateful_session_resumption,
         alpn: c.alpn,
         params: c.params,
     })

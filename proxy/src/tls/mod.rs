@@ -361,6 +361,8 @@ pub struct ServerSpec {
     pub ca: Option<Source<Ca>>,
     pub san: Vec<SanMatcher>,
     pub require_client_certificate: bool,
+    /// `disable_stateful_session_resumption`: no session cache, no TLS 1.3 tickets.
+    pub disable_stateful_session_resumption: bool,
     pub alpn: Vec<Vec<u8>>,
     pub params: Params,
 }
@@ -433,33 +435,31 @@ impl ServerTls {
 
 impl sds::Dependent for ServerTls {
     fn rebuild(&self) {
-        match build_server(&self.spec, &self.stats) {
-            Ok(c) => {
-                self.config.store(Arc::new(c));
-                tracing::info!(stats = %self.stats.scope.prefix(), "TLS context rebuilt with rotated secrets");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "rotated secret rejected; keeping the last good TLS context")
-            }
-        }
+        swap_in(&self.config, build_server(&self.spec, &self.stats), &self.stats);
     }
+}
+
+/// Swaps a context rebuilt from rotated secrets in, or keeps the last good one.
+fn swap_in<T>(config: &ArcSwap<T>, built: Result<T, String>, stats: &SslStats) {
+    match built {
+        Ok(c) => {
+            config.store(Arc::new(c));
+            tracing::info!(stats = %stats.scope.prefix(), "TLS context rebuilt with rotated secrets");
+        }
+        Err(e) => tracing::warn!(error = %e, "rotated secret rejected; keeping the last good TLS context"),
+    }
+}
+
+/// The earliest expiry among a context's certificates and its CA.
+fn earliest<'a>(certs: impl Iterator<Item = &'a Source<Identity>>, ca: Option<&Source<Ca>>) -> Option<i64> {
+    let certs = certs.filter_map(|c| c.current()).map(|i| i.info.not_after);
+    let ca = ca.and_then(|c| c.current()).and_then(|c| c.not_after);
+    certs.chain(ca).min()
 }
 
 impl Expiring for ServerTls {
     fn earliest_expiry(&self) -> Option<i64> {
-        let certs = self
-            .spec
-            .certs
-            .iter()
-            .filter_map(|c| c.current())
-            .map(|i| i.info.not_after);
-        let ca = self
-            .spec
-            .ca
-            .as_ref()
-            .and_then(|c| c.current())
-            .and_then(|c| c.not_after);
-        certs.chain(ca).min()
+        earliest(self.spec.certs.iter(), self.spec.ca.as_ref())
     }
 }
 
@@ -497,6 +497,10 @@ fn build_server(spec: &ServerSpec, stats: &SslStats) -> Result<rustls::ServerCon
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { identities }));
+    if spec.disable_stateful_session_resumption {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     config.alpn_protocols = spec.alpn.clone();
     Ok(config)
 }
@@ -689,33 +693,13 @@ fn strip_port(authority: &str) -> &str {
 
 impl sds::Dependent for ClientTls {
     fn rebuild(&self) {
-        match build_client(&self.spec, &self.stats) {
-            Ok(c) => {
-                self.config.store(Arc::new(c));
-                tracing::info!(stats = %self.stats.scope.prefix(), "TLS context rebuilt with rotated secrets");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "rotated secret rejected; keeping the last good TLS context")
-            }
-        }
+        swap_in(&self.config, build_client(&self.spec, &self.stats), &self.stats);
     }
 }
 
 impl Expiring for ClientTls {
     fn earliest_expiry(&self) -> Option<i64> {
-        let cert = self
-            .spec
-            .cert
-            .as_ref()
-            .and_then(|c| c.current())
-            .map(|i| i.info.not_after);
-        let ca = self
-            .spec
-            .ca
-            .as_ref()
-            .and_then(|c| c.current())
-            .and_then(|c| c.not_after);
-        cert.into_iter().chain(ca).min()
+        earliest(self.spec.cert.iter(), self.spec.ca.as_ref())
     }
 }
 
@@ -838,5 +822,61 @@ impl ServerCertVerifier for ServerVerifier {
 pub fn update_server_gauge(gauge: &Gauge) {
     if let Some(d) = days_until_first_cert_expiring(now_unix()) {
         gauge.set(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(disable_stateful: bool) -> ServerSpec {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let id = parse_identity(
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            unnamed("cert"),
+        )
+        .unwrap();
+        ServerSpec {
+            certs: vec![Source::Static(Arc::new(id))],
+            ca: None,
+            san: Vec::new(),
+            require_client_certificate: false,
+            disable_stateful_session_resumption: disable_stateful,
+            alpn: Vec::new(),
+            params: Params::default(),
+        }
+    }
+
+    #[test]
+    fn stateful_resumption_is_on_unless_disabled() {
+        let stats = SslStats::new(&crate::stats::Store::new().scope(String::new()));
+        let on = build_server(&spec(false), &stats).unwrap();
+        assert_eq!(on.send_tls13_tickets, 2);
+        assert!(on.session_storage.can_cache());
+        let off = build_server(&spec(true), &stats).unwrap();
+        assert_eq!(off.send_tls13_tickets, 0);
+        assert!(!off.session_storage.can_cache());
+    }
+
+    #[test]
+    fn a_key_for_another_certificate_is_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let err = parse_identity(
+            cert.pem().as_bytes(),
+            other.serialize_pem().as_bytes(),
+            "x".into(),
+        )
+        .unwrap_err();
+        assert!(err.contains("does not belong to the certificate"), "{err}");
     }
 }

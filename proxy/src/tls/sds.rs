@@ -11,9 +11,9 @@
 //! does not load, is logged and counted; the last good secret stays.
 
 use super::{Ca, Identity};
+use crate::xds::file::{fingerprint, Fingerprint};
 use arc_swap::ArcSwapOption;
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -85,18 +85,6 @@ impl Secret {
 
 /// How a file's secrets are read: (file text, file path, secret name) to the secret's value, or why not.
 pub type Reader = fn(&str, &Path, &str) -> Result<Value, String>;
-
-type Fingerprint = (Option<(u64, u64, i64, i64)>, Option<(u64, i64, i64)>);
-
-fn fingerprint(path: &Path, dir: Option<&Path>) -> Fingerprint {
-    let f = std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
-    let d = dir
-        .and_then(|d| std::fs::metadata(d).ok())
-        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()));
-    (f, d)
-}
 
 struct Watched {
     dir: Option<PathBuf>,

@@ -27,9 +27,10 @@ pub enum Kind {
     Lds,
 }
 
-type Fingerprint = (Option<(u64, u64, i64, i64)>, Option<(u64, i64, i64)>);
+/// A file's (inode, size, mtime) and its watched directory's (inode, mtime): what a change alters.
+pub(crate) type Fingerprint = (Option<(u64, u64, i64, i64)>, Option<(u64, i64, i64)>);
 
-fn fingerprint(path: &Path, dir: Option<&Path>) -> Fingerprint {
+pub(crate) fn fingerprint(path: &Path, dir: Option<&Path>) -> Fingerprint {
     let f = std::fs::metadata(path)
         .ok()
         .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
