@@ -420,7 +420,11 @@ fn default_extractor(name: &'static str, kind: &DefaultKind) -> Option<(Extracto
                 .replace("<ADDRESS>", ADDRESS)
                 .replace("<TAG_VALUE>", TAG_VALUE)
                 .replace("<CIPHER>", CIPHER)
-                .replace("<LISTENER_OR_CLUSTER>", LISTENER_OR_CLUSTER);
+                .replace("<LISTENER_OR_CLUSTER>", LISTENER_OR_CLUSTER)
+                // RE2's `\d` and `\w` are ASCII; Rust's are Unicode, and the Unicode `\w` alone costs each regex
+                // hundreds of kilobytes of compiled program.
+                .replace(r"\d", "[0-9]")
+                .replace(r"\w", "[0-9A-Za-z_]");
             let prefix = regex_prefix(&expanded).to_string();
             let re = regex::Regex::new(&expanded).ok()?;
             Some((
