@@ -389,28 +389,14 @@ impl ServerTls {
             config: ArcSwap::from_pointee(config),
             stats,
         });
-        let weak: Weak<dyn sds::Dependent> = Arc::downgrade(&(tls.clone() as Arc<dyn sds::Dependent>));
-        for s in tls.secrets() {
-            s.subscribe(weak.clone());
-        }
-        register(Arc::downgrade(&(tls.clone() as Arc<dyn Expiring>)));
-        Ok(tls)
-    }
-
-    fn secrets(&self) -> Vec<Arc<sds::Secret>> {
-        let mut v: Vec<_> = self
+        let secrets = tls
             .spec
             .certs
             .iter()
-            .filter_map(|c| match c {
-                Source::Sds(s) => Some(s.clone()),
-                Source::Static(_) => None,
-            })
-            .collect();
-        if let Some(Source::Sds(s)) = &self.spec.ca {
-            v.push(s.clone());
-        }
-        v
+            .filter_map(sds_of)
+            .chain(tls.spec.ca.as_ref().and_then(sds_of));
+        wire(&tls, secrets);
+        Ok(tls)
     }
 
     /// The TLS handshake on an accepted connection (bounded by the caller).
@@ -437,6 +423,19 @@ impl sds::Dependent for ServerTls {
     fn rebuild(&self) {
         swap_in(&self.config, build_server(&self.spec, &self.stats), &self.stats);
     }
+}
+
+/// Subscribes a new context to the SDS secrets it is built from (so that it is rebuilt when they rotate), and
+/// counts it for `server.days_until_first_cert_expiring`.
+fn wire<T: sds::Dependent + Expiring + 'static>(
+    ctx: &Arc<T>,
+    secrets: impl Iterator<Item = Arc<sds::Secret>>,
+) {
+    let weak: Weak<dyn sds::Dependent> = Arc::downgrade(&(ctx.clone() as Arc<dyn sds::Dependent>));
+    for s in secrets {
+        s.subscribe(weak.clone());
+    }
+    register(Arc::downgrade(&(ctx.clone() as Arc<dyn Expiring>)));
 }
 
 /// Swaps a context rebuilt from rotated secrets in, or keeps the last good one.
@@ -616,17 +615,14 @@ impl ClientTls {
             config: ArcSwap::from_pointee(config),
             stats,
         });
-        let weak: Weak<dyn sds::Dependent> = Arc::downgrade(&(tls.clone() as Arc<dyn sds::Dependent>));
-        for s in [
-            &tls.spec.cert.as_ref().and_then(sds_of),
-            &tls.spec.ca.as_ref().and_then(sds_of),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            s.subscribe(weak.clone());
-        }
-        register(Arc::downgrade(&(tls.clone() as Arc<dyn Expiring>)));
+        let secrets = tls
+            .spec
+            .cert
+            .as_ref()
+            .and_then(sds_of)
+            .into_iter()
+            .chain(tls.spec.ca.as_ref().and_then(sds_of));
+        wire(&tls, secrets);
         Ok(tls)
     }
 
