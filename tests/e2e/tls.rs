@@ -697,3 +697,34 @@ async fn tcp_proxy_originates_tls_to_its_cluster() {
     assert_eq!(r.echo().upstream_name, "app");
     assert_eq!(client.stat("cluster.tls_up.ssl.handshake").await, 1);
 }
+
+/// `transport_socket_connect_timeout`: a client that connects and never finishes its handshake is closed once
+/// the chain's timeout passes, and counted.
+#[tokio::test]
+async fn a_stalled_handshake_is_closed_at_transport_socket_connect_timeout() {
+    use tokio::io::AsyncReadExt;
+    let dir = TempDir::new();
+    let pki = Pki::new(dir.path(), "slow");
+    let (c, k) = pki.leaf("server", &["localhost"], None, false);
+    let up = Upstream::start("app").await;
+    let mut chain = json!({"filters": [hcm("ingress", "app")], "transport_socket_connect_timeout": "0.3s"});
+    chain["transport_socket"] =
+        downstream_tls(json!({"common_tls_context": {"tls_certificates": [cert(&c, &k)]}}));
+    let config = bootstrap(
+        vec![listener("tls", vec![chain], false)],
+        vec![crate::support::cluster("app", &[up.addr()])],
+    );
+    let remora = start(dir, &config).await;
+    let addr = remora.listener_addr("tls").await;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    // Well under the 15 s default bound: only the configured 0.3 s can close it in time.
+    let n = crate::harness::within(Duration::from_secs(5), "the close", silent.read(&mut buf)).await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!(
+        remora
+            .stat("listener.127.0.0.1_0.downstream_cx_transport_socket_connect_timeout")
+            .await,
+        1
+    );
+}

@@ -217,7 +217,10 @@ fn lower_chain(
         },
         None => Some(None),
     };
-    chain.unsupported("transport_socket_connect_timeout");
+    let handshake_timeout = chain
+        .duration("transport_socket_connect_timeout")
+        .filter(|d| !d.is_zero())
+        .unwrap_or(chain::DEFAULT_HANDSHAKE_TIMEOUT);
     chain.unsupported("metadata");
     chain.unsupported("use_proxy_proto");
     let name = chain
@@ -255,6 +258,7 @@ fn lower_chain(
         matcher,
         filter,
         tls: tls?,
+        handshake_timeout,
     })
 }
 

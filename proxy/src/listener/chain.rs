@@ -103,7 +103,16 @@ pub struct FilterChain {
     pub filter: NetworkFilter,
     /// The chain's `transport_socket` when it terminates TLS.
     pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
+    /// `transport_socket_connect_timeout`: how long the TLS handshake may take (Envoy's
+    /// `downstream_cx_transport_socket_connect_timeout` counts those that take longer). Without it Remora still
+    /// bounds the handshake by [`DEFAULT_HANDSHAKE_TIMEOUT`], so a client that never finishes cannot hold a
+    /// connection.
+    pub handshake_timeout: std::time::Duration,
 }
+
+/// The handshake bound when a chain sets no `transport_socket_connect_timeout` (Envoy then leaves it to the
+/// connection's idle timeouts).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// What a connection shows for choosing its chain: its addresses, and what `tls_inspector` found.
 #[derive(Clone, Copy, Debug)]
@@ -339,6 +348,7 @@ mod tests {
             matcher: m,
             filter: NetworkFilter::Tcp(Arc::new(cfg)),
             tls: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 

@@ -213,6 +213,7 @@ pub struct ListenerStats {
     pub downstream_cx_length_ms: Histogram,
     pub no_filter_chain_match: Counter,
     pub downstream_pre_cx_timeout: Counter,
+    pub downstream_cx_transport_socket_connect_timeout: Counter,
 }
 
 impl ListenerStats {
@@ -224,6 +225,8 @@ impl ListenerStats {
             downstream_cx_length_ms: scope.histogram("downstream_cx_length_ms"),
             no_filter_chain_match: scope.counter("no_filter_chain_match"),
             downstream_pre_cx_timeout: scope.counter("downstream_pre_cx_timeout"),
+            downstream_cx_transport_socket_connect_timeout: scope
+                .counter("downstream_cx_transport_socket_connect_timeout"),
         }
     }
 }

@@ -336,17 +336,20 @@ impl Accepted {
             NetworkFilter::Http(h) => Filter::Http(h.clone()),
             NetworkFilter::Tcp(t) => Filter::Tcp(t.clone()),
         };
+        let handshake_timeout = chain.handshake_timeout;
         match chain.tls.clone() {
             None => self.serve(stream, filter, Tls::default().with_sni(sni)),
             Some(tls) => {
                 tokio::task::spawn_local(async move {
-                    // The handshake is bounded like the listener filters, so a silent client cannot hold it.
-                    let handshake = tls.accept(stream);
-                    let res = match self.bound.config.listener_filters_timeout {
-                        Some(t) => tokio::time::timeout(t, handshake)
-                            .await
-                            .unwrap_or_else(|_| Err("handshake timeout".into())),
-                        None => handshake.await,
+                    let res = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            self.bound
+                                .stats
+                                .downstream_cx_transport_socket_connect_timeout
+                                .inc();
+                            Err("transport socket connect timeout".into())
+                        }
                     };
                     match res {
                         Ok(s) => {
