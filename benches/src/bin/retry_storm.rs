@@ -12,7 +12,11 @@
 //! - `budget`: the retry budget alone, `retry_budget {budget_percent: 20, min_retry_concurrency: 3}`, to tell its
 //!   effect from outlier detection's;
 //! - `budget+outlier`: Remora's recommended policy, the same retry budget and `outlier_detection` (consecutive
-//!   5xx / gateway failures, `max_ejection_percent: 50`).
+//!   5xx / gateway failures) with `max_ejection_percent` no larger than the cluster's headroom: at 70 % load,
+//!   25 % (`--max-ejection-percent`). With the default 3 hosts one host is 33 % > 25 %, so an ejection is
+//!   counted in `ejections_overflow` and not enforced: the two others could not carry the load (at
+//!   `max_ejection_percent: 50` they must, at 105 %, and the cluster collapses; see the README). With 4 hosts
+//!   (`--hosts 4 --slots 5`) one host may go and the other three run at 93 %.
 //!
 //! Per arm: upstream attempts ÷ offered requests during and after the degradation (and the share of attempts that
 //! went to the degraded hosts), client success per second, the time from the end of the degradation until
@@ -22,6 +26,7 @@
 //! cargo build --release -p remora
 //! cargo run --release -p remora-benches --bin retry_storm -- [--quick] [--remora PATH] [--out DIR]
 //!     [--hosts 3] [--degraded 1] [--slots 7] [--service-ms 20] [--load 0.7] [--per-try-ms 300] [--workers 1]
+//!     [--max-ejection-percent 25]
 //! ```
 //!
 //! Writes `benches/results/<date>-retry-storm/{results.md, plot.svg}` (or `--out DIR`).
@@ -69,7 +74,7 @@ impl Arm {
     }
 
     /// The payments cluster's resilience fields.
-    fn cluster_fields(self) -> Value {
+    fn cluster_fields(self, p: &Params) -> Value {
         match self {
             Arm::NoBudget => json!({"circuit_breakers": {"thresholds": [{
                 "priority": "DEFAULT", "max_connections": 100000, "max_pending_requests": 100000,
@@ -83,7 +88,8 @@ impl Arm {
                 "circuit_breakers": {"thresholds": [{"priority": "DEFAULT",
                     "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}}]},
                 "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 5,
-                    "interval": "1s", "base_ejection_time": "5s", "max_ejection_percent": 50},
+                    "interval": "1s", "base_ejection_time": "5s",
+                    "max_ejection_percent": p.max_ejection_percent},
             }),
         }
     }
@@ -103,6 +109,8 @@ struct Params {
     route_timeout: Duration,
     client_timeout: Duration,
     workers: u32,
+    /// The recommended arm's `outlier_detection.max_ejection_percent`.
+    max_ejection_percent: u32,
 }
 
 fn config(arm: Arm, upstreams: &[std::net::SocketAddr], p: &Params) -> Value {
@@ -121,7 +129,7 @@ fn config(arm: Arm, upstreams: &[std::net::SocketAddr], p: &Params) -> Value {
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}},
     });
-    if let (Some(c), Value::Object(extra)) = (cluster.as_object_mut(), arm.cluster_fields()) {
+    if let (Some(c), Value::Object(extra)) = (cluster.as_object_mut(), arm.cluster_fields(p)) {
         c.extend(extra);
     }
     let route = json!({"match": {"prefix": "/"}, "route": {
@@ -165,6 +173,7 @@ struct ArmResult {
     retry_overflow: i64,
     rq_overflow: i64,
     ejections: i64,
+    ejections_overflow: i64,
 }
 
 async fn run_arm(binary: &std::path::Path, arm: Arm, p: &Params) -> Result<ArmResult, Error> {
@@ -246,6 +255,9 @@ async fn run_arm(binary: &std::path::Path, arm: Arm, p: &Params) -> Result<ArmRe
         ejections: remora
             .stat("cluster.payments.outlier_detection.ejections_enforced_total")
             .await?,
+        ejections_overflow: remora
+            .stat("cluster.payments.outlier_detection.ejections_overflow")
+            .await?,
         offered,
         attempts,
         attempts_degraded,
@@ -279,6 +291,7 @@ async fn main() -> Result<(), Error> {
         route_timeout: Duration::from_millis(1500),
         client_timeout: Duration::from_secs(2),
         workers: flag(&args, "--workers", 1)?,
+        max_ejection_percent: flag(&args, "--max-ejection-percent", 25)?,
     };
     let out = match flag(&args, "--out", String::new())? {
         d if d.is_empty() => results_dir("retry-storm")?,
@@ -312,6 +325,7 @@ async fn main() -> Result<(), Error> {
                 r.retry_overflow.to_string(),
                 r.rq_overflow.to_string(),
                 r.ejections.to_string(),
+                r.ejections_overflow.to_string(),
             ]
         })
         .collect();
@@ -324,7 +338,7 @@ async fn main() -> Result<(), Error> {
          Amplification = requests arriving at payments ÷ requests offered by clients, in the window; \"to degraded\" \
          = share of the attempts during the degradation that went to the degraded host(s). Recovery = seconds \
          after the degradation ends until every later second has ≥ 99 % client success. Ejections = \
-         `outlier_detection.ejections_enforced_total`.\n\n",
+         `outlier_detection.ejections_enforced_total`; the recommended arm has `max_ejection_percent: {}`.\n\n",
         if quick { "quick" } else { "full" },
         service.as_millis(),
         p.rate,
@@ -333,6 +347,7 @@ async fn main() -> Result<(), Error> {
         p.route_timeout.as_millis(),
         p.client_timeout.as_millis(),
         p.workers,
+        p.max_ejection_percent,
     );
     md.push_str(&markdown_table(
         &[
@@ -347,6 +362,7 @@ async fn main() -> Result<(), Error> {
             "upstream_rq_retry_overflow",
             "upstream_rq_pending_overflow",
             "ejections",
+            "ejections_overflow",
         ],
         &rows,
     ));
