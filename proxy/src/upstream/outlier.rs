@@ -370,6 +370,10 @@ struct DetectorState {
     active: usize,
     /// `[external, local]` (mean, ejection threshold) of the last sweep, when computed.
     sr: [Option<(f64, f64)>; 2],
+    /// When an `ejections_overflow` was last logged, and how many have not been logged since: a host that keeps
+    /// failing is detected again after every success, and the log says so at most once per `interval`.
+    overflow_logged: Option<Instant>,
+    overflow_unlogged: u64,
 }
 
 /// The outlier detector of one cluster.
@@ -550,10 +554,20 @@ impl Detector {
         let allowed = ejected_percent <= max_percent || (c.always_eject_one_host && st.active == 0);
         if !allowed {
             self.stats.ejections_overflow.inc();
-            tracing::info!(
-                host = %m.address, reason = t.envoy_name(), ejected = st.active,
-                "outlier detected, not ejected: max_ejection_percent reached (ejections_overflow)"
-            );
+            if st
+                .overflow_logged
+                .is_some_and(|at| now.saturating_duration_since(at) < c.interval)
+            {
+                st.overflow_unlogged += 1;
+            } else {
+                tracing::info!(
+                    host = %m.address, reason = t.envoy_name(), ejected = st.active,
+                    not_logged_since_last = st.overflow_unlogged,
+                    "outlier detected, not ejected: max_ejection_percent reached (ejections_overflow)"
+                );
+                st.overflow_logged = Some(now);
+                st.overflow_unlogged = 0;
+            }
             return None;
         }
         if matches!(t, EjectionType::Consecutive5xx | EjectionType::SuccessRate) {
