@@ -160,6 +160,8 @@ pub struct Shared {
     pub dynamic: crate::xds::manager::Dynamic,
     /// `cluster_manager.local_cluster_name`, for zone-aware routing.
     pub local_cluster: Option<Arc<LocalCluster>>,
+    /// Envoy's layered runtime (`layered_runtime`).
+    pub runtime: Arc<crate::layered_runtime::Runtime>,
 }
 
 impl Shared {
@@ -339,6 +341,16 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     );
     let local_cluster = local_cluster(&bootstrap);
     let clusters = build_clusters(&bootstrap, &store, &cluster_ids, &local_cluster);
+    let runtime = Arc::new(crate::layered_runtime::Runtime::new(
+        bootstrap.runtime.clone(),
+        &bootstrap.node.cluster,
+        &store,
+    ));
+    let snap = runtime.snapshot();
+    for c in clusters.iter() {
+        crate::layered_runtime::keys::apply_to_cluster(&snap, c);
+    }
+    runtime.log_unread_keys();
     let (drain_tx, _) = watch::channel(false);
     let concurrency = options.concurrency;
     let shared = Arc::new(Shared {
@@ -359,6 +371,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         draining_listeners: Mutex::default(),
         dynamic,
         local_cluster,
+        runtime,
     });
     shared
         .dynamic
@@ -422,6 +435,8 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         }
     };
     let code = rt.block_on(async {
+        crate::layered_runtime::watch_disk(&shared.runtime);
+        crate::layered_runtime::keys::follow(&shared);
         let admin = match &shared.bootstrap.admin {
             Some(a) => match crate::admin::start(shared.clone(), a.address).await {
                 Ok(addr) => Some(addr),
