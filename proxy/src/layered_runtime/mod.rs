@@ -535,7 +535,14 @@ impl Runtime {
     /// layer's name empties it. As Envoy's `RtdsSubscription`, an update must carry exactly one change for
     /// each layer it names, and the layer must be valid; otherwise nothing is applied and the errors are the
     /// NACK's `error_detail`.
+    ///
+    /// An update with nothing in it, before any layer has had a resource, is no update (Envoy's watch map
+    /// delivers an empty state of the world only to a watch that held resources): it is accepted, and the
+    /// initial fetch goes on waiting.
     pub fn apply_rtds(&self, resources: &[Resource], removed: &[String]) -> Result<(), ConfigErrors> {
+        if resources.is_empty() && removed.is_empty() && !lock(&self.rtds).values().any(|s| s.received) {
+            return Ok(());
+        }
         self.rtds_stats.update_attempt.inc();
         let result = self.apply_rtds_inner(resources, removed);
         match &result {

@@ -202,6 +202,9 @@ layers:
 "#,
     );
     assert!(!rt.rtds_ready());
+    // An empty state of the world before anything arrived changes nothing and is not an error.
+    rt.apply_rtds(&[], &[]).unwrap();
+    assert!(!rt.rtds_ready());
     rt.apply_rtds(
         &[runtime_resource(
             "{name: some_rtds_layer, layer: {a: 7, b: {c: x}}}",

@@ -254,7 +254,10 @@ fn apply(
                 Removal::Omitted => &[],
             };
             let r = shared.runtime.apply_rtds(resources, removed);
-            shared.runtime.rtds_initial_done(&interest(shared, RUNTIME_TYPE));
+            // A rejected update ends the initial fetch too (Envoy's `onConfigUpdateFailed`).
+            if r.is_err() {
+                shared.runtime.rtds_initial_done(&interest(shared, RUNTIME_TYPE));
+            }
             d.notify();
             r
         }
