@@ -534,18 +534,25 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     code
 }
 
-/// Run a cluster's outlier detection sweep every `interval` on the main thread, for as long as it exists.
+/// Run a cluster's outlier detection sweep every `interval` on the main thread, for as long as it exists. The
+/// interval is read again after each sweep, as Envoy re-arms its timer (the runtime's
+/// `outlier_detection.interval_ms` may have changed it).
 pub fn start_outlier_sweeps(cluster: &Arc<Cluster>) {
     let Some(d) = &cluster.outlier else { return };
-    let interval = d.config().interval;
+    let mut next = Instant::now() + d.config().interval;
     let weak = Arc::downgrade(cluster);
     tokio::spawn(async move {
         let mut rng = crate::upstream::lb::Rng::from_entropy();
-        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
         loop {
-            tick.tick().await;
+            tokio::time::sleep_until(next).await;
             let Some(c) = weak.upgrade() else { break };
             c.outlier_sweep(&mut rng);
+            let interval = c
+                .outlier
+                .as_ref()
+                .map_or(Duration::from_secs(10), |d| d.config().interval)
+                .max(Duration::from_millis(1));
+            next += interval;
         }
     });
 }

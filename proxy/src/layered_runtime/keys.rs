@@ -4,6 +4,10 @@
 //!   max_retries, max_connection_pools}` (`configuration/upstream/cluster_manager/cluster_runtime.rst`,
 //!   "Circuit breaking"): override the cluster's thresholds. Taken by every cluster when a snapshot is published
 //!   and by a cluster when it is built ([`apply_to_cluster`]).
+//! - `outlier_detection.{consecutive_5xx, consecutive_gateway_failure, consecutive_local_origin_failure,
+//!   interval_ms, base_ejection_time_ms, max_ejection_time_ms, max_ejection_percent, enforcing_*,
+//!   success_rate_*, failure_percentage_*}` (same page, "Outlier detection"): override every outlier detector's
+//!   setting of that name ([`crate::upstream::outlier::Detector::apply_runtime`]).
 //!
 //! Every other key is kept, shown by `/runtime`, and named once at start-up as read by no Remora feature.
 
@@ -18,8 +22,35 @@ const BREAKER_SETTINGS: [&str; 5] = [
     "max_connection_pools",
 ];
 
+/// The `outlier_detection.*` keys Envoy documents and Remora reads.
+pub const OUTLIER_KEYS: [&str; 20] = [
+    "consecutive_5xx",
+    "consecutive_gateway_failure",
+    "consecutive_local_origin_failure",
+    "interval_ms",
+    "base_ejection_time_ms",
+    "max_ejection_time_ms",
+    "max_ejection_percent",
+    "enforcing_consecutive_5xx",
+    "enforcing_consecutive_gateway_failure",
+    "enforcing_consecutive_local_origin_failure",
+    "enforcing_success_rate",
+    "enforcing_local_origin_success_rate",
+    "success_rate_minimum_hosts",
+    "success_rate_request_volume",
+    "success_rate_stdev_factor",
+    "enforcing_failure_percentage",
+    "enforcing_failure_percentage_local_origin",
+    "failure_percentage_request_volume",
+    "failure_percentage_minimum_hosts",
+    "failure_percentage_threshold",
+];
+
 /// Whether some feature of Remora reads `key`.
 pub fn read_by_remora(key: &str) -> bool {
+    if let Some(k) = key.strip_prefix("outlier_detection.") {
+        return OUTLIER_KEYS.contains(&k);
+    }
     let Some(rest) = key.strip_prefix("circuit_breakers.") else {
         return false;
     };
@@ -37,6 +68,9 @@ pub fn read_by_remora(key: &str) -> bool {
 /// Give one cluster the snapshot's values of its keys.
 pub fn apply_to_cluster(snap: &Snapshot, cluster: &Cluster) {
     cluster.breakers.apply_runtime(snap, cluster.name());
+    if let Some(d) = &cluster.outlier {
+        d.apply_runtime(snap);
+    }
 }
 
 /// Give every cluster of the server the current snapshot's values, now and after every change, for as long
@@ -71,5 +105,7 @@ mod tests {
         assert!(!r("circuit_breakers.c.low.max_requests"));
         assert!(!r("circuit_breakers.c.default.max_budget"));
         assert!(!r("re2.max_program_size.error_level"));
+        assert!(r("outlier_detection.consecutive_5xx"));
+        assert!(!r("outlier_detection.consecutive_4xx"));
     }
 }
