@@ -8,6 +8,9 @@
 //!   interval_ms, base_ejection_time_ms, max_ejection_time_ms, max_ejection_percent, enforcing_*,
 //!   success_rate_*, failure_percentage_*}` (same page, "Outlier detection"): override every outlier detector's
 //!   setting of that name ([`crate::upstream::outlier::Detector::apply_runtime`]).
+//! - `upstream.healthy_panic_threshold`, `upstream.zone_routing.enabled`, `upstream.zone_routing.min_cluster_size`
+//!   (same page, "Core" and "Zone aware load balancing"): every cluster's panic threshold and zone-aware
+//!   routing ([`Cluster::apply_runtime`]; an aggregate cluster's own panic threshold is not overridden).
 //!
 //! Every other key is kept, shown by `/runtime`, and named once at start-up as read by no Remora feature.
 
@@ -48,6 +51,9 @@ pub const OUTLIER_KEYS: [&str; 20] = [
 
 /// Whether some feature of Remora reads `key`.
 pub fn read_by_remora(key: &str) -> bool {
+    if crate::upstream::RUNTIME_LB_KEYS.contains(&key) {
+        return true;
+    }
     if let Some(k) = key.strip_prefix("outlier_detection.") {
         return OUTLIER_KEYS.contains(&k);
     }
@@ -68,6 +74,7 @@ pub fn read_by_remora(key: &str) -> bool {
 /// Give one cluster the snapshot's values of its keys.
 pub fn apply_to_cluster(snap: &Snapshot, cluster: &Cluster) {
     cluster.breakers.apply_runtime(snap, cluster.name());
+    cluster.apply_runtime(snap);
     if let Some(d) = &cluster.outlier {
         d.apply_runtime(snap);
     }
@@ -106,6 +113,8 @@ mod tests {
         assert!(!r("circuit_breakers.c.default.max_budget"));
         assert!(!r("re2.max_program_size.error_level"));
         assert!(r("outlier_detection.consecutive_5xx"));
+        assert!(r("upstream.healthy_panic_threshold"));
+        assert!(r("upstream.zone_routing.min_cluster_size"));
         assert!(!r("outlier_detection.consecutive_4xx"));
     }
 }

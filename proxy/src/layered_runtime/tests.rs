@@ -246,3 +246,41 @@ fn comments_and_trailing_whitespace_are_dropped_from_files() {
     assert_eq!(strip_comments("a\n#b\nc  \n"), "a\nc");
     assert_eq!(strip_comments("# only a comment\n"), "");
 }
+
+#[test]
+fn the_panic_threshold_key_recomputes_every_host_set() {
+    let desc = descriptors::message("envoy.config.cluster.v3.Cluster").unwrap();
+    let yaml = r#"
+name: svc
+type: STATIC
+load_assignment:
+  cluster_name: svc
+  endpoints:
+  - lb_endpoints:
+    - {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}
+    - {endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 2}}}, health_status: UNHEALTHY}
+"#;
+    let m = message_from_text(yaml, Format::Yaml, &desc).unwrap();
+    let errs = Errors::default();
+    let config = {
+        let n = Node::root(&m, "", &errs);
+        crate::config::cluster::lower(&n).unwrap()
+    };
+    assert!(errs.is_empty());
+    let store = Store::new();
+    let cluster = crate::upstream::Cluster::new(config, &store.scope("cluster.svc."), false, None);
+    let changes = store.counter("cluster.svc.membership_change").value();
+    // Half the hosts are healthy: not below the default threshold of 50.
+    assert_eq!(cluster.hosts().load.panic, [false]);
+    let (rt, _) = runtime("layers: [{name: admin, admin_layer: {}}]");
+    rt.merge_admin(&[("upstream.healthy_panic_threshold".into(), "60".into())])
+        .unwrap();
+    keys::apply_to_cluster(&rt.snapshot(), &cluster);
+    assert_eq!(cluster.hosts().load.panic, [true]);
+    // A runtime change is not a membership change.
+    assert_eq!(store.counter("cluster.svc.membership_change").value(), changes);
+    rt.merge_admin(&[("upstream.healthy_panic_threshold".into(), String::new())])
+        .unwrap();
+    keys::apply_to_cluster(&rt.snapshot(), &cluster);
+    assert_eq!(cluster.hosts().load.panic, [false]);
+}
