@@ -350,7 +350,6 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     for c in clusters.iter() {
         crate::layered_runtime::keys::apply_to_cluster(&snap, c);
     }
-    runtime.log_unread_keys();
     let (drain_tx, _) = watch::channel(false);
     let concurrency = options.concurrency;
     let shared = Arc::new(Shared {

@@ -18,7 +18,7 @@
 //! Every change builds a new immutable [`Snapshot`] and swaps it in (`ArcSwap`); a read is an atomic load and a
 //! hash look-up. Remora's features that have runtime keys take their values when a snapshot is published
 //! ([`keys`]); keys no feature of Remora reads are kept and shown by `/runtime` (Envoy keeps unknown keys too),
-//! and logged once at start.
+//! and logged, each once (at start, and when a layer brings a new one).
 
 pub mod entry;
 pub mod keys;
@@ -345,6 +345,8 @@ pub struct Runtime {
     changes: watch::Sender<u64>,
     /// Serialises snapshot building.
     build: Mutex<()>,
+    /// The keys already logged as read by no Remora feature.
+    logged_unread: Mutex<HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -376,6 +378,7 @@ impl Runtime {
             rtds_stats: SubscriptionStats::new(&store.scope("runtime.")),
             changes: watch::channel(0).0,
             build: Mutex::new(()),
+            logged_unread: Mutex::default(),
         };
         rt.reload();
         rt
@@ -448,6 +451,7 @@ impl Runtime {
         }
         let snap = Snapshot::new(layers);
         self.stats.num_keys.set(snap.len() as i64);
+        self.log_unread_keys(&snap);
         self.current.store(Arc::new(snap));
         self.changes.send_modify(|n| *n += 1);
     }
@@ -638,14 +642,19 @@ impl Runtime {
         Ok(())
     }
 
-    /// Log, once, the keys of the current snapshot that no feature of Remora reads.
-    pub fn log_unread_keys(&self) {
-        let snap = self.snapshot();
-        let mut unread: Vec<&str> = snap.keys().filter(|k| !keys::read_by_remora(k)).collect();
+    /// Log the keys of a snapshot that no feature of Remora reads, each once (at start, and as layers bring
+    /// new ones).
+    fn log_unread_keys(&self, snap: &Snapshot) {
+        let mut logged = lock(&self.logged_unread);
+        let mut unread: Vec<&str> = snap
+            .keys()
+            .filter(|k| !keys::read_by_remora(k) && !logged.contains(*k))
+            .collect();
         if unread.is_empty() {
             return;
         }
         unread.sort_unstable();
+        logged.extend(unread.iter().map(|k| k.to_string()));
         tracing::info!(keys = ?unread, "runtime: these keys are kept (and shown by /runtime) but no Remora feature reads them");
     }
 }

@@ -69,8 +69,8 @@ pub enum LbPolicy {
     /// when `active_request_bias` is set (see [`lb::LeastRequestEdf`]).
     LeastRequest {
         choice_count: u32,
-        /// `least_request_lb_config.active_request_bias.default_value` when set (Remora has no runtime
-        /// layers, so the runtime key never overrides it); a negative or NaN value is 1.0, as in Envoy.
+        /// `least_request_lb_config.active_request_bias.default_value` when set (its runtime key is not read
+        /// from the layered runtime); a negative or NaN value is 1.0, as in Envoy.
         active_request_bias: Option<f64>,
     },
     Random,
