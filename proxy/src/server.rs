@@ -337,7 +337,11 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let dynamic = crate::xds::manager::Dynamic::new(
         &store,
         std::mem::take(&mut bootstrap.rds),
-        bootstrap.dynamic.uses_grpc(),
+        bootstrap.dynamic.uses_grpc()
+            || bootstrap
+                .runtime
+                .rtds()
+                .any(|(_, s)| matches!(s.source, crate::xds::Source::Api(_))),
     );
     let local_cluster = local_cluster(&bootstrap);
     let clusters = build_clusters(&bootstrap, &store, &cluster_ids, &local_cluster);

@@ -211,6 +211,7 @@ async fn rtds_changes_a_value_live_and_nacks_a_bad_layer(api_type: &str, own_str
     assert_eq!(r["layers"], json!(["base", "rtds"]));
     assert_eq!(r["entries"][KEY]["layer_values"], json!(["0", "100"]));
     assert_eq!(proxy.stat("runtime.update_success").await, 1);
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
     if own_stream {
         let path = if api_type == "DELTA_GRPC" {
             "/envoy.service.runtime.v3.RuntimeDiscoveryService/DeltaRuntime"

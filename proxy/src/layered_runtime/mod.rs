@@ -368,6 +368,21 @@ impl Runtime {
             .filter(|(_, l)| matches!(l.kind, LayerKind::Rtds { .. }))
             .map(|(i, _)| (i, RtdsState::default()))
             .collect();
+        // As in Envoy, the subscription stats exist only with an RTDS layer.
+        let rtds_stats = if config.rtds().next().is_some() {
+            SubscriptionStats::new(&store.scope("runtime."))
+        } else {
+            SubscriptionStats {
+                config_reload: Counter::detached(),
+                init_fetch_timeout: Counter::detached(),
+                update_attempt: Counter::detached(),
+                update_success: Counter::detached(),
+                update_failure: Counter::detached(),
+                update_rejected: Counter::detached(),
+                update_time: Gauge::detached(),
+                version: Gauge::detached(),
+            }
+        };
         let rt = Runtime {
             config,
             service_cluster: service_cluster.to_string(),
@@ -375,7 +390,7 @@ impl Runtime {
             admin: Mutex::new(admin),
             rtds: Mutex::new(rtds),
             stats: RuntimeStats::new(store),
-            rtds_stats: SubscriptionStats::new(&store.scope("runtime.")),
+            rtds_stats,
             changes: watch::channel(0).0,
             build: Mutex::new(()),
             logged_unread: Mutex::default(),

@@ -45,6 +45,10 @@ layers:
     text: "32768"
 "#,
     );
+    // Without an RTDS layer there are no subscription stats.
+    let listed = crate::stats::output::text(&store, &crate::stats::output::Select::default());
+    assert!(listed.contains("runtime.num_keys"), "{listed}");
+    assert!(!listed.contains("runtime.update_attempt"), "{listed}");
     let s = rt.snapshot();
     assert_eq!(
         s.u64(
