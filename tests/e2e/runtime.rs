@@ -408,3 +408,60 @@ async fn what_remora_cannot_do_is_refused_with_its_path() {
         assert!(err.contains(want), "want {want:?} in {err}");
     }
 }
+
+/// `outlier_detection.consecutive_5xx` and `enforcing_consecutive_5xx` from the static layer replace the
+/// cluster's settings (5, enforced), and an admin override turns enforcement back on.
+#[tokio::test]
+async fn outlier_detection_keys_override_the_cluster() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut svc = cluster("svc", &[a.addr(), b.addr()]);
+    svc["outlier_detection"] = json!({"consecutive_5xx": 5, "max_ejection_percent": 50, "interval": "60s"});
+    let mut boot = bootstrap(
+        routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]),
+        vec![svc],
+        Value::Null,
+    );
+    boot["layered_runtime"] = json!({"layers": [
+        {"name": "static", "static_layer": {"outlier_detection": {"consecutive_5xx": 2, "enforcing_consecutive_5xx": 0}}},
+        {"name": "admin", "admin_layer": {}},
+    ]});
+    let proxy = Proxy::start(&boot, &[]).await;
+    let stat = |name: &'static str| {
+        let proxy = &proxy;
+        async move { proxy.stat(&format!("cluster.svc.outlier_detection.{name}")).await }
+    };
+    // Round robin over two hosts: four 500s are two in a row on each, the runtime's threshold (not 5).
+    for _ in 0..4 {
+        assert_eq!(
+            proxy.h1().get("/status/500", &[]).await.status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+    assert_eq!(stat("ejections_detected_consecutive_5xx").await, 2);
+    assert_eq!(stat("ejections_enforced_consecutive_5xx").await, 0);
+    assert_eq!(stat("ejections_active").await, 0);
+
+    // A success on each host ends its run; with enforcement back (the admin layer), the next run ejects.
+    for _ in 0..2 {
+        assert_eq!(proxy.h1().get("/", &[]).await.status, StatusCode::OK);
+    }
+    let (code, _) = proxy
+        .remora
+        .admin_post("/runtime_modify?outlier_detection.enforcing_consecutive_5xx=100")
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    wait_value(
+        &proxy.remora,
+        "outlier_detection.enforcing_consecutive_5xx",
+        "100",
+    )
+    .await;
+    crate::harness::within(DEFAULT_TIMEOUT, "an enforced ejection", async {
+        while stat("ejections_enforced_consecutive_5xx").await == 0 {
+            let _ = proxy.h1().get("/status/500", &[]).await;
+        }
+    })
+    .await;
+    assert_eq!(stat("ejections_active").await, 1);
+}
