@@ -11,6 +11,8 @@
 //! - `upstream.healthy_panic_threshold`, `upstream.zone_routing.enabled`, `upstream.zone_routing.min_cluster_size`
 //!   (same page, "Core" and "Zone aware load balancing"): every cluster's panic threshold and zone-aware
 //!   routing ([`Cluster::apply_runtime`]; an aggregate cluster's own panic threshold is not overridden).
+//! - `health_check.min_interval`, `health_check.max_interval` (same page, "Active health checking"): bound the
+//!   wait before each next active health check, in milliseconds.
 //!
 //! Every other key is kept, shown by `/runtime`, and named once at start-up as read by no Remora feature.
 
@@ -51,7 +53,10 @@ pub const OUTLIER_KEYS: [&str; 20] = [
 
 /// Whether some feature of Remora reads `key`.
 pub fn read_by_remora(key: &str) -> bool {
-    if crate::upstream::RUNTIME_LB_KEYS.contains(&key) {
+    if crate::upstream::RUNTIME_LB_KEYS.contains(&key)
+        || key == "health_check.min_interval"
+        || key == "health_check.max_interval"
+    {
         return true;
     }
     if let Some(k) = key.strip_prefix("outlier_detection.") {

@@ -288,3 +288,34 @@ load_assignment:
     keys::apply_to_cluster(&rt.snapshot(), &cluster);
     assert_eq!(cluster.hosts().load.panic, [false]);
 }
+
+#[test]
+fn health_check_interval_bounds() {
+    use crate::upstream::active_health::bound_interval;
+    let s = std::time::Duration::from_secs;
+    let (rt, _) = runtime("layers: [{name: admin, admin_layer: {}}]");
+    let bounds = |rt: &Runtime| {
+        let snap = rt.snapshot();
+        (
+            snap.u64("health_check.min_interval", 0),
+            snap.u64("health_check.max_interval", u64::MAX),
+        )
+    };
+    let (min, max) = bounds(&rt);
+    assert_eq!(bound_interval(s(5), min, max), s(5));
+    rt.merge_admin(&[("health_check.min_interval".into(), "45000".into())])
+        .unwrap();
+    let (min, max) = bounds(&rt);
+    assert_eq!(bound_interval(s(5), min, max), s(45));
+    rt.merge_admin(&[
+        ("health_check.min_interval".into(), String::new()),
+        ("health_check.max_interval".into(), "2000".into()),
+    ])
+    .unwrap();
+    let (min, max) = bounds(&rt);
+    assert_eq!(bound_interval(s(5), min, max), s(2));
+    assert_eq!(
+        bound_interval(std::time::Duration::ZERO, 0, u64::MAX),
+        std::time::Duration::from_millis(1)
+    );
+}

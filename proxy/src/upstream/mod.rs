@@ -864,6 +864,9 @@ impl Cluster {
             let hosts = self.hosts.load().hosts.clone();
             self.publish_as(hosts, false);
         }
+        if let Some(hc) = &self.health_checks {
+            hc.apply_runtime(snap);
+        }
     }
 
     /// The runtime's value of `RUNTIME_LB_KEYS[i]`, if set.
