@@ -380,14 +380,53 @@ async fn rtds_polled_over_rest() {
     .await;
 }
 
+/// RTDS from a file (`path_config_source`): loaded at start, reloaded on an atomic rename, a bad file rejected.
+#[tokio::test]
+async fn rtds_from_a_file() {
+    let up = Upstream::start("a").await;
+    let dir = TempDir::new();
+    let file = |version: &str, layer: Value| {
+        json!({"version_info": version, "resources": [{"@type": hx::RUNTIME, "name": "rt", "layer": layer}]})
+            .to_string()
+    };
+    let write = |contents: &str| {
+        let tmp = dir.write(".rtds.json.tmp", contents);
+        std::fs::rename(&tmp, dir.path().join("rtds.json")).unwrap_or_else(|e| panic!("rename: {e}"));
+    };
+    write(&file("1", json!({KEY: 100})));
+    let layers = json!([
+        {"name": "base", "static_layer": {KEY: 0}},
+        {"name": "rtds", "rtds_layer": {"name": "rt", "rtds_config": {"path_config_source": {
+            "path": dir.path().join("rtds.json")}}}},
+    ]);
+    let proxy = Proxy::start(&with_layers(&up, layers, vec![]), &[]).await;
+    assert_eq!(status(proxy.addr).await, StatusCode::OK);
+    assert_eq!(proxy.stat("runtime.update_success").await, 1);
+
+    write(&file("2", json!({KEY: 0})));
+    wait_value(&proxy.remora, KEY, "0").await;
+    crate::harness::within(DEFAULT_TIMEOUT, "requests overflow", async {
+        while status(proxy.addr).await != StatusCode::SERVICE_UNAVAILABLE {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    write(&file("3", json!({"bad": null})));
+    proxy
+        .remora
+        .wait_stat("runtime.update_rejected", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(
+        runtime_json(&proxy.remora).await["entries"][KEY]["final_value"],
+        "0"
+    );
+}
+
 #[tokio::test]
 async fn what_remora_cannot_do_is_refused_with_its_path() {
     let up = Upstream::start("a").await;
     let cases = [
-        (
-            json!([{"name": "r", "rtds_layer": {"name": "r", "rtds_config": {"path_config_source": {"path": "/tmp/rtds.yaml"}}}}]),
-            "layered_runtime.layers[0].rtds_layer.rtds_config: a file-based (path) RTDS source is not supported by Remora",
-        ),
         (
             json!([{"name": "r", "rtds_layer": {"name": "r", "rtds_config": {"api_config_source": {"api_type": "GRPC",
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "nowhere"}}]}}}}]),

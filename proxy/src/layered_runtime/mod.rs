@@ -13,7 +13,8 @@
 //! - `admin_layer`: what `POST /runtime_modify?key=value` sets (an empty value removes the override). At most
 //!   one; without one, `/runtime_modify` answers 503 `No admin layer specified`, as Envoy does.
 //! - `rtds_layer`: the `envoy.service.runtime.v3.Runtime` resource `name` from `rtds_config` (ADS, its own gRPC
-//!   stream `RuntimeDiscoveryService`, or REST `/v3/discovery:runtime`); see [`Runtime::apply_rtds`].
+//!   stream `RuntimeDiscoveryService`, REST `/v3/discovery:runtime` ([`rest`]), or a file ([`file`])); see
+//!   [`Runtime::apply_rtds`].
 //!
 //! Every change builds a new immutable [`Snapshot`] and swaps it in (`ArcSwap`); a read is an atomic load and a
 //! hash look-up. Remora's features that have runtime keys take their values when a snapshot is published
@@ -21,6 +22,7 @@
 //! and logged, each once (at start, and when a layer brings a new one).
 
 pub mod entry;
+pub mod file;
 pub mod keys;
 pub mod rest;
 
@@ -135,17 +137,7 @@ pub fn lower(n: &Node) -> RuntimeConfig {
         } else if let Some(r) = l.msg("rtds_layer") {
             let rname = r.string("name").unwrap_or_default();
             let source = match r.msg("rtds_config") {
-                Some(c) => {
-                    let s = crate::xds::lower_config_source(&c, true);
-                    if matches!(s.as_ref().map(|s| &s.source), Some(Source::Path { .. })) {
-                        c.err_here(
-                            "a file-based (path) RTDS source is not supported by Remora (ads, GRPC, DELTA_GRPC and REST are)",
-                        );
-                        None
-                    } else {
-                        s
-                    }
-                }
+                Some(c) => crate::xds::lower_config_source(&c, true),
                 None => {
                     r.err("rtds_config", "is required");
                     None

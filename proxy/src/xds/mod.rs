@@ -634,7 +634,14 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
             Source::Rest(rest) => {
                 tokio::spawn(crate::layered_runtime::rest::run(shared.clone(), rest.clone()));
             }
-            _ => {}
+            Source::Path {
+                path,
+                watched_directory,
+            } => {
+                let names = shared.runtime.rtds_names(|s| *s == cfg.source);
+                crate::layered_runtime::file::start(shared, path.clone(), watched_directory.clone(), names);
+            }
+            Source::Ads => {}
         }
     }
     let timeouts: Vec<Option<Duration>> = [&d.cds, &d.lds]
