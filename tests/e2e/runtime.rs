@@ -118,6 +118,23 @@ async fn static_layer_sets_a_breaker_and_runtime_modify_overrides_it() {
     assert_eq!(proxy.stat("runtime.admin_overrides_active").await, 0);
     let (code, body) = proxy.remora.admin_post("/runtime_modify").await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+
+    // The parameters may come as a form body instead.
+    let reply = proxy
+        .remora
+        .admin_client()
+        .post(
+            "/runtime_modify",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            format!("{KEY}=7&note=a%20b"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    wait_value(&proxy.remora, KEY, "7").await;
+    assert_eq!(
+        runtime_json(&proxy.remora).await["entries"]["note"]["final_value"],
+        "a b"
+    );
 }
 
 #[tokio::test]
