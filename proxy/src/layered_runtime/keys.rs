@@ -14,7 +14,8 @@
 //! - `health_check.min_interval`, `health_check.max_interval` (same page, "Active health checking"): bound the
 //!   wait before each next active health check, in milliseconds.
 //!
-//! Every other key is kept, shown by `/runtime`, and named once at start-up as read by no Remora feature.
+//! Every other key is kept, shown by `/runtime`, and named once in the log (at start, or when a layer brings it)
+//! as read by no Remora feature.
 
 use super::Snapshot;
 use crate::upstream::Cluster;
