@@ -37,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod filters;
 pub mod fuzzing;
+pub mod layered_runtime;
 pub mod listener;
 pub mod logging;
 pub mod retry;

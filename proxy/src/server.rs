@@ -160,6 +160,8 @@ pub struct Shared {
     pub dynamic: crate::xds::manager::Dynamic,
     /// `cluster_manager.local_cluster_name`, for zone-aware routing.
     pub local_cluster: Option<Arc<LocalCluster>>,
+    /// Envoy's layered runtime (`layered_runtime`).
+    pub runtime: Arc<crate::layered_runtime::Runtime>,
 }
 
 impl Shared {
@@ -335,10 +337,23 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let dynamic = crate::xds::manager::Dynamic::new(
         &store,
         std::mem::take(&mut bootstrap.rds),
-        bootstrap.dynamic.uses_grpc(),
+        bootstrap.dynamic.uses_grpc()
+            || bootstrap
+                .runtime
+                .rtds()
+                .any(|(_, s)| matches!(s.source, crate::xds::Source::Api(_))),
     );
     let local_cluster = local_cluster(&bootstrap);
     let clusters = build_clusters(&bootstrap, &store, &cluster_ids, &local_cluster);
+    let runtime = Arc::new(crate::layered_runtime::Runtime::new(
+        bootstrap.runtime.clone(),
+        &bootstrap.node.cluster,
+        &store,
+    ));
+    let snap = runtime.snapshot();
+    for c in clusters.iter() {
+        crate::layered_runtime::keys::apply_to_cluster(&snap, c);
+    }
     let (drain_tx, _) = watch::channel(false);
     let concurrency = options.concurrency;
     let shared = Arc::new(Shared {
@@ -359,6 +374,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         draining_listeners: Mutex::default(),
         dynamic,
         local_cluster,
+        runtime,
     });
     shared
         .dynamic
@@ -422,6 +438,8 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         }
     };
     let code = rt.block_on(async {
+        crate::layered_runtime::watch_disk(&shared.runtime);
+        crate::layered_runtime::keys::follow(&shared);
         let admin = match &shared.bootstrap.admin {
             Some(a) => match crate::admin::start(shared.clone(), a.address).await {
                 Ok(addr) => Some(addr),
@@ -519,18 +537,25 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     code
 }
 
-/// Run a cluster's outlier detection sweep every `interval` on the main thread, for as long as it exists.
+/// Run a cluster's outlier detection sweep every `interval` on the main thread, for as long as it exists. The
+/// interval is read again after each sweep, as Envoy re-arms its timer (the runtime's
+/// `outlier_detection.interval_ms` may have changed it).
 pub fn start_outlier_sweeps(cluster: &Arc<Cluster>) {
     let Some(d) = &cluster.outlier else { return };
-    let interval = d.config().interval;
+    let mut next = Instant::now() + d.config().interval;
     let weak = Arc::downgrade(cluster);
     tokio::spawn(async move {
         let mut rng = crate::upstream::lb::Rng::from_entropy();
-        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
         loop {
-            tick.tick().await;
+            tokio::time::sleep_until(next).await;
             let Some(c) = weak.upgrade() else { break };
             c.outlier_sweep(&mut rng);
+            let interval = c
+                .outlier
+                .as_ref()
+                .map_or(Duration::from_secs(10), |d| d.config().interval)
+                .max(Duration::from_millis(1));
+            next += interval;
         }
     });
 }

@@ -23,6 +23,7 @@ mod per_try_idle;
 mod protocols;
 mod retry_budget;
 mod routing;
+mod runtime;
 mod support;
 mod templates;
 mod timeouts;

@@ -7,8 +7,9 @@
 //! - `not_health_check_filter` passes what the health-check filter did not mark as a health check;
 //! - `and_filter` and `or_filter` evaluate their filters in order and stop at the first that decides.
 //!
-//! A comparison's `runtime_key` would override `default_value` from the runtime; Remora has no runtime layer
-//! (`layered_runtime` is refused), so, as in an Envoy whose runtime holds no such key, `default_value` applies.
+//! A comparison's `runtime_key` would override `default_value` from the runtime; Remora does not read it from
+//! the layered runtime, so, as in an Envoy whose runtime holds no such key, `default_value` applies (a runtime
+//! key of that name is logged as read by no Remora feature).
 
 use super::LogRecord;
 

@@ -47,6 +47,12 @@ const ENDPOINTS: &[(&str, &str, bool)] = &[
     ),
     ("/reopen_logs", "reopen access logs", true),
     ("/reset_counters", "reset all counters to zero", true),
+    ("/runtime", "print runtime values", false),
+    (
+        "/runtime_modify",
+        "Adds or modifies runtime values as passed in query parameters. To delete a previously added key, use an empty string as the value.",
+        true,
+    ),
     ("/server_info", "print server version/status information", false),
     ("/stats", "print server stats", false),
     (
@@ -75,7 +81,12 @@ pub async fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<Soc
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                    async move {
+                        if req.uri().path() == "/runtime_modify" && req.method() == Method::POST {
+                            return Ok::<_, Infallible>(runtime_modify(&shared, req).await);
+                        }
+                        Ok::<_, Infallible>(handle(&shared, req))
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
@@ -248,6 +259,7 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
             let _ = std::thread::spawn(move || logs.reopen_all()).join();
             text(StatusCode::OK, "OK\n")
         }
+        "/runtime" => json(&runtime_json(&shared.runtime.snapshot())),
         "/reset_counters" => {
             shared.store.reset_counters();
             text(StatusCode::OK, "OK\n")
@@ -267,6 +279,67 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
             )
         }
         _ => text(StatusCode::NOT_FOUND, format!("invalid path. {}", help())),
+    }
+}
+
+/// `/runtime`: the layers' names and, per key, the value of each layer (empty where a layer lacks it) and the
+/// final value, as Envoy's `RuntimeHandler::handlerRuntime` writes them.
+fn runtime_json(snap: &crate::layered_runtime::Snapshot) -> serde_json::Value {
+    let mut keys = std::collections::BTreeSet::new();
+    for l in &snap.layers {
+        keys.extend(l.values.keys().map(String::as_str));
+    }
+    let mut entries = serde_json::Map::new();
+    for k in keys {
+        let values: Vec<&str> = snap
+            .layers
+            .iter()
+            .map(|l| l.values.get(k).map_or("", |e| e.raw.as_str()))
+            .collect();
+        let final_value = values.iter().rev().find(|v| !v.is_empty()).copied().unwrap_or("");
+        entries.insert(
+            k.to_string(),
+            serde_json::json!({"final_value": final_value, "layer_values": values}),
+        );
+    }
+    let layers: Vec<&str> = snap.layers.iter().map(|l| l.name.as_str()).collect();
+    serde_json::json!({"layers": layers, "entries": entries})
+}
+
+/// `POST /runtime_modify?key=value&...` (or the same as a form body): set admin-layer overrides; an empty value
+/// removes one. 400 without parameters, 503 without an admin layer, as Envoy answers.
+async fn runtime_modify(shared: &Shared, req: Request<Incoming>) -> Resp {
+    use http_body_util::BodyExt;
+    let mut params: Vec<(String, String)> = query(&req).into_iter().collect();
+    if params.is_empty() {
+        let form = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/x-www-form-urlencoded"));
+        if form {
+            let body = http_body_util::Limited::new(req.into_body(), 1 << 20);
+            if let Ok(b) = body.collect().await {
+                let b = b.to_bytes();
+                params = String::from_utf8_lossy(&b)
+                    .split('&')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                        (percent_decode(k), percent_decode(v))
+                    })
+                    .collect();
+            }
+        }
+    }
+    if params.is_empty() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "usage: /runtime_modify?key1=value1&key2=value2&keyN=valueN\n       or send the parameters as form values\nuse an empty value to remove a previously added override",
+        );
+    }
+    match shared.runtime.merge_admin(&params) {
+        Ok(()) => text(StatusCode::OK, "OK\n"),
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Bootstrap {
     pub rds: crate::xds::RdsRegistry,
     /// `stats_config`: how the admin's Prometheus output turns stat names into names and labels.
     pub stats_tags: TagProducer,
+    /// `layered_runtime`.
+    pub runtime: crate::layered_runtime::RuntimeConfig,
 }
 
 /// Lower a parsed bootstrap, collecting every error.
@@ -72,7 +74,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             Ok(m) => Arc::new(m),
             Err(e) => return Err(single("", format!("cannot start the access log writer: {e}"))),
         };
-    let (node, admin, listeners, clusters, dynamic, local_cluster_name) = {
+    let (node, admin, listeners, clusters, dynamic, local_cluster_name, runtime) = {
         let root = Node::root(&msg, "", &errs);
         let node = root.msg("node").map(|n| lower_node(&n)).unwrap_or_default();
         let admin = root.msg("admin").and_then(|a| lower_admin(&a));
@@ -139,15 +141,36 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                 control_planes.push((format!("{what}.{path}"), name));
             }
         }
-        for (path, name) in control_planes {
-            if !clusters.iter().any(|c| c.name == name) {
-                errs.push(
-                    format!("dynamic_resources.{path}"),
-                    format!("unknown static cluster {name:?}"),
-                );
+        let runtime = root
+            .msg("layered_runtime")
+            .map(|n| crate::layered_runtime::lower(&n))
+            .unwrap_or_default();
+        for (i, l) in runtime.layers.iter().enumerate() {
+            if let crate::layered_runtime::LayerKind::Rtds { source, .. } = &l.kind {
+                if let Some((path, name)) = source.control_plane_cluster() {
+                    control_planes.push((
+                        format!("layered_runtime.layers[{i}].rtds_layer.rtds_config.{path}"),
+                        name,
+                    ));
+                }
+                if source.source == crate::xds::Source::Ads && dynamic.ads.is_none() {
+                    errs.push(
+                        format!("layered_runtime.layers[{i}].rtds_layer.rtds_config.ads"),
+                        "a config source says ads, but there is no dynamic_resources.ads_config",
+                    );
+                }
             }
         }
-        root.unsupported("layered_runtime");
+        for (path, name) in control_planes {
+            if !clusters.iter().any(|c| c.name == name) {
+                let path = if path.starts_with("layered_runtime.") {
+                    path
+                } else {
+                    format!("dynamic_resources.{path}")
+                };
+                errs.push(path, format!("unknown static cluster {name:?}"));
+            }
+        }
         let mut local_cluster_name = None;
         if let Some(cm) = root.msg("cluster_manager") {
             local_cluster_name = cm.string("local_cluster_name").filter(|n| !n.is_empty());
@@ -172,7 +195,15 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         root.unsupported("stats_sinks");
         root.unsupported("overload_manager");
         root.unsupported("tracing");
-        (node, admin, listeners, clusters, dynamic, local_cluster_name)
+        (
+            node,
+            admin,
+            listeners,
+            clusters,
+            dynamic,
+            local_cluster_name,
+            runtime,
+        )
     };
     let found = errs.take();
     if !found.is_empty() {
@@ -191,6 +222,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         dynamic,
         rds,
         stats_tags,
+        runtime,
     })
 }
 

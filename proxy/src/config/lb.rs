@@ -261,8 +261,8 @@ pub fn lower_load_balancing_policy(n: &Node) -> Option<LbChoice> {
 }
 
 /// `active_request_bias` (a `RuntimeDouble`) of `least_request_lb_config` or the typed `LeastRequest` policy:
-/// its `default_value` when set. Remora has no runtime layers (`layered_runtime` is refused), so `runtime_key`
-/// can never override it. A negative or NaN bias is 1.0, as Envoy's `LeastRequestLoadBalancer::refresh` does
+/// its `default_value` when set. Its `runtime_key` is not read from the layered runtime (a runtime key of that
+/// name is logged as read by no Remora feature). A negative or NaN bias is 1.0, as Envoy's `LeastRequestLoadBalancer::refresh` does
 /// (with a warning).
 pub fn lower_active_request_bias(n: &Node) -> Option<f64> {
     let b = n.msg("active_request_bias")?;

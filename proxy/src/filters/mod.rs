@@ -9,9 +9,9 @@
 //! and randomness it needs as arguments, and a thin service. One lowered filter config serves every worker, so
 //! its shared state is an `Arc` of atomics and short mutexes; the services themselves need not be `Send`.
 //!
-//! Remora has no runtime layer: every `Runtime*` field (`RuntimeFeatureFlag`, `RuntimeFractionalPercent`,
-//! `RuntimePercent`, `RuntimeDouble`, `RuntimeUInt32`) is honoured as its `default_value`; its `runtime_key` is
-//! accepted and has no effect.
+//! Every `Runtime*` field (`RuntimeFeatureFlag`, `RuntimeFractionalPercent`, `RuntimePercent`, `RuntimeDouble`,
+//! `RuntimeUInt32`) is honoured as its `default_value`: its `runtime_key` is not read from the layered runtime
+//! ([`crate::layered_runtime`]) yet, and a runtime key of that name is logged as read by no Remora feature.
 //!
 //! A filter that answers a request itself puts a [`FilterReply`] into the response's extensions, so that the
 //! connection manager can record the response code details and response flag as Envoy does.

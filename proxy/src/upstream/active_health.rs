@@ -10,8 +10,9 @@ use super::health_check::{self, CheckResult, Checker, HealthCheckConfig, HealthC
 use super::lb::Rng;
 use super::{Cluster, Host};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
@@ -23,6 +24,8 @@ pub struct HealthChecking {
     /// `common_lb_config.ignore_new_hosts_until_first_hc`: new hosts are also `PENDING_ACTIVE_HC`.
     warm_hosts: bool,
     state: Mutex<Tasks>,
+    /// The runtime's `health_check.min_interval` and `health_check.max_interval`, in milliseconds.
+    runtime_bounds: [AtomicU64; 2],
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +38,12 @@ struct Tasks {
     hosts: HashMap<u64, (Arc<Host>, Option<AbortHandle>)>,
 }
 
+/// `wait` capped at `max_ms`, then raised to `min_ms`, and at least 1 ms (Envoy's `intervalWithJitter`).
+pub fn bound_interval(wait: Duration, min_ms: u64, max_ms: u64) -> Duration {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(ms.min(max_ms).max(min_ms).max(1))
+}
+
 impl HealthChecking {
     pub fn new(config: Arc<HealthCheckConfig>, stats: HealthCheckStats, warm_hosts: bool) -> Self {
         HealthChecking {
@@ -42,7 +51,25 @@ impl HealthChecking {
             stats,
             warm_hosts,
             state: Mutex::new(Tasks::default()),
+            runtime_bounds: [AtomicU64::new(0), AtomicU64::new(u64::MAX)],
         }
+    }
+
+    /// Take the runtime's `health_check.min_interval` and `health_check.max_interval` (milliseconds;
+    /// `configuration/upstream/cluster_manager/cluster_runtime.rst`), read for each next check.
+    pub fn apply_runtime(&self, snap: &crate::layered_runtime::Snapshot) {
+        self.runtime_bounds[0].store(snap.u64("health_check.min_interval", 0), Relaxed);
+        self.runtime_bounds[1].store(snap.u64("health_check.max_interval", u64::MAX), Relaxed);
+    }
+
+    /// The wait before a next check within the runtime's bounds, at least 1 ms (Envoy's
+    /// `intervalWithJitter`: the maximum first, then the minimum).
+    pub fn bound(&self, wait: Duration) -> Duration {
+        bound_interval(
+            wait,
+            self.runtime_bounds[0].load(Relaxed),
+            self.runtime_bounds[1].load(Relaxed),
+        )
     }
 
     /// Track the new membership before it is published: hosts that joined start failed, hosts that left lose
@@ -199,6 +226,12 @@ async fn check_host(
         &stats,
         Rng::from_entropy(),
         had_traffic,
+        |wait| {
+            cluster
+                .upgrade()
+                .and_then(|c| c.health_checks.as_ref().map(|h| h.bound(wait)))
+                .unwrap_or(wait)
+        },
         on_change,
     )
     .await;

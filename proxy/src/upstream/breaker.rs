@@ -123,7 +123,10 @@ impl CircuitBreakersConfig {
 #[derive(Debug)]
 struct Limit {
     current: AtomicU64,
-    max: u64,
+    /// The configured maximum.
+    configured: u64,
+    /// The maximum in force: `configured`, or the runtime's override of it ([`Resources::apply_runtime`]).
+    max: AtomicU64,
     open: Gauge,
     remaining: Option<Gauge>,
 }
@@ -138,7 +141,8 @@ impl Limit {
         }
         Limit {
             current: AtomicU64::new(0),
-            max,
+            configured: max,
+            max: AtomicU64::new(max),
             open,
             remaining,
         }
@@ -208,7 +212,6 @@ pub struct Resources {
     pending: Limit,
     requests: Limit,
     retries: Limit,
-    max_retries: u64,
     budget: Option<RetryBudget>,
     cx_overflow: Counter,
     cx_pool_overflow: Counter,
@@ -246,7 +249,6 @@ impl Resources {
             ),
             requests: Limit::new(t.max_requests, &s, "rq_open", "remaining_rq", track),
             retries,
-            max_retries: t.max_retries,
             budget: t.retry_budget,
             cx_overflow: cluster.counter("upstream_cx_overflow"),
             cx_pool_overflow: cluster.counter("upstream_cx_pool_overflow"),
@@ -275,8 +277,32 @@ impl Resources {
                 let allowed = (b.budget_percent / 100.0 * active as f64) as u64;
                 allowed.max(u64::from(b.min_retry_concurrency))
             }
-            (Resource::Retry, None) => self.max_retries,
-            (r, _) => self.limit(r).max,
+            (r, _) => self.limit(r).max.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Take the runtime's overrides of this priority's maxima (`<prefix>max_connections`,
+    /// `max_pending_requests`, `max_requests`, `max_retries`, `max_connection_pools`, where `prefix` is
+    /// `circuit_breakers.<cluster>.<priority>.`), or go back to the configured ones. Envoy's resource manager
+    /// reads these keys at each admission; Remora takes them when a runtime snapshot is published, so that
+    /// admission stays one atomic load.
+    pub fn apply_runtime(&self, snap: &crate::layered_runtime::Snapshot, prefix: &str) {
+        for (key, r) in [
+            ("max_connections", Resource::Connection),
+            ("max_pending_requests", Resource::PendingRequest),
+            ("max_requests", Resource::Request),
+            ("max_retries", Resource::Retry),
+            ("max_connection_pools", Resource::ConnectionPool),
+        ] {
+            let l = self.limit(r);
+            let max = if snap.is_empty() {
+                l.configured
+            } else {
+                snap.u64(&format!("{prefix}{key}"), l.configured)
+            };
+            if l.max.swap(max, Ordering::Relaxed) != max && !(r == Resource::Retry && self.budget.is_some()) {
+                l.publish(l.count(), max);
+            }
         }
     }
 
@@ -416,6 +442,14 @@ impl CircuitBreakers {
         &self.by_priority[p.index()]
     }
 
+    /// Take the runtime's `circuit_breakers.<cluster>.<priority>.max_*` overrides ([`Resources::apply_runtime`]).
+    pub fn apply_runtime(&self, snap: &crate::layered_runtime::Snapshot, cluster: &str) {
+        for p in [Priority::Default, Priority::High] {
+            self.resources(p)
+                .apply_runtime(snap, &format!("circuit_breakers.{cluster}.{}.", p.name()));
+        }
+    }
+
     /// Whether one more connection to a host that has `host_cx_active` connections is within
     /// `per_host_thresholds.max_connections`; counts `upstream_cx_overflow` when it is not.
     pub fn host_connection_allowed(&self, p: Priority, host_cx_active: u64) -> bool {
@@ -449,6 +483,47 @@ mod tests {
 
     fn gauge(s: &Store, name: &str) -> i64 {
         s.gauge(name).value()
+    }
+
+    #[test]
+    fn runtime_overrides_the_maxima_and_its_removal_restores_them() {
+        use crate::layered_runtime::{LayerConfig, LayerKind, Runtime, RuntimeConfig};
+        let (b, store) = breakers(Thresholds {
+            max_requests: 1,
+            track_remaining: true,
+            ..Thresholds::default()
+        });
+        let rt = Runtime::new(
+            RuntimeConfig {
+                layers: vec![LayerConfig {
+                    name: "admin".into(),
+                    kind: LayerKind::Admin,
+                }],
+            },
+            "",
+            &store,
+        );
+        let r = b.resources(Priority::Default);
+        let first = r.try_request();
+        assert!(first.is_some());
+        assert!(r.try_request().is_none());
+        rt.merge_admin(&[("circuit_breakers.c.default.max_requests".into(), "3".into())])
+            .unwrap();
+        b.apply_runtime(&rt.snapshot(), "c");
+        assert_eq!(r.max(Resource::Request), 3);
+        assert_eq!(
+            gauge(&store, "cluster.c.circuit_breakers.default.remaining_rq"),
+            2
+        );
+        let second = r.try_request();
+        assert!(second.is_some());
+        // The high priority has its own key.
+        assert_eq!(b.resources(Priority::High).max(Resource::Request), 1024);
+        rt.merge_admin(&[("circuit_breakers.c.default.max_requests".into(), String::new())])
+            .unwrap();
+        b.apply_runtime(&rt.snapshot(), "c");
+        assert_eq!(r.max(Resource::Request), 1);
+        assert!(r.try_request().is_none());
     }
 
     #[test]

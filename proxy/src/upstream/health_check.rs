@@ -604,8 +604,10 @@ pub struct Target<'a> {
 }
 
 /// Check one host forever: the first check after `initial_jitter` (random up to it), then by
-/// [`next_interval`]. `had_traffic` reports whether the cluster has ever opened a connection; `on_change` gets
-/// the host's new health on every transition. Cancel by dropping (or aborting the task of) the future.
+/// [`next_interval`], bounded by `bound` (the runtime's `health_check.min_interval` and `max_interval`).
+/// `had_traffic` reports whether the cluster has ever opened a connection; `on_change` gets the host's new health
+/// on every transition. Cancel by dropping (or aborting the task of) the future.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<C: Check>(
     cfg: &HealthCheckConfig,
     target: Target<'_>,
@@ -613,6 +615,7 @@ pub async fn run<C: Check>(
     stats: &HealthCheckStats,
     mut rng: Rng,
     had_traffic: impl Fn() -> bool,
+    bound: impl Fn(Duration) -> Duration,
     mut on_change: impl FnMut(bool),
 ) {
     let mut state = HostHealth::new();
@@ -628,7 +631,7 @@ pub async fn run<C: Check>(
             on_change(state.healthy());
         }
         let wait = next_interval(cfg, result == CheckResult::Success, t, had_traffic(), &mut rng);
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(bound(wait)).await;
     }
 }
 
@@ -833,6 +836,7 @@ mod tests {
             &stats,
             Rng::seeded(1),
             || true,
+            |d| d,
             move |h| ch.lock().unwrap().push(h),
         );
         let _ = tokio::time::timeout(Duration::from_secs(100), task).await;

@@ -69,8 +69,8 @@ pub enum LbPolicy {
     /// when `active_request_bias` is set (see [`lb::LeastRequestEdf`]).
     LeastRequest {
         choice_count: u32,
-        /// `least_request_lb_config.active_request_bias.default_value` when set (Remora has no runtime
-        /// layers, so the runtime key never overrides it); a negative or NaN value is 1.0, as in Envoy.
+        /// `least_request_lb_config.active_request_bias.default_value` when set (its runtime key is not read
+        /// from the layered runtime); a negative or NaN value is 1.0, as in Envoy.
         active_request_bias: Option<f64>,
     },
     Random,
@@ -726,7 +726,16 @@ pub struct Cluster {
     pub tls: Option<Result<Arc<crate::tls::ClientTls>, String>>,
     /// The cluster left the configuration (removed, or replaced by a new version); see [`Cluster::retire`].
     retired: AtomicBool,
+    /// The runtime's values of [`RUNTIME_LB_KEYS`] (`u64::MAX`: not set); see [`Cluster::apply_runtime`].
+    runtime_lb: [AtomicU64; 3],
 }
+
+/// The runtime keys of load balancing every cluster reads.
+pub const RUNTIME_LB_KEYS: [&str; 3] = [
+    "upstream.healthy_panic_threshold",
+    "upstream.zone_routing.enabled",
+    "upstream.zone_routing.min_cluster_size",
+];
 
 impl Cluster {
     pub fn new(
@@ -786,6 +795,7 @@ impl Cluster {
             aggregate,
             me: me.clone(),
             retired: AtomicBool::new(false),
+            runtime_lb: [const { AtomicU64::new(u64::MAX) }; 3],
         });
         if let Some(l) = &c.local {
             l.register(Arc::downgrade(&c));
@@ -837,6 +847,39 @@ impl Cluster {
         }
     }
 
+    /// Take the runtime's `upstream.healthy_panic_threshold`, `upstream.zone_routing.enabled` and
+    /// `upstream.zone_routing.min_cluster_size` (`cluster_manager/cluster_runtime.rst`). Envoy reads them when it
+    /// recomputes its per-priority panic and locality routing; Remora recomputes the host set when one changes.
+    pub fn apply_runtime(&self, snap: &crate::layered_runtime::Snapshot) {
+        let mut changed = false;
+        for (slot, key) in self.runtime_lb.iter().zip(RUNTIME_LB_KEYS) {
+            let v = if snap.is_empty() {
+                u64::MAX
+            } else {
+                snap.get(key).and_then(|e| e.uint).unwrap_or(u64::MAX)
+            };
+            changed |= slot.swap(v, Relaxed) != v;
+        }
+        if changed {
+            let hosts = self.hosts.load().hosts.clone();
+            self.publish_as(hosts, false);
+        }
+        if let Some(hc) = &self.health_checks {
+            hc.apply_runtime(snap);
+        }
+    }
+
+    /// The runtime's value of `RUNTIME_LB_KEYS[i]`, if set.
+    fn runtime_lb(&self, i: usize) -> Option<u64> {
+        Some(self.runtime_lb[i].load(Relaxed)).filter(|v| *v != u64::MAX)
+    }
+
+    /// `common_lb_config.healthy_panic_threshold`, or the runtime's `upstream.healthy_panic_threshold`.
+    fn panic_threshold(&self) -> u32 {
+        self.runtime_lb(0)
+            .map_or(self.config.healthy_panic_threshold, |v| v.min(100) as u32)
+    }
+
     /// The cluster left the configuration (CDS removed it, or a new version replaced it): its hosts are
     /// retired, so that every worker closes their idle pooled connections now and the busy ones when their
     /// requests end (Envoy drains a removed cluster's connection pools). Requests in flight finish.
@@ -859,6 +902,11 @@ impl Cluster {
     }
 
     fn publish(&self, hosts: Vec<Arc<Host>>) {
+        self.publish_as(hosts, true);
+    }
+
+    /// Build and swap in the host set; `membership` counts `membership_change` (not for a runtime change).
+    fn publish_as(&self, hosts: Vec<Arc<Host>>, membership: bool) {
         let ejected = |i: usize| self.outlier.as_ref().is_some_and(|d| d.is_ejected(i));
         let mut set = HostSet::build(hosts, ejected, &self.lb_settings());
         let local = self.local.as_ref().filter(|l| l.name == self.config.name);
@@ -866,13 +914,13 @@ impl Cluster {
             l.set_hosts(p0.localities.clone(), self);
         }
         set.zone = Some(self.zone_routing(&set));
-        self.store_set(set);
+        self.store_set(set, membership);
     }
 
     /// Zone-aware routing for a new host set (`regenerateLocalityRoutingStructures`), or why there is none.
     fn zone_routing(&self, set: &HostSet) -> zone::ZoneRouting {
         use crate::config::lb::LocalityLb;
-        let config = match self.config.locality_lb {
+        let mut config = match self.config.locality_lb {
             Some(LocalityLb::ZoneAware(z)) => z,
             Some(LocalityLb::LocalityWeighted) => {
                 return zone::ZoneRouting::inactive(
@@ -882,6 +930,12 @@ impl Cluster {
             }
             None => zone::ZoneAwareConfig::default(),
         };
+        if let Some(v) = self.runtime_lb(1) {
+            config.routing_enabled = u32::try_from(v).unwrap_or(u32::MAX);
+        }
+        if let Some(v) = self.runtime_lb(2) {
+            config.min_cluster_size = v;
+        }
         match self.config.lb_policy {
             LbPolicy::RingHash(_) => {
                 return zone::ZoneRouting::inactive(config, zone::Inactive::PolicyNotZoneAware("RING_HASH"))
@@ -896,20 +950,14 @@ impl Cluster {
         };
         let p0 = set.levels.first().map_or(&[][..], |l| &l.localities[..]);
         let in_panic = set.load.panic.first().copied().unwrap_or(false);
-        local.routing(
-            config,
-            p0,
-            self.config.healthy_panic_threshold,
-            in_panic,
-            &self.zone_stats,
-        )
+        local.routing(config, p0, self.panic_threshold(), in_panic, &self.zone_stats)
     }
 
     fn lb_settings(&self) -> LbSettings {
         LbSettings {
             policy: self.config.lb_policy,
             overprovisioning_factor: self.config.overprovisioning_factor,
-            panic_threshold: self.config.healthy_panic_threshold,
+            panic_threshold: self.panic_threshold(),
             locality_weighted: self.config.locality_lb
                 == Some(crate::config::lb::LocalityLb::LocalityWeighted),
             exclude_pending: self.config.ignore_new_hosts_until_first_hc,
@@ -917,7 +965,7 @@ impl Cluster {
     }
 
     /// Update `membership_*` and swap the set in.
-    fn store_set(&self, set: HostSet) {
+    fn store_set(&self, set: HostSet, membership: bool) {
         let total = set.hosts.len() as i64;
         let max_weight = set.hosts.iter().map(|h| h.weight).max().unwrap_or(0);
         self.stats.membership_total.set(total);
@@ -925,7 +973,9 @@ impl Cluster {
         self.stats.membership_degraded.set(set.degraded_count() as i64);
         self.stats.membership_excluded.set(set.excluded as i64);
         self.stats.max_host_weight.set(i64::from(max_weight));
-        self.stats.membership_change.inc();
+        if membership {
+            self.stats.membership_change.inc();
+        }
         self.hosts.store(Arc::new(set));
     }
 

@@ -379,7 +379,11 @@ struct DetectorState {
 /// The outlier detector of one cluster.
 #[derive(Debug)]
 pub struct Detector {
-    config: OutlierConfig,
+    /// The cluster's `outlier_detection`.
+    configured: OutlierConfig,
+    /// What is in force: `configured` with the runtime's `outlier_detection.*` overrides
+    /// ([`Detector::apply_runtime`]).
+    config: ArcSwap<OutlierConfig>,
     stats: OutlierStats,
     hosts: ArcSwap<Vec<Arc<HostMonitor>>>,
     state: Mutex<DetectorState>,
@@ -388,7 +392,8 @@ pub struct Detector {
 impl Detector {
     pub fn new(config: OutlierConfig, stats: OutlierStats, hosts: &[Arc<Host>]) -> Self {
         let d = Detector {
-            config,
+            config: ArcSwap::from_pointee(config.clone()),
+            configured: config,
             stats,
             hosts: ArcSwap::from_pointee(Vec::new()),
             state: Mutex::default(),
@@ -397,8 +402,84 @@ impl Detector {
         d
     }
 
-    pub fn config(&self) -> &OutlierConfig {
-        &self.config
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<OutlierConfig> {
+        self.config.load_full()
+    }
+
+    /// Take the runtime's overrides of the detector's settings (`outlier_detection.consecutive_5xx`, ...,
+    /// `configuration/upstream/cluster_manager/cluster_runtime.rst`, "Outlier detection"), or go back to the
+    /// configured ones. Envoy reads these keys where it uses them; Remora takes them when a runtime snapshot is
+    /// published.
+    pub fn apply_runtime(&self, snap: &crate::layered_runtime::Snapshot) {
+        let base = &self.configured;
+        if snap.is_empty() {
+            if **self.config.load() != *base {
+                self.config.store(Arc::new(base.clone()));
+            }
+            return;
+        }
+        let u = |key: &str, v: u32| -> u32 {
+            let got = snap.u64(&format!("outlier_detection.{key}"), u64::from(v));
+            u32::try_from(got).unwrap_or(u32::MAX)
+        };
+        let ms = |key: &str, v: Duration| -> Duration {
+            let ms = u64::try_from(v.as_millis()).unwrap_or(u64::MAX);
+            Duration::from_millis(snap.u64(&format!("outlier_detection.{key}"), ms))
+        };
+        let c = OutlierConfig {
+            interval: ms("interval_ms", base.interval),
+            base_ejection_time: ms("base_ejection_time_ms", base.base_ejection_time),
+            max_ejection_time: ms("max_ejection_time_ms", base.max_ejection_time),
+            consecutive_5xx: u("consecutive_5xx", base.consecutive_5xx),
+            consecutive_gateway_failure: u("consecutive_gateway_failure", base.consecutive_gateway_failure),
+            consecutive_local_origin_failure: u(
+                "consecutive_local_origin_failure",
+                base.consecutive_local_origin_failure,
+            ),
+            max_ejection_percent: u("max_ejection_percent", base.max_ejection_percent),
+            success_rate_minimum_hosts: u("success_rate_minimum_hosts", base.success_rate_minimum_hosts),
+            success_rate_request_volume: u("success_rate_request_volume", base.success_rate_request_volume),
+            success_rate_stdev_factor: u("success_rate_stdev_factor", base.success_rate_stdev_factor),
+            failure_percentage_threshold: u(
+                "failure_percentage_threshold",
+                base.failure_percentage_threshold,
+            ),
+            failure_percentage_minimum_hosts: u(
+                "failure_percentage_minimum_hosts",
+                base.failure_percentage_minimum_hosts,
+            ),
+            failure_percentage_request_volume: u(
+                "failure_percentage_request_volume",
+                base.failure_percentage_request_volume,
+            ),
+            enforcing_consecutive_5xx: u("enforcing_consecutive_5xx", base.enforcing_consecutive_5xx),
+            enforcing_consecutive_gateway_failure: u(
+                "enforcing_consecutive_gateway_failure",
+                base.enforcing_consecutive_gateway_failure,
+            ),
+            enforcing_consecutive_local_origin_failure: u(
+                "enforcing_consecutive_local_origin_failure",
+                base.enforcing_consecutive_local_origin_failure,
+            ),
+            enforcing_success_rate: u("enforcing_success_rate", base.enforcing_success_rate),
+            enforcing_local_origin_success_rate: u(
+                "enforcing_local_origin_success_rate",
+                base.enforcing_local_origin_success_rate,
+            ),
+            enforcing_failure_percentage: u(
+                "enforcing_failure_percentage",
+                base.enforcing_failure_percentage,
+            ),
+            enforcing_failure_percentage_local_origin: u(
+                "enforcing_failure_percentage_local_origin",
+                base.enforcing_failure_percentage_local_origin,
+            ),
+            ..base.clone()
+        };
+        if **self.config.load() != c {
+            self.config.store(Arc::new(c));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, DetectorState> {
@@ -476,7 +557,7 @@ impl Detector {
     ) -> Option<OutlierEvent> {
         let hosts = self.hosts.load();
         let m = hosts.get(index)?;
-        let c = &self.config;
+        let c = &**self.config.load();
         let detected = if c.split_external_local_origin_errors {
             match outcome {
                 Outcome::Http(code) => m.put_http(code, c),
@@ -548,7 +629,7 @@ impl Detector {
         now: Instant,
         rng: &mut Rng,
     ) -> Option<OutlierEvent> {
-        let c = &self.config;
+        let c = &**self.config.load();
         let max_percent = f64::from(c.max_ejection_percent.min(100));
         let ejected_percent = 100.0 * (st.active + 1) as f64 / total_hosts.max(1) as f64;
         let allowed = ejected_percent <= max_percent || (c.always_eject_one_host && st.active == 0);
@@ -653,7 +734,7 @@ impl Detector {
             }
             let mut s = m.state();
             if s.last_unejection
-                .is_some_and(|t| now.saturating_duration_since(t) >= self.config.interval)
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.config.load().interval)
             {
                 s.backoff = s.backoff.saturating_sub(1);
             }
@@ -671,7 +752,7 @@ impl Detector {
         rng: &mut Rng,
         events: &mut Vec<OutlierEvent>,
     ) {
-        let c = &self.config;
+        let c = &**self.config.load();
         st.sr[origin] = None;
         let n = hosts.len();
         if n < c.success_rate_minimum_hosts as usize && n < c.failure_percentage_minimum_hosts as usize {
@@ -843,6 +924,58 @@ mod tests {
         assert!(matches!(ev[..], [OutlierEvent::Returned { host: 0, .. }]));
         assert!(!d.is_ejected(0));
         assert_eq!(active(&s), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runtime_overrides_consecutive_5xx_and_its_enforcement() {
+        use crate::layered_runtime::{LayerConfig, LayerKind, Runtime, RuntimeConfig};
+        let cfg = OutlierConfig {
+            max_ejection_percent: 100,
+            ..Default::default()
+        };
+        let (d, s) = detector(cfg, 2);
+        let rt = Runtime::new(
+            RuntimeConfig {
+                layers: vec![LayerConfig {
+                    name: "admin".into(),
+                    kind: LayerKind::Admin,
+                }],
+            },
+            "",
+            &Store::new(),
+        );
+        let mut rng = Rng::seeded(1);
+        let t0 = Instant::now();
+        rt.merge_admin(&[
+            ("outlier_detection.consecutive_5xx".into(), "2".into()),
+            ("outlier_detection.enforcing_consecutive_5xx".into(), "0".into()),
+            ("outlier_detection.interval_ms".into(), "250".into()),
+        ])
+        .unwrap();
+        d.apply_runtime(&rt.snapshot());
+        assert_eq!(d.config().interval, Duration::from_millis(250));
+        // Detected after 2 (not 5), but not enforced.
+        assert!(fail(&d, 0, 500, 2, t0, &mut rng).is_empty());
+        assert_eq!(stat(&s, "ejections_detected_consecutive_5xx"), 1);
+        assert_eq!(stat(&s, "ejections_enforced_consecutive_5xx"), 0);
+        assert!(!d.is_ejected(0));
+        // Enforced once the override is gone; the threshold is 2 still.
+        rt.merge_admin(&[(
+            "outlier_detection.enforcing_consecutive_5xx".into(),
+            String::new(),
+        )])
+        .unwrap();
+        d.apply_runtime(&rt.snapshot());
+        assert_eq!(fail(&d, 1, 500, 2, t0, &mut rng).len(), 1);
+        assert!(d.is_ejected(1));
+        // Without overrides, the configured settings are back.
+        rt.merge_admin(&[
+            ("outlier_detection.consecutive_5xx".into(), String::new()),
+            ("outlier_detection.interval_ms".into(), String::new()),
+        ])
+        .unwrap();
+        d.apply_runtime(&rt.snapshot());
+        assert_eq!(*d.config(), d.configured);
     }
 
     #[tokio::test(start_paused = true)]

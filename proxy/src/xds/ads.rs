@@ -29,6 +29,7 @@ use super::{
 };
 use crate::config::descriptors;
 use crate::config::error::ConfigErrors;
+use crate::layered_runtime::RUNTIME_TYPE;
 use crate::retry::backoff::JitteredBackoff;
 use crate::server::Shared;
 use crate::upstream::lb::Rng;
@@ -80,6 +81,10 @@ impl Stream {
             }
             Stream::Only(ROUTE_TYPE) if delta => "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
             Stream::Only(ROUTE_TYPE) => "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes",
+            Stream::Only(RUNTIME_TYPE) if delta => {
+                "/envoy.service.runtime.v3.RuntimeDiscoveryService/DeltaRuntime"
+            }
+            Stream::Only(RUNTIME_TYPE) => "/envoy.service.runtime.v3.RuntimeDiscoveryService/StreamRuntime",
             Stream::Only(_) if delta => "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
             Stream::Only(_) => "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
         }
@@ -169,7 +174,7 @@ fn get_strs(m: &DynamicMessage, field: &str) -> Vec<String> {
 }
 
 /// `error_detail` of a NACK.
-pub(super) fn error_detail(errors: &ConfigErrors) -> Result<DynamicMessage, Status> {
+pub(crate) fn error_detail(errors: &ConfigErrors) -> Result<DynamicMessage, Status> {
     let mut s = message("google.rpc.Status")?;
     s.set_field_by_name("code", Value::I32(INVALID_ARGUMENT));
     set_str(&mut s, "message", &errors.to_string());
@@ -188,6 +193,14 @@ fn types(shared: &Shared) -> Vec<&'static str> {
         t.push(LISTENER_TYPE);
     }
     t.push(ROUTE_TYPE);
+    if shared
+        .bootstrap
+        .runtime
+        .rtds()
+        .any(|(_, s)| s.source == Source::Ads)
+    {
+        t.push(RUNTIME_TYPE);
+    }
     t
 }
 
@@ -200,6 +213,9 @@ fn interest(shared: &Shared, type_url: &str) -> Vec<String> {
     match type_url {
         ENDPOINT_TYPE => shared.dynamic.eds_names(shared),
         ROUTE_TYPE => shared.dynamic.rds.names(),
+        RUNTIME_TYPE => shared
+            .runtime
+            .rtds_names(|s| matches!(s, Source::Ads | Source::Api(_))),
         _ => Vec::new(),
     }
 }
@@ -232,6 +248,19 @@ fn apply(
             d.apply_endpoints(shared, resources, removed, version)
         }
         ROUTE_TYPE => d.apply_routes(shared, resources, version),
+        RUNTIME_TYPE => {
+            let removed = match removal {
+                Removal::Names(n) => n.as_slice(),
+                Removal::Omitted => &[],
+            };
+            let r = shared.runtime.apply_rtds(resources, removed);
+            // A rejected update ends the initial fetch too (Envoy's `onConfigUpdateFailed`).
+            if r.is_err() {
+                shared.runtime.rtds_initial_done(&interest(shared, RUNTIME_TYPE));
+            }
+            d.notify();
+            r
+        }
         other => Err(ConfigErrors::from(crate::config::ConfigError::new(
             "type_url",
             format!("{other} is not a resource type Remora subscribes to"),
@@ -245,6 +274,11 @@ fn count_rejected(shared: &Shared, type_url: &str) {
     let s = match type_url {
         CLUSTER_TYPE => &d.cds,
         LISTENER_TYPE => &d.lds,
+        RUNTIME_TYPE => {
+            shared.runtime.rtds_initial_done(&interest(shared, RUNTIME_TYPE));
+            d.notify();
+            &shared.runtime.rtds_stats
+        }
         _ => return,
     };
     s.update_attempt.inc();
@@ -299,6 +333,7 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
             let s = match *t {
                 CLUSTER_TYPE => &shared.dynamic.cds,
                 LISTENER_TYPE => &shared.dynamic.lds,
+                RUNTIME_TYPE => &shared.runtime.rtds_stats,
                 _ => continue,
             };
             s.update_attempt.inc();
@@ -321,7 +356,7 @@ async fn connect(target: &str) -> Result<tonic::transport::Channel, tonic::trans
 }
 
 /// The bootstrap's `node`, for the control plane.
-pub(super) fn node(shared: &Shared) -> Option<DynamicMessage> {
+pub(crate) fn node(shared: &Shared) -> Option<DynamicMessage> {
     match shared.bootstrap.message.get_field_by_name("node").as_deref() {
         Some(Value::Message(n)) => {
             let mut n = n.clone();

@@ -237,6 +237,11 @@ impl Dynamic {
         self.changes.send_modify(|n| *n += 1);
     }
 
+    /// Wake whoever waits on [`Dynamic::subscribe_changes`] (an RTDS update, for the initial fetch).
+    pub fn notify(&self) {
+        self.bump();
+    }
+
     pub fn dump(&self) -> DumpView<'_> {
         DumpView {
             guard: lock(&self.inner),
@@ -927,6 +932,7 @@ fn activate(shared: &Shared, snap: &mut ClusterSnapshot, config: ClusterConfig) 
     let id = shared.cluster_ids.id(&config.name);
     let scope = shared.store.scope(format!("cluster.{}.", config.stat_name));
     let c = Cluster::new(config, &scope, true, shared.local_cluster.clone());
+    crate::layered_runtime::keys::apply_to_cluster(&shared.runtime.snapshot(), &c);
     crate::server::start_outlier_sweeps(&c);
     crate::upstream::dfp::spawn(&c);
     crate::upstream::original_dst::spawn(&c);

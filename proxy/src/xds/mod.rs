@@ -590,7 +590,8 @@ pub fn decode_resources(
 /// anyway, counting `init_fetch_timeout`).
 pub async fn start(shared: &Arc<crate::server::Shared>) {
     let d = &shared.bootstrap.dynamic;
-    if d.is_empty() && shared.dynamic.rds.names().is_empty() {
+    let rtds = &shared.bootstrap.runtime;
+    if d.is_empty() && shared.dynamic.rds.names().is_empty() && rtds.rtds().next().is_none() {
         return;
     }
     for (kind, cfg) in [(file::Kind::Cds, &d.cds), (file::Kind::Lds, &d.lds)] {
@@ -615,9 +616,38 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
             _ => {}
         }
     }
+    // RTDS layers with a source of their own: one gRPC stream or REST poller per distinct source.
+    let mut started: Vec<&Source> = Vec::new();
+    for (_, cfg) in rtds.rtds() {
+        if started.contains(&&cfg.source) {
+            continue;
+        }
+        started.push(&cfg.source);
+        match &cfg.source {
+            Source::Api(api) => {
+                tokio::spawn(ads::run(
+                    shared.clone(),
+                    api.clone(),
+                    ads::Stream::Only(crate::layered_runtime::RUNTIME_TYPE),
+                ));
+            }
+            Source::Rest(rest) => {
+                tokio::spawn(crate::layered_runtime::rest::run(shared.clone(), rest.clone()));
+            }
+            Source::Path {
+                path,
+                watched_directory,
+            } => {
+                let names = shared.runtime.rtds_names(|s| *s == cfg.source);
+                crate::layered_runtime::file::start(shared, path.clone(), watched_directory.clone(), names);
+            }
+            Source::Ads => {}
+        }
+    }
     let timeouts: Vec<Option<Duration>> = [&d.cds, &d.lds]
         .into_iter()
         .flatten()
+        .chain(rtds.rtds().map(|(_, s)| s))
         .map(|c| c.initial_fetch_timeout)
         .collect();
     let timeout = if timeouts.is_empty() {
@@ -630,7 +660,7 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut changes = shared.dynamic.subscribe_changes();
     loop {
-        if shared.dynamic.initialized(shared) {
+        if shared.dynamic.initialized(shared) && shared.runtime.rtds_ready() {
             tracing::info!("initial xDS fetch done");
             return;
         }
@@ -644,6 +674,7 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
             Err(_) => {
                 tracing::warn!("initial xDS fetch timed out; serving with what has arrived");
                 shared.dynamic.initial_fetch_timed_out(shared);
+                shared.runtime.rtds_initial_fetch_timed_out();
                 return;
             }
         }

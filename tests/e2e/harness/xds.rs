@@ -40,7 +40,19 @@ const DELTA_PATHS: [&str; 3] = [
     "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
     "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
 ];
+/// RTDS's own service (a runtime layer's `rtds_config.api_config_source`).
+const RUNTIME_SOTW: &str = "/envoy.service.runtime.v3.RuntimeDiscoveryService/StreamRuntime";
+const RUNTIME_DELTA: &str = "/envoy.service.runtime.v3.RuntimeDiscoveryService/DeltaRuntime";
 
+fn sotw_path(p: &str) -> bool {
+    SOTW_PATHS.contains(&p) || p == RUNTIME_SOTW
+}
+
+fn delta_path(p: &str) -> bool {
+    DELTA_PATHS.contains(&p) || p == RUNTIME_DELTA
+}
+
+pub const RUNTIME: &str = "type.googleapis.com/envoy.service.runtime.v3.Runtime";
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -118,12 +130,11 @@ impl XdsServer {
                 let svc = Ads {
                     state: state.clone(),
                     version: version.subscribe(),
-                    delta: DELTA_PATHS.contains(&req.uri().path()),
+                    delta: delta_path(req.uri().path()),
                 };
                 Box::pin(async move {
                     let path = req.uri().path().to_owned();
-                    let resp = if SOTW_PATHS.contains(&path.as_str()) || DELTA_PATHS.contains(&path.as_str())
-                    {
+                    let resp = if sotw_path(&path) || delta_path(&path) {
                         svc.state
                             .paths
                             .lock()

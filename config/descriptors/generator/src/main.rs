@@ -103,7 +103,7 @@ fn is_root(name: &str) -> bool {
         return EXTENSIONS.iter().any(|e| ext.starts_with(e));
     }
     if let Some(svc) = name.strip_prefix("envoy/service/") {
-        return svc.starts_with("discovery/") || svc.starts_with("secret/");
+        return svc.starts_with("discovery/") || svc.starts_with("secret/") || svc.starts_with("runtime/");
     }
     if name.starts_with("envoy/admin/") || name.starts_with("envoy/data/") || name.starts_with("envoy/watchdog/") {
         return false;
