@@ -335,7 +335,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
     let dynamic = crate::xds::manager::Dynamic::new(
         &store,
         std::mem::take(&mut bootstrap.rds),
-        bootstrap.dynamic.uses_grpc(),
+        bootstrap.dynamic.uses_grpc() || crate::xds::static_sources_use_grpc(&bootstrap),
     );
     let local_cluster = local_cluster(&bootstrap);
     let clusters = build_clusters(&bootstrap, &store, &cluster_ids, &local_cluster);

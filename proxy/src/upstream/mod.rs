@@ -100,6 +100,8 @@ pub enum Discovery {
     /// `eds_cluster_config.service_name` says otherwise).
     Eds {
         service_name: String,
+        /// `eds_cluster_config.eds_config`: where the assignment comes from.
+        source: crate::xds::SourceConfig,
     },
     /// `cluster_type: envoy.clusters.dynamic_forward_proxy`: hosts come from requests' authorities through
     /// the cluster's DNS cache (see [`dfp`]).

@@ -195,17 +195,17 @@ fn wildcard(type_url: &str) -> bool {
     type_url == CLUSTER_TYPE || type_url == LISTENER_TYPE
 }
 
-/// The names to subscribe to for a non-wildcard type.
-fn interest(shared: &Shared, type_url: &str) -> Vec<String> {
+/// The names to subscribe to for a non-wildcard type: those whose config source is `source`.
+pub(super) fn interest(shared: &Shared, type_url: &str, source: &Source) -> Vec<String> {
     match type_url {
-        ENDPOINT_TYPE => shared.dynamic.eds_names(shared),
-        ROUTE_TYPE => shared.dynamic.rds.names(),
+        ENDPOINT_TYPE => shared.dynamic.eds_names(shared, source),
+        ROUTE_TYPE => shared.dynamic.rds.names_from(source),
         _ => Vec::new(),
     }
 }
 
 /// Apply one decoded update of `type_url`.
-fn apply(
+pub(super) fn apply(
     shared: &Shared,
     type_url: &str,
     resources: &[Resource],
@@ -257,12 +257,22 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
     let mut rng = Rng::from_entropy();
     let carried = stream.types(&shared);
     let path = stream.path(cfg.api_type);
+    // The names of EDS and RDS are those whose config source is this stream's.
+    let source = match stream {
+        Stream::Ads => Source::Ads,
+        Stream::Only(_) => Source::Api(cfg.clone()),
+    };
+    let connected_state = shared.store.gauge("control_plane.connected_state");
     let mut sotw = SotwState {
         carried: carried.clone(),
+        source: source.clone(),
+        connected_state: connected_state.clone(),
         types: BTreeMap::new(),
     };
     let mut delta = DeltaState {
         carried: carried.clone(),
+        source,
+        connected_state: connected_state.clone(),
         types: BTreeMap::new(),
     };
     let mut attempt = 0usize;
@@ -294,7 +304,7 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
                 }
             },
         };
-        shared.dynamic.connected_state.set(0);
+        connected_state.set(0);
         for t in &carried {
             let s = match *t {
                 CLUSTER_TYPE => &shared.dynamic.cds,
@@ -344,10 +354,13 @@ struct SotwType {
     requested: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SotwState {
     /// The types this stream carries.
     carried: Vec<&'static str>,
+    /// The config source this stream serves (whose EDS and RDS names it asks for).
+    source: Source,
+    connected_state: crate::stats::Gauge,
     types: BTreeMap<&'static str, SotwType>,
 }
 
@@ -416,7 +429,7 @@ impl SotwState {
             if wildcard(type_url) {
                 continue;
             }
-            let names = interest(shared, type_url);
+            let names = interest(shared, type_url, &self.source);
             let t = self.types.entry(type_url).or_default();
             if names == t.names && (t.requested || names.is_empty()) {
                 continue;
@@ -457,7 +470,7 @@ impl SotwState {
         }
         self.resubscribe(shared, &mut tx)?;
         let mut inbound = open(channel, path, "envoy.service.discovery.v3.DiscoveryResponse", rx).await?;
-        shared.dynamic.connected_state.set(1);
+        self.connected_state.set(1);
         backoff.reset();
         tracing::info!(path, "xDS: stream (state of the world) open");
         let mut changes = shared.dynamic.subscribe_changes();
@@ -532,10 +545,13 @@ struct DeltaType {
     requested: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct DeltaState {
     /// The types this stream carries.
     carried: Vec<&'static str>,
+    /// The config source this stream serves (whose EDS and RDS names it asks for).
+    source: Source,
+    connected_state: crate::stats::Gauge,
     types: BTreeMap<&'static str, DeltaType>,
 }
 
@@ -551,7 +567,7 @@ impl DeltaState {
         let names = if wildcard(type_url) {
             Vec::new()
         } else {
-            interest(shared, type_url)
+            interest(shared, type_url, &self.source)
         };
         let t = self.types.entry(type_url).or_default();
         if !wildcard(type_url) && names.is_empty() {
@@ -584,7 +600,7 @@ impl DeltaState {
                 }
                 continue;
             }
-            let names = interest(shared, type_url);
+            let names = interest(shared, type_url, &self.source);
             let t = self.types.entry(type_url).or_default();
             if names == t.names {
                 continue;
@@ -633,7 +649,7 @@ impl DeltaState {
             rx,
         )
         .await?;
-        shared.dynamic.connected_state.set(1);
+        self.connected_state.set(1);
         backoff.reset();
         tracing::info!(path, "xDS: stream (delta) open");
         let mut changes = shared.dynamic.subscribe_changes();

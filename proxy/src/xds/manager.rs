@@ -21,7 +21,7 @@
 //! SotW omission removes a cluster or listener ([`Removal::Omitted`]); an RDS or EDS resource is never removed
 //! by omission (`xds_protocol.rst`, "Deleting resources").
 
-use super::{content_hash, RdsRegistry, SubscriptionStats};
+use super::{content_hash, RdsRegistry, Source, SourceCheck, SourceConfig, SubscriptionStats};
 use crate::config::error::{ConfigError, ConfigErrors};
 use crate::config::node::{Errors, Node};
 use crate::config::{cluster, listener as listener_config, route};
@@ -105,6 +105,19 @@ struct EdsState {
     version: String,
 }
 
+impl EdsState {
+    fn new(scope: &crate::stats::Scope) -> Self {
+        EdsState {
+            endpoints: Vec::new(),
+            raw: bytes::Bytes::new(),
+            hash: 0,
+            received: false,
+            stats: SubscriptionStats::new(scope),
+            version: String::new(),
+        }
+    }
+}
+
 /// A listener that LDS gave.
 #[derive(Debug)]
 pub struct DynListener {
@@ -128,6 +141,8 @@ struct Inner {
     lds_version: String,
     /// Static listeners waiting for their RDS tables.
     held_static: Vec<Arc<Bound>>,
+    /// The service names of static EDS clusters, which start-up waits for.
+    static_eds: Vec<String>,
     cds_done: bool,
     lds_done: bool,
 }
@@ -267,8 +282,13 @@ impl Dynamic {
             self.lds.init_fetch_timeout.inc();
             inner.lds_done = true;
         }
+        for n in &inner.static_eds {
+            if let Some(e) = inner.endpoints.get(n).filter(|e| !e.received) {
+                e.stats.init_fetch_timeout.inc();
+            }
+        }
         for c in inner.clusters.values().filter(|c| c.warming) {
-            if let Discovery::Eds { service_name } = &c.config.discovery {
+            if let Discovery::Eds { service_name, .. } = &c.config.discovery {
                 if let Some(e) = inner.endpoints.get(service_name) {
                     e.stats.init_fetch_timeout.inc();
                 }
@@ -290,31 +310,77 @@ impl Dynamic {
             && !inner.clusters.values().any(|c| c.warming)
             && !inner.listeners.values().any(|l| l.warming.is_some())
             && inner.held_static.is_empty()
+            && inner
+                .static_eds
+                .iter()
+                .all(|n| inner.endpoints.get(n).is_some_and(|e| e.received))
     }
 
-    /// The EDS service names to subscribe to (every EDS cluster's, static or dynamic).
-    pub fn eds_names(&self, shared: &Shared) -> Vec<String> {
+    /// Every EDS cluster's (static or dynamic) service name and config source, sorted by name.
+    fn eds_subscriptions(&self, shared: &Shared) -> Vec<(String, SourceConfig)> {
         let inner = lock(&self.inner);
-        let mut names: Vec<String> = shared
-            .clusters
-            .load()
+        let snap = shared.clusters.load();
+        let mut subs: Vec<(String, SourceConfig)> = snap
             .iter()
             .map(|c| &c.config)
             .chain(inner.clusters.values().map(|c| &c.config))
             .filter_map(|c| match &c.discovery {
-                Discovery::Eds { service_name } => Some(service_name.clone()),
+                Discovery::Eds { service_name, source } => Some((service_name.clone(), source.clone())),
                 _ => None,
             })
             .collect();
-        names.sort();
+        subs.sort_by(|a, b| a.0.cmp(&b.0));
+        subs
+    }
+
+    /// The EDS service names to subscribe to from `from` (every EDS cluster's, static or dynamic).
+    pub fn eds_names(&self, shared: &Shared, from: &Source) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .eds_subscriptions(shared)
+            .into_iter()
+            .filter(|(_, s)| s.source == *from)
+            .map(|(n, _)| n)
+            .collect();
         names.dedup();
         names
+    }
+
+    /// The config sources EDS clusters name.
+    pub fn eds_sources(&self, shared: &Shared) -> Vec<SourceConfig> {
+        let mut out: Vec<SourceConfig> = Vec::new();
+        for (_, s) in self.eds_subscriptions(shared) {
+            if !out.iter().any(|o| o.source == s.source) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// Start-up: static EDS clusters wait for their assignments like dynamic ones (counted in their
+    /// `cluster.<name>.` subscription stats).
+    pub fn register_static_eds(&self, shared: &Shared) {
+        let mut inner = lock(&self.inner);
+        for c in shared.clusters.load().iter() {
+            if let Discovery::Eds { service_name, .. } = &c.config.discovery {
+                inner.static_eds.push(service_name.clone());
+                let scope = shared.store.scope(format!("cluster.{}.", c.config.stat_name));
+                inner
+                    .endpoints
+                    .entry(service_name.clone())
+                    .or_insert_with(|| EdsState::new(&scope));
+            }
+        }
     }
 
     /// A static listener that uses RDS: served once its table arrives.
     pub fn hold_static_listener(&self, shared: &Shared, bound: Arc<Bound>) {
         lock(&self.inner).held_static.push(bound);
         self.promote(shared);
+    }
+
+    /// What the config sources of CDS's clusters and LDS's connection managers may name.
+    fn source_check(&self, shared: &Shared) -> SourceCheck {
+        SourceCheck::new(&shared.bootstrap.clusters, shared.bootstrap.dynamic.ads.is_some())
     }
 
     /// Every cluster name the server knows (static and dynamic), for validating inline route tables.
@@ -367,6 +433,7 @@ impl Dynamic {
             .iter()
             .map(|c| c.name.as_str())
             .collect();
+        let check = self.source_check(shared);
         let mut lowered = Vec::new();
         let mut errors = Vec::new();
         let mut seen = HashSet::new();
@@ -393,6 +460,15 @@ impl Dynamic {
                 });
             }
             if let Some(c) = config {
+                if let Discovery::Eds { source, .. } = &c.discovery {
+                    if let Some((path, why)) = check.check(source) {
+                        errors.push(ConfigError {
+                            source: Some(what.clone()),
+                            path: format!("eds_cluster_config.eds_config.{path}"),
+                            message: why,
+                        });
+                    }
+                }
                 lowered.push((r, c));
             }
         }
@@ -441,19 +517,12 @@ impl Dynamic {
                 active: previous,
                 warming: false,
             };
-            if let Discovery::Eds { service_name } = &entry.config.discovery {
+            if let Discovery::Eds { service_name, .. } = &entry.config.discovery {
                 let stats_scope = shared.store.scope(format!("cluster.{}.", entry.config.stat_name));
                 let eds = inner
                     .endpoints
                     .entry(service_name.clone())
-                    .or_insert_with(|| EdsState {
-                        endpoints: Vec::new(),
-                        raw: bytes::Bytes::new(),
-                        hash: 0,
-                        received: false,
-                        stats: SubscriptionStats::new(&stats_scope),
-                        version: String::new(),
-                    });
+                    .or_insert_with(|| EdsState::new(&stats_scope));
                 if eds.received {
                     let mut config = entry.config.clone();
                     config.endpoints = eds.endpoints.clone();
@@ -584,7 +653,8 @@ impl Dynamic {
             }
             // Active clusters (static or dynamic) that read this name get the hosts now.
             for c in shared.clusters.load().iter() {
-                if matches!(&c.config.discovery, Discovery::Eds { service_name } if *service_name == name) {
+                if matches!(&c.config.discovery, Discovery::Eds { service_name, .. } if *service_name == name)
+                {
                     let hosts = reuse_hosts(&c.hosts(), &endpoints);
                     c.set_hosts(hosts);
                 }
@@ -594,7 +664,8 @@ impl Dynamic {
                 if !dc.warming {
                     continue;
                 }
-                if matches!(&dc.config.discovery, Discovery::Eds { service_name } if *service_name == name) {
+                if matches!(&dc.config.discovery, Discovery::Eds { service_name, .. } if *service_name == name)
+                {
                     let snap = snap.get_or_insert_with(|| (**shared.clusters.load()).clone());
                     let mut config = dc.config.clone();
                     config.endpoints = endpoints.clone();
@@ -659,7 +730,8 @@ impl Dynamic {
             store: &shared.store,
             logs: &shared.bootstrap.access_logs,
             static_clusters: &names,
-            rds: Some(&self.rds),
+            rds: &self.rds,
+            sources: Some(&self.source_check(shared)),
         };
         let mut errors = Vec::new();
         let mut seen = HashSet::new();

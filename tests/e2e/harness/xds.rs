@@ -30,15 +30,21 @@ use super::{within, BoxError, Protocol, UpstreamOptions, POLL_INTERVAL};
 const SOTW: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 /// The per-type services (a config source's own `api_config_source`) are served like ADS.
-const SOTW_PATHS: [&str; 3] = [
+const SOTW_PATHS: [&str; 6] = [
     SOTW,
     "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
     "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners",
+    "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints",
+    "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes",
+    "/envoy.service.runtime.v3.RuntimeDiscoveryService/StreamRuntime",
 ];
-const DELTA_PATHS: [&str; 3] = [
+const DELTA_PATHS: [&str; 6] = [
     DELTA,
     "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
     "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
+    "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints",
+    "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
+    "/envoy.service.runtime.v3.RuntimeDiscoveryService/DeltaRuntime",
 ];
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
