@@ -1278,3 +1278,95 @@ async fn go_control_plane_rest_sample_runs() {
         .await;
     assert_eq!(upstream_of(addr).await, "b");
 }
+
+/// EDS and RDS from files (`path_config_source`), for a static EDS cluster and a static listener: the server
+/// goes live once both have loaded, and an atomic rename of either file moves traffic.
+#[tokio::test]
+async fn static_eds_and_rds_from_files() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let dir = TempDir::new();
+    let d = dir.path().display().to_string();
+    let eds_file = |up: &Upstream, version: &str| {
+        discovery_file(
+            version,
+            vec![typed(assignment("svc", &[up.addr()]), hx::ENDPOINT)],
+        )
+    };
+    let rds_file =
+        |cluster: &str, version: &str| discovery_file(version, vec![typed(table("r1", cluster), hx::ROUTE)]);
+    dir.write("eds.yaml", &eds_file(&a, "1"));
+    dir.write("rds.yaml", &rds_file("svc", "1"));
+    let mut svc = eds_cluster("svc");
+    svc["eds_cluster_config"]["eds_config"] =
+        json!({"path_config_source": {"path": format!("{d}/eds.yaml")}});
+    let main = listener(
+        "main",
+        json!({"rds": {"route_config_name": "r1",
+            "config_source": {"path_config_source": {"path": format!("{d}/rds.yaml"), "watched_directory": {"path": d}}}}}),
+    );
+    let bootstrap = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"clusters": [svc, cluster("direct", &[b.addr()])], "listeners": [main]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("cluster.svc.update_success").await, 1);
+    assert_eq!(proxy.stat("http.ingress.rds.r1.update_success").await, 1);
+    assert_eq!(proxy.stat_opt("control_plane.connected_state").await, None);
+
+    write_atomically(&dir, "eds.yaml", &eds_file(&b, "2"));
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    let (_, clusters) = proxy.admin_get("/clusters").await;
+    assert!(clusters.contains(&format!("svc::{}", b.addr())), "{clusters}");
+    write_atomically(&dir, "rds.yaml", &rds_file("direct", "2"));
+    proxy
+        .wait_stat("http.ingress.rds.r1.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+}
+
+/// A config source of its own must reach its control plane through a static non-EDS cluster, `ads` needs
+/// `ads_config`, and one route configuration name comes from one source: each refused with its path.
+#[tokio::test]
+async fn own_config_sources_are_checked_with_their_paths() {
+    let eds = |source: Value| {
+        let mut c = eds_cluster("svc");
+        c["eds_cluster_config"]["eds_config"] = source;
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {"clusters": [c]},
+        })
+        .to_string()
+    };
+    let (code, _, err) = crate::harness::validate(&eds(grpc_source("GRPC", "nowhere"))).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("static_resources.clusters[0].eds_cluster_config.eds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name: unknown static cluster \"nowhere\""),
+        "{err}"
+    );
+    let (code, _, err) = crate::harness::validate(&eds(json!({"ads": {}}))).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("static_resources.clusters[0].eds_cluster_config.eds_config.ads: says ads"),
+        "{err}"
+    );
+    let rds = |source: Value| json!({"rds": {"route_config_name": "r1", "config_source": source}});
+    let two = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "clusters": [h2_cluster("xds", &[crate::support::closed_port()])],
+            "listeners": [listener("one", rds(grpc_source("GRPC", "xds"))), listener("two", rds(rest_source("xds", "1s")))],
+        },
+    });
+    let (code, _, err) = crate::harness::validate(&two.to_string()).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("rds.config_source: route configuration \"r1\" is already subscribed to from another config source"),
+        "{err}"
+    );
+}

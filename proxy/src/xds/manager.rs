@@ -316,31 +316,30 @@ impl Dynamic {
                 .all(|n| inner.endpoints.get(n).is_some_and(|e| e.received))
     }
 
-    /// Every EDS cluster's (static or dynamic) service name and config source, sorted by name.
-    fn eds_subscriptions(&self, shared: &Shared) -> Vec<(String, SourceConfig)> {
+    /// Call `f` with every EDS cluster's (static or dynamic) service name and config source.
+    fn each_eds(&self, shared: &Shared, mut f: impl FnMut(&str, &SourceConfig)) {
         let inner = lock(&self.inner);
         let snap = shared.clusters.load();
-        let mut subs: Vec<(String, SourceConfig)> = snap
+        for c in snap
             .iter()
             .map(|c| &c.config)
             .chain(inner.clusters.values().map(|c| &c.config))
-            .filter_map(|c| match &c.discovery {
-                Discovery::Eds { service_name, source } => Some((service_name.clone(), source.clone())),
-                _ => None,
-            })
-            .collect();
-        subs.sort_by(|a, b| a.0.cmp(&b.0));
-        subs
+        {
+            if let Discovery::Eds { service_name, source } = &c.discovery {
+                f(service_name, source);
+            }
+        }
     }
 
-    /// The EDS service names to subscribe to from `from` (every EDS cluster's, static or dynamic).
+    /// The EDS service names to subscribe to from `from` (every EDS cluster's, static or dynamic), sorted.
     pub fn eds_names(&self, shared: &Shared, from: &Source) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .eds_subscriptions(shared)
-            .into_iter()
-            .filter(|(_, s)| s.source == *from)
-            .map(|(n, _)| n)
-            .collect();
+        let mut names = Vec::new();
+        self.each_eds(shared, |name, source| {
+            if source.source == *from {
+                names.push(name.to_string());
+            }
+        });
+        names.sort();
         names.dedup();
         names
     }
@@ -348,11 +347,11 @@ impl Dynamic {
     /// The config sources EDS clusters name.
     pub fn eds_sources(&self, shared: &Shared) -> Vec<SourceConfig> {
         let mut out: Vec<SourceConfig> = Vec::new();
-        for (_, s) in self.eds_subscriptions(shared) {
-            if !out.iter().any(|o| o.source == s.source) {
-                out.push(s);
+        self.each_eds(shared, |_, source| {
+            if !out.iter().any(|o| o.source == source.source) {
+                out.push(source.clone());
             }
-        }
+        });
         out
     }
 

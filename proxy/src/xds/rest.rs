@@ -73,17 +73,10 @@ pub async fn run(shared: Arc<Shared>, cfg: RestConfig, type_url: &'static str) {
             tokio::time::sleep(cfg.refresh_delay).await;
             continue;
         }
-        let outcome = poll(
-            &shared,
-            &cfg,
-            type_url,
-            path,
-            &version,
-            &names,
-            rejected.as_ref(),
-            attempt,
-        )
-        .await;
+        let outcome = match request_body(&shared, type_url, &version, &names, rejected.as_ref()) {
+            Ok(body) => poll(&shared, &cfg, path, body, attempt).await,
+            Err(e) => Err(e),
+        };
         attempt += 1;
         match outcome {
             Ok(Poll::Unchanged) => {}
@@ -176,14 +169,12 @@ fn request_body(
     Ok(ser.into_inner())
 }
 
+/// POST `body` (a `DiscoveryRequest`) to `path` on a host of the control plane's cluster.
 async fn poll(
     shared: &Shared,
     cfg: &RestConfig,
-    type_url: &str,
     path: &str,
-    version: &str,
-    names: &[String],
-    rejected: Option<&ConfigErrors>,
+    body: Vec<u8>,
     attempt: usize,
 ) -> Result<Poll, String> {
     let addr = {
@@ -195,7 +186,6 @@ async fn poll(
         })
     }
     .ok_or_else(|| format!("cluster {:?} has no hosts", cfg.cluster_name))?;
-    let body = request_body(shared, type_url, version, names, rejected)?;
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
