@@ -1054,6 +1054,19 @@ async fn eds_and_rds_on_their_own_grpc_streams() {
         .await;
     assert_eq!(upstream_of(addr).await, "a");
     assert_eq!(count(&xds.stream_paths(), STREAM_ENDPOINTS), 1);
+
+    // A lost control plane fails every subscription its streams served; the last good config serves on.
+    drop(xds);
+    proxy
+        .wait_stat("cluster.third.update_failure", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy
+        .wait_stat("http.ingress.rds.r1.update_failure", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy
+        .wait_stat("control_plane.connected_state", |v| v == 0, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "a");
 }
 
 /// EDS and RDS over REST (`/v3/discovery:endpoints`, `:routes`, with the `resource_names` of interest): the

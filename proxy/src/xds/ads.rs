@@ -271,7 +271,7 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
     };
     let mut delta = DeltaState {
         carried: carried.clone(),
-        source,
+        source: source.clone(),
         connected_state: connected_state.clone(),
         types: BTreeMap::new(),
     };
@@ -306,13 +306,22 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
         };
         connected_state.set(0);
         for t in &carried {
-            let s = match *t {
-                CLUSTER_TYPE => &shared.dynamic.cds,
-                LISTENER_TYPE => &shared.dynamic.lds,
-                _ => continue,
-            };
-            s.update_attempt.inc();
-            s.update_failure.inc();
+            match *t {
+                CLUSTER_TYPE | LISTENER_TYPE => {
+                    let s = if *t == CLUSTER_TYPE {
+                        &shared.dynamic.cds
+                    } else {
+                        &shared.dynamic.lds
+                    };
+                    s.update_attempt.inc();
+                    s.update_failure.inc();
+                }
+                // Every EDS and RDS subscription this stream serves failed with it.
+                _ => {
+                    let names = interest(&shared, t, &source);
+                    shared.dynamic.count_failure(t, &names);
+                }
+            }
         }
         let wait = backoff.next_backoff(&mut rng);
         if let Err(e) = result {

@@ -355,6 +355,28 @@ impl Dynamic {
         out
     }
 
+    /// A failed fetch (the stream or poll that serves them failed) of the EDS or RDS resources `names`.
+    pub fn count_failure(&self, type_url: &str, names: &[String]) {
+        let count = |s: &SubscriptionStats| {
+            s.update_attempt.inc();
+            s.update_failure.inc();
+        };
+        if type_url == super::ENDPOINT_TYPE {
+            let inner = lock(&self.inner);
+            for n in names {
+                if let Some(e) = inner.endpoints.get(n) {
+                    count(&e.stats);
+                }
+            }
+        } else if type_url == super::ROUTE_TYPE {
+            for n in names {
+                if let Some(r) = self.rds.get(n) {
+                    count(&r.stats);
+                }
+            }
+        }
+    }
+
     /// Start-up: static EDS clusters wait for their assignments like dynamic ones (counted in their
     /// `cluster.<name>.` subscription stats).
     pub fn register_static_eds(&self, shared: &Shared) {

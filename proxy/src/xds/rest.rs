@@ -121,9 +121,12 @@ pub async fn run(shared: Arc<Shared>, cfg: RestConfig, type_url: &'static str) {
                 }
             }
             Err(e) => {
-                if let Some(stats) = stats {
-                    stats.update_attempt.inc();
-                    stats.update_failure.inc();
+                match stats {
+                    Some(stats) => {
+                        stats.update_attempt.inc();
+                        stats.update_failure.inc();
+                    }
+                    None => shared.dynamic.count_failure(type_url, &names),
                 }
                 tracing::warn!(type_url, error = %e, "xDS REST: poll failed; keeping the last good config");
             }
