@@ -20,21 +20,28 @@ use serde_json::json;
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+/// The highest `LIVE` since it was last reset.
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+fn add(n: isize) {
+    let now = LIVE.fetch_add(n, Relaxed) + n;
+    PEAK.fetch_max(now, Relaxed);
+}
 
 // SAFETY: every call is passed to the system allocator unchanged; only a counter is updated besides.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Relaxed);
+        add(l.size() as isize);
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Relaxed);
+        add(-(l.size() as isize));
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n as isize - l.size() as isize, Relaxed);
+        add(n as isize - l.size() as isize);
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.realloc(p, l, n) }
     }
@@ -128,6 +135,52 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
     report(&mut out, "ClusterStats alone", b);
+
+    // The transient peak of one EDS response of every assignment, decoded and lowered as the manager does:
+    // what the allocator must find room for at once (RSS keeps much of it).
+    let response = {
+        let rdesc = descriptors::message("envoy.service.discovery.v3.DiscoveryResponse")
+            .ok_or("no DiscoveryResponse descriptor")?;
+        let any = descriptors::message("google.protobuf.Any").ok_or("no Any descriptor")?;
+        let mut r = prost_reflect::DynamicMessage::new(rdesc.clone());
+        let list = encoded
+            .iter()
+            .map(|b| {
+                let mut a = prost_reflect::DynamicMessage::new(any.clone());
+                a.set_field_by_name(
+                    "type_url",
+                    prost_reflect::Value::String(remora::xds::ENDPOINT_TYPE.into()),
+                );
+                a.set_field_by_name("value", prost_reflect::Value::Bytes(b.clone().into()));
+                prost_reflect::Value::Message(a)
+            })
+            .collect();
+        r.set_field_by_name("resources", prost_reflect::Value::List(list));
+        (rdesc, prost::Message::encode_to_vec(&r))
+    };
+    let b = live();
+    PEAK.store(b, Relaxed);
+    {
+        let decoded = prost_reflect::DynamicMessage::decode(response.0, response.1.as_slice())?;
+        let resources =
+            remora::xds::decode_resources(&decoded, remora::xds::ENDPOINT_TYPE).map_err(|e| e.to_string())?;
+        let lowered: Vec<_> = resources
+            .iter()
+            .map(|r| {
+                let message = r.message().map_err(|e| e.to_string())?;
+                let errs = node::Errors::default();
+                let lowered = cluster::lower_load_assignment(&node::Node::root(&message, "", &errs));
+                Ok::<_, String>(lowered)
+            })
+            .collect::<Result<_, _>>()?;
+        drop((decoded, resources, lowered));
+    }
+    let peak = (PEAK.load(Relaxed) - b) as f64 / N as f64;
+    out.push_str(&format!(
+        "{:44} {peak:7.0} B/cluster (transient peak; response {} B/cluster)\n",
+        "EDS response decoded and lowered",
+        response.1.len() / N
+    ));
 
     if std::env::args().any(|a| a == "--names") {
         for (n, _) in store.snapshot() {

@@ -30,22 +30,34 @@ use crate::listener::{self, Bound};
 use crate::server::{ClusterSnapshot, Shared};
 use crate::stats::{Counter, Gauge, Store};
 use crate::upstream::{Cluster, ClusterConfig, Discovery, EndpointConfig, Host, HostSet};
-use prost::Message;
 use prost_reflect::DynamicMessage;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 use tokio::sync::watch;
 
-/// One resource of an update, decoded into its message type.
+/// One resource of an update, as it arrived. It is decoded into its message type only when it is lowered
+/// ([`Resource::message`]), one at a time: a decoded message costs some fifty times its encoding (a
+/// `ClusterLoadAssignment` of 10 endpoints, 320 bytes on the wire, some 15 KiB decoded), so decoding a
+/// response of 1,000 of them at once would need tens of MiB the allocator then keeps. An unchanged resource
+/// (the same bytes) is not decoded at all.
 #[derive(Clone, Debug)]
 pub struct Resource {
     pub name: String,
     /// The resource's version: the response's `version_info` in SotW, the resource's own in delta.
     pub version: String,
-    pub message: DynamicMessage,
-    /// The resource as it arrived (the `Any`'s value), to tell an unchanged resource without re-encoding it.
+    /// The resource as it arrived (the `Any`'s value).
     pub raw: bytes::Bytes,
+    /// Its message type.
+    pub descriptor: prost_reflect::MessageDescriptor,
+}
+
+impl Resource {
+    /// The decoded resource.
+    pub fn message(&self) -> Result<DynamicMessage, ConfigError> {
+        DynamicMessage::decode(self.descriptor.clone(), self.raw.clone())
+            .map_err(|e| ConfigError::new("", format!("{}: {e}", self.descriptor.full_name())))
+    }
 }
 
 /// Which held resources an update removes.
@@ -469,11 +481,19 @@ impl Dynamic {
         let mut seen = HashSet::new();
         for r in resources {
             let what = format!("cluster {:?}", r.name);
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(resource_error(&what, e));
+                    continue;
+                }
+            };
             let errs = Errors::default();
             let config = {
-                let node = Node::root(&r.message, "", &errs);
+                let node = Node::root(&message, "", &errs);
                 cluster::lower(&node)
             };
+            drop(message);
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
             if statics.contains(r.name.as_str()) {
                 errors.push(ConfigError {
@@ -524,7 +544,7 @@ impl Dynamic {
         let mut changed = !removed.is_empty();
         let now = SystemTime::now();
         for (r, config) in lowered {
-            let raw = r.message.encode_to_vec();
+            let raw = r.raw.to_vec();
             if let Some(existing) = inner.clusters.get(&r.name) {
                 if existing.raw == raw {
                     continue;
@@ -618,12 +638,20 @@ impl Dynamic {
                 lowered.push((r, raw, None));
                 continue;
             }
+            let what = format!("cluster load assignment {:?}", r.name);
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(resource_error(&what, e));
+                    continue;
+                }
+            };
             let errs = Errors::default();
             let endpoints = {
-                let node = Node::root(&r.message, "", &errs);
+                let node = Node::root(&message, "", &errs);
                 cluster::lower_load_assignment(&node)
             };
-            let what = format!("cluster load assignment {:?}", r.name);
+            drop(message);
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
             lowered.push((r, raw, Some(endpoints)));
         }
@@ -781,18 +809,25 @@ impl Dynamic {
                     message: "a static listener of that name exists; LDS cannot replace it".into(),
                 });
             }
-            let raw = r.message.encode_to_vec();
+            let raw = r.raw.to_vec();
             if inner.listeners.get(&r.name).is_some_and(|l| l.raw == raw) {
                 continue;
             }
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(resource_error(&what, e));
+                    continue;
+                }
+            };
             let errs = Errors::default();
             let config = {
-                let node = Node::root(&r.message, "", &errs);
+                let node = Node::root(&message, "", &errs);
                 listener_config::lower(&node, &ctx)
             };
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
             if let Some(c) = config {
-                changes.push((r, raw, Arc::new(c)));
+                changes.push((r, message, raw, Arc::new(c)));
             }
         }
         if !errors.is_empty() {
@@ -800,7 +835,7 @@ impl Dynamic {
         }
         // Bind every new address before changing anything, so that a bind failure rejects the update whole.
         let mut bound = Vec::new();
-        for (r, raw, config) in changes {
+        for (r, message, raw, config) in changes {
             let existing = inner.listeners.get(&r.name);
             let reuse = existing.and_then(|l| {
                 l.warming.as_ref().or(l.active.as_ref()).filter(|b| {
@@ -814,7 +849,7 @@ impl Dynamic {
             match socket {
                 Ok(socket) => {
                     let stats = Arc::new(ListenerStats::new(&shared.store.scope(config.stat_scope.clone())));
-                    bound.push((r, raw, Bound::new(config, socket, stats)));
+                    bound.push((r, message, raw, Bound::new(config, socket, stats)));
                 }
                 Err(e) => errors.push(ConfigError {
                     source: Some(format!("listener {:?}", r.name)),
@@ -841,11 +876,11 @@ impl Dynamic {
         };
         let changed = !bound.is_empty() || !removed.is_empty();
         let now = SystemTime::now();
-        for (r, raw, b) in bound {
+        for (r, message, raw, b) in bound {
             match inner.listeners.get_mut(&r.name) {
                 Some(l) => {
                     self.lm.listener_modified.inc();
-                    l.message = r.message.clone();
+                    l.message = message;
                     l.raw = raw;
                     l.config = b.config.clone();
                     l.version = r.version.clone();
@@ -858,7 +893,7 @@ impl Dynamic {
                     inner.listeners.insert(
                         r.name.clone(),
                         DynListener {
-                            message: r.message.clone(),
+                            message,
                             raw,
                             config: b.config.clone(),
                             version: r.version.clone(),
@@ -957,15 +992,22 @@ impl Dynamic {
         let mut errors = Vec::new();
         let mut tables = Vec::new();
         for r in resources {
+            let what = format!("route configuration {:?}", r.name);
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(resource_error(&what, e));
+                    continue;
+                }
+            };
             let errs = Errors::default();
             let table = {
-                let node = Node::root(&r.message, "", &errs);
+                let node = Node::root(&message, "", &errs);
                 route::lower_table(&node, &shared.cluster_ids, None, &shared.store)
             };
-            let what = format!("route configuration {:?}", r.name);
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
             if let Some(t) = table {
-                tables.push((r, t));
+                tables.push((r, message, t));
             }
         }
         for r in resources {
@@ -980,16 +1022,16 @@ impl Dynamic {
             return Err(ConfigErrors(errors));
         }
         let now = SystemTime::now();
-        for (r, table) in tables {
+        for (r, message, table) in tables {
             let Some(entry) = self.rds.get(&r.name) else {
                 continue;
             };
-            let raw = r.message.encode_to_vec();
+            let raw = r.raw.to_vec();
             let mut st = entry.state.lock().unwrap_or_else(|e| e.into_inner());
             let changed = st.raw != raw;
             if changed {
                 entry.table.store(Arc::new(table));
-                st.message = Some(r.message.clone());
+                st.message = Some(message);
                 st.last_updated = Some(now);
                 st.raw = raw;
             }

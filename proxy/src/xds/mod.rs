@@ -566,18 +566,6 @@ impl RdsRegistry {
     }
 }
 
-/// The name a resource is known by: `name`, or `cluster_name` for a `ClusterLoadAssignment`.
-fn resource_name(m: &DynamicMessage) -> String {
-    let field = if m.descriptor().full_name() == "envoy.config.endpoint.v3.ClusterLoadAssignment" {
-        "cluster_name"
-    } else {
-        "name"
-    };
-    m.get_field_by_name(field)
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// Decode one `google.protobuf.Any` that must hold a `type_url` resource (or a `Resource` wrapping one).
 fn decode_any(any: &DynamicMessage, type_url: &str, path: &str) -> Result<manager::Resource, ConfigError> {
     use prost_reflect::Value;
@@ -604,14 +592,51 @@ fn decode_any(any: &DynamicMessage, type_url: &str, path: &str) -> Result<manage
     }
     let desc = crate::config::descriptors::message_for_type_url(&url)
         .ok_or_else(|| ConfigError::new(path, format!("unknown type {url:?}")))?;
-    let message = DynamicMessage::decode(desc, bytes.clone())
-        .map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
+    let name = wire_name(&bytes).map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
     Ok(manager::Resource {
-        name: resource_name(&message),
+        name,
         version: String::new(),
-        message,
         raw: bytes,
+        descriptor: desc,
     })
+}
+
+/// Field 1 of an encoded resource, read off the wire without decoding it: the name of a `Cluster`, `Listener`
+/// or `RouteConfiguration`, the `cluster_name` of a `ClusterLoadAssignment` (the last occurrence, as protobuf
+/// reads a repeated scalar field). Fails on bytes that are not a protobuf message.
+fn wire_name(mut b: &[u8]) -> Result<String, String> {
+    use prost::encoding::decode_varint;
+    let mut name = String::new();
+    while !b.is_empty() {
+        let tag = decode_varint(&mut b).map_err(|e| e.to_string())?;
+        let skip = match tag & 7 {
+            0 => {
+                decode_varint(&mut b).map_err(|e| e.to_string())?;
+                0
+            }
+            1 => 8,
+            2 => {
+                let len = usize::try_from(decode_varint(&mut b).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+                if len > b.len() {
+                    return Err("a field runs past the end of the message".into());
+                }
+                if tag >> 3 == 1 {
+                    name = std::str::from_utf8(&b[..len])
+                        .map_err(|_| "the name is not UTF-8".to_string())?
+                        .to_string();
+                }
+                len
+            }
+            5 => 4,
+            w => return Err(format!("wire type {w} is not valid here")),
+        };
+        if skip > b.len() {
+            return Err("a field runs past the end of the message".into());
+        }
+        b = &b[skip..];
+    }
+    Ok(name)
 }
 
 /// Decode an `envoy.service.discovery.v3.Resource` (delta responses): its `resource`, `name` and `version`.
@@ -789,5 +814,64 @@ async fn start_named_subscriptions(
             }
             Source::Ads => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire_name;
+    use prost::Message;
+    use prost_reflect::{DynamicMessage, Value};
+
+    fn encoded(type_name: &str, fields: &[(&str, Value)]) -> Vec<u8> {
+        let desc = crate::config::descriptors::message(type_name).expect("descriptor");
+        let mut m = DynamicMessage::new(desc);
+        for (f, v) in fields {
+            m.set_field_by_name(f, v.clone());
+        }
+        m.encode_to_vec()
+    }
+
+    /// The name is read off the wire past other fields of every wire type, without decoding the message.
+    #[test]
+    fn wire_name_reads_field_one() {
+        let cluster = encoded(
+            "envoy.config.cluster.v3.Cluster",
+            &[
+                ("name", Value::String("svc".into())),
+                ("alt_stat_name", Value::String("other".into())),
+                ("type", Value::EnumNumber(3)),
+                (
+                    "per_connection_buffer_limit_bytes",
+                    Value::Message({
+                        let d = crate::config::descriptors::message("google.protobuf.UInt32Value")
+                            .expect("descriptor");
+                        let mut v = DynamicMessage::new(d);
+                        v.set_field_by_name("value", Value::U32(7));
+                        v
+                    }),
+                ),
+            ],
+        );
+        assert_eq!(wire_name(&cluster).as_deref(), Ok("svc"));
+        let cla = encoded(
+            "envoy.config.endpoint.v3.ClusterLoadAssignment",
+            &[("cluster_name", Value::String("svc-eds".into()))],
+        );
+        assert_eq!(wire_name(&cla).as_deref(), Ok("svc-eds"));
+        // The last occurrence wins, as when protobuf decodes it.
+        let mut twice = encoded(
+            "envoy.config.listener.v3.Listener",
+            &[("name", Value::String("a".into()))],
+        );
+        twice.extend(encoded(
+            "envoy.config.listener.v3.Listener",
+            &[("name", Value::String("b".into()))],
+        ));
+        assert_eq!(wire_name(&twice).as_deref(), Ok("b"));
+        assert_eq!(wire_name(&[]).as_deref(), Ok(""));
+        // Not a message: a truncated field, an invalid wire type.
+        assert!(wire_name(&cluster[..cluster.len() - 1]).is_err());
+        assert!(wire_name(&[0x0f]).is_err());
     }
 }
