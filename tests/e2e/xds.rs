@@ -1383,3 +1383,45 @@ async fn own_config_sources_are_checked_with_their_paths() {
         "{err}"
     );
 }
+
+/// A new EDS cluster whose assignment does not come warms for its `eds_config`'s `initial_fetch_timeout`,
+/// then serves without hosts (503) counting `init_fetch_timeout`, as Envoy's EDS cluster ends its
+/// initialization; the assignment, when it comes, gives it hosts.
+#[tokio::test]
+async fn an_eds_cluster_stops_warming_after_its_initial_fetch_timeout() {
+    let a = Upstream::start("a").await;
+    let xds = XdsServer::start().await;
+    let mut source = grpc_source("GRPC", "xds");
+    source["initial_fetch_timeout"] = json!("0.3s");
+    xds.set(hx::CLUSTER, vec![eds_cluster_from("svc", source)]);
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+        )],
+    );
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"cds_config": grpc_source("GRPC", "xds"), "lds_config": grpc_source("GRPC", "xds")},
+        "static_resources": {"clusters": [h2_cluster("xds", &[xds.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    proxy
+        .wait_stat("cluster.svc.init_fetch_timeout", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.stat("cluster_manager.warming_clusters").await, 0);
+    assert_eq!(proxy.stat("cluster.svc.update_success").await, 0);
+    let addr = proxy.listener_addr("main").await;
+    let reply = http1_client(addr).get("/", &[]).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[a.addr()])]);
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("cluster.svc.init_fetch_timeout").await, 1);
+}

@@ -103,6 +103,8 @@ pub struct DynCluster {
     active: Option<Arc<Cluster>>,
     /// This version waits for its endpoints.
     pub warming: bool,
+    /// Tells this version's warm-up from a later one's, for its `initial_fetch_timeout`.
+    warm_id: u64,
 }
 
 impl DynCluster {
@@ -181,6 +183,8 @@ pub struct Dynamic {
     pub connected_state: Gauge,
     /// Bumped whenever something was applied, warmed, or the names to subscribe to may have changed.
     changes: watch::Sender<u64>,
+    /// The server, for timers that outlive an update (set by [`super::start`]).
+    shared: std::sync::OnceLock<std::sync::Weak<Shared>>,
 }
 
 /// A snapshot of the dynamic state for `/config_dump`.
@@ -253,6 +257,7 @@ impl Dynamic {
                 Gauge::detached()
             },
             changes: watch::channel(0).0,
+            shared: std::sync::OnceLock::new(),
         }
     }
 
@@ -308,18 +313,69 @@ impl Dynamic {
                 e.stats.init_fetch_timeout.inc();
             }
         }
-        for c in inner.clusters.values().filter(|c| c.warming) {
-            if let Discovery::Eds { service_name, .. } = &c.config.discovery {
-                if let Some(e) = inner.endpoints.get(service_name) {
-                    e.stats.init_fetch_timeout.inc();
-                }
-            }
-        }
+        // Warming clusters count theirs when their own `initial_fetch_timeout` ends their warm-up.
         for r in self.rds.all() {
             if !r.received() {
                 r.stats.init_fetch_timeout.inc();
             }
         }
+    }
+
+    /// Remember the server, for the timers of warming clusters.
+    pub fn set_shared(&self, shared: &Arc<Shared>) {
+        let _ = self.shared.set(Arc::downgrade(shared));
+    }
+
+    /// A new EDS cluster warms until its assignment arrives or its `eds_config`'s `initial_fetch_timeout`
+    /// passes, after which it serves without hosts (Envoy's EDS cluster ends its initialization when the fetch
+    /// times out, counting `init_fetch_timeout`).
+    fn time_warming(&self, entry: &mut DynCluster) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        entry.warm_id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Discovery::Eds { source, .. } = &entry.config.discovery else {
+            return;
+        };
+        let (Some(timeout), Some(weak), Ok(rt)) = (
+            source.initial_fetch_timeout,
+            self.shared.get().cloned(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let (name, id) = (entry.config.name.clone(), entry.warm_id);
+        rt.spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(shared) = weak.upgrade() {
+                shared.dynamic.warming_timed_out(&shared, &name, id);
+            }
+        });
+    }
+
+    /// The `initial_fetch_timeout` of cluster `name`'s warm-up `id` has passed: if it still warms, it
+    /// serves now, without hosts until its assignment arrives.
+    fn warming_timed_out(&self, shared: &Shared, name: &str, id: u64) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let Some(dc) = inner
+            .clusters
+            .get_mut(name)
+            .filter(|c| c.warming && c.warm_id == id)
+        else {
+            return;
+        };
+        if let Discovery::Eds { service_name, .. } = &dc.config.discovery {
+            if let Some(e) = inner.endpoints.get(service_name) {
+                e.stats.init_fetch_timeout.inc();
+            }
+        }
+        let mut snap = (**shared.clusters.load()).clone();
+        dc.active = Some(activate(shared, &mut snap, dc.config.clone()));
+        dc.warming = false;
+        tracing::warn!(cluster = %name, "EDS: initial fetch timed out; the cluster serves without hosts");
+        publish_clusters(shared, snap);
+        self.update_cluster_gauges(shared, inner);
+        drop(guard);
+        self.bump();
     }
 
     /// Whether start-up may finish: the first CDS and LDS rounds are done and nothing warms.
@@ -565,6 +621,7 @@ impl Dynamic {
                 last_updated: now,
                 active: previous,
                 warming: false,
+                warm_id: 0,
             };
             if let Discovery::Eds { service_name, .. } = &entry.config.discovery {
                 let stats_scope = shared.store.scope(format!("cluster.{}.", entry.config.stat_name));
@@ -578,6 +635,7 @@ impl Dynamic {
                     entry.active = Some(activate(shared, &mut snap, config));
                 } else {
                     entry.warming = true;
+                    self.time_warming(&mut entry);
                 }
             } else {
                 entry.active = Some(activate(shared, &mut snap, entry.config.clone()));

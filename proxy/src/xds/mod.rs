@@ -702,6 +702,7 @@ pub fn decode_resources(
 /// `initial_fetch_timeout` has passed (after which the server goes live anyway, counting `init_fetch_timeout`).
 pub async fn start(shared: &Arc<crate::server::Shared>) {
     let d = &shared.bootstrap.dynamic;
+    shared.dynamic.set_shared(shared);
     shared.dynamic.register_static_eds(shared);
     let eds_sources = shared.dynamic.eds_sources(shared);
     let rds_sources = shared.dynamic.rds.sources();
