@@ -338,6 +338,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         &store,
         std::mem::take(&mut bootstrap.rds),
         bootstrap.dynamic.uses_grpc()
+            || crate::xds::static_sources_use_grpc(&bootstrap)
             || bootstrap
                 .runtime
                 .rtds()

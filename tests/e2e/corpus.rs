@@ -34,7 +34,7 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn corpus_dir() -> PathBuf {
+pub(crate) fn corpus_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("REMORA_ENVOY_CORPUS") {
         let dir = PathBuf::from(dir);
         assert!(

@@ -648,6 +648,47 @@ async fn cds_and_lds_on_their_own_grpc_streams() {
         .await;
 }
 
+/// As in Envoy, LDS on a source of its own starts once the clusters have initialized. Before, the two streams
+/// raced: a listener could arrive before the cluster its route names, be rejected for it, and never come back
+/// (a state-of-the-world server does not resend what it already sent).
+#[tokio::test]
+async fn lds_on_its_own_stream_starts_once_cds_has_initialized() {
+    let a = Upstream::start("a").await;
+    let xds = XdsServer::start().await;
+    xds.hold(hx::CLUSTER);
+    xds.set(hx::CLUSTER, vec![cluster("svc", &[a.addr()])]);
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+        )],
+    );
+    let source = json!({"resource_api_version": "V3", "api_config_source": {"api_type": "GRPC",
+        "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}});
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"cds_config": source, "lds_config": source},
+        "static_resources": {"clusters": [h2_cluster("xds", &[xds.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    xds.wait_request("the CDS request", DEFAULT_TIMEOUT, |r| {
+        hx::type_url(r) == hx::CLUSTER
+    })
+    .await;
+    assert!(
+        !xds.stream_paths().iter().any(|p| p.contains("Listener")),
+        "LDS started before CDS answered: {:?}",
+        xds.stream_paths()
+    );
+    xds.release(hx::CLUSTER);
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("listener_manager.lds.update_rejected").await, 0);
+}
+
 #[tokio::test]
 async fn api_config_sources_refuse_what_remora_cannot_do_with_the_path() {
     let source = |service: Value, api_type: &str| {
@@ -694,14 +735,78 @@ async fn api_config_sources_refuse_what_remora_cannot_do_with_the_path() {
     assert!(!err.contains("not supported by Remora"), "{err}");
 }
 
-/// What the REST management server of [`cds_and_lds_polled_over_rest`] serves and saw.
+/// What a REST management server ([`rest_plane`]) serves and saw.
 #[derive(Default)]
 struct RestPlane {
     /// Per path: the version and the resources.
     served: std::collections::HashMap<String, (u64, Vec<Value>)>,
-    /// Every request: path, `version_info`, whether it carried `error_detail`.
-    seen: Vec<(String, String, bool)>,
-    not_modified: u64,
+    /// Every request: path, `version_info`, whether it carried `error_detail`, `resource_names`.
+    seen: Vec<(String, String, bool, Vec<String>)>,
+    /// 304s answered, per path.
+    not_modified: std::collections::HashMap<String, u64>,
+}
+
+type SharedPlane = std::sync::Arc<std::sync::Mutex<RestPlane>>;
+
+fn plane_set(plane: &SharedPlane, path: &str, resources: Vec<Value>) {
+    let mut p = plane.lock().unwrap_or_else(|e| e.into_inner());
+    let version = p.served.get(path).map_or(1, |(v, _)| v + 1);
+    p.served.insert(path.to_owned(), (version, resources));
+}
+
+fn plane_not_modified(plane: &SharedPlane, path: &str) -> u64 {
+    let p = plane.lock().unwrap_or_else(|e| e.into_inner());
+    p.not_modified.get(path).copied().unwrap_or(0)
+}
+
+/// A REST-JSON management server (`xds_protocol.rst`, "REST-JSON polling subscriptions"): it answers a
+/// POSTed `DiscoveryRequest` to `/v3/discovery:<type>` with the resources set for that path (those named in
+/// `resource_names`, when there are any), or 304 when the request's `version_info` is the current one.
+async fn rest_plane() -> (Upstream, SharedPlane) {
+    use http_body_util::BodyExt;
+    let cp = Upstream::http1("cp").await;
+    let plane = SharedPlane::default();
+    cp.set_handler({
+        let plane = plane.clone();
+        move |req: http::Request<hyper::body::Incoming>| {
+            let plane = plane.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let ok = req.method() == Method::POST
+                    && req.headers().get("content-type").is_some_and(|v| v == "application/json");
+                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let version = request["version_info"].as_str().unwrap_or_default().to_owned();
+                let names: Vec<String> = request["resource_names"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default();
+                let mut p = plane.lock().unwrap_or_else(|e| e.into_inner());
+                p.seen.push((path.clone(), version.clone(), request.get("error_detail").is_some(), names.clone()));
+                let Some((current, resources)) = p.served.get(&path).cloned() else {
+                    return crate::harness::reply(404, "");
+                };
+                if !ok {
+                    return crate::harness::reply(400, "want a JSON POST");
+                }
+                if version == current.to_string() {
+                    *p.not_modified.entry(path).or_default() += 1;
+                    return crate::harness::reply(304, "");
+                }
+                let resources: Vec<Value> = resources
+                    .into_iter()
+                    .filter(|r| {
+                        let name = r.get("name").or_else(|| r.get("cluster_name")).and_then(Value::as_str);
+                        names.is_empty() || name.is_some_and(|n| names.iter().any(|x| x == n))
+                    })
+                    .collect();
+                let type_url = request["type_url"].as_str().unwrap_or_default();
+                let resp = json!({"version_info": current.to_string(), "resources": resources, "type_url": type_url});
+                crate::harness::reply(200, resp.to_string())
+            }
+        }
+    });
+    (cp, plane)
 }
 
 /// `api_type: REST`: the proxy POSTs `DiscoveryRequest`s as JSON to `/v3/discovery:clusters` and
@@ -709,17 +814,10 @@ struct RestPlane {
 /// request's `error_detail`.
 #[tokio::test]
 async fn cds_and_lds_polled_over_rest() {
-    use http_body_util::BodyExt;
-    use std::sync::{Arc, Mutex};
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let cp = Upstream::http1("cp").await;
-    let plane = Arc::new(Mutex::new(RestPlane::default()));
-    let set = |path: &str, resources: Vec<Value>| {
-        let mut p = plane.lock().unwrap_or_else(|e| e.into_inner());
-        let version = p.served.get(path).map_or(1, |(v, _)| v + 1);
-        p.served.insert(path.to_owned(), (version, resources));
-    };
+    let (cp, plane) = rest_plane().await;
+    let set = |path: &str, resources: Vec<Value>| plane_set(&plane, path, resources);
     set(
         "/v3/discovery:clusters",
         vec![typed(cluster("svc", &[a.addr()]), CLUSTER_TYPE)],
@@ -734,35 +832,6 @@ async fn cds_and_lds_polled_over_rest() {
             LISTENER_TYPE,
         )],
     );
-    cp.set_handler({
-        let plane = plane.clone();
-        move |req: http::Request<hyper::body::Incoming>| {
-            let plane = plane.clone();
-            async move {
-                let path = req.uri().path().to_owned();
-                let ok = req.method() == Method::POST
-                    && req.headers().get("content-type").is_some_and(|v| v == "application/json");
-                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                let version = request["version_info"].as_str().unwrap_or_default().to_owned();
-                let mut p = plane.lock().unwrap_or_else(|e| e.into_inner());
-                p.seen.push((path.clone(), version.clone(), request.get("error_detail").is_some()));
-                let Some((current, resources)) = p.served.get(&path).cloned() else {
-                    return crate::harness::reply(404, "");
-                };
-                if !ok {
-                    return crate::harness::reply(400, "want a JSON POST");
-                }
-                if version == current.to_string() {
-                    p.not_modified += 1;
-                    return crate::harness::reply(304, "");
-                }
-                let type_url = request["type_url"].as_str().unwrap_or_default();
-                let resp = json!({"version_info": current.to_string(), "resources": resources, "type_url": type_url});
-                crate::harness::reply(200, resp.to_string())
-            }
-        }
-    });
     let rest = json!({"api_type": "REST", "transport_api_version": "V3", "cluster_names": ["cp"],
         "refresh_delay": "0.05s", "request_timeout": "1s"});
     let bootstrap = json!({
@@ -781,7 +850,7 @@ async fn cds_and_lds_polled_over_rest() {
 
     // Polls that find nothing new are answered 304 and change nothing.
     within_default("a 304", async {
-        while plane.lock().unwrap_or_else(|e| e.into_inner()).not_modified < 4 {
+        while plane_not_modified(&plane, "/v3/discovery:clusters") < 4 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -817,7 +886,7 @@ async fn cds_and_lds_polled_over_rest() {
                 .unwrap_or_else(|e| e.into_inner())
                 .seen
                 .iter()
-                .any(|(p, v, nack)| p == "/v3/discovery:clusters" && *nack && v == "2");
+                .any(|(p, v, nack, _)| p == "/v3/discovery:clusters" && *nack && v == "2");
             if nack {
                 break;
             }
@@ -853,4 +922,569 @@ async fn sigterm_closes_what_a_replaced_listener_still_drains() {
     proxy.sigterm();
     let status = proxy.wait_exit(Duration::from_secs(5)).await;
     assert!(status.success(), "{status:?}\n{}", proxy.logs());
+}
+
+/// A config source of its own (`api_config_source`) on the static cluster `xds`, as go-control-plane's
+/// sample resources name it.
+fn grpc_source(api_type: &str, cluster: &str) -> Value {
+    json!({"resource_api_version": "V3", "api_config_source": {"api_type": api_type, "transport_api_version": "V3",
+        "set_node_on_first_message_only": true, "grpc_services": [{"envoy_grpc": {"cluster_name": cluster}}]}})
+}
+
+fn rest_source(cluster: &str, refresh_delay: &str) -> Value {
+    json!({"resource_api_version": "V3", "api_config_source": {"api_type": "REST", "transport_api_version": "V3",
+        "cluster_names": [cluster], "refresh_delay": refresh_delay, "request_timeout": "1s"}})
+}
+
+/// An EDS cluster whose assignment comes from `source`.
+fn eds_cluster_from(name: &str, source: Value) -> Value {
+    let mut c = eds_cluster(name);
+    c["eds_cluster_config"]["eds_config"] = source;
+    c
+}
+
+/// Route table `name` sending everything to `cluster`.
+fn table(name: &str, cluster: &str) -> Value {
+    let mut t = routes(vec![to_cluster(json!({"prefix": "/"}), cluster)]);
+    t["name"] = json!(name);
+    t
+}
+
+fn count(paths: &[String], path: &str) -> usize {
+    paths.iter().filter(|p| *p == path).count()
+}
+
+const STREAM_ENDPOINTS: &str = "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints";
+const DELTA_ROUTES: &str = "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes";
+
+/// EDS over a GRPC `api_config_source` of its own (one `StreamEndpoints` stream shared by every cluster that
+/// names the source, asking for their names), RDS over a DELTA_GRPC one (`DeltaRoutes`); updates move
+/// traffic, a bad assignment is NACKed with its field path and the last good hosts keep serving, and a
+/// cluster added later joins the same stream.
+#[tokio::test]
+async fn eds_and_rds_on_their_own_grpc_streams() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let c = Upstream::start("c").await;
+    let xds = XdsServer::start().await;
+    let eds = || grpc_source("GRPC", "xds");
+    xds.set(
+        hx::CLUSTER,
+        vec![eds_cluster_from("svc", eds()), eds_cluster_from("other", eds())],
+    );
+    xds.set(
+        hx::ENDPOINT,
+        vec![assignment("svc", &[a.addr()]), assignment("other", &[c.addr()])],
+    );
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"rds": {"route_config_name": "r1", "config_source": grpc_source("DELTA_GRPC", "xds")}}),
+        )],
+    );
+    xds.set(hx::ROUTE, vec![table("r1", "svc")]);
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"cds_config": grpc_source("GRPC", "xds"), "lds_config": grpc_source("GRPC", "xds")},
+        "static_resources": {"clusters": [h2_cluster("xds", &[xds.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    let paths = xds.stream_paths();
+    assert_eq!(count(&paths, STREAM_ENDPOINTS), 1, "{paths:?}");
+    assert_eq!(count(&paths, DELTA_ROUTES), 1, "{paths:?}");
+    assert!(
+        !paths.iter().any(|p| p.contains("AggregatedDiscoveryService")),
+        "{paths:?}"
+    );
+    // Non-wildcard: the names of the clusters and connection managers that use the source.
+    let eds_req = xds
+        .wait_request("an EDS request", DEFAULT_TIMEOUT, |r| {
+            hx::type_url(r) == hx::ENDPOINT
+        })
+        .await;
+    let names: Vec<String> = match eds_req.get_field_by_name("resource_names").as_deref() {
+        Some(prost_reflect::Value::List(l)) => {
+            l.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+        }
+        _ => Vec::new(),
+    };
+    assert_eq!(names, ["other", "svc"]);
+    assert!(proxy.stat("cluster.svc.update_success").await >= 1);
+    assert!(proxy.stat("cluster.other.update_success").await >= 1);
+    assert!(proxy.stat("http.ingress.rds.r1.update_success").await >= 1);
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+    assert_eq!(proxy.stat("cluster_manager.warming_clusters").await, 0);
+    assert_eq!(proxy.stat("listener_manager.total_listeners_active").await, 1);
+    let (_, dump) = proxy.admin_get("/config_dump").await;
+    assert!(dump.contains("\"r1\""), "{dump}");
+
+    // New endpoints move traffic.
+    let before = proxy.stat("cluster.svc.update_success").await;
+    xds.set(
+        hx::ENDPOINT,
+        vec![assignment("svc", &[b.addr()]), assignment("other", &[c.addr()])],
+    );
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v > before, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+
+    // A bad assignment is NACKed on the EDS stream with its field path; the last good hosts serve.
+    let mut bad = assignment("svc", &[a.addr()]);
+    bad["endpoints"][0]["lb_endpoints"][0]["load_balancing_weight"] = json!(0);
+    xds.set(hx::ENDPOINT, vec![bad, assignment("other", &[c.addr()])]);
+    let nack = xds
+        .wait_request("an EDS NACK", DEFAULT_TIMEOUT, |r| {
+            hx::type_url(r) == hx::ENDPOINT && hx::nack_message(r).is_some()
+        })
+        .await;
+    let detail = hx::nack_message(&nack).unwrap_or_default();
+    assert!(
+        detail.contains("\"svc\"") && detail.contains("endpoints[0].lb_endpoints[0].load_balancing_weight"),
+        "{detail}"
+    );
+    proxy
+        .wait_stat("cluster.svc.update_rejected", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+
+    // A new route table over the delta stream moves traffic.
+    let before = proxy.stat("http.ingress.rds.r1.update_success").await;
+    xds.set(hx::ROUTE, vec![table("r1", "other")]);
+    proxy
+        .wait_stat(
+            "http.ingress.rds.r1.update_success",
+            |v| v > before,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
+    assert_eq!(upstream_of(addr).await, "c");
+
+    // A cluster added later on the same source is asked for on the same stream, and warms from it.
+    xds.set(
+        hx::ENDPOINT,
+        vec![
+            assignment("svc", &[b.addr()]),
+            assignment("other", &[c.addr()]),
+            assignment("third", &[a.addr()]),
+        ],
+    );
+    xds.set(
+        hx::CLUSTER,
+        vec![
+            eds_cluster_from("svc", eds()),
+            eds_cluster_from("other", eds()),
+            eds_cluster_from("third", eds()),
+        ],
+    );
+    proxy
+        .wait_stat("cluster.third.update_success", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    xds.set(hx::ROUTE, vec![table("r1", "third")]);
+    proxy
+        .wait_stat(
+            "http.ingress.rds.r1.update_success",
+            |v| v > before + 1,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(count(&xds.stream_paths(), STREAM_ENDPOINTS), 1);
+
+    // A lost control plane fails every subscription its streams served; the last good config serves on.
+    drop(xds);
+    proxy
+        .wait_stat("cluster.third.update_failure", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy
+        .wait_stat("http.ingress.rds.r1.update_failure", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy
+        .wait_stat("control_plane.connected_state", |v| v == 0, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "a");
+}
+
+/// EDS and RDS over REST (`/v3/discovery:endpoints`, `:routes`, with the `resource_names` of interest): the
+/// first polls warm the cluster and the listener, a 304 changes nothing, new versions move traffic.
+#[tokio::test]
+async fn eds_and_rds_polled_over_rest() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let c = Upstream::start("c").await;
+    let (cp, plane) = rest_plane().await;
+    let rest = || rest_source("cp", "0.05s");
+    plane_set(
+        &plane,
+        "/v3/discovery:clusters",
+        vec![typed(eds_cluster_from("svc", rest()), CLUSTER_TYPE)],
+    );
+    plane_set(
+        &plane,
+        "/v3/discovery:listeners",
+        vec![typed(
+            listener(
+                "main",
+                json!({"rds": {"route_config_name": "r1", "config_source": rest()}}),
+            ),
+            LISTENER_TYPE,
+        )],
+    );
+    let endpoints = |name: &str, up: &Upstream| typed(assignment(name, &[up.addr()]), hx::ENDPOINT);
+    plane_set(
+        &plane,
+        "/v3/discovery:endpoints",
+        vec![endpoints("svc", &a), endpoints("unrelated", &b)],
+    );
+    plane_set(
+        &plane,
+        "/v3/discovery:routes",
+        vec![typed(table("r1", "svc"), hx::ROUTE)],
+    );
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"cds_config": rest(), "lds_config": rest()},
+        "static_resources": {"clusters": [cluster("cp", &[cp.addr()]), cluster("direct", &[c.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    {
+        let p = plane.lock().unwrap_or_else(|e| e.into_inner());
+        let names_of = |path: &str| {
+            p.seen
+                .iter()
+                .find(|(p, ..)| p == path)
+                .map(|(.., names)| names.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(names_of("/v3/discovery:endpoints"), ["svc"]);
+        assert_eq!(names_of("/v3/discovery:routes"), ["r1"]);
+    }
+
+    // Polls that find nothing new are answered 304 and change nothing.
+    within_default("304s", async {
+        while plane_not_modified(&plane, "/v3/discovery:endpoints") < 3
+            || plane_not_modified(&plane, "/v3/discovery:routes") < 3
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(proxy.stat("cluster.svc.update_success").await, 1);
+    assert_eq!(proxy.stat("http.ingress.rds.r1.update_success").await, 1);
+
+    // New versions are picked up by the next polls.
+    plane_set(&plane, "/v3/discovery:endpoints", vec![endpoints("svc", &b)]);
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+    plane_set(
+        &plane,
+        "/v3/discovery:routes",
+        vec![typed(table("r1", "direct"), hx::ROUTE)],
+    );
+    proxy
+        .wait_stat("http.ingress.rds.r1.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "c");
+}
+
+/// A go-control-plane sample bootstrap from the corpus, pointed at `control_plane` (its `xds_cluster`) with
+/// the admin on port 0. `layered_runtime` is taken out only while Remora refuses it.
+async fn go_control_plane_bootstrap(file: &str, control_plane: SocketAddr) -> String {
+    let path = crate::corpus::corpus_dir().join("configs").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut v: Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+    v["admin"]["address"]["socket_address"]["port_value"] = json!(0);
+    let clusters = v["static_resources"]["clusters"]
+        .as_array_mut()
+        .unwrap_or_else(|| panic!("{file} has no static clusters"));
+    let xds = clusters
+        .iter_mut()
+        .find(|c| c["name"] == "xds_cluster")
+        .unwrap_or_else(|| panic!("{file} has no xds_cluster"));
+    xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] =
+        json!({"address": control_plane.ip().to_string(), "port_value": control_plane.port()});
+    let (code, _, err) = crate::harness::validate(&v.to_string()).await;
+    if code != 0 && err.contains("layered_runtime") {
+        v.as_object_mut().map(|m| m.remove("layered_runtime"));
+    }
+    v.to_string()
+}
+
+/// The resources of go-control-plane's example (`internal/example/resource.go`), with the cluster's
+/// endpoints from EDS over the same config source as the listener's RDS.
+fn go_control_plane_resources(source: &Value, up: &Upstream) -> (Value, Value, Value, Value) {
+    let cluster = json!({
+        "name": "example_proxy_cluster", "connect_timeout": "5s", "type": "EDS", "lb_policy": "ROUND_ROBIN",
+        "eds_cluster_config": {"eds_config": source},
+    });
+    let assignment = assignment("example_proxy_cluster", &[up.addr()]);
+    let route = json!({
+        "name": "local_route",
+        "virtual_hosts": [{"name": "local_service", "domains": ["*"], "routes": [{"match": {"prefix": "/"},
+            "route": {"cluster": "example_proxy_cluster", "host_rewrite_literal": "www.envoyproxy.io"}}]}],
+    });
+    let hcm = json!({
+        "@type": HCM_TYPE, "codec_type": "AUTO", "stat_prefix": "http",
+        "rds": {"config_source": source, "route_config_name": "local_route"},
+        "http_filters": [{"name": "http-router", "typed_config": {"@type": ROUTER_TYPE}}],
+    });
+    let listener = json!({
+        "name": "listener_0",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [{"filters": [{"name": "http-connection-manager", "typed_config": hcm}]}],
+    });
+    (cluster, assignment, route, listener)
+}
+
+/// go-control-plane's `sample_bootstrap-xds.yaml` (CDS and LDS each on a GRPC `api_config_source` of its
+/// own) against the test control plane serving go-control-plane-shaped resources.
+#[tokio::test]
+async fn go_control_plane_xds_sample_runs() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let xds = XdsServer::start().await;
+    let (cluster, assignment_a, route, listener) =
+        go_control_plane_resources(&grpc_source("GRPC", "xds_cluster"), &a);
+    xds.set(hx::CLUSTER, vec![cluster]);
+    xds.set(hx::ENDPOINT, vec![assignment_a]);
+    xds.set(hx::ROUTE, vec![route]);
+    xds.set(hx::LISTENER, vec![listener]);
+    // The sample's `rtds_layer` `runtime-0`, on its own RuntimeDiscoveryService stream: /ready waits for it.
+    xds.set(
+        hx::RUNTIME,
+        vec![json!({"name": "runtime-0", "layer": {"example": {"key": 7}}})],
+    );
+    let bootstrap =
+        go_control_plane_bootstrap("go-control-plane__sample_bootstrap-xds.yaml", xds.addr()).await;
+    let proxy = Remora::start(&bootstrap, &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("listener_0").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+    let (_, runtime) = proxy.admin_get("/runtime").await;
+    assert!(
+        runtime.contains("\"example.key\"") && runtime.contains("runtime-0"),
+        "the RTDS layer is not in /runtime: {runtime}"
+    );
+    xds.set(
+        hx::ENDPOINT,
+        vec![assignment("example_proxy_cluster", &[b.addr()])],
+    );
+    proxy
+        .wait_stat(
+            "cluster.example_proxy_cluster.update_success",
+            |v| v >= 2,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+}
+
+/// go-control-plane's `sample_bootstrap-rest.yaml` (REST polling every 0.5 s) against a REST control plane
+/// serving the same resources.
+#[tokio::test]
+async fn go_control_plane_rest_sample_runs() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let (cp, plane) = rest_plane().await;
+    let source = json!({"resource_api_version": "V3", "api_config_source": {"api_type": "REST",
+        "transport_api_version": "V3", "refresh_delay": "0.5s", "cluster_names": ["xds_cluster"]}});
+    let (cluster, assignment_a, route, listener) = go_control_plane_resources(&source, &a);
+    plane_set(
+        &plane,
+        "/v3/discovery:clusters",
+        vec![typed(cluster, CLUSTER_TYPE)],
+    );
+    plane_set(
+        &plane,
+        "/v3/discovery:endpoints",
+        vec![typed(assignment_a, hx::ENDPOINT)],
+    );
+    plane_set(&plane, "/v3/discovery:routes", vec![typed(route, hx::ROUTE)]);
+    plane_set(
+        &plane,
+        "/v3/discovery:listeners",
+        vec![typed(listener, LISTENER_TYPE)],
+    );
+    // The sample's `rtds_layer` `runtime-0`, polled over REST like the rest.
+    plane_set(
+        &plane,
+        "/v3/discovery:runtime",
+        vec![typed(
+            json!({"name": "runtime-0", "layer": {"example": {"key": 7}}}),
+            hx::RUNTIME,
+        )],
+    );
+    let bootstrap =
+        go_control_plane_bootstrap("go-control-plane__sample_bootstrap-rest.yaml", cp.addr()).await;
+    let proxy = Remora::start(&bootstrap, &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("listener_0").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    let (_, runtime) = proxy.admin_get("/runtime").await;
+    assert!(
+        runtime.contains("\"example.key\"") && runtime.contains("runtime-0"),
+        "the RTDS layer is not in /runtime: {runtime}"
+    );
+    plane_set(
+        &plane,
+        "/v3/discovery:endpoints",
+        vec![typed(
+            assignment("example_proxy_cluster", &[b.addr()]),
+            hx::ENDPOINT,
+        )],
+    );
+    proxy
+        .wait_stat(
+            "cluster.example_proxy_cluster.update_success",
+            |v| v >= 2,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+}
+
+/// EDS and RDS from files (`path_config_source`), for a static EDS cluster and a static listener: the server
+/// goes live once both have loaded, and an atomic rename of either file moves traffic.
+#[tokio::test]
+async fn static_eds_and_rds_from_files() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let dir = TempDir::new();
+    let d = dir.path().display().to_string();
+    let eds_file = |up: &Upstream, version: &str| {
+        discovery_file(
+            version,
+            vec![typed(assignment("svc", &[up.addr()]), hx::ENDPOINT)],
+        )
+    };
+    let rds_file =
+        |cluster: &str, version: &str| discovery_file(version, vec![typed(table("r1", cluster), hx::ROUTE)]);
+    dir.write("eds.yaml", &eds_file(&a, "1"));
+    dir.write("rds.yaml", &rds_file("svc", "1"));
+    let mut svc = eds_cluster("svc");
+    svc["eds_cluster_config"]["eds_config"] =
+        json!({"path_config_source": {"path": format!("{d}/eds.yaml")}});
+    let main = listener(
+        "main",
+        json!({"rds": {"route_config_name": "r1",
+            "config_source": {"path_config_source": {"path": format!("{d}/rds.yaml"), "watched_directory": {"path": d}}}}}),
+    );
+    let bootstrap = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"clusters": [svc, cluster("direct", &[b.addr()])], "listeners": [main]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("cluster.svc.update_success").await, 1);
+    assert_eq!(proxy.stat("http.ingress.rds.r1.update_success").await, 1);
+    assert_eq!(proxy.stat_opt("control_plane.connected_state").await, None);
+
+    write_atomically(&dir, "eds.yaml", &eds_file(&b, "2"));
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    let (_, clusters) = proxy.admin_get("/clusters").await;
+    assert!(clusters.contains(&format!("svc::{}", b.addr())), "{clusters}");
+    write_atomically(&dir, "rds.yaml", &rds_file("direct", "2"));
+    proxy
+        .wait_stat("http.ingress.rds.r1.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+}
+
+/// A config source of its own must reach its control plane through a static non-EDS cluster, `ads` needs
+/// `ads_config`, and one route configuration name comes from one source: each refused with its path.
+#[tokio::test]
+async fn own_config_sources_are_checked_with_their_paths() {
+    let eds = |source: Value| {
+        let mut c = eds_cluster("svc");
+        c["eds_cluster_config"]["eds_config"] = source;
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {"clusters": [c]},
+        })
+        .to_string()
+    };
+    let (code, _, err) = crate::harness::validate(&eds(grpc_source("GRPC", "nowhere"))).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("static_resources.clusters[0].eds_cluster_config.eds_config.api_config_source.grpc_services[0].envoy_grpc.cluster_name: unknown static cluster \"nowhere\""),
+        "{err}"
+    );
+    let (code, _, err) = crate::harness::validate(&eds(json!({"ads": {}}))).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("static_resources.clusters[0].eds_cluster_config.eds_config.ads: says ads"),
+        "{err}"
+    );
+    let rds = |source: Value| json!({"rds": {"route_config_name": "r1", "config_source": source}});
+    let two = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "clusters": [h2_cluster("xds", &[crate::support::closed_port()])],
+            "listeners": [listener("one", rds(grpc_source("GRPC", "xds"))), listener("two", rds(rest_source("xds", "1s")))],
+        },
+    });
+    let (code, _, err) = crate::harness::validate(&two.to_string()).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("rds.config_source: route configuration \"r1\" is already subscribed to from another config source"),
+        "{err}"
+    );
+}
+
+/// A new EDS cluster whose assignment does not come warms for its `eds_config`'s `initial_fetch_timeout`,
+/// then serves without hosts (503) counting `init_fetch_timeout`, as Envoy's EDS cluster ends its
+/// initialization; the assignment, when it comes, gives it hosts.
+#[tokio::test]
+async fn an_eds_cluster_stops_warming_after_its_initial_fetch_timeout() {
+    let a = Upstream::start("a").await;
+    let xds = XdsServer::start().await;
+    let mut source = grpc_source("GRPC", "xds");
+    source["initial_fetch_timeout"] = json!("0.3s");
+    xds.set(hx::CLUSTER, vec![eds_cluster_from("svc", source)]);
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+        )],
+    );
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"cds_config": grpc_source("GRPC", "xds"), "lds_config": grpc_source("GRPC", "xds")},
+        "static_resources": {"clusters": [h2_cluster("xds", &[xds.addr()])]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    proxy
+        .wait_stat("cluster.svc.init_fetch_timeout", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.stat("cluster_manager.warming_clusters").await, 0);
+    assert_eq!(proxy.stat("cluster.svc.update_success").await, 0);
+    let addr = proxy.listener_addr("main").await;
+    let reply = http1_client(addr).get("/", &[]).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[a.addr()])]);
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("cluster.svc.init_fetch_timeout").await, 1);
 }

@@ -143,7 +143,7 @@ pub fn config_dump(shared: &Shared) -> Value {
         for c in view.clusters() {
             let entry = json!({
                 "version_info": c.version,
-                "cluster": with_type(&to_json(&c.message), "envoy.config.cluster.v3.Cluster"),
+                "cluster": c.message().map_or(Value::Null, |m| with_type(&to_json(&m), "envoy.config.cluster.v3.Cluster")),
                 "last_updated": crate::util::rfc3339(c.last_updated),
             });
             if c.warming {

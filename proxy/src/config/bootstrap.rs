@@ -82,7 +82,6 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             .msg("dynamic_resources")
             .map(|d| crate::xds::lower_dynamic_resources(&d))
             .unwrap_or_default();
-        let rds_registry = (!dynamic.is_empty()).then_some(&rds);
         let (listeners, clusters) = match root.msg("static_resources") {
             Some(sr) => {
                 let clusters: Vec<ClusterConfig> =
@@ -96,12 +95,26 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
                         );
                     }
                 }
+                let sources = crate::xds::SourceCheck::new(&clusters, dynamic.ads.is_some());
+                for (i, c) in clusters.iter().enumerate() {
+                    if let crate::upstream::Discovery::Eds { source, .. } = &c.discovery {
+                        if let Some((path, why)) = sources.check(source) {
+                            errs.push(
+                                format!(
+                                    "static_resources.clusters[{i}].eds_cluster_config.eds_config.{path}"
+                                ),
+                                why,
+                            );
+                        }
+                    }
+                }
                 let ctx = listener::Ctx {
                     ids: &ids,
                     store,
                     logs: &logs,
                     static_clusters: &names,
-                    rds: rds_registry,
+                    rds: &rds,
+                    sources: Some(&sources),
                 };
                 let listeners: Vec<Arc<ListenerConfig>> = sr
                     .list("listeners")
@@ -123,12 +136,6 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             }
             None => (Vec::new(), Vec::new()),
         };
-        if dynamic.ads.is_none() && !rds.names().is_empty() {
-            errs.push(
-                "dynamic_resources.ads_config",
-                "a connection manager uses rds, which needs ads_config",
-            );
-        }
         let mut control_planes = Vec::new();
         if let Some(crate::xds::GrpcTarget::Cluster(name)) = dynamic.ads.as_ref().map(|a| &a.target) {
             control_planes.push((

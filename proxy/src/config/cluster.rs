@@ -30,22 +30,29 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         "STATIC" => Discovery::Static,
         "ORIGINAL_DST" => lower_original_dst(c),
         "EDS" => {
-            let service_name = match c.msg("eds_cluster_config") {
+            let (service_name, source) = match c.msg("eds_cluster_config") {
                 Some(e) => {
-                    if let Some(src) = e.msg("eds_config") {
-                        let _ = crate::xds::lower_config_source(&src, false);
-                    } else {
-                        e.err("eds_config", "an EDS cluster needs eds_config");
-                    }
-                    e.string("service_name").filter(|s| !s.is_empty())
+                    let source = match e.msg("eds_config") {
+                        Some(src) => crate::xds::lower_config_source(&src),
+                        None => {
+                            e.err("eds_config", "an EDS cluster needs eds_config");
+                            None
+                        }
+                    };
+                    (e.string("service_name").filter(|s| !s.is_empty()), source)
                 }
                 None => {
                     c.err("eds_cluster_config", "an EDS cluster needs eds_cluster_config");
-                    None
+                    (None, None)
                 }
             };
             Discovery::Eds {
                 service_name: service_name.unwrap_or_else(|| name.clone()),
+                // Without a source the cluster is refused (the error is recorded above).
+                source: source.unwrap_or(crate::xds::SourceConfig {
+                    source: crate::xds::Source::Ads,
+                    initial_fetch_timeout: None,
+                }),
             }
         }
         // DNS settings and targets are filled in below.

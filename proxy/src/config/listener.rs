@@ -39,9 +39,10 @@ pub struct Ctx<'a> {
     pub logs: &'a crate::access_log::Manager,
     /// Static clusters, for `validate_clusters` of inline route tables.
     pub static_clusters: &'a HashSet<String>,
-    /// Where a connection manager with `rds` finds its route table; `None` when the bootstrap has no
-    /// dynamic configuration.
-    pub rds: Option<&'a crate::xds::RdsRegistry>,
+    /// Where a connection manager with `rds` finds its route table.
+    pub rds: &'a crate::xds::RdsRegistry,
+    /// What an `rds.config_source` may name; `None` checks nothing (resources validated on their own).
+    pub sources: Option<&'a crate::xds::SourceCheck>,
 }
 
 pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
@@ -362,22 +363,32 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
             if name.is_empty() {
                 rds.err("route_config_name", "is required");
             }
-            match rds.msg("config_source") {
-                Some(src) => {
-                    let _ = crate::xds::lower_config_source(&src, false);
-                }
-                None => rds.err("config_source", "is required"),
-            }
-            match ctx.rds {
-                Some(registry) if !name.is_empty() => {
-                    rds_name = Some(name.clone());
-                    Some(registry.subscribe(&name, &stat_prefix, ctx.store))
-                }
-                Some(_) => None,
+            let source = match rds.msg("config_source") {
+                Some(src) => crate::xds::lower_config_source(&src),
                 None => {
-                    rds.err_here("RDS needs dynamic_resources with an ADS config source");
+                    rds.err("config_source", "is required");
                     None
                 }
+            };
+            if let (Some(src), Some(check)) = (&source, ctx.sources) {
+                if let Some((path, why)) = check.check(src) {
+                    rds.err(&format!("config_source.{path}"), why);
+                }
+            }
+            match source {
+                Some(source) if !name.is_empty() => {
+                    match ctx.rds.subscribe(&name, &stat_prefix, ctx.store, &source) {
+                        Ok(table) => {
+                            rds_name = Some(name.clone());
+                            Some(table)
+                        }
+                        Err(e) => {
+                            rds.err("config_source", e);
+                            None
+                        }
+                    }
+                }
+                _ => None,
             }
         }
         (None, None) => {

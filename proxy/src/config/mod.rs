@@ -140,11 +140,13 @@ pub fn validate_resources(
                         format!("cannot start the access log writer: {e}"),
                     ))
                 })?;
+        let rds = crate::xds::RdsRegistry::default();
         let ctx = listener::Ctx {
             ids: &ids,
             store: &store,
             logs: &logs,
-            rds: None,
+            rds: &rds,
+            sources: None,
             static_clusters: &known,
         };
         for n in &nodes {

@@ -493,9 +493,12 @@ fn read_secret(text: &str, path: &Path, name: &str) -> Result<sds::Value, String
     let Some(r) = resources.into_iter().find(|r| r.name == name) else {
         return Err(format!("{what} has no secret named {name:?}"));
     };
+    let message = r
+        .message()
+        .map_err(|e| format!("{what}: secret {name:?}: {}", e.message))?;
     let errs = Errors::default();
     let value = {
-        let s = Node::root(&r.message, format!("{what}: secret {name:?}"), &errs);
+        let s = Node::root(&message, format!("{what}: secret {name:?}"), &errs);
         s.mark("name");
         let value = if let Some(t) = s.msg("tls_certificate") {
             lower_tls_certificate(&t, name.to_string()).map(|i| sds::Value::Identity(Arc::new(i)))

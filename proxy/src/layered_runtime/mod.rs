@@ -137,7 +137,7 @@ pub fn lower(n: &Node) -> RuntimeConfig {
         } else if let Some(r) = l.msg("rtds_layer") {
             let rname = r.string("name").unwrap_or_default();
             let source = match r.msg("rtds_config") {
-                Some(c) => crate::xds::lower_config_source(&c, true),
+                Some(c) => crate::xds::lower_config_source(&c),
                 None => {
                     r.err("rtds_config", "is required");
                     None
@@ -602,8 +602,19 @@ impl Runtime {
                 });
                 continue;
             }
-            let layer = match r.message.get_field_by_name("layer").as_deref() {
-                Some(PValue::Message(m)) if r.message.has_field_by_name("layer") => flatten_struct(m),
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(ConfigError {
+                        source: Some(what),
+                        path: format!("resources[{i}]"),
+                        message: e.message,
+                    });
+                    continue;
+                }
+            };
+            let layer = match message.get_field_by_name("layer").as_deref() {
+                Some(PValue::Message(m)) if message.has_field_by_name("layer") => flatten_struct(m),
                 _ => Ok(BTreeMap::new()),
             };
             match layer {

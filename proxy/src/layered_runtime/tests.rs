@@ -188,7 +188,7 @@ fn runtime_resource(yaml: &str) -> Resource {
         name,
         version: "1".into(),
         raw: prost::Message::encode_to_vec(&message).into(),
-        message,
+        descriptor: desc,
     }
 }
 

@@ -302,14 +302,18 @@ impl Scope {
     }
 }
 
-/// Counters kept per response-code class and per code (`upstream_rq_2xx`, `upstream_rq_200`), with the codes
-/// seen on real traffic resolved when the scope is built and the rest created on first use.
+/// Counters kept per response-code class and per code (`upstream_rq_2xx`, `upstream_rq_200`). The classes are
+/// created with the scope; a code's counter on its first response, as Envoy does: the codes seen on real
+/// traffic have a slot each (a lock-free look-up once created), the rest a list behind a lock. A scope that
+/// never serves (most of a large CDS's clusters) so costs five counters, not 21 (each a named entry of the
+/// store).
 #[derive(Debug)]
 pub struct CodeStats {
     scope: Scope,
     stem: &'static str,
     classes: [Counter; 5],
-    common: Vec<(u16, Counter)>,
+    /// The counters of [`COMMON_CODES`], by index.
+    common: [std::sync::OnceLock<Counter>; COMMON_CODES.len()],
     rare: Mutex<Vec<(u16, Counter)>>,
 }
 
@@ -321,15 +325,11 @@ impl CodeStats {
     /// `stem` is the name before the code: `upstream_rq` or `downstream_rq`.
     pub fn new(scope: &Scope, stem: &'static str) -> Self {
         let classes = [1, 2, 3, 4, 5].map(|c| scope.counter(&format!("{stem}_{c}xx")));
-        let common = COMMON_CODES
-            .iter()
-            .map(|&c| (c, scope.lazy_counter(&format!("{stem}_{c}"))))
-            .collect();
         CodeStats {
             scope: scope.clone(),
             stem,
             classes,
-            common,
+            common: Default::default(),
             rare: Mutex::new(Vec::new()),
         }
     }
@@ -341,7 +341,10 @@ impl CodeStats {
             return;
         }
         self.record_class(status);
-        self.code(status).inc();
+        match COMMON_CODES.iter().position(|&c| c == status) {
+            Some(i) => self.common[i].get_or_init(|| self.new_counter(status)).inc(),
+            None => self.rare(status).inc(),
+        }
     }
 
     /// Count only the class (`_2xx`): what `listener.<addr>.http.<prefix>.*` and `http.<prefix>.*` keep.
@@ -353,15 +356,16 @@ impl CodeStats {
         }
     }
 
-    fn code(&self, status: u16) -> Counter {
-        if let Some((_, c)) = self.common.iter().find(|(s, _)| *s == status) {
-            return c.clone();
-        }
+    fn new_counter(&self, status: u16) -> Counter {
+        self.scope.lazy_counter(&format!("{}_{}", self.stem, status))
+    }
+
+    fn rare(&self, status: u16) -> Counter {
         let mut rare = self.rare.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, c)) = rare.iter().find(|(s, _)| *s == status) {
             return c.clone();
         }
-        let c = self.scope.lazy_counter(&format!("{}_{}", self.stem, status));
+        let c = self.new_counter(status);
         rare.push((status, c.clone()));
         c
     }
@@ -369,8 +373,35 @@ impl CodeStats {
 
 #[cfg(test)]
 mod tests {
-    use super::{StatsMatcher, Store};
+    use super::{CodeStats, StatsMatcher, Store};
     use crate::route::StringMatcher;
+
+    /// A code's counter exists from its first response on, common code or rare; the classes from the start.
+    #[test]
+    fn code_counters_are_created_on_first_use() {
+        let store = Store::new();
+        let codes = CodeStats::new(&store.scope("cluster.a."), "upstream_rq");
+        let names = |store: &Store| -> Vec<String> { store.snapshot().into_iter().map(|(n, _)| n).collect() };
+        assert_eq!(names(&store).len(), 5);
+        codes.record(200);
+        codes.record(200);
+        codes.record(418);
+        assert_eq!(
+            names(&store),
+            [
+                "cluster.a.upstream_rq_1xx",
+                "cluster.a.upstream_rq_200",
+                "cluster.a.upstream_rq_2xx",
+                "cluster.a.upstream_rq_3xx",
+                "cluster.a.upstream_rq_418",
+                "cluster.a.upstream_rq_4xx",
+                "cluster.a.upstream_rq_5xx",
+            ]
+        );
+        assert_eq!(store.counter("cluster.a.upstream_rq_200").value(), 2);
+        assert_eq!(store.counter("cluster.a.upstream_rq_418").value(), 1);
+        assert_eq!(store.counter("cluster.a.upstream_rq_4xx").value(), 1);
+    }
 
     /// A rejected name yields a working handle that no output lists; the others are stored as before.
     #[test]

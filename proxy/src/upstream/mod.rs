@@ -100,6 +100,8 @@ pub enum Discovery {
     /// `eds_cluster_config.service_name` says otherwise).
     Eds {
         service_name: String,
+        /// `eds_cluster_config.eds_config`: where the assignment comes from.
+        source: crate::xds::SourceConfig,
     },
     /// `cluster_type: envoy.clusters.dynamic_forward_proxy`: hosts come from requests' authorities through
     /// the cluster's DNS cache (see [`dfp`]).
@@ -134,6 +136,8 @@ pub struct ClusterConfig {
     pub idle_timeout: Option<Duration>,
     /// `common_http_protocol_options.max_requests_per_connection`.
     pub max_requests_per_connection: Option<u32>,
+    /// The hosts to start with (`load_assignment`, or EDS's assignment). [`Cluster::new`] turns them into
+    /// hosts and leaves this empty in the running cluster's config.
     pub endpoints: Vec<EndpointConfig>,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub buffer_limit: u32,
@@ -739,13 +743,18 @@ pub const RUNTIME_LB_KEYS: [&str; 3] = [
 
 impl Cluster {
     pub fn new(
-        config: ClusterConfig,
+        mut config: ClusterConfig,
         scope: &Scope,
         added_via_api: bool,
         local: Option<Arc<local_cluster::LocalCluster>>,
     ) -> Arc<Cluster> {
         let stats = ClusterStats::new(scope);
-        let hosts: Vec<Arc<Host>> = config.endpoints.iter().map(Host::new).collect();
+        // The endpoints become hosts; the cluster keeps those only (an EDS cluster's next assignment replaces
+        // them, and the manager keeps the assignment).
+        let hosts: Vec<Arc<Host>> = std::mem::take(&mut config.endpoints)
+            .iter()
+            .map(Host::new)
+            .collect();
         let breakers = breaker::CircuitBreakers::new(&config.circuit_breakers, scope);
         let outlier = config
             .outlier

@@ -208,20 +208,18 @@ fn wildcard(type_url: &str) -> bool {
     type_url == CLUSTER_TYPE || type_url == LISTENER_TYPE
 }
 
-/// The names to subscribe to for a non-wildcard type.
-fn interest(shared: &Shared, type_url: &str) -> Vec<String> {
+/// The names to subscribe to for a non-wildcard type: those whose config source is `source`.
+pub(super) fn interest(shared: &Shared, type_url: &str, source: &Source) -> Vec<String> {
     match type_url {
-        ENDPOINT_TYPE => shared.dynamic.eds_names(shared),
-        ROUTE_TYPE => shared.dynamic.rds.names(),
-        RUNTIME_TYPE => shared
-            .runtime
-            .rtds_names(|s| matches!(s, Source::Ads | Source::Api(_))),
+        ENDPOINT_TYPE => shared.dynamic.eds_names(shared, source),
+        ROUTE_TYPE => shared.dynamic.rds.names_from(source),
+        RUNTIME_TYPE => shared.runtime.rtds_names(|s| s == source),
         _ => Vec::new(),
     }
 }
 
 /// Apply one decoded update of `type_url`.
-fn apply(
+pub(super) fn apply(
     shared: &Shared,
     type_url: &str,
     resources: &[Resource],
@@ -256,7 +254,7 @@ fn apply(
             let r = shared.runtime.apply_rtds(resources, removed);
             // A rejected update ends the initial fetch too (Envoy's `onConfigUpdateFailed`).
             if r.is_err() {
-                shared.runtime.rtds_initial_done(&interest(shared, RUNTIME_TYPE));
+                shared.runtime.rtds_initial_done(&grpc_rtds_names(shared));
             }
             d.notify();
             r
@@ -268,6 +266,13 @@ fn apply(
     }
 }
 
+/// The RTDS layers that come over gRPC (ADS or a stream of their own): a failed update ends their initial fetch.
+fn grpc_rtds_names(shared: &Shared) -> Vec<String> {
+    shared
+        .runtime
+        .rtds_names(|s| matches!(s, Source::Ads | Source::Api(_)))
+}
+
 /// A decoding failure counts as a rejected update of its subscription.
 fn count_rejected(shared: &Shared, type_url: &str) {
     let d = &shared.dynamic;
@@ -275,7 +280,7 @@ fn count_rejected(shared: &Shared, type_url: &str) {
         CLUSTER_TYPE => &d.cds,
         LISTENER_TYPE => &d.lds,
         RUNTIME_TYPE => {
-            shared.runtime.rtds_initial_done(&interest(shared, RUNTIME_TYPE));
+            shared.runtime.rtds_initial_done(&grpc_rtds_names(shared));
             d.notify();
             &shared.runtime.rtds_stats
         }
@@ -291,12 +296,22 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
     let mut rng = Rng::from_entropy();
     let carried = stream.types(&shared);
     let path = stream.path(cfg.api_type);
+    // The names of EDS and RDS are those whose config source is this stream's.
+    let source = match stream {
+        Stream::Ads => Source::Ads,
+        Stream::Only(_) => Source::Api(cfg.clone()),
+    };
+    let connected_state = shared.store.gauge("control_plane.connected_state");
     let mut sotw = SotwState {
         carried: carried.clone(),
+        source: source.clone(),
+        connected_state: connected_state.clone(),
         types: BTreeMap::new(),
     };
     let mut delta = DeltaState {
         carried: carried.clone(),
+        source: source.clone(),
+        connected_state: connected_state.clone(),
         types: BTreeMap::new(),
     };
     let mut attempt = 0usize;
@@ -328,16 +343,24 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
                 }
             },
         };
-        shared.dynamic.connected_state.set(0);
+        connected_state.set(0);
         for t in &carried {
-            let s = match *t {
-                CLUSTER_TYPE => &shared.dynamic.cds,
-                LISTENER_TYPE => &shared.dynamic.lds,
-                RUNTIME_TYPE => &shared.runtime.rtds_stats,
-                _ => continue,
-            };
-            s.update_attempt.inc();
-            s.update_failure.inc();
+            match *t {
+                CLUSTER_TYPE | LISTENER_TYPE | RUNTIME_TYPE => {
+                    let s = match *t {
+                        CLUSTER_TYPE => &shared.dynamic.cds,
+                        LISTENER_TYPE => &shared.dynamic.lds,
+                        _ => &shared.runtime.rtds_stats,
+                    };
+                    s.update_attempt.inc();
+                    s.update_failure.inc();
+                }
+                // Every EDS and RDS subscription this stream serves failed with it.
+                _ => {
+                    let names = interest(&shared, t, &source);
+                    shared.dynamic.count_failure(t, &names);
+                }
+            }
         }
         let wait = backoff.next_backoff(&mut rng);
         if let Err(e) = result {
@@ -379,10 +402,13 @@ struct SotwType {
     requested: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SotwState {
     /// The types this stream carries.
     carried: Vec<&'static str>,
+    /// The config source this stream serves (whose EDS and RDS names it asks for).
+    source: Source,
+    connected_state: crate::stats::Gauge,
     types: BTreeMap<&'static str, SotwType>,
 }
 
@@ -451,7 +477,7 @@ impl SotwState {
             if wildcard(type_url) {
                 continue;
             }
-            let names = interest(shared, type_url);
+            let names = interest(shared, type_url, &self.source);
             let t = self.types.entry(type_url).or_default();
             if names == t.names && (t.requested || names.is_empty()) {
                 continue;
@@ -492,7 +518,7 @@ impl SotwState {
         }
         self.resubscribe(shared, &mut tx)?;
         let mut inbound = open(channel, path, "envoy.service.discovery.v3.DiscoveryResponse", rx).await?;
-        shared.dynamic.connected_state.set(1);
+        self.connected_state.set(1);
         backoff.reset();
         tracing::info!(path, "xDS: stream (state of the world) open");
         let mut changes = shared.dynamic.subscribe_changes();
@@ -567,10 +593,13 @@ struct DeltaType {
     requested: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct DeltaState {
     /// The types this stream carries.
     carried: Vec<&'static str>,
+    /// The config source this stream serves (whose EDS and RDS names it asks for).
+    source: Source,
+    connected_state: crate::stats::Gauge,
     types: BTreeMap<&'static str, DeltaType>,
 }
 
@@ -586,7 +615,7 @@ impl DeltaState {
         let names = if wildcard(type_url) {
             Vec::new()
         } else {
-            interest(shared, type_url)
+            interest(shared, type_url, &self.source)
         };
         let t = self.types.entry(type_url).or_default();
         if !wildcard(type_url) && names.is_empty() {
@@ -619,7 +648,7 @@ impl DeltaState {
                 }
                 continue;
             }
-            let names = interest(shared, type_url);
+            let names = interest(shared, type_url, &self.source);
             let t = self.types.entry(type_url).or_default();
             if names == t.names {
                 continue;
@@ -668,7 +697,7 @@ impl DeltaState {
             rx,
         )
         .await?;
-        shared.dynamic.connected_state.set(1);
+        self.connected_state.set(1);
         backoff.reset();
         tracing::info!(path, "xDS: stream (delta) open");
         let mut changes = shared.dynamic.subscribe_changes();

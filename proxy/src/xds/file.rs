@@ -1,4 +1,7 @@
-//! Filesystem subscriptions: `path_config_source` (and the deprecated `path`) for CDS and LDS.
+//! Filesystem subscriptions: `path_config_source` (and the deprecated `path`) for CDS and LDS, and for EDS
+//! clusters' `eds_config` and connection managers' `rds.config_source` (one watcher per file and type, shared
+//! by every cluster or connection manager that names it; it also reloads when one that names it appears, so
+//! that a newcomer gets its resource from the file as it is).
 //!
 //! The file holds a `DiscoveryResponse` (YAML or JSON, `resources:` a list of `@type`d resources). A background
 //! task polls the file's metadata (inode, size, modification time) and, with `watched_directory`, the
@@ -8,7 +11,7 @@
 //! good configuration stays.
 
 use super::manager::Removal;
-use super::{decode_resources, Source, CLUSTER_TYPE, LISTENER_TYPE};
+use super::{decode_resources, Source, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 use crate::config::descriptors;
 use crate::config::load::{self, Format};
 use crate::server::Shared;
@@ -25,6 +28,19 @@ pub const POLL: Duration = Duration::from_millis(500);
 pub enum Kind {
     Cds,
     Lds,
+    Eds,
+    Rds,
+}
+
+impl Kind {
+    pub fn type_url(self) -> &'static str {
+        match self {
+            Kind::Cds => CLUSTER_TYPE,
+            Kind::Lds => LISTENER_TYPE,
+            Kind::Eds => ENDPOINT_TYPE,
+            Kind::Rds => ROUTE_TYPE,
+        }
+    }
 }
 
 /// A file's (inode, size, mtime) and its watched directory's (inode, mtime): what a change alters.
@@ -52,15 +68,43 @@ pub async fn start(shared: &Arc<Shared>, kind: Kind, source: &Source) {
     let path = path.clone();
     let dir = watched_directory.clone();
     let mut last = fingerprint(&path, dir.as_deref());
+    let named = matches!(kind, Kind::Eds | Kind::Rds);
+    let interest = |shared: &Shared| {
+        if named {
+            super::ads::interest(shared, kind.type_url(), source)
+        } else {
+            Vec::new()
+        }
+    };
+    let mut names = interest(shared);
     load(shared, kind, &path);
-    shared.dynamic.initial_done(kind == Kind::Cds);
+    if !named {
+        shared.dynamic.initial_done(kind == Kind::Cds);
+    }
     let shared = shared.clone();
+    let source = source.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(POLL);
+        let mut changes = shared.dynamic.subscribe_changes();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = changes.changed(), if named => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
             let now = fingerprint(&path, dir.as_deref());
-            if now != last {
+            let now_names = if named {
+                super::ads::interest(&shared, kind.type_url(), &source)
+            } else {
+                Vec::new()
+            };
+            // A cluster or connection manager that newly names this file gets its resource from it.
+            let newcomer = now_names.iter().any(|n| !names.contains(n));
+            names = now_names;
+            if now != last || newcomer {
                 last = now;
                 load(&shared, kind, &path);
             }
@@ -71,16 +115,20 @@ pub async fn start(shared: &Arc<Shared>, kind: Kind, source: &Source) {
 /// Read, parse and apply the file once.
 pub fn load(shared: &Shared, kind: Kind, path: &PathBuf) {
     let d = &shared.dynamic;
+    // EDS and RDS count in the stats of the resources they carry, once applied.
     let stats = match kind {
-        Kind::Cds => &d.cds,
-        Kind::Lds => &d.lds,
+        Kind::Cds => Some(&d.cds),
+        Kind::Lds => Some(&d.lds),
+        Kind::Eds | Kind::Rds => None,
     };
     let what = path.display().to_string();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            stats.update_attempt.inc();
-            stats.update_failure.inc();
+            if let Some(stats) = stats {
+                stats.update_attempt.inc();
+                stats.update_failure.inc();
+            }
             tracing::warn!(path = %what, error = %e, "cannot read config file");
             return;
         }
@@ -88,17 +136,16 @@ pub fn load(shared: &Shared, kind: Kind, path: &PathBuf) {
     let Some(desc) = descriptors::message("envoy.service.discovery.v3.DiscoveryResponse") else {
         return;
     };
-    let type_url = match kind {
-        Kind::Cds => CLUSTER_TYPE,
-        Kind::Lds => LISTENER_TYPE,
-    };
+    let type_url = kind.type_url();
     let parsed = load::message_from_text(&text, Format::detect(Some(&what), &text), &desc)
         .and_then(|m| decode_resources(&m, type_url).map(|r| (m, r)));
     let (msg, resources) = match parsed {
         Ok(x) => x,
         Err(e) => {
-            stats.update_attempt.inc();
-            stats.update_rejected.inc();
+            if let Some(stats) = stats {
+                stats.update_attempt.inc();
+                stats.update_rejected.inc();
+            }
             tracing::warn!(path = %what, errors = %e.with_source(&what), "config file rejected");
             return;
         }
@@ -117,6 +164,8 @@ pub fn load(shared: &Shared, kind: Kind, path: &PathBuf) {
     let result = match kind {
         Kind::Cds => d.apply_clusters(shared, &resources, &Removal::Omitted, &version),
         Kind::Lds => d.apply_listeners(shared, &resources, &Removal::Omitted, &version),
+        Kind::Eds => d.apply_endpoints(shared, &resources, &[], &version),
+        Kind::Rds => d.apply_routes(shared, &resources, &version),
     };
     match result {
         Ok(()) => tracing::info!(path = %what, version = %version, "config file applied"),

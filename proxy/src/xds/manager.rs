@@ -21,7 +21,7 @@
 //! SotW omission removes a cluster or listener ([`Removal::Omitted`]); an RDS or EDS resource is never removed
 //! by omission (`xds_protocol.rst`, "Deleting resources").
 
-use super::{content_hash, RdsRegistry, SubscriptionStats};
+use super::{content_hash, RdsRegistry, Source, SourceCheck, SourceConfig, SubscriptionStats};
 use crate::config::error::{ConfigError, ConfigErrors};
 use crate::config::node::{Errors, Node};
 use crate::config::{cluster, listener as listener_config, route};
@@ -30,22 +30,34 @@ use crate::listener::{self, Bound};
 use crate::server::{ClusterSnapshot, Shared};
 use crate::stats::{Counter, Gauge, Store};
 use crate::upstream::{Cluster, ClusterConfig, Discovery, EndpointConfig, Host, HostSet};
-use prost::Message;
 use prost_reflect::DynamicMessage;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 use tokio::sync::watch;
 
-/// One resource of an update, decoded into its message type.
+/// One resource of an update, as it arrived. It is decoded into its message type only when it is lowered
+/// ([`Resource::message`]), one at a time: a decoded message costs some fifty times its encoding (a
+/// `ClusterLoadAssignment` of 10 endpoints, 320 bytes on the wire, some 15 KiB decoded), so decoding a
+/// response of 1,000 of them at once would need tens of MiB the allocator then keeps. An unchanged resource
+/// (the same bytes) is not decoded at all.
 #[derive(Clone, Debug)]
 pub struct Resource {
     pub name: String,
     /// The resource's version: the response's `version_info` in SotW, the resource's own in delta.
     pub version: String,
-    pub message: DynamicMessage,
-    /// The resource as it arrived (the `Any`'s value), to tell an unchanged resource without re-encoding it.
+    /// The resource as it arrived (the `Any`'s value).
     pub raw: bytes::Bytes,
+    /// Its message type.
+    pub descriptor: prost_reflect::MessageDescriptor,
+}
+
+impl Resource {
+    /// The decoded resource.
+    pub fn message(&self) -> Result<DynamicMessage, ConfigError> {
+        DynamicMessage::decode(self.descriptor.clone(), self.raw.clone())
+            .map_err(|e| ConfigError::new("", format!("{}: {e}", self.descriptor.full_name())))
+    }
 }
 
 /// Which held resources an update removes.
@@ -81,7 +93,8 @@ struct ListenerManagerStats {
 /// A cluster that CDS gave.
 #[derive(Debug)]
 pub struct DynCluster {
-    pub message: DynamicMessage,
+    /// The `Cluster` as encoded; decoded again for `/config_dump` only ([`DynCluster::message`]), since a
+    /// decoded message costs some 2.7 KiB where its encoding costs some 50 bytes.
     raw: Vec<u8>,
     config: ClusterConfig,
     pub version: String,
@@ -90,6 +103,16 @@ pub struct DynCluster {
     active: Option<Arc<Cluster>>,
     /// This version waits for its endpoints.
     pub warming: bool,
+    /// Tells this version's warm-up from a later one's, for its `initial_fetch_timeout`.
+    warm_id: u64,
+}
+
+impl DynCluster {
+    /// The `Cluster` resource as it was accepted.
+    pub fn message(&self) -> Option<DynamicMessage> {
+        let desc = crate::config::descriptors::message("envoy.config.cluster.v3.Cluster")?;
+        DynamicMessage::decode(desc, self.raw.as_slice()).ok()
+    }
 }
 
 /// The last `ClusterLoadAssignment` of one EDS service name.
@@ -103,6 +126,19 @@ struct EdsState {
     received: bool,
     stats: SubscriptionStats,
     version: String,
+}
+
+impl EdsState {
+    fn new(scope: &crate::stats::Scope) -> Self {
+        EdsState {
+            endpoints: Vec::new(),
+            raw: bytes::Bytes::new(),
+            hash: 0,
+            received: false,
+            stats: SubscriptionStats::new(scope),
+            version: String::new(),
+        }
+    }
 }
 
 /// A listener that LDS gave.
@@ -128,6 +164,8 @@ struct Inner {
     lds_version: String,
     /// Static listeners waiting for their RDS tables.
     held_static: Vec<Arc<Bound>>,
+    /// The service names of static EDS clusters, which start-up waits for.
+    static_eds: Vec<String>,
     cds_done: bool,
     lds_done: bool,
 }
@@ -145,6 +183,8 @@ pub struct Dynamic {
     pub connected_state: Gauge,
     /// Bumped whenever something was applied, warmed, or the names to subscribe to may have changed.
     changes: watch::Sender<u64>,
+    /// The server, for timers that outlive an update (set by [`super::start`]).
+    shared: std::sync::OnceLock<std::sync::Weak<Shared>>,
 }
 
 /// A snapshot of the dynamic state for `/config_dump`.
@@ -217,6 +257,7 @@ impl Dynamic {
                 Gauge::detached()
             },
             changes: watch::channel(0).0,
+            shared: std::sync::OnceLock::new(),
         }
     }
 
@@ -272,18 +313,74 @@ impl Dynamic {
             self.lds.init_fetch_timeout.inc();
             inner.lds_done = true;
         }
-        for c in inner.clusters.values().filter(|c| c.warming) {
-            if let Discovery::Eds { service_name } = &c.config.discovery {
-                if let Some(e) = inner.endpoints.get(service_name) {
-                    e.stats.init_fetch_timeout.inc();
-                }
+        for n in &inner.static_eds {
+            if let Some(e) = inner.endpoints.get(n).filter(|e| !e.received) {
+                e.stats.init_fetch_timeout.inc();
             }
         }
+        // Warming clusters count theirs when their own `initial_fetch_timeout` ends their warm-up.
         for r in self.rds.all() {
             if !r.received() {
                 r.stats.init_fetch_timeout.inc();
             }
         }
+    }
+
+    /// Remember the server, for the timers of warming clusters.
+    pub fn set_shared(&self, shared: &Arc<Shared>) {
+        let _ = self.shared.set(Arc::downgrade(shared));
+    }
+
+    /// A new EDS cluster warms until its assignment arrives or its `eds_config`'s `initial_fetch_timeout`
+    /// passes, after which it serves without hosts (Envoy's EDS cluster ends its initialization when the fetch
+    /// times out, counting `init_fetch_timeout`).
+    fn time_warming(&self, entry: &mut DynCluster) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        entry.warm_id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Discovery::Eds { source, .. } = &entry.config.discovery else {
+            return;
+        };
+        let (Some(timeout), Some(weak), Ok(rt)) = (
+            source.initial_fetch_timeout,
+            self.shared.get().cloned(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let (name, id) = (entry.config.name.clone(), entry.warm_id);
+        rt.spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(shared) = weak.upgrade() {
+                shared.dynamic.warming_timed_out(&shared, &name, id);
+            }
+        });
+    }
+
+    /// The `initial_fetch_timeout` of cluster `name`'s warm-up `id` has passed: if it still warms, it
+    /// serves now, without hosts until its assignment arrives.
+    fn warming_timed_out(&self, shared: &Shared, name: &str, id: u64) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let Some(dc) = inner
+            .clusters
+            .get_mut(name)
+            .filter(|c| c.warming && c.warm_id == id)
+        else {
+            return;
+        };
+        if let Discovery::Eds { service_name, .. } = &dc.config.discovery {
+            if let Some(e) = inner.endpoints.get(service_name) {
+                e.stats.init_fetch_timeout.inc();
+            }
+        }
+        let mut snap = (**shared.clusters.load()).clone();
+        dc.active = Some(activate(shared, &mut snap, dc.config.clone()));
+        dc.warming = false;
+        tracing::warn!(cluster = %name, "EDS: initial fetch timed out; the cluster serves without hosts");
+        publish_clusters(shared, snap);
+        self.update_cluster_gauges(shared, inner);
+        drop(guard);
+        self.bump();
     }
 
     /// Whether start-up may finish: the first CDS and LDS rounds are done and nothing warms.
@@ -295,31 +392,110 @@ impl Dynamic {
             && !inner.clusters.values().any(|c| c.warming)
             && !inner.listeners.values().any(|l| l.warming.is_some())
             && inner.held_static.is_empty()
+            && inner
+                .static_eds
+                .iter()
+                .all(|n| inner.endpoints.get(n).is_some_and(|e| e.received))
     }
 
-    /// The EDS service names to subscribe to (every EDS cluster's, static or dynamic).
-    pub fn eds_names(&self, shared: &Shared) -> Vec<String> {
+    /// Whether the cluster manager has initialized, as Envoy means it before it starts LDS: the first CDS
+    /// round is done and no cluster (dynamic, or static EDS) is still waiting for its endpoints.
+    pub fn clusters_initialized(&self, shared: &Shared) -> bool {
         let inner = lock(&self.inner);
-        let mut names: Vec<String> = shared
-            .clusters
-            .load()
+        (shared.bootstrap.dynamic.cds.is_none() || inner.cds_done)
+            && !inner.clusters.values().any(|c| c.warming)
+            && inner
+                .static_eds
+                .iter()
+                .all(|n| inner.endpoints.get(n).is_some_and(|e| e.received))
+    }
+
+    /// Call `f` with every EDS cluster's (static or dynamic) service name and config source.
+    fn each_eds(&self, shared: &Shared, mut f: impl FnMut(&str, &SourceConfig)) {
+        let inner = lock(&self.inner);
+        let snap = shared.clusters.load();
+        for c in snap
             .iter()
             .map(|c| &c.config)
             .chain(inner.clusters.values().map(|c| &c.config))
-            .filter_map(|c| match &c.discovery {
-                Discovery::Eds { service_name } => Some(service_name.clone()),
-                _ => None,
-            })
-            .collect();
+        {
+            if let Discovery::Eds { service_name, source } = &c.discovery {
+                f(service_name, source);
+            }
+        }
+    }
+
+    /// The EDS service names to subscribe to from `from` (every EDS cluster's, static or dynamic), sorted.
+    pub fn eds_names(&self, shared: &Shared, from: &Source) -> Vec<String> {
+        let mut names = Vec::new();
+        self.each_eds(shared, |name, source| {
+            if source.source == *from {
+                names.push(name.to_string());
+            }
+        });
         names.sort();
         names.dedup();
         names
+    }
+
+    /// The config sources EDS clusters name.
+    pub fn eds_sources(&self, shared: &Shared) -> Vec<SourceConfig> {
+        let mut out: Vec<SourceConfig> = Vec::new();
+        self.each_eds(shared, |_, source| {
+            if !out.iter().any(|o| o.source == source.source) {
+                out.push(source.clone());
+            }
+        });
+        out
+    }
+
+    /// A failed fetch (the stream or poll that serves them failed) of the EDS or RDS resources `names`.
+    pub fn count_failure(&self, type_url: &str, names: &[String]) {
+        let count = |s: &SubscriptionStats| {
+            s.update_attempt.inc();
+            s.update_failure.inc();
+        };
+        if type_url == super::ENDPOINT_TYPE {
+            let inner = lock(&self.inner);
+            for n in names {
+                if let Some(e) = inner.endpoints.get(n) {
+                    count(&e.stats);
+                }
+            }
+        } else if type_url == super::ROUTE_TYPE {
+            for n in names {
+                if let Some(r) = self.rds.get(n) {
+                    count(&r.stats);
+                }
+            }
+        }
+    }
+
+    /// Start-up: static EDS clusters wait for their assignments like dynamic ones (counted in their
+    /// `cluster.<name>.` subscription stats).
+    pub fn register_static_eds(&self, shared: &Shared) {
+        let mut inner = lock(&self.inner);
+        for c in shared.clusters.load().iter() {
+            if let Discovery::Eds { service_name, .. } = &c.config.discovery {
+                inner.static_eds.push(service_name.clone());
+                let scope = shared.store.scope(format!("cluster.{}.", c.config.stat_name));
+                inner
+                    .endpoints
+                    .entry(service_name.clone())
+                    .or_insert_with(|| EdsState::new(&scope));
+            }
+        }
     }
 
     /// A static listener that uses RDS: served once its table arrives.
     pub fn hold_static_listener(&self, shared: &Shared, bound: Arc<Bound>) {
         lock(&self.inner).held_static.push(bound);
         self.promote(shared);
+    }
+
+    /// What the config sources of CDS's clusters and LDS's connection managers may name.
+    fn source_check(&self, shared: &Shared) -> SourceCheck {
+        SourceCheck::new(&shared.bootstrap.clusters, shared.bootstrap.dynamic.ads.is_some())
     }
 
     /// Every cluster name the server knows (static and dynamic), for validating inline route tables.
@@ -372,16 +548,25 @@ impl Dynamic {
             .iter()
             .map(|c| c.name.as_str())
             .collect();
+        let check = self.source_check(shared);
         let mut lowered = Vec::new();
         let mut errors = Vec::new();
         let mut seen = HashSet::new();
         for r in resources {
             let what = format!("cluster {:?}", r.name);
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(resource_error(&what, e));
+                    continue;
+                }
+            };
             let errs = Errors::default();
             let config = {
-                let node = Node::root(&r.message, "", &errs);
+                let node = Node::root(&message, "", &errs);
                 cluster::lower(&node)
             };
+            drop(message);
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
             if statics.contains(r.name.as_str()) {
                 errors.push(ConfigError {
@@ -398,6 +583,15 @@ impl Dynamic {
                 });
             }
             if let Some(c) = config {
+                if let Discovery::Eds { source, .. } = &c.discovery {
+                    if let Some((path, why)) = check.check(source) {
+                        errors.push(ConfigError {
+                            source: Some(what.clone()),
+                            path: format!("eds_cluster_config.eds_config.{path}"),
+                            message: why,
+                        });
+                    }
+                }
                 lowered.push((r, c));
             }
         }
@@ -423,7 +617,7 @@ impl Dynamic {
         let mut changed = !removed.is_empty();
         let now = SystemTime::now();
         for (r, config) in lowered {
-            let raw = r.message.encode_to_vec();
+            let raw = r.raw.to_vec();
             if let Some(existing) = inner.clusters.get(&r.name) {
                 if existing.raw == raw {
                     continue;
@@ -438,33 +632,27 @@ impl Dynamic {
             }
             let previous = inner.clusters.get(&r.name).and_then(|c| c.active.clone());
             let mut entry = DynCluster {
-                message: r.message.clone(),
                 raw,
                 config,
                 version: r.version.clone(),
                 last_updated: now,
                 active: previous,
                 warming: false,
+                warm_id: 0,
             };
-            if let Discovery::Eds { service_name } = &entry.config.discovery {
+            if let Discovery::Eds { service_name, .. } = &entry.config.discovery {
                 let stats_scope = shared.store.scope(format!("cluster.{}.", entry.config.stat_name));
                 let eds = inner
                     .endpoints
                     .entry(service_name.clone())
-                    .or_insert_with(|| EdsState {
-                        endpoints: Vec::new(),
-                        raw: bytes::Bytes::new(),
-                        hash: 0,
-                        received: false,
-                        stats: SubscriptionStats::new(&stats_scope),
-                        version: String::new(),
-                    });
+                    .or_insert_with(|| EdsState::new(&stats_scope));
                 if eds.received {
                     let mut config = entry.config.clone();
                     config.endpoints = eds.endpoints.clone();
                     entry.active = Some(activate(shared, &mut snap, config));
                 } else {
                     entry.warming = true;
+                    self.time_warming(&mut entry);
                 }
             } else {
                 entry.active = Some(activate(shared, &mut snap, entry.config.clone()));
@@ -525,12 +713,20 @@ impl Dynamic {
                 lowered.push((r, raw, None));
                 continue;
             }
+            let what = format!("cluster load assignment {:?}", r.name);
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(resource_error(&what, e));
+                    continue;
+                }
+            };
             let errs = Errors::default();
             let endpoints = {
-                let node = Node::root(&r.message, "", &errs);
+                let node = Node::root(&message, "", &errs);
                 cluster::lower_load_assignment(&node)
             };
-            let what = format!("cluster load assignment {:?}", r.name);
+            drop(message);
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
             lowered.push((r, raw, Some(endpoints)));
         }
@@ -589,7 +785,8 @@ impl Dynamic {
             }
             // Active clusters (static or dynamic) that read this name get the hosts now.
             for c in shared.clusters.load().iter() {
-                if matches!(&c.config.discovery, Discovery::Eds { service_name } if *service_name == name) {
+                if matches!(&c.config.discovery, Discovery::Eds { service_name, .. } if *service_name == name)
+                {
                     let hosts = reuse_hosts(&c.hosts(), &endpoints);
                     c.set_hosts(hosts);
                 }
@@ -599,7 +796,8 @@ impl Dynamic {
                 if !dc.warming {
                     continue;
                 }
-                if matches!(&dc.config.discovery, Discovery::Eds { service_name } if *service_name == name) {
+                if matches!(&dc.config.discovery, Discovery::Eds { service_name, .. } if *service_name == name)
+                {
                     let snap = snap.get_or_insert_with(|| (**shared.clusters.load()).clone());
                     let mut config = dc.config.clone();
                     config.endpoints = endpoints.clone();
@@ -664,7 +862,8 @@ impl Dynamic {
             store: &shared.store,
             logs: &shared.bootstrap.access_logs,
             static_clusters: &names,
-            rds: Some(&self.rds),
+            rds: &self.rds,
+            sources: Some(&self.source_check(shared)),
         };
         let mut errors = Vec::new();
         let mut seen = HashSet::new();
@@ -685,18 +884,25 @@ impl Dynamic {
                     message: "a static listener of that name exists; LDS cannot replace it".into(),
                 });
             }
-            let raw = r.message.encode_to_vec();
+            let raw = r.raw.to_vec();
             if inner.listeners.get(&r.name).is_some_and(|l| l.raw == raw) {
                 continue;
             }
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(resource_error(&what, e));
+                    continue;
+                }
+            };
             let errs = Errors::default();
             let config = {
-                let node = Node::root(&r.message, "", &errs);
+                let node = Node::root(&message, "", &errs);
                 listener_config::lower(&node, &ctx)
             };
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
             if let Some(c) = config {
-                changes.push((r, raw, Arc::new(c)));
+                changes.push((r, message, raw, Arc::new(c)));
             }
         }
         if !errors.is_empty() {
@@ -704,7 +910,7 @@ impl Dynamic {
         }
         // Bind every new address before changing anything, so that a bind failure rejects the update whole.
         let mut bound = Vec::new();
-        for (r, raw, config) in changes {
+        for (r, message, raw, config) in changes {
             let existing = inner.listeners.get(&r.name);
             let reuse = existing.and_then(|l| {
                 l.warming.as_ref().or(l.active.as_ref()).filter(|b| {
@@ -718,7 +924,7 @@ impl Dynamic {
             match socket {
                 Ok(socket) => {
                     let stats = Arc::new(ListenerStats::new(&shared.store.scope(config.stat_scope.clone())));
-                    bound.push((r, raw, Bound::new(config, socket, stats)));
+                    bound.push((r, message, raw, Bound::new(config, socket, stats)));
                 }
                 Err(e) => errors.push(ConfigError {
                     source: Some(format!("listener {:?}", r.name)),
@@ -745,11 +951,11 @@ impl Dynamic {
         };
         let changed = !bound.is_empty() || !removed.is_empty();
         let now = SystemTime::now();
-        for (r, raw, b) in bound {
+        for (r, message, raw, b) in bound {
             match inner.listeners.get_mut(&r.name) {
                 Some(l) => {
                     self.lm.listener_modified.inc();
-                    l.message = r.message.clone();
+                    l.message = message;
                     l.raw = raw;
                     l.config = b.config.clone();
                     l.version = r.version.clone();
@@ -762,7 +968,7 @@ impl Dynamic {
                     inner.listeners.insert(
                         r.name.clone(),
                         DynListener {
-                            message: r.message.clone(),
+                            message,
                             raw,
                             config: b.config.clone(),
                             version: r.version.clone(),
@@ -861,15 +1067,22 @@ impl Dynamic {
         let mut errors = Vec::new();
         let mut tables = Vec::new();
         for r in resources {
+            let what = format!("route configuration {:?}", r.name);
+            let message = match r.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    errors.push(resource_error(&what, e));
+                    continue;
+                }
+            };
             let errs = Errors::default();
             let table = {
-                let node = Node::root(&r.message, "", &errs);
+                let node = Node::root(&message, "", &errs);
                 route::lower_table(&node, &shared.cluster_ids, None, &shared.store)
             };
-            let what = format!("route configuration {:?}", r.name);
             errors.extend(errs.take().into_iter().map(|e| resource_error(&what, e)));
             if let Some(t) = table {
-                tables.push((r, t));
+                tables.push((r, message, t));
             }
         }
         for r in resources {
@@ -884,16 +1097,16 @@ impl Dynamic {
             return Err(ConfigErrors(errors));
         }
         let now = SystemTime::now();
-        for (r, table) in tables {
+        for (r, message, table) in tables {
             let Some(entry) = self.rds.get(&r.name) else {
                 continue;
             };
-            let raw = r.message.encode_to_vec();
+            let raw = r.raw.to_vec();
             let mut st = entry.state.lock().unwrap_or_else(|e| e.into_inner());
             let changed = st.raw != raw;
             if changed {
                 entry.table.store(Arc::new(table));
-                st.message = Some(r.message.clone());
+                st.message = Some(message);
                 st.last_updated = Some(now);
                 st.raw = raw;
             }

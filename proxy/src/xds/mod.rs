@@ -3,9 +3,10 @@
 //! - [`manager`] owns every dynamically configured cluster, listener and route table, and applies an update
 //!   of one resource type atomically: all of it is lowered first, and either all of it takes effect or none
 //!   does (the errors, with their field paths, become the NACK's `error_detail`).
-//! - [`file`] watches `path_config_source` files (CDS and LDS from the filesystem).
+//! - [`file`] watches `path_config_source` files (CDS, LDS, EDS and RDS from the filesystem).
 //! - [`ads`] speaks the aggregated discovery service over gRPC, state-of-the-world and delta (and a resource
-//!   type's own discovery service, for an `api_config_source` of its own).
+//!   type's own discovery service, for an `api_config_source` of its own: one stream per config source and
+//!   type, shared by the EDS clusters or connection managers that name it).
 //! - [`rest`] polls a management server over REST-JSON (`api_type: REST`).
 //!
 //! What is read from the bootstrap is lowered here: `dynamic_resources` and the `ConfigSource`s that name
@@ -36,7 +37,7 @@ pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cl
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where one resource type comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
     /// `ads: {}`: the aggregated stream of `dynamic_resources.ads_config`.
     Ads,
@@ -76,14 +77,14 @@ impl SourceConfig {
 }
 
 /// `ApiConfigSource.api_type`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ApiType {
     Grpc,
     DeltaGrpc,
 }
 
 /// Where a gRPC control plane is (`grpc_services[0]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum GrpcTarget {
     /// `envoy_grpc.cluster_name`: a static cluster that reaches the control plane (its hosts in turn).
     Cluster(String),
@@ -92,12 +93,53 @@ pub enum GrpcTarget {
 }
 
 /// A gRPC `ApiConfigSource`: `dynamic_resources.ads_config`, or a config source's `api_config_source`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GrpcApiConfig {
     pub api_type: ApiType,
     pub target: GrpcTarget,
     /// `set_node_on_first_message_only`.
     pub node_on_first_message_only: bool,
+}
+
+/// What a config source may name: Envoy reaches a control plane only through a statically defined non-EDS
+/// cluster, and `ads` needs `dynamic_resources.ads_config`.
+#[derive(Clone, Debug, Default)]
+pub struct SourceCheck {
+    /// The static clusters that are not EDS.
+    pub clusters: std::collections::HashSet<String>,
+    /// Whether the bootstrap has `ads_config`.
+    pub ads: bool,
+}
+
+impl SourceCheck {
+    pub fn new(static_clusters: &[crate::upstream::ClusterConfig], ads: bool) -> Self {
+        SourceCheck {
+            clusters: static_clusters
+                .iter()
+                .filter(|c| !matches!(c.discovery, crate::upstream::Discovery::Eds { .. }))
+                .map(|c| c.name.clone())
+                .collect(),
+            ads,
+        }
+    }
+
+    /// What is wrong with `src`: the path inside the config source and the message.
+    pub fn check(&self, src: &SourceConfig) -> Option<(String, String)> {
+        if src.source == Source::Ads && !self.ads {
+            return Some((
+                "ads".into(),
+                "says ads, but the bootstrap has no dynamic_resources.ads_config".into(),
+            ));
+        }
+        let (path, name) = src.control_plane_cluster()?;
+        if self.clusters.contains(name) {
+            return None;
+        }
+        Some((
+            path.into(),
+            format!("unknown static cluster {name:?} (a control plane is reached through a static non-EDS cluster)"),
+        ))
+    }
 }
 
 /// `dynamic_resources`, lowered.
@@ -122,8 +164,8 @@ impl DynamicResources {
     }
 }
 
-/// Lower a `ConfigSource`. `allow_path` is false where Remora only takes the resource over ADS (EDS, RDS).
-pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
+/// Lower a `ConfigSource` (of CDS, LDS, or an EDS cluster's or a connection manager's RDS).
+pub fn lower_config_source(n: &Node) -> Option<SourceConfig> {
     let initial_fetch_timeout = match n.duration("initial_fetch_timeout") {
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
@@ -185,10 +227,6 @@ pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
             return None;
         }
     };
-    if !allow_path && source != Source::Ads {
-        n.err_here("only ads is supported by Remora for this resource type");
-        return None;
-    }
     Some(SourceConfig {
         source,
         initial_fetch_timeout,
@@ -197,8 +235,8 @@ pub fn lower_config_source(n: &Node, allow_path: bool) -> Option<SourceConfig> {
 
 /// Lower `dynamic_resources`.
 pub fn lower_dynamic_resources(d: &Node) -> DynamicResources {
-    let cds = d.msg("cds_config").and_then(|c| lower_config_source(&c, true));
-    let lds = d.msg("lds_config").and_then(|c| lower_config_source(&c, true));
+    let cds = d.msg("cds_config").and_then(|c| lower_config_source(&c));
+    let lds = d.msg("lds_config").and_then(|c| lower_config_source(&c));
     d.unsupported("cds_resources_locator");
     d.unsupported("lds_resources_locator");
     d.unsupported("default_config_source");
@@ -213,6 +251,15 @@ pub fn lower_dynamic_resources(d: &Node) -> DynamicResources {
         );
     }
     DynamicResources { ads, cds, lds }
+}
+
+/// Whether a static EDS cluster or connection manager takes its resources from a gRPC `api_config_source`
+/// (which, like ADS, makes `control_plane.connected_state` exist from the start).
+pub fn static_sources_use_grpc(b: &crate::config::bootstrap::Bootstrap) -> bool {
+    let eds = b.clusters.iter().any(|c| {
+        matches!(&c.discovery, crate::upstream::Discovery::Eds { source, .. } if matches!(source.source, Source::Api(_)))
+    });
+    eds || b.rds.sources().iter().any(|s| matches!(s.source, Source::Api(_)))
 }
 
 /// Lower a gRPC `ApiConfigSource` (`ads` for `dynamic_resources.ads_config`).
@@ -405,6 +452,8 @@ pub fn content_hash<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
 #[derive(Debug)]
 pub struct RdsRoute {
     pub name: String,
+    /// `rds.config_source` of the connection managers that name it.
+    pub source: SourceConfig,
     /// What the connection managers read; an empty table (every request a 404 NR) until the first update.
     pub table: Arc<ArcSwap<RouteTable>>,
     pub stats: SubscriptionStats,
@@ -434,12 +483,28 @@ pub struct RdsRegistry(Mutex<BTreeMap<String, Arc<RdsRoute>>>);
 
 impl RdsRegistry {
     /// The table named `name`, created on first use with its stats under `http.<stat_prefix>.rds.<name>.`
-    /// (the first connection manager to name it, as in Envoy).
-    pub fn subscribe(&self, name: &str, stat_prefix: &str, store: &Arc<Store>) -> Arc<ArcSwap<RouteTable>> {
+    /// (the first connection manager to name it, as in Envoy). Envoy keeps one subscription per name and
+    /// config source; Remora one per name, so a second config source for a name is refused.
+    pub fn subscribe(
+        &self,
+        name: &str,
+        stat_prefix: &str,
+        store: &Arc<Store>,
+        source: &SourceConfig,
+    ) -> Result<Arc<ArcSwap<RouteTable>>, String> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = m.get(name) {
+            if e.source.source != source.source {
+                return Err(format!(
+                    "route configuration {name:?} is already subscribed to from another config source \
+                     (Remora takes each route configuration name from one source)"
+                ));
+            }
+        }
         let entry = m.entry(name.to_string()).or_insert_with(|| {
             Arc::new(RdsRoute {
                 name: name.to_string(),
+                source: source.clone(),
                 table: Arc::new(ArcSwap::from_pointee(RouteTable::new(
                     name.to_string(),
                     Vec::new(),
@@ -448,7 +513,18 @@ impl RdsRegistry {
                 state: Mutex::default(),
             })
         });
-        entry.table.clone()
+        Ok(entry.table.clone())
+    }
+
+    /// The subscribed names whose config source is `source`, sorted.
+    pub fn names_from(&self, source: &Source) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|r| r.source.source == *source)
+            .map(|r| r.name.clone())
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<RdsRoute>> {
@@ -469,6 +545,17 @@ impl RdsRegistry {
             .collect()
     }
 
+    /// The distinct config sources of the subscribed names.
+    pub fn sources(&self) -> Vec<SourceConfig> {
+        let mut out: Vec<SourceConfig> = Vec::new();
+        for r in self.0.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            if !out.iter().any(|o| o.source == r.source.source) {
+                out.push(r.source.clone());
+            }
+        }
+        out
+    }
+
     pub fn all(&self) -> Vec<Arc<RdsRoute>> {
         self.0
             .lock()
@@ -477,18 +564,6 @@ impl RdsRegistry {
             .cloned()
             .collect()
     }
-}
-
-/// The name a resource is known by: `name`, or `cluster_name` for a `ClusterLoadAssignment`.
-fn resource_name(m: &DynamicMessage) -> String {
-    let field = if m.descriptor().full_name() == "envoy.config.endpoint.v3.ClusterLoadAssignment" {
-        "cluster_name"
-    } else {
-        "name"
-    };
-    m.get_field_by_name(field)
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 /// Decode one `google.protobuf.Any` that must hold a `type_url` resource (or a `Resource` wrapping one).
@@ -517,14 +592,51 @@ fn decode_any(any: &DynamicMessage, type_url: &str, path: &str) -> Result<manage
     }
     let desc = crate::config::descriptors::message_for_type_url(&url)
         .ok_or_else(|| ConfigError::new(path, format!("unknown type {url:?}")))?;
-    let message = DynamicMessage::decode(desc, bytes.clone())
-        .map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
+    let name = wire_name(&bytes).map_err(|e| ConfigError::new(path, format!("{url}: {e}")))?;
     Ok(manager::Resource {
-        name: resource_name(&message),
+        name,
         version: String::new(),
-        message,
         raw: bytes,
+        descriptor: desc,
     })
+}
+
+/// Field 1 of an encoded resource, read off the wire without decoding it: the name of a `Cluster`, `Listener`
+/// or `RouteConfiguration`, the `cluster_name` of a `ClusterLoadAssignment` (the last occurrence, as protobuf
+/// reads a repeated scalar field). Fails on bytes that are not a protobuf message.
+fn wire_name(mut b: &[u8]) -> Result<String, String> {
+    use prost::encoding::decode_varint;
+    let mut name = String::new();
+    while !b.is_empty() {
+        let tag = decode_varint(&mut b).map_err(|e| e.to_string())?;
+        let skip = match tag & 7 {
+            0 => {
+                decode_varint(&mut b).map_err(|e| e.to_string())?;
+                0
+            }
+            1 => 8,
+            2 => {
+                let len = usize::try_from(decode_varint(&mut b).map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+                if len > b.len() {
+                    return Err("a field runs past the end of the message".into());
+                }
+                if tag >> 3 == 1 {
+                    name = std::str::from_utf8(&b[..len])
+                        .map_err(|_| "the name is not UTF-8".to_string())?
+                        .to_string();
+                }
+                len
+            }
+            5 => 4,
+            w => return Err(format!("wire type {w} is not valid here")),
+        };
+        if skip > b.len() {
+            return Err("a field runs past the end of the message".into());
+        }
+        b = &b[skip..];
+    }
+    Ok(name)
 }
 
 /// Decode an `envoy.service.discovery.v3.Resource` (delta responses): its `resource`, `name` and `version`.
@@ -585,44 +697,84 @@ pub fn decode_resources(
     }
 }
 
+/// A CDS or LDS stream or poller of its own (`api_config_source`), if that is where the type comes from.
+fn start_own_source(shared: &Arc<crate::server::Shared>, type_url: &'static str, cfg: Option<&SourceConfig>) {
+    match cfg.map(|c| &c.source) {
+        Some(Source::Api(api)) => {
+            tokio::spawn(ads::run(shared.clone(), api.clone(), ads::Stream::Only(type_url)));
+        }
+        Some(Source::Rest(rest)) => {
+            tokio::spawn(rest::run(shared.clone(), rest.clone(), type_url));
+        }
+        _ => {}
+    }
+}
+
+/// Wait until the cluster manager has initialized, or `timeout` (`None`: for ever, as Envoy waits with an
+/// `initial_fetch_timeout` of 0).
+async fn wait_clusters_initialized(shared: &Arc<crate::server::Shared>, timeout: Option<Duration>) {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut changes = shared.dynamic.subscribe_changes();
+    while !shared.dynamic.clusters_initialized(shared) {
+        let changed = match deadline {
+            Some(dl) => tokio::time::timeout_at(dl, changes.changed()).await,
+            None => Ok(changes.changed().await),
+        };
+        match changed {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!(
+                    "clusters not initialized within the CDS initial_fetch_timeout; starting LDS anyway"
+                );
+                return;
+            }
+        }
+    }
+}
+
 /// Start every configured subscription and wait for the initial fetch: until the first CDS and LDS rounds
-/// are done and nothing warms, or `initial_fetch_timeout` has passed (after which the server goes live
-/// anyway, counting `init_fetch_timeout`).
+/// are done and nothing warms (dynamic and static EDS clusters, listeners waiting for RDS), or
+/// `initial_fetch_timeout` has passed (after which the server goes live anyway, counting `init_fetch_timeout`).
 pub async fn start(shared: &Arc<crate::server::Shared>) {
     let d = &shared.bootstrap.dynamic;
     let rtds = &shared.bootstrap.runtime;
-    if d.is_empty() && shared.dynamic.rds.names().is_empty() && rtds.rtds().next().is_none() {
+    shared.dynamic.set_shared(shared);
+    shared.dynamic.register_static_eds(shared);
+    let eds_sources = shared.dynamic.eds_sources(shared);
+    let rds_sources = shared.dynamic.rds.sources();
+    if d.is_empty() && eds_sources.is_empty() && rds_sources.is_empty() && rtds.rtds().next().is_none() {
         return;
     }
-    for (kind, cfg) in [(file::Kind::Cds, &d.cds), (file::Kind::Lds, &d.lds)] {
-        if let Some(cfg) = cfg {
-            file::start(shared, kind, &cfg.source).await;
-        }
+    if let Some(cfg) = &d.cds {
+        file::start(shared, file::Kind::Cds, &cfg.source).await;
     }
     if let Some(ads) = &d.ads {
         tokio::spawn(ads::run(shared.clone(), ads.clone(), ads::Stream::Ads));
     }
-    for (type_url, kind, cfg) in [
-        (CLUSTER_TYPE, file::Kind::Cds, &d.cds),
-        (LISTENER_TYPE, file::Kind::Lds, &d.lds),
-    ] {
-        match cfg.as_ref().map(|c| &c.source) {
-            Some(Source::Api(api)) => {
-                tokio::spawn(ads::run(shared.clone(), api.clone(), ads::Stream::Only(type_url)));
-            }
-            Some(Source::Rest(rest)) => {
-                tokio::spawn(rest::run(shared.clone(), rest.clone(), kind));
-            }
-            _ => {}
-        }
+    start_own_source(shared, CLUSTER_TYPE, d.cds.as_ref());
+    // As in Envoy, LDS from a source of its own starts once the cluster manager has initialized (the first CDS
+    // round done, the clusters it brought warm), so that a listener does not arrive before the clusters its
+    // routes name and is rejected for them. On ADS one ordered stream carries both, CDS first.
+    if let Some(lds) = d.lds.clone().filter(|l| l.source != Source::Ads) {
+        let cds_timeout = match &d.cds {
+            Some(c) => c.initial_fetch_timeout,
+            None => Some(DEFAULT_INITIAL_FETCH_TIMEOUT),
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            wait_clusters_initialized(&shared, cds_timeout).await;
+            file::start(&shared, file::Kind::Lds, &lds.source).await;
+            start_own_source(&shared, LISTENER_TYPE, Some(&lds));
+        });
     }
     // RTDS layers with a source of their own: one gRPC stream or REST poller per distinct source.
-    let mut started: Vec<&Source> = Vec::new();
+    let mut rtds_started: Vec<&Source> = Vec::new();
     for (_, cfg) in rtds.rtds() {
-        if started.contains(&&cfg.source) {
+        if rtds_started.contains(&&cfg.source) {
             continue;
         }
-        started.push(&cfg.source);
+        rtds_started.push(&cfg.source);
         match &cfg.source {
             Source::Api(api) => {
                 tokio::spawn(ads::run(
@@ -644,10 +796,26 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
             Source::Ads => {}
         }
     }
+    // EDS and RDS from config sources of their own: the static ones now, those that CDS and LDS bring as
+    // they come.
+    let mut started = std::collections::HashSet::new();
+    start_named_subscriptions(shared, &mut started).await;
+    tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            let mut changes = shared.dynamic.subscribe_changes();
+            while changes.changed().await.is_ok() {
+                start_named_subscriptions(&shared, &mut started).await;
+            }
+        }
+    });
     let timeouts: Vec<Option<Duration>> = [&d.cds, &d.lds]
         .into_iter()
         .flatten()
-        .chain(rtds.rtds().map(|(_, s)| s))
+        .cloned()
+        .chain(eds_sources)
+        .chain(rds_sources)
+        .chain(rtds.rtds().map(|(_, s)| s.clone()))
         .map(|c| c.initial_fetch_timeout)
         .collect();
     let timeout = if timeouts.is_empty() {
@@ -678,5 +846,103 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
                 return;
             }
         }
+    }
+}
+
+/// Start a subscription for every config source of EDS clusters and RDS connection managers that has none
+/// yet (`started`): one gRPC stream, REST poller or file watcher per source and type, which asks for the names
+/// of every cluster or connection manager naming that source, as Envoy shares a subscription per config
+/// source. `ads` sources ride the ADS stream.
+async fn start_named_subscriptions(
+    shared: &Arc<crate::server::Shared>,
+    started: &mut std::collections::HashSet<(&'static str, Source)>,
+) {
+    let wanted = shared
+        .dynamic
+        .eds_sources(shared)
+        .into_iter()
+        .map(|s| (ENDPOINT_TYPE, s))
+        .chain(shared.dynamic.rds.sources().into_iter().map(|s| (ROUTE_TYPE, s)));
+    for (type_url, cfg) in wanted.collect::<Vec<_>>() {
+        if cfg.source == Source::Ads || !started.insert((type_url, cfg.source.clone())) {
+            continue;
+        }
+        tracing::info!(type_url, source = ?cfg.source, "xDS: subscribing on a config source of its own");
+        match &cfg.source {
+            Source::Api(api) => {
+                tokio::spawn(ads::run(shared.clone(), api.clone(), ads::Stream::Only(type_url)));
+            }
+            Source::Rest(rest) => {
+                tokio::spawn(rest::run(shared.clone(), rest.clone(), type_url));
+            }
+            Source::Path { .. } => {
+                let kind = if type_url == ENDPOINT_TYPE {
+                    file::Kind::Eds
+                } else {
+                    file::Kind::Rds
+                };
+                file::start(shared, kind, &cfg.source).await;
+            }
+            Source::Ads => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire_name;
+    use prost::Message;
+    use prost_reflect::{DynamicMessage, Value};
+
+    fn encoded(type_name: &str, fields: &[(&str, Value)]) -> Vec<u8> {
+        let desc = crate::config::descriptors::message(type_name).expect("descriptor");
+        let mut m = DynamicMessage::new(desc);
+        for (f, v) in fields {
+            m.set_field_by_name(f, v.clone());
+        }
+        m.encode_to_vec()
+    }
+
+    /// The name is read off the wire past other fields of every wire type, without decoding the message.
+    #[test]
+    fn wire_name_reads_field_one() {
+        let cluster = encoded(
+            "envoy.config.cluster.v3.Cluster",
+            &[
+                ("name", Value::String("svc".into())),
+                ("alt_stat_name", Value::String("other".into())),
+                ("type", Value::EnumNumber(3)),
+                (
+                    "per_connection_buffer_limit_bytes",
+                    Value::Message({
+                        let d = crate::config::descriptors::message("google.protobuf.UInt32Value")
+                            .expect("descriptor");
+                        let mut v = DynamicMessage::new(d);
+                        v.set_field_by_name("value", Value::U32(7));
+                        v
+                    }),
+                ),
+            ],
+        );
+        assert_eq!(wire_name(&cluster).as_deref(), Ok("svc"));
+        let cla = encoded(
+            "envoy.config.endpoint.v3.ClusterLoadAssignment",
+            &[("cluster_name", Value::String("svc-eds".into()))],
+        );
+        assert_eq!(wire_name(&cla).as_deref(), Ok("svc-eds"));
+        // The last occurrence wins, as when protobuf decodes it.
+        let mut twice = encoded(
+            "envoy.config.listener.v3.Listener",
+            &[("name", Value::String("a".into()))],
+        );
+        twice.extend(encoded(
+            "envoy.config.listener.v3.Listener",
+            &[("name", Value::String("b".into()))],
+        ));
+        assert_eq!(wire_name(&twice).as_deref(), Ok("b"));
+        assert_eq!(wire_name(&[]).as_deref(), Ok(""));
+        // Not a message: a truncated field, an invalid wire type.
+        assert!(wire_name(&cluster[..cluster.len() - 1]).is_err());
+        assert!(wire_name(&[0x0f]).is_err());
     }
 }

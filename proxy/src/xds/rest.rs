@@ -1,16 +1,17 @@
-//! REST polling: a `cds_config` or `lds_config` whose `api_config_source` has `api_type: REST`, as Envoy's
-//! HTTP subscription does it (`xds_protocol.rst`, "REST-JSON polling subscriptions").
+//! REST polling: a config source (`cds_config`, `lds_config`, an EDS cluster's `eds_config` or a connection
+//! manager's `rds.config_source`) whose `api_config_source` has `api_type: REST`, as Envoy's HTTP subscription
+//! does it (`xds_protocol.rst`, "REST-JSON polling subscriptions"). One poller per config source and type,
+//! shared by every cluster or connection manager that names it.
 //!
 //! Every `refresh_delay` (default 1 s) a `DiscoveryRequest` in JSON is POSTed to `/v3/discovery:clusters`
-//! (or `:listeners`) on a host of the static cluster `cluster_names[0]` (its hosts in turn, HTTP/1.1), and the
+//! (`:listeners`, `:endpoints`, `:routes`; the last two with the `resource_names` of interest) on a host of the static cluster `cluster_names[0]` (its hosts in turn, HTTP/1.1), and the
 //! answer must come within `request_timeout` (default 1 s). A 200 carries a `DiscoveryResponse` in JSON, applied
 //! as a state-of-the-world update; a 304 means nothing changed. REST has no nonce: the next request carries the
 //! last accepted `version_info`, and after a rejected response its `error_detail` (the NACK). A failed poll
 //! counts `update_failure` and keeps the last good config.
 
-use super::file::Kind;
 use super::manager::Removal;
-use super::{decode_resources, CLUSTER_TYPE, LISTENER_TYPE};
+use super::{decode_resources, Source, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
 use crate::config::descriptors;
 use crate::config::error::ConfigErrors;
 use crate::config::load::{self, Format};
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A lowered REST `ApiConfigSource`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RestConfig {
     /// `cluster_names[0]`: a static cluster that reaches the management server.
     pub cluster_name: String,
@@ -41,31 +42,41 @@ enum Poll {
     Unchanged,
 }
 
-/// Poll for as long as the process lives. The first poll (whatever its outcome) ends the initial fetch.
-pub async fn run(shared: Arc<Shared>, cfg: RestConfig, kind: Kind) {
-    let (type_url, path) = match kind {
-        Kind::Cds => (CLUSTER_TYPE, "/v3/discovery:clusters"),
-        Kind::Lds => (LISTENER_TYPE, "/v3/discovery:listeners"),
+/// Poll for `type_url` for as long as the process lives. For CDS and LDS the first poll (whatever its
+/// outcome) ends the initial fetch. EDS and RDS ask for the names whose config source is this one
+/// (`resource_names`), and do not poll while there are none.
+pub async fn run(shared: Arc<Shared>, cfg: RestConfig, type_url: &'static str) {
+    let path = match type_url {
+        CLUSTER_TYPE => "/v3/discovery:clusters",
+        LISTENER_TYPE => "/v3/discovery:listeners",
+        ENDPOINT_TYPE => "/v3/discovery:endpoints",
+        _ => "/v3/discovery:routes",
     };
+    let wildcard = type_url == CLUSTER_TYPE || type_url == LISTENER_TYPE;
+    let source = Source::Rest(cfg.clone());
     let mut version = String::new();
     let mut rejected: Option<ConfigErrors> = None;
     let mut attempt = 0usize;
     let mut first = true;
     loop {
-        let stats = match kind {
-            Kind::Cds => &shared.dynamic.cds,
-            Kind::Lds => &shared.dynamic.lds,
+        let stats = match type_url {
+            CLUSTER_TYPE => Some(&shared.dynamic.cds),
+            LISTENER_TYPE => Some(&shared.dynamic.lds),
+            _ => None,
         };
-        let outcome = poll(
-            &shared,
-            &cfg,
-            type_url,
-            path,
-            &version,
-            rejected.as_ref(),
-            attempt,
-        )
-        .await;
+        let names = if wildcard {
+            Vec::new()
+        } else {
+            super::ads::interest(&shared, type_url, &source)
+        };
+        if !wildcard && names.is_empty() {
+            tokio::time::sleep(cfg.refresh_delay).await;
+            continue;
+        }
+        let outcome = match request_body(&shared, type_url, &version, &names, rejected.as_ref()) {
+            Ok(body) => poll(&shared, &cfg, path, body, attempt).await,
+            Err(e) => Err(e),
+        };
         attempt += 1;
         match outcome {
             Ok(Poll::Unchanged) => {}
@@ -81,16 +92,19 @@ pub async fn run(shared: Arc<Shared>, cfg: RestConfig, kind: Kind) {
                         for r in &mut resources {
                             r.version = v.clone();
                         }
-                        let d = &shared.dynamic;
-                        match kind {
-                            Kind::Cds => d.apply_clusters(&shared, &resources, &Removal::Omitted, &v),
-                            Kind::Lds => d.apply_listeners(&shared, &resources, &Removal::Omitted, &v),
-                        }
+                        let removal = if wildcard {
+                            Removal::Omitted
+                        } else {
+                            Removal::Names(Vec::new())
+                        };
+                        super::ads::apply(&shared, type_url, &resources, &removal, &v)
                     }
                     Err(e) => {
                         // Not even decoded: the managers never saw it.
-                        stats.update_attempt.inc();
-                        stats.update_rejected.inc();
+                        if let Some(stats) = stats {
+                            stats.update_attempt.inc();
+                            stats.update_rejected.inc();
+                        }
                         Err(e)
                     }
                 };
@@ -107,14 +121,20 @@ pub async fn run(shared: Arc<Shared>, cfg: RestConfig, kind: Kind) {
                 }
             }
             Err(e) => {
-                stats.update_attempt.inc();
-                stats.update_failure.inc();
+                match stats {
+                    Some(stats) => {
+                        stats.update_attempt.inc();
+                        stats.update_failure.inc();
+                    }
+                    None => shared.dynamic.count_failure(type_url, &names),
+                }
                 tracing::warn!(type_url, error = %e, "xDS REST: poll failed; keeping the last good config");
             }
         }
-        if first {
+        if first && wildcard {
             first = false;
-            shared.dynamic.initial_done(kind == Kind::Cds);
+            // `apply` marked a decoded round done; a failed or undecodable one ends the initial fetch too.
+            shared.dynamic.initial_done(type_url == CLUSTER_TYPE);
         }
         tokio::time::sleep(cfg.refresh_delay).await;
     }
@@ -125,6 +145,7 @@ fn request_body(
     shared: &Shared,
     type_url: &str,
     version: &str,
+    names: &[String],
     rejected: Option<&ConfigErrors>,
 ) -> Result<Vec<u8>, String> {
     let desc = descriptors::message("envoy.service.discovery.v3.DiscoveryRequest")
@@ -132,6 +153,12 @@ fn request_body(
     let mut m = DynamicMessage::new(desc);
     m.set_field_by_name("version_info", Value::String(version.to_string()));
     m.set_field_by_name("type_url", Value::String(type_url.to_string()));
+    if !names.is_empty() {
+        m.set_field_by_name(
+            "resource_names",
+            Value::List(names.iter().map(|n| Value::String(n.clone())).collect()),
+        );
+    }
     if let Some(n) = super::ads::node(shared) {
         m.set_field_by_name("node", Value::Message(n));
     }
@@ -145,13 +172,12 @@ fn request_body(
     Ok(ser.into_inner())
 }
 
+/// POST `body` (a `DiscoveryRequest`) to `path` on a host of the control plane's cluster.
 async fn poll(
     shared: &Shared,
     cfg: &RestConfig,
-    type_url: &str,
     path: &str,
-    version: &str,
-    rejected: Option<&ConfigErrors>,
+    body: Vec<u8>,
     attempt: usize,
 ) -> Result<Poll, String> {
     let addr = {
@@ -163,7 +189,6 @@ async fn poll(
         })
     }
     .ok_or_else(|| format!("cluster {:?} has no hosts", cfg.cluster_name))?;
-    let body = request_body(shared, type_url, version, rejected)?;
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await

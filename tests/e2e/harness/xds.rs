@@ -30,15 +30,21 @@ use super::{within, BoxError, Protocol, UpstreamOptions, POLL_INTERVAL};
 const SOTW: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 /// The per-type services (a config source's own `api_config_source`) are served like ADS.
-const SOTW_PATHS: [&str; 3] = [
+const SOTW_PATHS: [&str; 6] = [
     SOTW,
     "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
     "/envoy.service.listener.v3.ListenerDiscoveryService/StreamListeners",
+    "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints",
+    "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes",
+    "/envoy.service.runtime.v3.RuntimeDiscoveryService/StreamRuntime",
 ];
-const DELTA_PATHS: [&str; 3] = [
+const DELTA_PATHS: [&str; 6] = [
     DELTA,
     "/envoy.service.cluster.v3.ClusterDiscoveryService/DeltaClusters",
     "/envoy.service.listener.v3.ListenerDiscoveryService/DeltaListeners",
+    "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints",
+    "/envoy.service.route.v3.RouteDiscoveryService/DeltaRoutes",
+    "/envoy.service.runtime.v3.RuntimeDiscoveryService/DeltaRuntime",
 ];
 /// RTDS's own service (a runtime layer's `rtds_config.api_config_source`).
 const RUNTIME_SOTW: &str = "/envoy.service.runtime.v3.RuntimeDiscoveryService/StreamRuntime";
@@ -110,6 +116,14 @@ struct State {
     /// The path of every stream opened, in order.
     paths: Mutex<Vec<String>>,
     nonce: AtomicU64,
+    /// Types the state-of-the-world sessions do not answer for now ([`XdsServer::hold`]).
+    held: Mutex<HashSet<String>>,
+}
+
+impl State {
+    fn held(&self, t: &str) -> bool {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).contains(t)
+    }
 }
 
 /// The management server; see the module docs. Dropping it closes every stream.
@@ -194,6 +208,25 @@ impl XdsServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(type_url.to_owned(), map);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// State-of-the-world sessions take requests for `type_url` but answer none until [`XdsServer::release`].
+    pub fn hold(&self, type_url: &str) {
+        self.state
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(type_url.to_owned());
+    }
+
+    /// Answer the requests [`XdsServer::hold`] kept waiting (and every later one).
+    pub fn release(&self, type_url: &str) {
+        self.state
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(type_url);
         self.version.send_modify(|v| *v += 1);
     }
 
@@ -296,14 +329,15 @@ async fn sotw_session(
                 if subs.get(&t) != Some(&names) {
                     let v = *version.borrow();
                     let m = send(&t, &names, v);
+                    let held = state.held(&t);
                     subs.insert(t, names);
-                    if tx.send(Ok(m)).await.is_err() { return }
+                    if !held && tx.send(Ok(m)).await.is_err() { return }
                 }
             }
             changed = version.changed() => {
                 if changed.is_err() { return }
                 let v = *version.borrow_and_update();
-                for (t, names) in &subs {
+                for (t, names) in subs.iter().filter(|(t, _)| !state.held(t)) {
                     if tx.send(Ok(send(t, names, v))).await.is_err() { return }
                 }
             }
