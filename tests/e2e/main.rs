@@ -7,6 +7,7 @@ mod container;
 mod corpus;
 mod dns;
 mod fuzz_replay;
+mod gateway;
 mod grpc;
 mod harness;
 mod harness_selftest;
