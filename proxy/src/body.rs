@@ -208,6 +208,26 @@ impl Watchdog {
         }))
     }
 
+    /// Watches new limits with this watchdog's timer, re-armed rather than allocated again (the attempt's
+    /// watchdog goes on to watch its response body); `None` when there is nothing to watch.
+    pub fn rearm(
+        mut self: Box<Self>,
+        deadline: Option<Instant>,
+        idle: Option<(Duration, Activity)>,
+        try_idle: Option<TryIdle>,
+    ) -> Option<Box<Watchdog>> {
+        if deadline.is_none() && idle.is_none() && try_idle.is_none() {
+            return None;
+        }
+        self.try_idle_armed = try_idle.as_ref().is_some_and(TryIdle::armed);
+        let first = Watchdog::next(deadline, idle.as_ref(), try_idle.as_ref());
+        self.deadline = deadline;
+        self.idle = idle;
+        self.try_idle = try_idle;
+        self.sleep.as_mut().reset(first.unwrap_or_else(far_future));
+        Some(self)
+    }
+
     fn next(
         deadline: Option<Instant>,
         idle: Option<&(Duration, Activity)>,

@@ -67,6 +67,8 @@ fn main() {
                     std::process::exit(1);
                 }
             };
+            // A static configuration needs no descriptor from here on (a dynamic one decodes them again).
+            remora::config::descriptors::release();
             remora::util::release_freed_memory();
             let code = remora::server::run(opts, bootstrap);
             std::process::exit(code);

@@ -36,6 +36,28 @@ pub fn small_number(n: u64) -> HeaderValue {
     }
 }
 
+/// A header value for any number: [`small_number`]'s table below 1024, else the last larger number formatted
+/// on this thread when it repeats (a route's timeout in milliseconds, sent on every request).
+pub fn number(n: u64) -> HeaderValue {
+    if n < 1024 {
+        return small_number(n);
+    }
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((m, v)) if *m == n => v.clone(),
+            _ => {
+                let v = HeaderValue::from(n);
+                *last = Some((n, v.clone()));
+                v
+            }
+        }
+    })
+}
+
 /// The C library's text for an I/O error's errno (`Connection refused`), as Envoy prints it.
 pub fn strerror(e: &std::io::Error) -> String {
     let s = e.to_string();

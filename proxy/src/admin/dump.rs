@@ -75,7 +75,7 @@ fn version_json() -> Value {
 
 /// `/config_dump`: bootstrap, clusters, listeners, routes, secrets, in Envoy's order and envelope.
 pub fn config_dump(shared: &Shared) -> Value {
-    let bootstrap = to_json(&shared.bootstrap.message);
+    let bootstrap = shared.bootstrap.message().map_or(Value::Null, |m| to_json(&m));
     let updated = crate::util::rfc3339(shared.started);
     let static_res = bootstrap.get("static_resources").cloned().unwrap_or(Value::Null);
     let with_type = |v: &Value, ty: &str| {

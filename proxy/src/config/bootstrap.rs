@@ -40,8 +40,9 @@ pub struct Bootstrap {
     pub clusters: Vec<ClusterConfig>,
     /// The ids route tables were resolved against; the server keeps using them.
     pub cluster_ids: ClusterIds,
-    /// The bootstrap as loaded, for `/config_dump`.
-    pub message: DynamicMessage,
+    /// The bootstrap as loaded (protobuf-encoded, so that no descriptor is held for it), for `/config_dump`
+    /// and the control plane's `node`; [`Bootstrap::message`] decodes it.
+    pub encoded: Vec<u8>,
     /// The store the listeners' stat handles live in; the server serves it.
     pub store: Arc<Store>,
     /// The access log files of every connection manager (flushed at exit, reopened by `/reopen_logs`).
@@ -54,6 +55,14 @@ pub struct Bootstrap {
     pub stats_tags: TagProducer,
     /// `layered_runtime`.
     pub runtime: crate::layered_runtime::RuntimeConfig,
+}
+
+impl Bootstrap {
+    /// The bootstrap as loaded (decoding the descriptors again if they were released).
+    pub fn message(&self) -> Option<DynamicMessage> {
+        let desc = super::descriptors::message("envoy.config.bootstrap.v3.Bootstrap")?;
+        DynamicMessage::decode(desc, self.encoded.as_slice()).ok()
+    }
 }
 
 /// Lower a parsed bootstrap, collecting every error.
@@ -223,7 +232,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         listeners,
         clusters,
         cluster_ids: ids,
-        message: msg,
+        encoded: prost::Message::encode_to_vec(&msg),
         store: store.clone(),
         access_logs: logs,
         dynamic,

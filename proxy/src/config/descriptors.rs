@@ -4,18 +4,31 @@
 //! the generator beside it (`config/descriptors/README.md`). Decoding it takes a few milliseconds, once.
 
 use prost_reflect::{DescriptorPool, MessageDescriptor};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 static BYTES: &[u8] = include_bytes!("../../../config/descriptors/envoy.binpb");
 
-/// The pool, decoded on first use.
-pub fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| match DescriptorPool::decode(BYTES) {
+/// The decoded pool while it is in use; see [`release`].
+static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
+
+/// The pool, decoded on first use (a handle: clones share it).
+pub fn pool() -> DescriptorPool {
+    let mut pool = POOL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pool.get_or_insert_with(|| match DescriptorPool::decode(BYTES) {
         Ok(p) => p,
         // The bytes are compiled in and checked by a unit test; a failure here is a broken build.
         Err(e) => panic!("the embedded Envoy descriptor set does not decode: {e}"),
     })
+    .clone()
+}
+
+/// Let the decoded pool go (several MiB): its memory is freed once no descriptor or message of it is left, and
+/// the next use decodes it again. Called once the bootstrap is loaded: a static configuration needs no
+/// descriptor after that, and a dynamic one decodes the pool again with its first resource.
+pub fn release() {
+    POOL.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
 }
 
 /// The descriptor of a message by full name (`envoy.config.bootstrap.v3.Bootstrap`).
@@ -43,5 +56,17 @@ mod tests {
         ] {
             assert!(super::message(name).is_some(), "{name}");
         }
+    }
+
+    #[test]
+    fn released_pool_decodes_again() {
+        let before = super::message("envoy.config.bootstrap.v3.Bootstrap");
+        super::release();
+        let after = super::message("envoy.config.bootstrap.v3.Bootstrap");
+        assert!(before.is_some());
+        assert_eq!(
+            before.map(|d| d.full_name().to_string()),
+            after.map(|d| d.full_name().to_string())
+        );
     }
 }

@@ -347,15 +347,11 @@ fn finish_response_headers(hcm: &HcmConfig, h: &mut HeaderMap, draining: bool) {
             h.insert(header::SERVER, hcm.server_name.clone());
         }
         ServerHeader::AppendIfAbsent => {
-            if !h.contains_key(header::SERVER) {
-                h.insert(header::SERVER, hcm.server_name.clone());
-            }
+            h.entry(header::SERVER).or_insert_with(|| hcm.server_name.clone());
         }
         ServerHeader::PassThrough => {}
     }
-    if !h.contains_key(header::DATE) {
-        h.insert(header::DATE, crate::util::http_date());
-    }
+    h.entry(header::DATE).or_insert_with(crate::util::http_date);
     if draining {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -668,13 +664,13 @@ fn mutate_request_headers(conn: &Conn, hcm: &HcmConfig, h: &mut HeaderMap) {
             };
             append_xff(h, ip);
         }
-        if hcm.xff_num_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
+        if hcm.xff_num_trusted_hops == 0 {
             h.insert(X_FORWARDED_PROTO.clone(), scheme_value(conn.tls));
         }
     }
-    if !h.contains_key(&X_FORWARDED_PROTO) {
-        h.insert(X_FORWARDED_PROTO.clone(), scheme_value(conn.tls));
-    }
+    // One look-up: set unless the client (or the edge rule above) did.
+    h.entry(X_FORWARDED_PROTO.clone())
+        .or_insert_with(|| scheme_value(conn.tls));
     // No address is internal unless configured (Envoy's default since 1.33): clients may not steer retries
     // and timeouts with x-envoy-* headers.
     if envoy {
@@ -685,8 +681,11 @@ fn mutate_request_headers(conn: &Conn, hcm: &HcmConfig, h: &mut HeaderMap) {
     }
     if hcm.generate_request_id {
         let force = edge && !hcm.preserve_external_request_id;
-        if force || !h.contains_key(&X_REQUEST_ID) {
+        if force {
             h.insert(X_REQUEST_ID.clone(), conn.worker.new_request_id());
+        } else {
+            h.entry(X_REQUEST_ID.clone())
+                .or_insert_with(|| conn.worker.new_request_id());
         }
     }
 }
@@ -852,7 +851,7 @@ async fn forward(
     if let Some(t) = timeouts.per_try.or(timeouts.global) {
         parts.headers.insert(
             X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
-            HeaderValue::from(t.as_millis() as u64),
+            crate::util::number(t.as_millis() as u64),
         );
     }
     if let HostRewrite::Literal(v) = &action.host_rewrite {
@@ -1022,8 +1021,9 @@ async fn forward(
             req_body,
             try_idle.as_ref(),
         );
-        let result = match Watchdog::with_try_idle(attempt_deadline, idle.clone(), try_idle.clone()) {
-            Some(mut w) => {
+        let mut attempt_watchdog = Watchdog::with_try_idle(attempt_deadline, idle.clone(), try_idle.clone());
+        let result = match attempt_watchdog.as_deref_mut() {
+            Some(w) => {
                 tokio::pin!(sent);
                 std::future::poll_fn(|cx| {
                     if let Poll::Ready(r) = sent.as_mut().poll(cx) {
@@ -1169,7 +1169,12 @@ async fn forward(
             index,
             worker: conn.worker.clone(),
         });
-        let watchdog = Watchdog::with_try_idle(deadline, idle, try_idle.as_ref().map(|t| t.timer.clone()));
+        // The attempt's timer goes on to watch the response body.
+        let try_timer = try_idle.as_ref().map(|t| t.timer.clone());
+        let watchdog = match attempt_watchdog {
+            Some(w) => w.rearm(deadline, idle, try_timer),
+            None => Watchdog::with_try_idle(deadline, idle, try_timer),
+        };
         let done = UpstreamDone {
             guard,
             status,

@@ -242,17 +242,24 @@ impl Timeouts {
     /// `route_timeout` is the route's `timeout` (`None` for 0, no limit). Consumes the two timeout headers.
     pub fn resolve(route_timeout: Option<Duration>, policy: &RetryPolicy, req: &mut HeaderMap) -> Timeouts {
         let mut global = route_timeout;
+        let mut per_try = policy.per_try_timeout;
+        if !any_envoy_header(req) {
+            return Timeouts::new(global, per_try, policy);
+        }
         if let Some(v) = req.remove(headers::UPSTREAM_RQ_TIMEOUT_MS) {
             if let Some(ms) = parse_u64(&v) {
                 global = (ms > 0).then(|| Duration::from_millis(ms));
             }
         }
-        let mut per_try = policy.per_try_timeout;
         if let Some(v) = req.remove(headers::UPSTREAM_RQ_PER_TRY_TIMEOUT_MS) {
             if let Some(ms) = parse_u64(&v) {
                 per_try = (ms > 0).then(|| Duration::from_millis(ms));
             }
         }
+        Timeouts::new(global, per_try, policy)
+    }
+
+    fn new(global: Option<Duration>, mut per_try: Option<Duration>, policy: &RetryPolicy) -> Timeouts {
         if let (Some(p), Some(g)) = (per_try, global) {
             if p >= g {
                 per_try = None;
@@ -264,6 +271,12 @@ impl Timeouts {
             per_try_idle: policy.per_try_idle_timeout,
         }
     }
+}
+
+/// Whether the request carries any `x-envoy-*` header: one pass over the names spares the removals (a hash
+/// look-up each) that find nothing on most requests.
+fn any_envoy_header(h: &HeaderMap) -> bool {
+    h.keys().any(|k| k.as_str().starts_with("x-envoy-"))
 }
 
 fn parse_u64(v: &HeaderValue) -> Option<u64> {
@@ -321,12 +334,14 @@ impl RetryState {
     /// Envoy's `RetryStateImpl::create`: `None` when nothing could make this request retry. Consumes the retry
     /// headers in either case.
     pub fn new(policy: &Arc<RetryPolicy>, req: &mut HeaderMap) -> Option<RetryState> {
-        let retry_on_h = req.remove(headers::RETRY_ON);
-        let grpc_on_h = req.remove(headers::RETRY_GRPC_ON);
-        let max_retries_h = req.remove(headers::MAX_RETRIES);
-        let codes_h = req.remove(headers::RETRIABLE_STATUS_CODES);
-        let names_h = req.remove(headers::RETRIABLE_HEADER_NAMES);
-        req.remove(headers::HEDGE_ON_PER_TRY_TIMEOUT);
+        let envoy = any_envoy_header(req);
+        let mut take = |n: HeaderName| if envoy { req.remove(n) } else { None };
+        let retry_on_h = take(headers::RETRY_ON);
+        let grpc_on_h = take(headers::RETRY_GRPC_ON);
+        let max_retries_h = take(headers::MAX_RETRIES);
+        let codes_h = take(headers::RETRIABLE_STATUS_CODES);
+        let names_h = take(headers::RETRIABLE_HEADER_NAMES);
+        take(headers::HEDGE_ON_PER_TRY_TIMEOUT);
         if retry_on_h.is_none() && grpc_on_h.is_none() && policy.retry_on.is_empty() {
             return None;
         }

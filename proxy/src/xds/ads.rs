@@ -380,7 +380,8 @@ async fn connect(target: &str) -> Result<tonic::transport::Channel, tonic::trans
 
 /// The bootstrap's `node`, for the control plane.
 pub(crate) fn node(shared: &Shared) -> Option<DynamicMessage> {
-    match shared.bootstrap.message.get_field_by_name("node").as_deref() {
+    let bootstrap = shared.bootstrap.message()?;
+    match bootstrap.get_field_by_name("node").as_deref() {
         Some(Value::Message(n)) => {
             let mut n = n.clone();
             if get_str(&n, "user_agent_name").is_empty() {
