@@ -175,3 +175,117 @@ pub fn limit_malloc_arenas() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
+
+/// Vectored writes of at most this many bytes in all are copied into one buffer and written with one plain
+/// `write` ([`poll_write_coalesced`]).
+pub const COALESCE_MAX: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `poll_write_vectored` for a socket, cheaper for small messages: hyper hands a message's head and body as
+/// separate slices, and for a few KiB one copy and one `write` cost less than `writev` in the kernel and in
+/// hyper (measured with the load harness, HTTP/1.1 at 50 connections: about 1 µs of system and 0.5 µs of
+/// user time per proxied request). Larger writes stay vectored, where the copy would cost more than it saves
+/// (hyper's own `writev(false)` copies every body: 64 KiB responses took 2.8 µs more).
+pub fn poll_write_coalesced<S: tokio::io::AsyncWrite + Unpin>(
+    stream: std::pin::Pin<&mut S>,
+    cx: &mut std::task::Context<'_>,
+    bufs: &[std::io::IoSlice<'_>],
+) -> std::task::Poll<std::io::Result<usize>> {
+    let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+    let (first, second) = (nonempty.next(), nonempty.next());
+    let Some(first) = first else {
+        return stream.poll_write(cx, &[]);
+    };
+    if second.is_none() {
+        return stream.poll_write(cx, first);
+    }
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if total > COALESCE_MAX {
+        return stream.poll_write_vectored(cx, bufs);
+    }
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        for b in bufs {
+            scratch.extend_from_slice(b);
+        }
+        stream.poll_write(cx, &scratch)
+    })
+}
+
+#[cfg(test)]
+mod write_tests {
+    use std::io::IoSlice;
+    use std::pin::Pin;
+    use tokio::io::AsyncReadExt;
+
+    /// Write `parts` through [`super::poll_write_coalesced`] until all is written (partial writes included),
+    /// and read back what arrived at the other end of a real socket pair.
+    async fn through_socket(parts: &[Vec<u8>]) -> Vec<u8> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let total: usize = parts.iter().map(Vec::len).sum();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let (mut part, mut offset) = (0, 0);
+        let mut written = 0;
+        while written < total {
+            let slices: Vec<IoSlice<'_>> = std::iter::once(&parts[part][offset..])
+                .chain(parts[part + 1..].iter().map(Vec::as_slice))
+                .map(IoSlice::new)
+                .collect();
+            let n =
+                std::future::poll_fn(|cx| super::poll_write_coalesced(Pin::new(&mut client), cx, &slices))
+                    .await
+                    .unwrap();
+            written += n;
+            // Advance (part, offset) by n, as hyper advances its queue.
+            let mut n = n;
+            while n > 0 {
+                let left = parts[part].len() - offset;
+                if n >= left {
+                    n -= left;
+                    part += 1;
+                    offset = 0;
+                } else {
+                    offset += n;
+                    n = 0;
+                }
+            }
+            while part < parts.len() && parts[part].len() == offset {
+                part += 1;
+                offset = 0;
+            }
+        }
+        drop(client);
+        reader.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn coalesced_writes_deliver_every_byte_in_order() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec();
+        for parts in [
+            vec![head.clone()],
+            vec![Vec::new(), head.clone(), Vec::new()],
+            vec![head.clone(), b"hello".to_vec()],
+            // Over COALESCE_MAX: stays vectored.
+            vec![
+                head.clone(),
+                vec![b'x'; 3 * super::COALESCE_MAX],
+                b"tail".to_vec(),
+            ],
+        ] {
+            let expected: Vec<u8> = parts.concat();
+            assert_eq!(through_socket(&parts).await, expected);
+        }
+    }
+}

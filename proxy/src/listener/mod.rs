@@ -652,7 +652,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedStream<S
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let res = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        let res = crate::util::poll_write_coalesced(std::pin::Pin::new(&mut self.stream), cx, bufs);
         if let std::task::Poll::Ready(Ok(n)) = &res {
             self.tx.add(*n as u64);
         }

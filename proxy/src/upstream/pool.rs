@@ -676,7 +676,7 @@ impl AsyncWrite for CountedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        let res = crate::util::poll_write_coalesced(Pin::new(&mut self.stream), cx, bufs);
         if let Poll::Ready(Ok(n)) = &res {
             self.cluster.stats.upstream_cx_tx_bytes_total.add(*n as u64);
         }
