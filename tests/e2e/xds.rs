@@ -186,6 +186,54 @@ async fn ads_world(api_type: &str, up: &Upstream) -> (XdsServer, Remora) {
     (xds, proxy)
 }
 
+/// A listener added after start-up whose route table does not come serves with an empty one once the table's
+/// `initial_fetch_timeout` passes (every request a 404 NR), as in Envoy, and routes when the table arrives.
+/// Before, it warmed for ever.
+#[tokio::test]
+async fn a_listener_waiting_for_rds_serves_an_empty_table_after_its_initial_fetch_timeout() {
+    let a = Upstream::start("a").await;
+    let (xds, proxy) = ads_world("GRPC", &a).await;
+    xds.hold(hx::ROUTE);
+    let second = |timeout: &str| {
+        listener(
+            "second",
+            json!({"rds": {"route_config_name": "r2",
+                "config_source": {"ads": {}, "initial_fetch_timeout": timeout}}}),
+        )
+    };
+    xds.set(
+        hx::LISTENER,
+        vec![
+            listener(
+                "main",
+                json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+            ),
+            second("0.3s"),
+        ],
+    );
+    proxy
+        .wait_stat(
+            "http.ingress.rds.r2.init_fetch_timeout",
+            |v| v >= 1,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
+    let addr = proxy.listener_addr("second").await;
+    let (status, headers, _) = crate::harness::get(addr, "/", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{headers:?}");
+    let mut r2 = routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]);
+    r2["name"] = json!("r2");
+    let mut r1 = routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]);
+    r1["name"] = json!("r1");
+    xds.set(hx::ROUTE, vec![r1, r2]);
+    xds.release(hx::ROUTE);
+    proxy
+        .wait_stat("http.ingress.rds.r2.update_success", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("listener_manager.total_listeners_warming").await, 0);
+}
+
 async fn ads_pushes_config_and_nacks_bad_clusters(api_type: &str) {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;

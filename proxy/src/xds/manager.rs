@@ -320,9 +320,32 @@ impl Dynamic {
         }
         // Warming clusters count theirs when their own `initial_fetch_timeout` ends their warm-up.
         for r in self.rds.all() {
-            if !r.received() {
-                r.stats.init_fetch_timeout.inc();
-            }
+            r.time_out();
+        }
+    }
+
+    /// A listener that waits for route tables serves with an empty one (every request a 404 NR) once the
+    /// table's `initial_fetch_timeout` passes, as Envoy's RDS subscription ends its initialization on a fetch
+    /// timeout; the table replaces the empty one when it arrives.
+    fn time_rds(&self, b: &Bound) {
+        let (Some(weak), Ok(rt)) = (self.shared.get().cloned(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        for name in b.config.hcms().filter_map(|h| h.rds_name.clone()) {
+            let Some(r) = self.rds.get(&name) else { continue };
+            let Some(timeout) = r.source.initial_fetch_timeout.filter(|_| !r.ready()) else {
+                continue;
+            };
+            let weak = weak.clone();
+            rt.spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if let Some(shared) = weak.upgrade() {
+                    if r.time_out() {
+                        tracing::warn!(route_config = %r.name, "RDS: initial fetch timed out; its listeners serve an empty route table");
+                        shared.dynamic.promote(&shared);
+                    }
+                }
+            });
         }
     }
 
@@ -489,6 +512,7 @@ impl Dynamic {
 
     /// A static listener that uses RDS: served once its table arrives.
     pub fn hold_static_listener(&self, shared: &Shared, bound: Arc<Bound>) {
+        self.time_rds(&bound);
         lock(&self.inner).held_static.push(bound);
         self.promote(shared);
     }
@@ -960,11 +984,13 @@ impl Dynamic {
                     l.config = b.config.clone();
                     l.version = r.version.clone();
                     l.last_updated = now;
+                    self.time_rds(&b);
                     l.warming = Some(b);
                     tracing::info!(listener = %r.name, "LDS: listener modified");
                 }
                 None => {
                     self.lm.listener_added.inc();
+                    self.time_rds(&b);
                     inner.listeners.insert(
                         r.name.clone(),
                         DynListener {
@@ -996,14 +1022,15 @@ impl Dynamic {
         Ok(changed)
     }
 
-    /// Serve every warming listener whose route table has arrived, draining the version it replaces.
-    fn promote(&self, shared: &Shared) {
+    /// Serve every warming listener whose route table has arrived (or timed out), draining the version it
+    /// replaces.
+    pub(super) fn promote(&self, shared: &Shared) {
         let mut inner = lock(&self.inner);
         let ready = |b: &Bound| {
             b.config
                 .hcms()
                 .filter_map(|h| h.rds_name.as_ref())
-                .all(|name| self.rds.get(name).is_some_and(|r| r.received()))
+                .all(|name| self.rds.get(name).is_some_and(|r| r.ready()))
         };
         for l in inner.listeners.values_mut() {
             let Some(w) = l.warming.as_ref() else { continue };

@@ -464,6 +464,9 @@ pub struct RdsRoute {
 #[derive(Debug, Default)]
 pub struct RdsState {
     pub received: bool,
+    /// The table's `initial_fetch_timeout` passed before it arrived: the listeners that wait for it serve with
+    /// the empty table (every request a 404 NR) until it does, as in Envoy.
+    pub timed_out: bool,
     pub version: String,
     pub message: Option<DynamicMessage>,
     pub last_updated: Option<SystemTime>,
@@ -473,6 +476,24 @@ pub struct RdsState {
 impl RdsRoute {
     pub fn received(&self) -> bool {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).received
+    }
+
+    /// Whether the listeners that name this table may serve: it arrived, or its fetch timed out.
+    pub fn ready(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.received || st.timed_out
+    }
+
+    /// The fetch timed out: counts `init_fetch_timeout` the first time, while the table has not arrived.
+    /// Whether this changed anything.
+    pub fn time_out(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.received || st.timed_out {
+            return false;
+        }
+        st.timed_out = true;
+        self.stats.init_fetch_timeout.inc();
+        true
     }
 }
 
@@ -842,6 +863,7 @@ pub async fn start(shared: &Arc<crate::server::Shared>) {
             Err(_) => {
                 tracing::warn!("initial xDS fetch timed out; serving with what has arrived");
                 shared.dynamic.initial_fetch_timed_out(shared);
+                shared.dynamic.promote(shared);
                 shared.runtime.rtds_initial_fetch_timed_out();
                 return;
             }
