@@ -234,6 +234,37 @@ async fn a_listener_waiting_for_rds_serves_an_empty_table_after_its_initial_fetc
     assert_eq!(proxy.stat("listener_manager.total_listeners_warming").await, 0);
 }
 
+/// A new EDS cluster whose first assignment is rejected stops warming (Envoy ends an EDS cluster's
+/// initialization on a rejected update): it serves without hosts (503) instead of holding the listener and
+/// start-up, and takes its hosts from the next good assignment.
+#[tokio::test]
+async fn a_rejected_assignment_ends_the_warming_of_its_cluster() {
+    let a = Upstream::start("a").await;
+    let (xds, proxy) = ads_world("GRPC", &a).await;
+    let mut bad = assignment("svc2", &[a.addr()]);
+    bad["endpoints"][0]["lb_endpoints"][0]["load_balancing_weight"] = json!(0);
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[a.addr()]), bad]);
+    xds.set(hx::CLUSTER, vec![eds_cluster("svc"), eds_cluster("svc2")]);
+    proxy
+        .wait_stat("cluster.svc2.update_rejected", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy
+        .wait_stat("cluster_manager.warming_clusters", |v| v == 0, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(
+        proxy.stat("cluster_manager.active_clusters").await,
+        3,
+        "xds, svc and svc2 serve"
+    );
+    xds.set(
+        hx::ENDPOINT,
+        vec![assignment("svc", &[a.addr()]), assignment("svc2", &[a.addr()])],
+    );
+    proxy
+        .wait_stat("cluster.svc2.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+}
+
 async fn ads_pushes_config_and_nacks_bad_clusters(api_type: &str) {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;

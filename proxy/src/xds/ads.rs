@@ -576,6 +576,9 @@ impl SotwState {
             }
             Err(e) => {
                 tracing::warn!(type_url = key, rejected = %version, errors = %e, "xDS: NACK");
+                if key == ENDPOINT_TYPE {
+                    shared.dynamic.eds_update_rejected(shared, &self.source);
+                }
                 tx.send(self.request(key, Some(&e))?)?;
             }
         }
@@ -751,6 +754,9 @@ impl DeltaState {
             }
             (Err(e), _) | (Ok(()), Err(e)) => {
                 tracing::warn!(type_url = key, rejected = %version, errors = %e, "xDS: delta NACK");
+                if key == ENDPOINT_TYPE {
+                    shared.dynamic.eds_update_rejected(shared, &self.source);
+                }
                 m.set_field_by_name("error_detail", Value::Message(error_detail(&e)?));
             }
         }

@@ -406,6 +406,32 @@ impl Dynamic {
         self.bump();
     }
 
+    /// An EDS update from `source` was rejected: every cluster warming for an assignment from that source
+    /// serves now, without hosts until one is accepted (Envoy's EDS cluster ends its initialization on any
+    /// update failure but a lost connection, so that a bad assignment does not hold start-up or a new cluster).
+    pub fn eds_update_rejected(&self, shared: &Shared, source: &Source) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let mut snap = None;
+        for (name, dc) in inner.clusters.iter_mut().filter(|(_, c)| c.warming) {
+            let Discovery::Eds { source: s, .. } = &dc.config.discovery else {
+                continue;
+            };
+            if s.source != *source {
+                continue;
+            }
+            let snap = snap.get_or_insert_with(|| (**shared.clusters.load()).clone());
+            dc.active = Some(activate(shared, snap, dc.config.clone()));
+            dc.warming = false;
+            tracing::warn!(cluster = %name, "EDS: update rejected; the cluster serves without hosts until one is accepted");
+        }
+        let Some(snap) = snap else { return };
+        publish_clusters(shared, snap);
+        self.update_cluster_gauges(shared, inner);
+        drop(guard);
+        self.bump();
+    }
+
     /// Whether start-up may finish: the first CDS and LDS rounds are done and nothing warms.
     pub fn initialized(&self, shared: &Shared) -> bool {
         let inner = lock(&self.inner);

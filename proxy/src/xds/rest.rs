@@ -116,6 +116,11 @@ pub async fn run(shared: Arc<Shared>, cfg: RestConfig, type_url: &'static str) {
                     }
                     Err(e) => {
                         tracing::warn!(type_url, rejected = %v, errors = %e, "xDS REST: rejected");
+                        if type_url == super::ENDPOINT_TYPE {
+                            shared
+                                .dynamic
+                                .eds_update_rejected(&shared, &Source::Rest(cfg.clone()));
+                        }
                         rejected = Some(e);
                     }
                 }
