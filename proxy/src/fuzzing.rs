@@ -177,7 +177,13 @@ pub fn route_match(data: &[u8]) {
 
     // The request path the proxy takes, when the path is a valid URI.
     if let Ok(uri) = path_and_query.parse::<Uri>() {
-        if let Some(m) = table.route(authority, &uri, &headers) {
+        let line = crate::route::RequestLine {
+            method: &http::Method::GET,
+            authority,
+            uri: &uri,
+            scheme: "http",
+        };
+        if let Some(m) = table.route(&line, &headers) {
             let again = m.route.matcher.matches(uri.path(), uri.query(), &headers);
             assert!(again, "route() chose a route whose matcher refuses the request");
         }
@@ -209,7 +215,13 @@ mod tests {
                 );
             }
             route_match(data);
-            let m = fixed_table().unwrap().route(authority, &uri, &headers)?;
+            let line = crate::route::RequestLine {
+                method: &http::Method::GET,
+                authority,
+                uri: &uri,
+                scheme: "http",
+            };
+            let m = fixed_table().unwrap().route(&line, &headers)?;
             match &m.route.action {
                 crate::route::Action::Direct { status, .. } => Some(status.as_u16()),
                 _ => None,

@@ -612,3 +612,41 @@ async fn grpc_method_prefix_sends_the_entity_service_to_the_cache() {
     assert_eq!(cache.requests(), 1);
     assert_eq!(origin.requests(), 1);
 }
+
+/// Header matchers on pseudo-headers (`:method`, `:path` with its query, `:authority`, `:scheme`), as Envoy
+/// Gateway's bootstrap matches `:method: GET` on its stats route; over HTTP/1.1 and h2 alike.
+#[tokio::test]
+async fn pseudo_header_matchers_see_the_request_line() {
+    let (_ups, clusters) = origins(&["get", "query", "host", "scheme", "fallback"]).await;
+    let hm = |name: &str, m: Value| json!({"name": name, "string_match": m});
+    let table = routes(vec![
+        to_cluster(
+            json!({"prefix": "/stats", "headers": [hm(":method", json!({"exact": "GET"}))]}),
+            "get",
+        ),
+        to_cluster(
+            json!({"prefix": "/", "headers": [hm(":path", json!({"suffix": "?debug=1"}))]}),
+            "query",
+        ),
+        to_cluster(
+            json!({"prefix": "/", "headers": [hm(":authority", json!({"prefix": "special."}))]}),
+            "host",
+        ),
+        to_cluster(
+            json!({"prefix": "/s", "headers": [hm(":scheme", json!({"exact": "https"}))]}),
+            "scheme",
+        ),
+        to_cluster(json!({"prefix": "/"}), "fallback"),
+    ]);
+    let proxy = Proxy::start(&bootstrap(table, clusters, Value::Null), &[]).await;
+    for c in [proxy.h1(), proxy.h2()] {
+        assert_eq!(who(&c, "/stats", &[]).await, "get");
+        let posted = c.post("/stats", &[], "x").await;
+        assert_eq!(posted.header("x-upstream"), Some("fallback"), "POST /stats");
+        assert_eq!(who(&c, "/any?debug=1", &[]).await, "query");
+        assert_eq!(who(&c, "/any?debug=2", &[]).await, "fallback");
+        assert_eq!(who(&c, "/any", &[("host", "special.example")]).await, "host");
+        // A plaintext listener: the scheme is http.
+        assert_eq!(who(&c, "/s", &[]).await, "fallback");
+    }
+}

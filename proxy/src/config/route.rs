@@ -4,7 +4,7 @@ use super::node::Node;
 use super::resilience::lower_retry_policy;
 use crate::route::{
     Action, AppendAction, ClusterSpecifier, HeaderAdd, HeaderMatch, HeaderMatcher, HeaderMods, HostRewrite,
-    PathMatch, QueryMatcher, Redirect, Route, RouteAction, RouteMatch, RouteTable, StringMatcher,
+    PathMatch, Pseudo, QueryMatcher, Redirect, Route, RouteAction, RouteMatch, RouteTable, StringMatcher,
     VirtualHost,
 };
 use crate::server::ClusterIds;
@@ -204,7 +204,22 @@ fn lower_match(m: &Node) -> Option<RouteMatch> {
             return None;
         }
     };
-    let headers = m.list("headers").iter().filter_map(header_matcher).collect();
+    let mut headers = Vec::new();
+    let mut pseudo = Vec::new();
+    for h in m.list("headers") {
+        let stand_in = || HeaderName::from_static("x-remora-pseudo-header");
+        let which = match h.string("name").unwrap_or_default().as_str() {
+            ":method" => Some(Pseudo::Method),
+            ":authority" => Some(Pseudo::Authority),
+            ":path" => Some(Pseudo::Path),
+            ":scheme" => Some(Pseudo::Scheme),
+            _ => None,
+        };
+        match which {
+            Some(p) => pseudo.extend(header_matcher_as(&h, stand_in()).map(|hm| (p, hm))),
+            None => headers.extend(header_matcher(&h)),
+        }
+    }
     let query = m
         .list("query_parameters")
         .iter()
@@ -220,6 +235,7 @@ fn lower_match(m: &Node) -> Option<RouteMatch> {
         path,
         case_sensitive,
         headers,
+        pseudo,
         query,
         grpc,
     })

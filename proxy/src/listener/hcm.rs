@@ -495,8 +495,17 @@ fn prepare(
     let authority: HeaderValue = authority;
     let table = hcm.routes.load_full();
     hcm.stats.rq_total.inc();
+    let line = crate::route::RequestLine {
+        method: &parts.method,
+        authority: authority.to_str().unwrap_or(""),
+        uri: &parts.uri,
+        scheme: parts
+            .uri
+            .scheme_str()
+            .unwrap_or(if conn.tls { "https" } else { "http" }),
+    };
     let matched = table
-        .route_index(authority.to_str().unwrap_or(""), &parts.uri, &parts.headers)
+        .route_index(&line, &parts.headers)
         .map(|(vhost, route)| MatchedRoute {
             table: table.clone(),
             vhost,

@@ -127,11 +127,48 @@ pub struct Route {
     pub per_request_buffer_limit: Option<u32>,
 }
 
+/// A pseudo-header a route can match on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pseudo {
+    Method,
+    Authority,
+    /// The path with its query, as `:path` carries it.
+    Path,
+    Scheme,
+}
+
+/// The parts of a request that are not in its header map.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLine<'a> {
+    pub method: &'a http::Method,
+    pub authority: &'a str,
+    pub uri: &'a Uri,
+    /// `http` or `https`: the URI's own, else the connection's.
+    pub scheme: &'a str,
+}
+
+impl RouteMatch {
+    fn pseudo_matches(&self, line: &RequestLine<'_>) -> bool {
+        self.pseudo.iter().all(|(p, m)| {
+            let value = match p {
+                Pseudo::Method => Some(line.method.as_str()),
+                Pseudo::Authority => Some(line.authority),
+                Pseudo::Path => line.uri.path_and_query().map(|pq| pq.as_str()),
+                Pseudo::Scheme => Some(line.scheme),
+            };
+            m.matches_value(value)
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct RouteMatch {
     pub path: PathMatch,
     pub case_sensitive: bool,
     pub headers: Vec<HeaderMatcher>,
+    /// Matchers on the request's pseudo-headers (`:method`, `:authority`, `:path`, `:scheme`), as Envoy
+    /// matches them for HTTP/1.1 and HTTP/2 alike.
+    pub pseudo: Vec<(Pseudo, HeaderMatcher)>,
     pub query: Vec<QueryMatcher>,
     /// `grpc: {}`: only requests with `content-type: application/grpc*`.
     pub grpc: bool,
@@ -280,8 +317,8 @@ impl RouteTable {
     }
 
     /// Match a request; the indexes of the virtual host and the route.
-    pub fn route_index(&self, authority: &str, uri: &Uri, headers: &HeaderMap) -> Option<(usize, usize)> {
-        let m = self.route(authority, uri, headers)?;
+    pub fn route_index(&self, line: &RequestLine<'_>, headers: &HeaderMap) -> Option<(usize, usize)> {
+        let m = self.route(line, headers)?;
         let vi = self.virtual_hosts.iter().position(|v| std::ptr::eq(v, m.vhost))?;
         let ri = m.vhost.routes.iter().position(|r| std::ptr::eq(r, m.route))?;
         Some((vi, ri))
@@ -299,14 +336,17 @@ impl RouteTable {
     }
 
     /// Match a request: the virtual host by authority, then the first route whose conditions all hold.
-    pub fn route<'t>(&'t self, authority: &str, uri: &Uri, headers: &HeaderMap) -> Option<Matched<'t>> {
-        let vhost = self.find_vhost(authority)?;
-        let path = uri.path();
-        let query = uri.query();
+    pub fn route<'t>(&'t self, line: &RequestLine<'_>, headers: &HeaderMap) -> Option<Matched<'t>> {
+        let vhost = self.find_vhost(line.authority)?;
+        let path = line.uri.path();
+        let query = line.uri.query();
         vhost
             .routes
             .iter()
-            .find(|r| r.matcher.matches(path, query, headers))
+            .find(|r| {
+                r.matcher.matches(path, query, headers)
+                    && (r.matcher.pseudo.is_empty() || r.matcher.pseudo_matches(line))
+            })
             .map(|route| Matched { vhost, route })
     }
 }
@@ -447,6 +487,7 @@ mod tests {
             path,
             case_sensitive,
             headers: Vec::new(),
+            pseudo: Vec::new(),
             query: Vec::new(),
             grpc: false,
         }
