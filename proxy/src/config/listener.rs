@@ -408,6 +408,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     }
     let mut http_filters = Vec::new();
     let mut dynamic_forward_proxy = false;
+    let mut suppress_envoy_headers = false;
     for (i, f) in filters.iter().enumerate() {
         let name = f.string("name").unwrap_or_default();
         let ty = f.any("typed_config");
@@ -433,7 +434,10 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
             if !last {
                 f.err_here("the router must be the last HTTP filter");
             }
-            // Router options (suppress_envoy_headers, upstream_log, ...) are refused field by field.
+            // Router options other than suppress_envoy_headers (upstream_log, ...) are refused field by field.
+            if let Some(t) = &ty {
+                suppress_envoy_headers = t.bool("suppress_envoy_headers");
+            }
             continue;
         }
         if last {
@@ -590,6 +594,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         drain_timeout,
         filters: http_filters,
         dynamic_forward_proxy,
+        suppress_envoy_headers,
         connect,
         access_logs,
     })
@@ -665,4 +670,88 @@ fn lower_tcp_proxy(t: &Node, ctx: &Ctx) -> Option<TcpProxyConfig> {
         idle_timeout,
         max_connect_attempts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::node::Errors;
+    use crate::filters::test_util::msg;
+
+    /// Lower a listener whose one connection manager has `hcm` (YAML lines at the connection manager's
+    /// indentation; a plain router unless it has `http_filters`) over a route table to the static cluster `c`,
+    /// with `listener` extra listener fields.
+    pub(crate) fn lower_yaml(listener: &str, hcm: &str) -> (Option<ListenerConfig>, Vec<String>) {
+        let router = format!(
+            "http_filters: [{{name: router, typed_config: {{\"@type\": type.googleapis.com/{ROUTER}}}}}]"
+        );
+        let hcm = if hcm.contains("http_filters") {
+            hcm.to_string()
+        } else {
+            format!("{hcm}\n{router}")
+        };
+        let indent = |s: &str, n: usize| -> String {
+            s.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| format!("{}{l}\n", " ".repeat(n)))
+                .collect()
+        };
+        let yaml = format!(
+            r#"
+name: l
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+{listener}
+filter_chains:
+- filters:
+  - name: hcm
+    typed_config:
+      "@type": type.googleapis.com/{HCM}
+      stat_prefix: in
+      route_config:
+        virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: c}}}}]}}]
+{hcm}"#,
+            listener = indent(listener, 0),
+            hcm = indent(&hcm, 6)
+        );
+        let m = msg("envoy.config.listener.v3.Listener", &yaml);
+        let errs = Errors::default();
+        let ids = ClusterIds::default();
+        let store = Store::new();
+        let logs = crate::access_log::Manager::new(&store.scope(""), Duration::from_secs(1)).expect("logs");
+        let rds = crate::xds::RdsRegistry::default();
+        let static_clusters: HashSet<String> = ["c".to_string()].into();
+        let ctx = Ctx {
+            ids: &ids,
+            store: &store,
+            logs: &logs,
+            static_clusters: &static_clusters,
+            rds: &rds,
+            sources: None,
+        };
+        let out = lower(&Node::root(&m, "listener", &errs), &ctx);
+        (out, errs.take().iter().map(|e| e.to_string()).collect())
+    }
+
+    pub(crate) fn hcm_of(l: &ListenerConfig) -> &HcmConfig {
+        l.hcms().next().expect("an hcm")
+    }
+
+    #[test]
+    fn router_suppress_envoy_headers() {
+        let router = |extra: &str| {
+            format!(
+                "http_filters:\n- name: envoy.filters.http.router\n  typed_config:\n    \"@type\": type.googleapis.com/{ROUTER}\n{extra}"
+            )
+        };
+        let (l, errs) = lower_yaml("", &router(""));
+        assert_eq!(errs, Vec::<String>::new());
+        assert!(!hcm_of(&l.expect("lowered")).suppress_envoy_headers);
+        let (l, errs) = lower_yaml("", &router("    suppress_envoy_headers: true\n"));
+        assert_eq!(errs, Vec::<String>::new());
+        assert!(hcm_of(&l.expect("lowered")).suppress_envoy_headers);
+        // Other router options are still refused by name.
+        let (_, errs) = lower_yaml("", &router("    respect_expected_rq_timeout: true\n"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("respect_expected_rq_timeout"), "{errs:?}");
+    }
 }

@@ -114,6 +114,11 @@ pub struct HcmConfig {
     /// `envoy.filters.http.dynamic_forward_proxy` is configured: the router resolves authorities that a
     /// dynamic forward proxy cluster has not cached yet (else it finds no host for them, as Envoy does).
     pub dynamic_forward_proxy: bool,
+    /// The router's `suppress_envoy_headers`: the router adds none of the `x-envoy-*` headers it would
+    /// otherwise set (`x-envoy-expected-rq-timeout-ms`, `x-envoy-original-path` upstream;
+    /// `x-envoy-upstream-service-time`, `x-envoy-overloaded` downstream). As in Envoy, `x-envoy-attempt-count`
+    /// (asked for by the virtual host) and the connection manager's own headers are still set.
+    pub suppress_envoy_headers: bool,
     /// `upgrade_configs` with `CONNECT`: CONNECT requests matching a `connect_matcher` route are tunnelled.
     pub connect: bool,
     /// `access_log`: written when each response is done.

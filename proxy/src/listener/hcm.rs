@@ -608,7 +608,7 @@ async fn dispatch(
     route.request_headers.apply(&mut parts.headers);
     vhost.request_headers.apply(&mut parts.headers);
     table.request_headers.apply(&mut parts.headers);
-    rewrite_path(action, route, &mut parts);
+    rewrite_path(action, route, &mut parts, !hcm.suppress_envoy_headers);
 
     let buffer_limit = route.per_request_buffer_limit.or(vhost.per_request_buffer_limit);
     let mut resp = forward(
@@ -737,7 +737,14 @@ fn append_xff(h: &mut HeaderMap, ip: std::net::IpAddr) {
     }
 }
 
-fn rewrite_path(action: &RouteAction, route: &crate::route::Route, parts: &mut http::request::Parts) {
+/// `x_envoy_original_path`: keep the path before the rewrite in `x-envoy-original-path` (unless the router
+/// suppresses its `x-envoy-*` headers).
+fn rewrite_path(
+    action: &RouteAction,
+    route: &crate::route::Route,
+    parts: &mut http::request::Parts,
+    x_envoy_original_path: bool,
+) {
     let new_path = if let Some(prefix) = &action.prefix_rewrite {
         let path = parts.uri.path();
         let matched_len = match &route.matcher.path {
@@ -762,6 +769,7 @@ fn rewrite_path(action: &RouteAction, route: &crate::route::Route, parts: &mut h
         if let Some(orig) = parts
             .uri
             .path_and_query()
+            .filter(|_| x_envoy_original_path)
             .and_then(|p| HeaderValue::from_str(p.as_str()).ok())
         {
             parts.headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), orig);
@@ -849,7 +857,11 @@ async fn forward(
     let timeouts = Timeouts::resolve(action.timeout, &policy, &mut parts.headers);
     let mut retry = RetryState::new(&policy, &mut parts.headers);
     let deadline = timeouts.global.map(|t| start + t);
-    if let Some(t) = timeouts.per_try.or(timeouts.global) {
+    if let Some(t) = timeouts
+        .per_try
+        .or(timeouts.global)
+        .filter(|_| !conn.hcm.suppress_envoy_headers)
+    {
         parts.headers.insert(
             X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
             HeaderValue::from(t.as_millis() as u64),
@@ -1150,10 +1162,12 @@ async fn forward(
         let (mut rparts, rbody) = resp.into_parts();
         let service_time = upstream_start.elapsed().as_millis() as u64;
         remove_hop_by_hop_response(&mut rparts.headers);
-        rparts.headers.insert(
-            X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-            crate::util::small_number(service_time),
-        );
+        if !conn.hcm.suppress_envoy_headers {
+            rparts.headers.insert(
+                X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+                crate::util::small_number(service_time),
+            );
+        }
         if vhost.include_attempt_count_in_response {
             rparts
                 .headers
@@ -1344,15 +1358,21 @@ fn is_refused_stream(e: &hyper::Error) -> bool {
     false
 }
 
-/// 503 with `x-envoy-overloaded` (response flag UO): a circuit breaker refused the request.
-fn overflow_reply(cs: &crate::upstream::ClusterStats, info: &mut StreamInfo, _retry: bool) -> Response<Body> {
+/// 503 with `x-envoy-overloaded` (unless suppressed; response flag UO): a circuit breaker refused the request.
+fn overflow_reply(
+    cs: &crate::upstream::ClusterStats,
+    info: &mut StreamInfo,
+    suppress_envoy_headers: bool,
+) -> Response<Body> {
     info.set(Flag::UpstreamOverflow);
     info.details = "upstream_reset_before_response_started{overflow}";
     cs.upstream_rq.record(503);
     cs.upstream_rq_completed.inc();
     let mut r = local_reply_owned(StatusCode::SERVICE_UNAVAILABLE, reset_body("overflow"));
-    r.headers_mut()
-        .insert(X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true"));
+    if !suppress_envoy_headers {
+        r.headers_mut()
+            .insert(X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true"));
+    }
     r
 }
 
@@ -1427,7 +1447,9 @@ fn error_reply(
                 reset(&reason),
             )
         }
-        SendError::Connect(ConnectError::Overflow) => return overflow_reply(cs, info, false),
+        SendError::Connect(ConnectError::Overflow) => {
+            return overflow_reply(cs, info, conn.hcm.suppress_envoy_headers)
+        }
         SendError::Connect(ConnectError::Tls(reason)) => {
             info.details = "upstream_reset_before_response_started{connection_failure}";
             info.transport_failure = Some(reason.clone());
