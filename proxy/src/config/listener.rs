@@ -6,7 +6,8 @@ use super::route;
 use crate::filters::{adaptive_concurrency, admission_control, health_check, local_ratelimit};
 use crate::listener::chain;
 use crate::listener::config::{
-    Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader, Underscores,
+    Codec, HcmConfig, HcmStats, Http2Settings, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader,
+    Underscores,
 };
 use crate::listener::tcp_proxy::{TcpProxyConfig, TcpProxyStats};
 use crate::server::ClusterIds;
@@ -541,9 +542,10 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     if let Some(p) = h.msg("http_protocol_options") {
         let _ = p;
     }
-    if let Some(p) = h.msg("http2_protocol_options") {
-        let _ = p;
-    }
+    let http2 = h
+        .msg("http2_protocol_options")
+        .map(|p| lower_http2(&p))
+        .unwrap_or_default();
     let request_timeout = nonzero(h.duration("request_timeout"));
     let request_headers_timeout = nonzero(h.duration("request_headers_timeout"));
     let stream_idle_timeout = match h.duration("stream_idle_timeout") {
@@ -595,9 +597,33 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         filters: http_filters,
         dynamic_forward_proxy,
         suppress_envoy_headers,
+        http2,
         connect,
         access_logs,
     })
+}
+
+/// The connection manager's `http2_protocol_options` (`envoy.config.core.v3.Http2ProtocolOptions`), with
+/// Envoy's ranges: `max_concurrent_streams` 1 to 2^31-1, the window sizes 65535 (HTTP/2's initial window)
+/// to 2^31-1. Other fields are refused.
+fn lower_http2(p: &Node) -> Http2Settings {
+    const MAX: u32 = (1 << 31) - 1;
+    let ranged = |field: &str, min: u32| {
+        let v = p.wrapped_u32(field)?;
+        if (min..=MAX).contains(&v) {
+            Some(v)
+        } else {
+            p.err(field, format!("{v} is out of range ({min} to {MAX})"));
+            None
+        }
+    };
+    let mut s = Http2Settings::default();
+    if let Some(n) = ranged("max_concurrent_streams", 1) {
+        s.max_concurrent_streams = n;
+    }
+    s.initial_stream_window_size = ranged("initial_stream_window_size", 65535);
+    s.initial_connection_window_size = ranged("initial_connection_window_size", 65535);
+    s
 }
 
 fn nonzero(d: Option<Duration>) -> Option<Duration> {
@@ -753,5 +779,44 @@ filter_chains:
         let (_, errs) = lower_yaml("", &router("    respect_expected_rq_timeout: true\n"));
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].contains("respect_expected_rq_timeout"), "{errs:?}");
+    }
+
+    #[test]
+    fn http2_protocol_options_in_envoys_ranges() {
+        let (l, errs) = lower_yaml(
+            "",
+            "http2_protocol_options: {max_concurrent_streams: 100, initial_stream_window_size: 65536, \
+             initial_connection_window_size: 1048576}",
+        );
+        assert_eq!(errs, Vec::<String>::new());
+        let h2 = hcm_of(&l.expect("lowered")).http2;
+        assert_eq!(
+            h2,
+            Http2Settings {
+                max_concurrent_streams: 100,
+                initial_stream_window_size: Some(65536),
+                initial_connection_window_size: Some(1048576),
+            }
+        );
+        let (l, _) = lower_yaml("", "http2_protocol_options: {}");
+        assert_eq!(hcm_of(&l.expect("lowered")).http2, Http2Settings::default());
+        assert_eq!(Http2Settings::default().max_concurrent_streams, 2147483647);
+
+        for (field, value) in [
+            ("max_concurrent_streams", 0u64),
+            ("max_concurrent_streams", 2147483648),
+            ("initial_stream_window_size", 65534),
+            ("initial_connection_window_size", 2147483648),
+        ] {
+            let (_, errs) = lower_yaml("", &format!("http2_protocol_options: {{{field}: {value}}}"));
+            assert_eq!(errs.len(), 1, "{field} {value}: {errs:?}");
+            assert!(
+                errs[0].contains(field) && errs[0].contains("out of range"),
+                "{errs:?}"
+            );
+        }
+        // Fields Remora does not apply are refused by name.
+        let (_, errs) = lower_yaml("", "http2_protocol_options: {allow_connect: true}");
+        assert!(errs.len() == 1 && errs[0].contains("allow_connect"), "{errs:?}");
     }
 }

@@ -119,10 +119,33 @@ pub struct HcmConfig {
     /// `x-envoy-upstream-service-time`, `x-envoy-overloaded` downstream). As in Envoy, `x-envoy-attempt-count`
     /// (asked for by the virtual host) and the connection manager's own headers are still set.
     pub suppress_envoy_headers: bool,
+    /// `http2_protocol_options`: the downstream HTTP/2 codec's settings.
+    pub http2: Http2Settings,
     /// `upgrade_configs` with `CONNECT`: CONNECT requests matching a `connect_matcher` route are tunnelled.
     pub connect: bool,
     /// `access_log`: written when each response is done.
     pub access_logs: Vec<crate::access_log::AccessLog>,
+}
+
+/// The connection manager's `http2_protocol_options` that Remora applies to downstream HTTP/2 connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// `max_concurrent_streams` (SETTINGS_MAX_CONCURRENT_STREAMS; default 2^31-1, as Envoy).
+    pub max_concurrent_streams: u32,
+    /// `initial_stream_window_size`; `None` keeps the codec's default.
+    pub initial_stream_window_size: Option<u32>,
+    /// `initial_connection_window_size`; `None` keeps the codec's default.
+    pub initial_connection_window_size: Option<u32>,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Http2Settings {
+            max_concurrent_streams: (1 << 31) - 1,
+            initial_stream_window_size: None,
+            initial_connection_window_size: None,
+        }
+    }
 }
 
 /// One configured HTTP filter; its shared state serves every worker.

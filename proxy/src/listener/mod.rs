@@ -475,7 +475,9 @@ async fn serve_connection<S>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(hcm.max_request_headers_kb * 1024)
-        .max_concurrent_streams(Some(2147483647));
+        .max_concurrent_streams(Some(hcm.http2.max_concurrent_streams))
+        .initial_stream_window_size(hcm.http2.initial_stream_window_size)
+        .initial_connection_window_size(hcm.http2.initial_connection_window_size);
 
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| hcm::handle(svc_conn.clone(), req));
