@@ -19,6 +19,7 @@ mod load_shedding;
 mod local_replies;
 mod observability;
 mod passthrough;
+mod path_normalization;
 mod pending_queue;
 mod per_try_idle;
 mod protocols;

@@ -9,6 +9,7 @@ use crate::listener::config::{
     Codec, HcmConfig, HcmStats, Http2Settings, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader,
     Underscores,
 };
+use crate::listener::path::{EscapedSlashes, PathNormalization};
 use crate::listener::tcp_proxy::{TcpProxyConfig, TcpProxyStats};
 use crate::server::ClusterIds;
 use crate::stats::Store;
@@ -555,6 +556,18 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
 
     let drain_timeout = h.duration("drain_timeout").unwrap_or(Duration::from_secs(5));
 
+    // Envoy's defaults (its runtime keys unset): no normalization, slashes kept, escaped slashes kept.
+    let path = PathNormalization {
+        normalize: h.wrapped_bool("normalize_path").unwrap_or(false),
+        merge_slashes: h.bool("merge_slashes"),
+        escaped_slashes: match h.enum_name("path_with_escaped_slashes_action").as_str() {
+            "REJECT_REQUEST" => EscapedSlashes::Reject,
+            "UNESCAPE_AND_REDIRECT" => EscapedSlashes::UnescapeAndRedirect,
+            "UNESCAPE_AND_FORWARD" => EscapedSlashes::UnescapeAndForward,
+            _ => EscapedSlashes::Keep,
+        },
+    };
+
     let mut connect = false;
     for u in h.list("upgrade_configs") {
         let ty = u.string("upgrade_type").unwrap_or_default();
@@ -598,6 +611,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         dynamic_forward_proxy,
         suppress_envoy_headers,
         http2,
+        path,
         connect,
         access_logs,
     })
@@ -818,5 +832,34 @@ filter_chains:
         // Fields Remora does not apply are refused by name.
         let (_, errs) = lower_yaml("", "http2_protocol_options: {allow_connect: true}");
         assert!(errs.len() == 1 && errs[0].contains("allow_connect"), "{errs:?}");
+    }
+
+    #[test]
+    fn path_options_with_envoys_defaults() {
+        let (l, errs) = lower_yaml("", "");
+        assert_eq!(errs, Vec::<String>::new());
+        assert_eq!(hcm_of(&l.expect("lowered")).path, PathNormalization::default());
+        let (l, errs) = lower_yaml(
+            "",
+            "normalize_path: true\nmerge_slashes: true\npath_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT",
+        );
+        assert_eq!(errs, Vec::<String>::new());
+        assert_eq!(
+            hcm_of(&l.expect("lowered")).path,
+            PathNormalization {
+                normalize: true,
+                merge_slashes: true,
+                escaped_slashes: EscapedSlashes::UnescapeAndRedirect,
+            }
+        );
+        for (name, want) in [
+            ("IMPLEMENTATION_SPECIFIC_DEFAULT", EscapedSlashes::Keep),
+            ("KEEP_UNCHANGED", EscapedSlashes::Keep),
+            ("REJECT_REQUEST", EscapedSlashes::Reject),
+            ("UNESCAPE_AND_FORWARD", EscapedSlashes::UnescapeAndForward),
+        ] {
+            let (l, _) = lower_yaml("", &format!("path_with_escaped_slashes_action: {name}"));
+            assert_eq!(hcm_of(&l.expect("lowered")).path.escaped_slashes, want, "{name}");
+        }
     }
 }

@@ -121,6 +121,8 @@ pub struct HcmConfig {
     pub suppress_envoy_headers: bool,
     /// `http2_protocol_options`: the downstream HTTP/2 codec's settings.
     pub http2: Http2Settings,
+    /// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`, applied before routing.
+    pub path: super::path::PathNormalization,
     /// `upgrade_configs` with `CONNECT`: CONNECT requests matching a `connect_matcher` route are tunnelled.
     pub connect: bool,
     /// `access_log`: written when each response is done.
@@ -184,6 +186,8 @@ pub struct HcmStats {
     pub downstream_rq_timeout: Counter,
     pub downstream_rq_idle_timeout: Counter,
     pub downstream_rq_too_large: Counter,
+    pub downstream_rq_failed_path_normalization: Counter,
+    pub downstream_rq_redirected_with_normalized_path: Counter,
     pub rq_total: Counter,
     pub no_route: Counter,
     pub no_cluster: Counter,
@@ -221,6 +225,9 @@ impl HcmStats {
             downstream_rq_timeout: http.counter("downstream_rq_timeout"),
             downstream_rq_idle_timeout: http.counter("downstream_rq_idle_timeout"),
             downstream_rq_too_large: http.counter("downstream_rq_too_large"),
+            downstream_rq_failed_path_normalization: http.counter("downstream_rq_failed_path_normalization"),
+            downstream_rq_redirected_with_normalized_path: http
+                .counter("downstream_rq_redirected_with_normalized_path"),
             rq_total: http.counter("rq_total"),
             no_route: http.counter("no_route"),
             no_cluster: http.counter("no_cluster"),

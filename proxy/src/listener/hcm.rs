@@ -483,6 +483,9 @@ fn prepare(
             parts.headers.remove(n);
         }
     }
+    if hcm.path.enabled() && parts.method != http::Method::CONNECT {
+        normalize_path(hcm, &mut parts, info)?;
+    }
     mutate_request_headers(conn, hcm, &mut parts.headers);
 
     // The authority (`:authority`, or `host`), held as shared bytes: no copy.
@@ -507,6 +510,54 @@ fn prepare(
             route,
         });
     Ok((Request::from_parts(parts, body), matched))
+}
+
+/// The connection manager's path options (see [`super::path`]): the request's path is replaced, or the
+/// request is answered 400 or redirected (307) to its normalized path.
+#[allow(clippy::result_large_err)]
+fn normalize_path(
+    hcm: &HcmConfig,
+    parts: &mut http::request::Parts,
+    info: &mut StreamInfo,
+) -> Result<(), Response<Body>> {
+    use super::path::Outcome;
+    let Some(pq) = parts
+        .uri
+        .path_and_query()
+        .filter(|pq| pq.as_str().starts_with('/'))
+    else {
+        return Ok(());
+    };
+    let rejected = || {
+        hcm.stats.downstream_rq_failed_path_normalization.inc();
+        local_reply(StatusCode::BAD_REQUEST, "")
+    };
+    let reply = match hcm.path.apply(pq.as_str()) {
+        Outcome::Continue(None) => return Ok(()),
+        Outcome::Continue(Some(new)) => match PathAndQuery::try_from(new) {
+            Ok(pq) => {
+                let mut up = std::mem::take(&mut parts.uri).into_parts();
+                up.path_and_query = Some(pq);
+                parts.uri = Uri::from_parts(up).unwrap_or_default();
+                return Ok(());
+            }
+            Err(_) => rejected(),
+        },
+        Outcome::Reject => rejected(),
+        // gRPC clients do not follow redirects: Envoy rejects them instead.
+        Outcome::Redirect(_) if crate::route::is_grpc(&parts.headers) => rejected(),
+        Outcome::Redirect(location) => match HeaderValue::from_str(&location) {
+            Ok(location) => {
+                hcm.stats.downstream_rq_redirected_with_normalized_path.inc();
+                let mut r = local_reply(StatusCode::TEMPORARY_REDIRECT, "");
+                r.headers_mut().insert(header::LOCATION, location);
+                r
+            }
+            Err(_) => rejected(),
+        },
+    };
+    info.details = "path_normalization_failed";
+    Err(reply)
 }
 
 /// The router: a local reply for no route, a direct response or a redirect, else forward to the cluster.

@@ -7,6 +7,7 @@
 pub mod chain;
 pub mod config;
 pub mod hcm;
+pub mod path;
 pub mod tcp_proxy;
 
 use crate::runtime::{LocalExec, Worker};
