@@ -328,3 +328,26 @@ async fn http2_protocol_options_set_the_downstream_settings_and_windows() {
     let (settings, _) = h2_server_settings(proxy.addr).await;
     assert!(settings.contains(&(3, 2147483647)), "{settings:?}");
 }
+
+#[tokio::test]
+async fn one_connection_accepted_per_socket_event_still_serves_a_burst() {
+    let up = Upstream::start("origin").await;
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "origin")]);
+    let mut config = bootstrap(table, vec![cluster("origin", &[up.addr()])], Value::Null);
+    config["static_resources"]["listeners"][0]["max_connections_to_accept_per_socket_event"] = json!(1);
+    let proxy = Proxy::start(&config, &["--concurrency", "1"]).await;
+    // Every connection is pending in the kernel's queue before the first request is sent.
+    let mut conns = Vec::new();
+    for _ in 0..32 {
+        conns.push(RawConn::connect(proxy.addr).await);
+    }
+    let mut replies = Vec::new();
+    for c in &mut conns {
+        c.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    }
+    for c in &mut conns {
+        replies.push(c.response(false).await.status);
+    }
+    assert!(replies.iter().all(|s| *s == 200), "{replies:?}");
+    assert_eq!(proxy.stat("http.ingress.downstream_cx_total").await, 32);
+}

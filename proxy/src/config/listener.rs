@@ -117,6 +117,19 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
     l.unsupported("internal_listener");
     l.unsupported("drain_type");
     l.unsupported("tcp_backlog_size");
+    // Envoy accepts every pending connection per socket event unless this is set (its proto requires > 0).
+    let max_accepts_per_event = l
+        .wrapped_u32("max_connections_to_accept_per_socket_event")
+        .and_then(|n| {
+            let n = std::num::NonZeroU32::new(n);
+            if n.is_none() {
+                l.err(
+                    "max_connections_to_accept_per_socket_event",
+                    "must be greater than 0",
+                );
+            }
+            n
+        });
 
     let nodes = l.list("filter_chains");
     let default_node = l.msg("default_filter_chain");
@@ -189,6 +202,7 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         listener_filters_timeout,
         use_original_dst,
         bind_to_port,
+        max_accepts_per_event,
     })
 }
 
@@ -861,5 +875,23 @@ filter_chains:
             let (l, _) = lower_yaml("", &format!("path_with_escaped_slashes_action: {name}"));
             assert_eq!(hcm_of(&l.expect("lowered")).path.escaped_slashes, want, "{name}");
         }
+    }
+
+    #[test]
+    fn max_connections_to_accept_per_socket_event() {
+        let (l, errs) = lower_yaml("", "");
+        assert_eq!(errs, Vec::<String>::new());
+        assert_eq!(l.expect("lowered").max_accepts_per_event, None);
+        let (l, errs) = lower_yaml("max_connections_to_accept_per_socket_event: 1", "");
+        assert_eq!(errs, Vec::<String>::new());
+        assert_eq!(
+            l.expect("lowered").max_accepts_per_event.map(|n| n.get()),
+            Some(1)
+        );
+        let (_, errs) = lower_yaml("max_connections_to_accept_per_socket_event: 0", "");
+        assert!(
+            errs.len() == 1 && errs[0].contains("max_connections_to_accept_per_socket_event"),
+            "{errs:?}"
+        );
     }
 }

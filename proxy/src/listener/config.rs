@@ -33,6 +33,9 @@ pub struct ListenerConfig {
     pub use_original_dst: bool,
     /// `bind_to_port` (default true): false for a listener that only takes connections handed off to it.
     pub bind_to_port: bool,
+    /// `max_connections_to_accept_per_socket_event`: how many connections a worker accepts in a row before it
+    /// lets its other tasks run; `None` (Envoy's default) accepts all that are pending.
+    pub max_accepts_per_event: Option<std::num::NonZeroU32>,
 }
 
 /// What serves a listener's connections.

@@ -227,18 +227,54 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
         }
     };
     let mut stop = bound.stop.subscribe();
+    let mut budget = AcceptBudget::new(bound.config.max_accepts_per_event);
     loop {
         tokio::select! {
             biased;
             _ = stop.wait_for(|d| *d != Drain::Serving) => break,
             res = socket.accept() => match res {
-                Ok((stream, remote)) => accepted(&bound, &shared, &worker, stream, remote),
+                Ok((stream, remote)) => {
+                    accepted(&bound, &shared, &worker, stream, remote);
+                    if budget.spend() {
+                        // Let the worker's connections run before accepting more.
+                        tokio::task::yield_now().await;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(listener = %bound.config.name, error = %e, "accept failed");
                     // Out of descriptors and the like: back off briefly rather than spin.
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             }
+        }
+    }
+}
+
+/// `max_connections_to_accept_per_socket_event`: the accept loop yields to the worker's other tasks after this
+/// many connections in a row (Envoy accepts at most that many per socket event, the rest on later loop
+/// iterations). Without a limit the loop accepts whatever is pending (tokio's cooperative budget still makes
+/// it yield now and then).
+struct AcceptBudget {
+    limit: Option<std::num::NonZeroU32>,
+    used: u32,
+}
+
+impl AcceptBudget {
+    fn new(limit: Option<std::num::NonZeroU32>) -> Self {
+        AcceptBudget { limit, used: 0 }
+    }
+
+    /// Count an accepted connection; true when the loop must yield now (the count starts again).
+    fn spend(&mut self) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        self.used += 1;
+        if self.used >= limit.get() {
+            self.used = 0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -678,5 +714,22 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedStream<S
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AcceptBudget;
+    use std::num::NonZeroU32;
+
+    #[test]
+    fn accept_budget_yields_after_each_batch() {
+        let mut unlimited = AcceptBudget::new(None);
+        assert!((0..1000).all(|_| !unlimited.spend()));
+        let mut one = AcceptBudget::new(NonZeroU32::new(1));
+        assert!((0..5).all(|_| one.spend()));
+        let mut three = AcceptBudget::new(NonZeroU32::new(3));
+        let yields: Vec<bool> = (0..7).map(|_| three.spend()).collect();
+        assert_eq!(yields, [false, false, true, false, false, true, false]);
     }
 }
