@@ -30,5 +30,6 @@ mod support;
 mod templates;
 mod timeouts;
 mod tls;
+mod upgrades;
 mod xds;
 mod zone_routing;

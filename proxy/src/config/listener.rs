@@ -582,20 +582,13 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         },
     };
 
-    let mut connect = false;
-    for u in h.list("upgrade_configs") {
-        let ty = u.string("upgrade_type").unwrap_or_default();
-        if !ty.eq_ignore_ascii_case("CONNECT") {
-            u.err(
-                "upgrade_type",
-                format!("upgrade {ty:?} is not supported by Remora (only CONNECT)"),
-            );
-        }
-        if u.wrapped_bool("enabled") != Some(false) {
-            connect = true;
-        }
-        u.unsupported("filters");
-    }
+    let upgrade_nodes = h.list("upgrade_configs");
+    let connect = upgrade_nodes.iter().any(|u| {
+        u.string("upgrade_type")
+            .is_some_and(|t| t.eq_ignore_ascii_case("CONNECT"))
+            && u.wrapped_bool("enabled") != Some(false)
+    });
+    let upgrades = route::lower_upgrades(&upgrade_nodes, true);
     let routes = routes?;
     let lscope = ctx.store.scope(format!("{listener_scope}http.{stat_prefix}."));
     let access_logs = crate::access_log::lower(&h.list("access_log"), ctx.logs);
@@ -627,6 +620,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         http2,
         path,
         connect,
+        upgrades,
         access_logs,
     })
 }
@@ -739,11 +733,17 @@ mod tests {
         let router = format!(
             "http_filters: [{{name: router, typed_config: {{\"@type\": type.googleapis.com/{ROUTER}}}}}]"
         );
-        let hcm = if hcm.contains("http_filters") {
+        let mut hcm = if hcm.contains("http_filters") {
             hcm.to_string()
         } else {
             format!("{hcm}\n{router}")
         };
+        if !hcm.contains("route_config") {
+            hcm.push_str(
+                "\nroute_config:\n  virtual_hosts: [{name: all, domains: [\"*\"], \
+                 routes: [{match: {prefix: /}, route: {cluster: c}}]}]",
+            );
+        }
         let indent = |s: &str, n: usize| -> String {
             s.lines()
                 .filter(|l| !l.trim().is_empty())
@@ -761,8 +761,6 @@ filter_chains:
     typed_config:
       "@type": type.googleapis.com/{HCM}
       stat_prefix: in
-      route_config:
-        virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: c}}}}]}}]
 {hcm}"#,
             listener = indent(listener, 0),
             hcm = indent(&hcm, 6)
@@ -893,5 +891,52 @@ filter_chains:
             errs.len() == 1 && errs[0].contains("max_connections_to_accept_per_socket_event"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn upgrade_configs_of_the_connection_manager_and_the_route() {
+        let (l, errs) = lower_yaml(
+            "",
+            "upgrade_configs: [{upgrade_type: WebSocket}, {upgrade_type: CONNECT}, \
+             {upgrade_type: h2c, enabled: false}]",
+        );
+        assert_eq!(errs, Vec::<String>::new());
+        let l = l.expect("lowered");
+        let h = hcm_of(&l);
+        assert!(h.connect);
+        assert_eq!(
+            h.upgrades,
+            [("websocket".to_string(), true), ("h2c".to_string(), false)]
+        );
+
+        let route = |upgrades: &str| {
+            format!(
+                "route_config:\n  virtual_hosts: [{{name: all, domains: [\"*\"], routes: [{{match: {{prefix: /}}, \
+                 route: {{cluster: c, upgrade_configs: {upgrades}}}}}]}}]"
+            )
+        };
+        let (l, errs) = lower_yaml("", &route("[{upgrade_type: websocket, enabled: false}]"));
+        assert_eq!(errs, Vec::<String>::new());
+        let table = hcm_of(&l.expect("lowered")).routes.load_full();
+        match &table.virtual_hosts[0].routes[0].action {
+            crate::route::Action::Forward(a) => assert_eq!(a.upgrades, [("websocket".to_string(), false)]),
+            _ => panic!("a forwarding route"),
+        }
+        // CONNECT per route (with its connect_config) and a type given twice are refused by path.
+        let (_, errs) = lower_yaml("", &route("[{upgrade_type: CONNECT}]"));
+        assert!(
+            errs.len() == 1 && errs[0].contains("upgrade_configs[0].upgrade_type"),
+            "{errs:?}"
+        );
+        let (_, errs) = lower_yaml(
+            "",
+            &route("[{upgrade_type: websocket}, {upgrade_type: WEBSOCKET}]"),
+        );
+        assert!(errs.len() == 1 && errs[0].contains("twice"), "{errs:?}");
+        let (_, errs) = lower_yaml(
+            "",
+            "upgrade_configs: [{upgrade_type: websocket, filters: [{name: x}]}]",
+        );
+        assert!(errs.iter().any(|e| e.contains("filters")), "{errs:?}");
     }
 }

@@ -128,6 +128,9 @@ pub struct HcmConfig {
     pub path: super::path::PathNormalization,
     /// `upgrade_configs` with `CONNECT`: CONNECT requests matching a `connect_matcher` route are tunnelled.
     pub connect: bool,
+    /// `upgrade_configs` other than CONNECT: upgrade types (lower case) allowed (`true`) or not; a route's
+    /// `upgrade_configs` take precedence (see [`super::upgrade`]).
+    pub upgrades: Vec<(String, bool)>,
     /// `access_log`: written when each response is done.
     pub access_logs: Vec<crate::access_log::AccessLog>,
 }
@@ -191,6 +194,9 @@ pub struct HcmStats {
     pub downstream_rq_too_large: Counter,
     pub downstream_rq_failed_path_normalization: Counter,
     pub downstream_rq_redirected_with_normalized_path: Counter,
+    pub downstream_rq_ws_on_non_ws_route: Counter,
+    pub downstream_cx_upgrades_total: Counter,
+    pub downstream_cx_upgrades_active: Gauge,
     pub rq_total: Counter,
     pub no_route: Counter,
     pub no_cluster: Counter,
@@ -231,6 +237,9 @@ impl HcmStats {
             downstream_rq_failed_path_normalization: http.counter("downstream_rq_failed_path_normalization"),
             downstream_rq_redirected_with_normalized_path: http
                 .counter("downstream_rq_redirected_with_normalized_path"),
+            downstream_rq_ws_on_non_ws_route: http.counter("downstream_rq_ws_on_non_ws_route"),
+            downstream_cx_upgrades_total: http.counter("downstream_cx_upgrades_total"),
+            downstream_cx_upgrades_active: http.gauge("downstream_cx_upgrades_active"),
             rq_total: http.counter("rq_total"),
             no_route: http.counter("no_route"),
             no_cluster: http.counter("no_cluster"),

@@ -38,7 +38,8 @@ fn scheme_value(tls: bool) -> HeaderValue {
     HeaderValue::from_static(if tls { "https" } else { "http" })
 }
 static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
-static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+pub(super) static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
@@ -486,6 +487,8 @@ fn prepare(
     if hcm.path.enabled() && parts.method != http::Method::CONNECT {
         normalize_path(hcm, &mut parts, info)?;
     }
+    // An upgrade's headers are hop-by-hop: kept aside here, put back by the router if the upgrade is allowed.
+    let upgrade = super::upgrade::requested(&parts.headers).cloned();
     mutate_request_headers(conn, hcm, &mut parts.headers);
 
     // The authority (`:authority`, or `host`), held as shared bytes: no copy.
@@ -509,6 +512,22 @@ fn prepare(
             vhost,
             route,
         });
+    if let Some(up) = upgrade {
+        // Envoy decides before the filter chain: the route's upgrade_configs, else the connection manager's.
+        let route_upgrades =
+            matched
+                .as_ref()
+                .and_then(|m| match &m.table.virtual_hosts[m.vhost].routes[m.route].action {
+                    Action::Forward(a) => Some(a.upgrades.as_slice()),
+                    _ => None,
+                });
+        if !super::upgrade::allowed(route_upgrades, &hcm.upgrades, up.to_str().unwrap_or("")) {
+            hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
+            info.details = "upgrade_failed";
+            return Err(local_reply(StatusCode::FORBIDDEN, ""));
+        }
+        parts.extensions.insert(super::upgrade::UpgradeRequest(up));
+    }
     Ok((Request::from_parts(parts, body), matched))
 }
 
@@ -661,6 +680,11 @@ async fn dispatch(
     table.request_headers.apply(&mut parts.headers);
     rewrite_path(action, route, &mut parts, !hcm.suppress_envoy_headers);
 
+    if let Some(up) = parts.extensions.remove::<super::upgrade::UpgradeRequest>() {
+        let mut resp = super::upgrade::forward(conn, &cluster, action, parts, body, up, info).await;
+        apply_response_mods(table, vhost, route, resp.headers_mut());
+        return resp;
+    }
     let buffer_limit = route.per_request_buffer_limit.or(vhost.per_request_buffer_limit);
     let mut resp = forward(
         conn,
@@ -1331,7 +1355,7 @@ fn request_authority(parts: &http::request::Parts) -> Option<&str> {
 /// The host a cluster takes from the request itself: a dynamic forward proxy cluster's host for the authority
 /// (resolved through its DNS cache), or an `ORIGINAL_DST` cluster's host from its header. `None` for every
 /// other cluster, which balances over its own hosts.
-async fn provided_host(
+pub(super) async fn provided_host(
     conn: &Conn,
     cluster: &Arc<Cluster>,
     parts: &http::request::Parts,
@@ -1438,7 +1462,7 @@ fn timeout_reply(cs: &crate::upstream::ClusterStats, host: &Host, info: &mut Str
 }
 
 /// The local reply for a failed last attempt, as Envoy words it.
-fn error_reply(
+pub(super) fn error_reply(
     cs: &crate::upstream::ClusterStats,
     host: &Host,
     e: &SendError,
@@ -1574,7 +1598,7 @@ fn set_authority(uri: &mut Uri, host: &str) {
     }
 }
 
-fn remove_hop_by_hop_response(h: &mut HeaderMap) {
+pub(super) fn remove_hop_by_hop_response(h: &mut HeaderMap) {
     let any = h.keys().any(|k| {
         matches!(
             k.as_str(),
@@ -1600,7 +1624,7 @@ fn remove_hop_by_hop_response(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
-enum SendError {
+pub(super) enum SendError {
     Timeout,
     PerTryTimeout,
     /// `per_try_idle_timeout`: no response byte for that long since the request was sent.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod hcm;
 pub mod path;
 pub mod tcp_proxy;
+pub mod upgrade;
 
 use crate::runtime::{LocalExec, Worker};
 use crate::server::Shared;
@@ -489,25 +490,21 @@ async fn serve_connection<S>(
     hs.downstream_cx_active.inc();
     conn.shared.server_stats.total_connections.inc();
 
-    let mut builder = auto::Builder::new(LocalExec);
     // ALPN decides when TLS negotiated it; else the codec setting (AUTO sniffs the h2 preface).
-    match (alpn.as_deref(), hcm.codec) {
-        (Some(b"h2"), _) => builder = builder.http2_only(),
-        (Some(b"http/1.1"), _) => builder = builder.http1_only(),
-        (_, Codec::Http1) => builder = builder.http1_only(),
-        (_, Codec::Http2) => builder = builder.http2_only(),
-        (_, Codec::Auto) => {}
-    }
+    let forced = match (alpn.as_deref(), hcm.codec) {
+        (Some(b"h2"), _) => Some(Codec::Http2),
+        (Some(b"http/1.1"), _) => Some(Codec::Http1),
+        (_, Codec::Http1) => Some(Codec::Http1),
+        (_, Codec::Http2) => Some(Codec::Http2),
+        (_, Codec::Auto) => None,
+    };
+    let mut builder = auto::Builder::new(LocalExec);
     builder
         .http1()
         .timer(TokioTimer::new())
         .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
-        .max_headers(hcm.max_headers_count as usize);
-    if let Some(t) = hcm.request_headers_timeout {
-        builder.http1().header_read_timeout(t);
-    } else {
-        builder.http1().header_read_timeout(None);
-    }
+        .max_headers(hcm.max_headers_count as usize)
+        .header_read_timeout(hcm.request_headers_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -515,7 +512,6 @@ async fn serve_connection<S>(
         .max_concurrent_streams(Some(hcm.http2.max_concurrent_streams))
         .initial_stream_window_size(hcm.http2.initial_stream_window_size)
         .initial_connection_window_size(hcm.http2.initial_connection_window_size);
-
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| hcm::handle(svc_conn.clone(), req));
     let io = TokioIo::new(CountedStream {
@@ -523,13 +519,29 @@ async fn serve_connection<S>(
         rx: hs.downstream_cx_rx_bytes_total.clone(),
         tx: hs.downstream_cx_tx_bytes_total.clone(),
     });
-    // Upgrades (CONNECT) only where the connection manager configures them.
-    if hcm.connect {
-        let serve = builder.serve_connection_with_upgrades(io, svc);
-        drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
-    } else {
-        let serve = builder.serve_connection(io, svc);
-        drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+    // Upgrades (CONNECT, WebSocket) are allowed per route as well as per connection manager, and routes come
+    // and go with RDS: every HTTP/1.1 connection can upgrade; the router decides which requests do. (hyper-util's
+    // upgradeable auto connection sniffs the protocol whatever it is told, so a connection whose protocol is
+    // decided gets that protocol's own connection.)
+    match forced {
+        Some(Codec::Http1) => {
+            let mut h1 = hyper::server::conn::http1::Builder::new();
+            h1.timer(TokioTimer::new())
+                .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
+                .max_headers(hcm.max_headers_count as usize)
+                .header_read_timeout(hcm.request_headers_timeout);
+            let serve = h1.serve_connection(io, svc).with_upgrades();
+            drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+        }
+        Some(_) => {
+            let builder = builder.http2_only();
+            let serve = builder.serve_connection(io, svc);
+            drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+        }
+        None => {
+            let serve = builder.serve_connection_with_upgrades(io, svc);
+            drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+        }
     }
     conn.shared.server_stats.total_connections.dec();
     match conn.protocol.get() {
