@@ -255,3 +255,24 @@ async fn websocket_on_an_http1_only_connection_manager() {
     c.send(b"over http/1.1 only").await;
     assert_eq!(c.read_bytes(18).await, b"over http/1.1 only");
 }
+
+#[tokio::test]
+async fn an_idle_websocket_is_closed_after_the_stream_idle_timeout() {
+    let origin = WsOrigin::start().await;
+    let proxy = start(
+        &origin,
+        vec![route("/", json!([{"upgrade_type": "websocket"}]))],
+        json!({"stream_idle_timeout": "0.3s"}),
+    )
+    .await;
+    let (status, mut c, _) = upgrade(&proxy, "/chat").await;
+    assert_eq!(status, 101);
+    let opened = tokio::time::Instant::now();
+    c.send(b"hi").await;
+    assert_eq!(c.read_bytes(2).await, b"hi");
+    // Nothing more is sent: the proxy closes the upgraded connection.
+    assert!(c.closed().await);
+    assert!(opened.elapsed() >= std::time::Duration::from_millis(300));
+    wait_stat(&proxy, "http.ingress.downstream_rq_idle_timeout", 1).await;
+    wait_stat(&proxy, "http.ingress.downstream_cx_upgrades_active", 0).await;
+}

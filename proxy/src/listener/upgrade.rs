@@ -12,8 +12,10 @@
 //! back with its `connection: upgrade` and `upgrade`, then the bytes are copied both ways between the
 //! upgraded downstream connection and the upstream one until either side closes
 //! (`downstream_cx_upgrades_total`, `downstream_cx_upgrades_active`). Any other answer is passed back as an
-//! ordinary response. As in Envoy, the route timeout does not apply (the request never ends); the wait for
-//! the answer's head is bounded by the stream idle timeout.
+//! ordinary response. As in Envoy, the route timeout does not apply (the request never ends); the stream idle
+//! timeout (the route's `idle_timeout`, else the connection manager's `stream_idle_timeout`) bounds the wait
+//! for the answer's head, and closes an upgraded connection on which neither side sent a byte for that long
+//! (`downstream_rq_idle_timeout`).
 
 use super::hcm::{error_reply, local_reply, provided_host, SendError, StreamInfo};
 use super::Conn;
@@ -203,13 +205,104 @@ pub(super) async fn forward(
         let s = &stats.stats;
         s.downstream_cx_upgrades_total.inc();
         s.downstream_cx_upgrades_active.inc();
-        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-            tracing::debug!(cluster = %name, error = %e, "upgraded connection ended with an error");
+        match copy_until_idle(TokioIo::new(down), TokioIo::new(up), idle).await {
+            Ok(Ended::Closed) => {}
+            Ok(Ended::Idle) => {
+                s.downstream_rq_idle_timeout.inc();
+                tracing::debug!(cluster = %name, "upgraded connection idle for the stream idle timeout; closed");
+            }
+            Err(e) => tracing::debug!(cluster = %name, error = %e, "upgraded connection ended with an error"),
         }
         s.downstream_cx_upgrades_active.dec();
     });
     Response::from_parts(rparts, Body::empty())
+}
+
+/// How an upgraded connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// Either side closed.
+    Closed,
+    /// Nothing was read from either side for the stream idle timeout.
+    Idle,
+}
+
+/// Copy bytes both ways until either side closes, or until neither side has sent anything for `idle` (the
+/// stream idle timeout, which Envoy applies to upgraded streams as to any other).
+async fn copy_until_idle<A, B>(a: A, b: B, idle: Option<std::time::Duration>) -> std::io::Result<Ended>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let last = Rc::new(std::cell::Cell::new(Instant::now()));
+    let mut a = Active {
+        io: a,
+        last: last.clone(),
+    };
+    let mut b = Active {
+        io: b,
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    let Some(idle) = idle else {
+        return copy.await.map(|_| Ended::Closed);
+    };
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            res = &mut copy => return res.map(|_| Ended::Closed),
+            () = tokio::time::sleep_until(last.get() + idle) => {
+                if last.get() + idle <= Instant::now() {
+                    return Ok(Ended::Idle);
+                }
+            }
+        }
+    }
+}
+
+/// An upgraded side that notes when it last gave bytes.
+struct Active<T> {
+    io: T,
+    last: Rc<std::cell::Cell<Instant>>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Active<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last.set(Instant::now());
+        }
+        res
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Active<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
@@ -262,5 +355,46 @@ mod tests {
         assert!(requested(&h(&[("upgrade", "websocket")])).is_none());
         assert!(requested(&h(&[("connection", "upgrade")])).is_none());
         assert!(requested(&h(&[("connection", "upgraded"), ("upgrade", "websocket")])).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upgraded_connection_closes_after_the_idle_timeout_without_bytes() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, a) = tokio::io::duplex(64);
+        let (b, mut server) = tokio::io::duplex(64);
+        let started = Instant::now();
+        let copy = copy_until_idle(a, b, Some(Duration::from_secs(10)));
+        // Bytes every 6 s, one way then the other, keep it open past the timeout.
+        let traffic = async {
+            for i in 0..4 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                let (from, to) = if i % 2 == 0 {
+                    (&mut client, &mut server)
+                } else {
+                    (&mut server, &mut client)
+                };
+                from.write_all(b"ping").await.unwrap();
+                let mut got = [0u8; 4];
+                to.read_exact(&mut got).await.unwrap();
+                assert_eq!(&got, b"ping");
+            }
+            Instant::now()
+        };
+        let (ended, last) = tokio::join!(copy, traffic);
+        assert_eq!(ended.unwrap(), Ended::Idle);
+        assert_eq!(Instant::now() - last, Duration::from_secs(10));
+        assert_eq!(Instant::now() - started, Duration::from_secs(34));
+
+        // Both sides closing ends it without waiting for a timeout.
+        let (client, a) = tokio::io::duplex(64);
+        let (b, server) = tokio::io::duplex(64);
+        drop((client, server));
+        let before = Instant::now();
+        let ended = copy_until_idle(a, b, Some(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        assert_eq!(ended, Ended::Closed);
+        assert_eq!(Instant::now(), before);
     }
 }
