@@ -188,9 +188,12 @@ async fn websocket_enabled_on_the_route_switches_protocols_and_carries_bytes_bot
     assert_eq!(String::from_utf8_lossy(&head.body), "refused");
     assert_eq!(head.header("upgrade"), None);
 
-    // A route without upgrade_configs, on a connection manager without any: 403, upgrade_failed.
-    let (status, _c, _) = upgrade(&proxy, "/other").await;
+    // A route without upgrade_configs, on a connection manager without any: 403, upgrade_failed, and the
+    // connection is closed (the client may have sent WebSocket frames already).
+    let (status, mut c, head) = upgrade(&proxy, "/other").await;
     assert_eq!(status, 403);
+    assert_eq!(head.header("connection"), Some("close"));
+    assert!(c.closed().await);
     assert_eq!(
         proxy.stat("http.ingress.downstream_rq_ws_on_non_ws_route").await,
         1
@@ -275,4 +278,21 @@ async fn an_idle_websocket_is_closed_after_the_stream_idle_timeout() {
     assert!(opened.elapsed() >= std::time::Duration::from_millis(300));
     wait_stat(&proxy, "http.ingress.downstream_rq_idle_timeout", 1).await;
     wait_stat(&proxy, "http.ingress.downstream_cx_upgrades_active", 0).await;
+}
+
+#[tokio::test]
+async fn an_upgrade_no_route_matches_gets_the_routers_404() {
+    let origin = WsOrigin::start().await;
+    let proxy = start(
+        &origin,
+        vec![route("/ws", json!([{"upgrade_type": "websocket"}]))],
+        json!({"upgrade_configs": [{"upgrade_type": "websocket", "enabled": false}]}),
+    )
+    .await;
+    assert_eq!(upgrade(&proxy, "/elsewhere").await.0, 404);
+    assert_eq!(
+        proxy.stat("http.ingress.downstream_rq_ws_on_non_ws_route").await,
+        0
+    );
+    assert_eq!(upgrade(&proxy, "/ws").await.0, 101);
 }

@@ -512,19 +512,20 @@ fn prepare(
             vhost,
             route,
         });
-    if let Some(up) = upgrade {
-        // Envoy decides before the filter chain: the route's upgrade_configs, else the connection manager's.
-        let route_upgrades =
-            matched
-                .as_ref()
-                .and_then(|m| match &m.table.virtual_hosts[m.vhost].routes[m.route].action {
-                    Action::Forward(a) => Some(a.upgrades.as_slice()),
-                    _ => None,
-                });
+    // Envoy decides on a routed upgrade before the filter chain (an unrouted one gets the router's 404).
+    if let (Some(up), Some(m)) = (upgrade, &matched) {
+        let route_upgrades = match &m.table.virtual_hosts[m.vhost].routes[m.route].action {
+            Action::Forward(a) => Some(a.upgrades.as_slice()),
+            _ => None,
+        };
         if !super::upgrade::allowed(route_upgrades, &hcm.upgrades, up.to_str().unwrap_or("")) {
             hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
             info.details = "upgrade_failed";
-            return Err(local_reply(StatusCode::FORBIDDEN, ""));
+            // The client may already be sending the new protocol: the connection ends with this answer.
+            let mut r = local_reply(StatusCode::FORBIDDEN, "");
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(r);
         }
         parts.extensions.insert(super::upgrade::UpgradeRequest(up));
     }

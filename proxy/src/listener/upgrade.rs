@@ -4,8 +4,10 @@
 //! A request is an upgrade when its `connection` header lists `upgrade` and it has an `upgrade` header (else
 //! both are dropped as hop-by-hop headers and the request is an ordinary one). Whether the upgrade is allowed
 //! is decided by Envoy's rule ([`allowed`]): a route's `upgrade_configs` entry for the type decides when it
-//! has one (enabled or not), else the connection manager's `upgrade_configs`; an upgrade nobody enables is
-//! answered 403 with the details `upgrade_failed`, counting `downstream_rq_ws_on_non_ws_route`.
+//! has one (enabled or not), else the connection manager's `upgrade_configs`; a routed upgrade nobody enables
+//! is answered 403 with the details `upgrade_failed`, counting `downstream_rq_ws_on_non_ws_route`, and the
+//! connection is closed after it (the client may already be sending the new protocol; Envoy closes it too
+//! against request smuggling). An upgrade no route matches gets the router's 404.
 //!
 //! An allowed upgrade goes to a host of the route's cluster on a connection of its own (never pooled) as
 //! HTTP/1.1 with `connection: upgrade` and its `upgrade` header. A `101 Switching Protocols` answer is passed
