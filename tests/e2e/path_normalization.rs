@@ -107,3 +107,27 @@ async fn escaped_slashes_rejected_redirected_or_forwarded() {
     assert_eq!(forwarded(&proxy, "/a%2fb%5Cc").await, "/a/b\\c");
     assert_eq!(get(&proxy, "/admin%2Fx", "").await.status, 403);
 }
+
+#[tokio::test]
+async fn the_access_log_shows_the_normalized_path_and_the_details() {
+    let mut extra = json!({"normalize_path": true, "path_with_escaped_slashes_action": "REJECT_REQUEST"});
+    extra["access_log"] = json!([{"name": "envoy.access_loggers.stdout", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+        "log_format": {"text_format_source": {
+            "inline_string": "ACCESS %REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS%\n"}}}}]);
+    let (_origin, mut proxy) = world(extra).await;
+    assert_eq!(forwarded(&proxy, "/a/./b/../c").await, "/a/c");
+    assert_eq!(get(&proxy, "/a%2Fb", "").await.status, 400);
+    proxy.remora.sigterm();
+    proxy.remora.wait_exit(crate::harness::DEFAULT_TIMEOUT).await;
+    let out = proxy.remora.stdout();
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("ACCESS ")).collect();
+    assert_eq!(
+        lines,
+        [
+            "ACCESS /a/c 200 via_upstream",
+            "ACCESS /a%2Fb 400 path_normalization_failed"
+        ],
+        "{out}"
+    );
+}

@@ -200,8 +200,9 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
     let mut log = log;
     let prepared = prepare(&conn, &hcm, req, &mut info);
     if let (Some(l), Ok((req, _))) = (log.as_mut(), &prepared) {
-        // The headers as the router sees them (with `x-request-id` and `x-forwarded-*`).
+        // The headers as the router sees them (with `x-request-id` and `x-forwarded-*`), and the normalized path.
         l.headers = req.headers().clone();
+        l.uri = req.uri().clone();
     }
     let resp = match prepared {
         Err(local) => local,
