@@ -222,3 +222,66 @@ async fn hop_by_hop_and_internal_only_headers_are_not_forwarded() {
     assert_eq!(reply.header("proxy-connection"), None);
     assert_eq!(reply.header("x-response-end-to-end"), Some("kept"));
 }
+
+#[tokio::test]
+async fn router_suppress_envoy_headers_leaves_out_the_routers_x_envoy_headers() {
+    let origin = Upstream::start("origin").await;
+    let table = routes(vec![
+        json!({"match": {"prefix": "/api/"}, "route": {"cluster": "origin", "prefix_rewrite": "/",
+            "timeout": "2s"}}),
+        json!({"match": {"prefix": "/full/"}, "route": {"cluster": "full"}}),
+        json!({"match": {"prefix": "/"}, "route": {"cluster": "origin"},
+            "request_headers_to_add": [{"header": {"key": "x-envoy-by-config", "value": "kept"}}]}),
+    ]);
+    let mut full = cluster("full", &[origin.addr()]);
+    full["circuit_breakers"] = json!({"thresholds": [{"max_requests": 0}]});
+    let router = |suppress: bool| {
+        json!({"http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+            "suppress_envoy_headers": suppress}}]})
+    };
+    for suppress in [false, true] {
+        let proxy = Proxy::start(
+            &bootstrap(
+                table.clone(),
+                vec![cluster("origin", &[origin.addr()]), full.clone()],
+                router(suppress),
+            ),
+            &[],
+        )
+        .await;
+        let c = proxy.h1();
+        let reply = c.get("/api/items?q=1", &[]).await;
+        assert_eq!(reply.status, http::StatusCode::OK);
+        assert_eq!(
+            reply.header("x-envoy-upstream-service-time").is_some(),
+            !suppress,
+            "suppress {suppress}: {:?}",
+            reply.headers
+        );
+        let echo = reply.echo();
+        assert_eq!(echo.path, "/items?q=1");
+        let (original_path, expected_timeout) = if suppress {
+            (None, None)
+        } else {
+            (Some("/api/items?q=1"), Some("2000"))
+        };
+        assert_eq!(echo.header("x-envoy-original-path"), original_path);
+        assert_eq!(echo.header("x-envoy-expected-rq-timeout-ms"), expected_timeout);
+
+        // Configured x-envoy-* headers are not the router's own: they stay.
+        let echo = c.get("/", &[]).await.echo();
+        assert_eq!(echo.header("x-envoy-by-config"), Some("kept"));
+
+        // A breaker overflow is still a 503 UO, without x-envoy-overloaded when suppressed.
+        let over = c.get("/full/", &[]).await;
+        assert_eq!(
+            over.status,
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            over.text()
+        );
+        let overloaded = (!suppress).then_some("true");
+        assert_eq!(over.header("x-envoy-overloaded"), overloaded);
+    }
+}

@@ -252,3 +252,102 @@ async fn codec_type_http1_refuses_h2c_and_http2_refuses_http1() {
         assert_eq!(h2.is_ok(), !h1_ok, "{codec}: h2 {h2:?}");
     }
 }
+
+/// The server's first SETTINGS frame and its connection-level WINDOW_UPDATE on a fresh h2c connection.
+async fn h2_server_settings(addr: std::net::SocketAddr) -> (Vec<(u16, u32)>, u32) {
+    let mut c = RawConn::connect(addr).await;
+    // The connection preface and an empty SETTINGS frame.
+    c.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await;
+    let mut settings = None;
+    let mut window_update = 0;
+    loop {
+        let head = c.read_bytes(9).await;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let payload = c.read_bytes(len).await;
+        match kind {
+            4 if flags & 1 == 0 => {
+                settings = Some(
+                    payload
+                        .chunks(6)
+                        .map(|p| {
+                            (
+                                u16::from_be_bytes([p[0], p[1]]),
+                                u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                // Acknowledge, so that the server goes on (its ACK of ours follows).
+                c.send(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00").await;
+            }
+            8 if stream == 0 => {
+                window_update = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            }
+            _ => {}
+        }
+        if settings.is_some() && window_update != 0 {
+            break;
+        }
+    }
+    (settings.unwrap_or_default(), window_update)
+}
+
+#[tokio::test]
+async fn http2_protocol_options_set_the_downstream_settings_and_windows() {
+    let up = Upstream::start("origin").await;
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "origin")]);
+    let options = json!({"http2_protocol_options": {
+        "max_concurrent_streams": 100,
+        "initial_stream_window_size": 65536,
+        "initial_connection_window_size": 1048576,
+    }});
+    let proxy = Proxy::start(
+        &bootstrap(table.clone(), vec![cluster("origin", &[up.addr()])], options),
+        &[],
+    )
+    .await;
+    let (settings, window_update) = h2_server_settings(proxy.addr).await;
+    // SETTINGS_MAX_CONCURRENT_STREAMS (3) and SETTINGS_INITIAL_WINDOW_SIZE (4).
+    assert!(settings.contains(&(3, 100)), "{settings:?}");
+    assert!(settings.contains(&(4, 65536)), "{settings:?}");
+    // The connection window grows from HTTP/2's 65535 to the configured size.
+    assert_eq!(window_update, 1048576 - 65535);
+    // And h2 requests are served as before.
+    let reply = proxy.h2().get("/", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    // Without the options: no stream limit but HTTP/2's largest, as Envoy.
+    let proxy = Proxy::start(
+        &bootstrap(table, vec![cluster("origin", &[up.addr()])], Value::Null),
+        &[],
+    )
+    .await;
+    let (settings, _) = h2_server_settings(proxy.addr).await;
+    assert!(settings.contains(&(3, 2147483647)), "{settings:?}");
+}
+
+#[tokio::test]
+async fn one_connection_accepted_per_socket_event_still_serves_a_burst() {
+    let up = Upstream::start("origin").await;
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "origin")]);
+    let mut config = bootstrap(table, vec![cluster("origin", &[up.addr()])], Value::Null);
+    config["static_resources"]["listeners"][0]["max_connections_to_accept_per_socket_event"] = json!(1);
+    let proxy = Proxy::start(&config, &["--concurrency", "1"]).await;
+    // Every connection is pending in the kernel's queue before the first request is sent.
+    let mut conns = Vec::new();
+    for _ in 0..32 {
+        conns.push(RawConn::connect(proxy.addr).await);
+    }
+    let mut replies = Vec::new();
+    for c in &mut conns {
+        c.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    }
+    for c in &mut conns {
+        replies.push(c.response(false).await.status);
+    }
+    assert!(replies.iter().all(|s| *s == 200), "{replies:?}");
+    assert_eq!(proxy.stat("http.ingress.downstream_cx_total").await, 32);
+}

@@ -281,6 +281,15 @@ impl RawConn {
         response
     }
 
+    /// The next `n` bytes off the connection (HTTP/2 frames, or what follows a 101's head).
+    pub async fn read_bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let have = self.buf.len();
+            assert!(self.fill().await, "connection closed after {have} of {n} bytes");
+        }
+        self.buf.drain(..n).collect()
+    }
+
     /// Whether the peer closed the connection (reads to the end, bounded).
     pub async fn closed(&mut self) -> bool {
         while self.fill().await {}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::harness::{Remora, TempDir, Upstream};
+use crate::harness::{Remora, TempDir, Upstream, DEFAULT_TIMEOUT};
 use crate::support::{routes, to_cluster};
 
 const HCM: &str =
@@ -721,10 +721,12 @@ async fn a_stalled_handshake_is_closed_at_transport_socket_connect_timeout() {
     // Well under the 15 s default bound: only the configured 0.3 s can close it in time.
     let n = crate::harness::within(Duration::from_secs(5), "the close", silent.read(&mut buf)).await;
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
-    assert_eq!(
-        remora
-            .stat("listener.127.0.0.1_0.downstream_cx_transport_socket_connect_timeout")
-            .await,
-        1
-    );
+    // The close may reach the client before the counter is read: wait for it.
+    remora
+        .wait_stat(
+            "listener.127.0.0.1_0.downstream_cx_transport_socket_connect_timeout",
+            |v| v == 1,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
 }

@@ -6,8 +6,10 @@ use super::route;
 use crate::filters::{adaptive_concurrency, admission_control, health_check, local_ratelimit};
 use crate::listener::chain;
 use crate::listener::config::{
-    Codec, HcmConfig, HcmStats, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader, Underscores,
+    Codec, HcmConfig, HcmStats, Http2Settings, HttpFilter, ListenerConfig, NetworkFilter, ServerHeader,
+    Underscores,
 };
+use crate::listener::path::{EscapedSlashes, PathNormalization};
 use crate::listener::tcp_proxy::{TcpProxyConfig, TcpProxyStats};
 use crate::server::ClusterIds;
 use crate::stats::Store;
@@ -115,6 +117,19 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
     l.unsupported("internal_listener");
     l.unsupported("drain_type");
     l.unsupported("tcp_backlog_size");
+    // Envoy accepts every pending connection per socket event unless this is set (its proto requires > 0).
+    let max_accepts_per_event = l
+        .wrapped_u32("max_connections_to_accept_per_socket_event")
+        .and_then(|n| {
+            let n = std::num::NonZeroU32::new(n);
+            if n.is_none() {
+                l.err(
+                    "max_connections_to_accept_per_socket_event",
+                    "must be greater than 0",
+                );
+            }
+            n
+        });
 
     let nodes = l.list("filter_chains");
     let default_node = l.msg("default_filter_chain");
@@ -187,6 +202,7 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         listener_filters_timeout,
         use_original_dst,
         bind_to_port,
+        max_accepts_per_event,
     })
 }
 
@@ -408,6 +424,7 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     }
     let mut http_filters = Vec::new();
     let mut dynamic_forward_proxy = false;
+    let mut suppress_envoy_headers = false;
     for (i, f) in filters.iter().enumerate() {
         let name = f.string("name").unwrap_or_default();
         let ty = f.any("typed_config");
@@ -433,7 +450,10 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
             if !last {
                 f.err_here("the router must be the last HTTP filter");
             }
-            // Router options (suppress_envoy_headers, upstream_log, ...) are refused field by field.
+            // Router options other than suppress_envoy_headers (upstream_log, ...) are refused field by field.
+            if let Some(t) = &ty {
+                suppress_envoy_headers = t.bool("suppress_envoy_headers");
+            }
             continue;
         }
         if last {
@@ -537,9 +557,10 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
     if let Some(p) = h.msg("http_protocol_options") {
         let _ = p;
     }
-    if let Some(p) = h.msg("http2_protocol_options") {
-        let _ = p;
-    }
+    let http2 = h
+        .msg("http2_protocol_options")
+        .map(|p| lower_http2(&p))
+        .unwrap_or_default();
     let request_timeout = nonzero(h.duration("request_timeout"));
     let request_headers_timeout = nonzero(h.duration("request_headers_timeout"));
     let stream_idle_timeout = match h.duration("stream_idle_timeout") {
@@ -549,20 +570,25 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
 
     let drain_timeout = h.duration("drain_timeout").unwrap_or(Duration::from_secs(5));
 
-    let mut connect = false;
-    for u in h.list("upgrade_configs") {
-        let ty = u.string("upgrade_type").unwrap_or_default();
-        if !ty.eq_ignore_ascii_case("CONNECT") {
-            u.err(
-                "upgrade_type",
-                format!("upgrade {ty:?} is not supported by Remora (only CONNECT)"),
-            );
-        }
-        if u.wrapped_bool("enabled") != Some(false) {
-            connect = true;
-        }
-        u.unsupported("filters");
-    }
+    // Envoy's defaults (its runtime keys unset): no normalization, slashes kept, escaped slashes kept.
+    let path = PathNormalization {
+        normalize: h.wrapped_bool("normalize_path").unwrap_or(false),
+        merge_slashes: h.bool("merge_slashes"),
+        escaped_slashes: match h.enum_name("path_with_escaped_slashes_action").as_str() {
+            "REJECT_REQUEST" => EscapedSlashes::Reject,
+            "UNESCAPE_AND_REDIRECT" => EscapedSlashes::UnescapeAndRedirect,
+            "UNESCAPE_AND_FORWARD" => EscapedSlashes::UnescapeAndForward,
+            _ => EscapedSlashes::Keep,
+        },
+    };
+
+    let upgrade_nodes = h.list("upgrade_configs");
+    let connect = upgrade_nodes.iter().any(|u| {
+        u.string("upgrade_type")
+            .is_some_and(|t| t.eq_ignore_ascii_case("CONNECT"))
+            && u.wrapped_bool("enabled") != Some(false)
+    });
+    let upgrades = route::lower_upgrades(&upgrade_nodes, true);
     let routes = routes?;
     let lscope = ctx.store.scope(format!("{listener_scope}http.{stat_prefix}."));
     let access_logs = crate::access_log::lower(&h.list("access_log"), ctx.logs);
@@ -590,9 +616,36 @@ fn lower_hcm(h: &Node, ctx: &Ctx, listener_scope: &str) -> Option<HcmConfig> {
         drain_timeout,
         filters: http_filters,
         dynamic_forward_proxy,
+        suppress_envoy_headers,
+        http2,
+        path,
         connect,
+        upgrades,
         access_logs,
     })
+}
+
+/// The connection manager's `http2_protocol_options` (`envoy.config.core.v3.Http2ProtocolOptions`), with
+/// Envoy's ranges: `max_concurrent_streams` 1 to 2^31-1, the window sizes 65535 (HTTP/2's initial window)
+/// to 2^31-1. Other fields are refused.
+fn lower_http2(p: &Node) -> Http2Settings {
+    const MAX: u32 = (1 << 31) - 1;
+    let ranged = |field: &str, min: u32| {
+        let v = p.wrapped_u32(field)?;
+        if (min..=MAX).contains(&v) {
+            Some(v)
+        } else {
+            p.err(field, format!("{v} is out of range ({min} to {MAX})"));
+            None
+        }
+    };
+    let mut s = Http2Settings::default();
+    if let Some(n) = ranged("max_concurrent_streams", 1) {
+        s.max_concurrent_streams = n;
+    }
+    s.initial_stream_window_size = ranged("initial_stream_window_size", 65535);
+    s.initial_connection_window_size = ranged("initial_connection_window_size", 65535);
+    s
 }
 
 fn nonzero(d: Option<Duration>) -> Option<Duration> {
@@ -665,4 +718,225 @@ fn lower_tcp_proxy(t: &Node, ctx: &Ctx) -> Option<TcpProxyConfig> {
         idle_timeout,
         max_connect_attempts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::node::Errors;
+    use crate::filters::test_util::msg;
+
+    /// Lower a listener whose one connection manager has `hcm` (YAML lines at the connection manager's
+    /// indentation; a plain router unless it has `http_filters`) over a route table to the static cluster `c`,
+    /// with `listener` extra listener fields.
+    pub(crate) fn lower_yaml(listener: &str, hcm: &str) -> (Option<ListenerConfig>, Vec<String>) {
+        let router = format!(
+            "http_filters: [{{name: router, typed_config: {{\"@type\": type.googleapis.com/{ROUTER}}}}}]"
+        );
+        let mut hcm = if hcm.contains("http_filters") {
+            hcm.to_string()
+        } else {
+            format!("{hcm}\n{router}")
+        };
+        if !hcm.contains("route_config") {
+            hcm.push_str(
+                "\nroute_config:\n  virtual_hosts: [{name: all, domains: [\"*\"], \
+                 routes: [{match: {prefix: /}, route: {cluster: c}}]}]",
+            );
+        }
+        let indent = |s: &str, n: usize| -> String {
+            s.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| format!("{}{l}\n", " ".repeat(n)))
+                .collect()
+        };
+        let yaml = format!(
+            r#"
+name: l
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+{listener}
+filter_chains:
+- filters:
+  - name: hcm
+    typed_config:
+      "@type": type.googleapis.com/{HCM}
+      stat_prefix: in
+{hcm}"#,
+            listener = indent(listener, 0),
+            hcm = indent(&hcm, 6)
+        );
+        let m = msg("envoy.config.listener.v3.Listener", &yaml);
+        let errs = Errors::default();
+        let ids = ClusterIds::default();
+        let store = Store::new();
+        let logs = crate::access_log::Manager::new(&store.scope(""), Duration::from_secs(1)).expect("logs");
+        let rds = crate::xds::RdsRegistry::default();
+        let static_clusters: HashSet<String> = ["c".to_string()].into();
+        let ctx = Ctx {
+            ids: &ids,
+            store: &store,
+            logs: &logs,
+            static_clusters: &static_clusters,
+            rds: &rds,
+            sources: None,
+        };
+        let out = lower(&Node::root(&m, "listener", &errs), &ctx);
+        (out, errs.take().iter().map(|e| e.to_string()).collect())
+    }
+
+    pub(crate) fn hcm_of(l: &ListenerConfig) -> &HcmConfig {
+        l.hcms().next().expect("an hcm")
+    }
+
+    #[test]
+    fn router_suppress_envoy_headers() {
+        let router = |extra: &str| {
+            format!(
+                "http_filters:\n- name: envoy.filters.http.router\n  typed_config:\n    \"@type\": type.googleapis.com/{ROUTER}\n{extra}"
+            )
+        };
+        let (l, errs) = lower_yaml("", &router(""));
+        assert_eq!(errs, Vec::<String>::new());
+        assert!(!hcm_of(&l.expect("lowered")).suppress_envoy_headers);
+        let (l, errs) = lower_yaml("", &router("    suppress_envoy_headers: true\n"));
+        assert_eq!(errs, Vec::<String>::new());
+        assert!(hcm_of(&l.expect("lowered")).suppress_envoy_headers);
+        // Other router options are still refused by name.
+        let (_, errs) = lower_yaml("", &router("    respect_expected_rq_timeout: true\n"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("respect_expected_rq_timeout"), "{errs:?}");
+    }
+
+    #[test]
+    fn http2_protocol_options_in_envoys_ranges() {
+        let (l, errs) = lower_yaml(
+            "",
+            "http2_protocol_options: {max_concurrent_streams: 100, initial_stream_window_size: 65536, \
+             initial_connection_window_size: 1048576}",
+        );
+        assert_eq!(errs, Vec::<String>::new());
+        let h2 = hcm_of(&l.expect("lowered")).http2;
+        assert_eq!(
+            h2,
+            Http2Settings {
+                max_concurrent_streams: 100,
+                initial_stream_window_size: Some(65536),
+                initial_connection_window_size: Some(1048576),
+            }
+        );
+        let (l, _) = lower_yaml("", "http2_protocol_options: {}");
+        assert_eq!(hcm_of(&l.expect("lowered")).http2, Http2Settings::default());
+        assert_eq!(Http2Settings::default().max_concurrent_streams, 2147483647);
+
+        for (field, value) in [
+            ("max_concurrent_streams", 0u64),
+            ("max_concurrent_streams", 2147483648),
+            ("initial_stream_window_size", 65534),
+            ("initial_connection_window_size", 2147483648),
+        ] {
+            let (_, errs) = lower_yaml("", &format!("http2_protocol_options: {{{field}: {value}}}"));
+            assert_eq!(errs.len(), 1, "{field} {value}: {errs:?}");
+            assert!(
+                errs[0].contains(field) && errs[0].contains("out of range"),
+                "{errs:?}"
+            );
+        }
+        // Fields Remora does not apply are refused by name.
+        let (_, errs) = lower_yaml("", "http2_protocol_options: {allow_connect: true}");
+        assert!(errs.len() == 1 && errs[0].contains("allow_connect"), "{errs:?}");
+    }
+
+    #[test]
+    fn path_options_with_envoys_defaults() {
+        let (l, errs) = lower_yaml("", "");
+        assert_eq!(errs, Vec::<String>::new());
+        assert_eq!(hcm_of(&l.expect("lowered")).path, PathNormalization::default());
+        let (l, errs) = lower_yaml(
+            "",
+            "normalize_path: true\nmerge_slashes: true\npath_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT",
+        );
+        assert_eq!(errs, Vec::<String>::new());
+        assert_eq!(
+            hcm_of(&l.expect("lowered")).path,
+            PathNormalization {
+                normalize: true,
+                merge_slashes: true,
+                escaped_slashes: EscapedSlashes::UnescapeAndRedirect,
+            }
+        );
+        for (name, want) in [
+            ("IMPLEMENTATION_SPECIFIC_DEFAULT", EscapedSlashes::Keep),
+            ("KEEP_UNCHANGED", EscapedSlashes::Keep),
+            ("REJECT_REQUEST", EscapedSlashes::Reject),
+            ("UNESCAPE_AND_FORWARD", EscapedSlashes::UnescapeAndForward),
+        ] {
+            let (l, _) = lower_yaml("", &format!("path_with_escaped_slashes_action: {name}"));
+            assert_eq!(hcm_of(&l.expect("lowered")).path.escaped_slashes, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn max_connections_to_accept_per_socket_event() {
+        let (l, errs) = lower_yaml("", "");
+        assert_eq!(errs, Vec::<String>::new());
+        assert_eq!(l.expect("lowered").max_accepts_per_event, None);
+        let (l, errs) = lower_yaml("max_connections_to_accept_per_socket_event: 1", "");
+        assert_eq!(errs, Vec::<String>::new());
+        assert_eq!(
+            l.expect("lowered").max_accepts_per_event.map(|n| n.get()),
+            Some(1)
+        );
+        let (_, errs) = lower_yaml("max_connections_to_accept_per_socket_event: 0", "");
+        assert!(
+            errs.len() == 1 && errs[0].contains("max_connections_to_accept_per_socket_event"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn upgrade_configs_of_the_connection_manager_and_the_route() {
+        let (l, errs) = lower_yaml(
+            "",
+            "upgrade_configs: [{upgrade_type: WebSocket}, {upgrade_type: CONNECT}, \
+             {upgrade_type: h2c, enabled: false}]",
+        );
+        assert_eq!(errs, Vec::<String>::new());
+        let l = l.expect("lowered");
+        let h = hcm_of(&l);
+        assert!(h.connect);
+        assert_eq!(
+            h.upgrades,
+            [("websocket".to_string(), true), ("h2c".to_string(), false)]
+        );
+
+        let route = |upgrades: &str| {
+            format!(
+                "route_config:\n  virtual_hosts: [{{name: all, domains: [\"*\"], routes: [{{match: {{prefix: /}}, \
+                 route: {{cluster: c, upgrade_configs: {upgrades}}}}}]}}]"
+            )
+        };
+        let (l, errs) = lower_yaml("", &route("[{upgrade_type: websocket, enabled: false}]"));
+        assert_eq!(errs, Vec::<String>::new());
+        let table = hcm_of(&l.expect("lowered")).routes.load_full();
+        match &table.virtual_hosts[0].routes[0].action {
+            crate::route::Action::Forward(a) => assert_eq!(a.upgrades, [("websocket".to_string(), false)]),
+            _ => panic!("a forwarding route"),
+        }
+        // CONNECT per route (with its connect_config) and a type given twice are refused by path.
+        let (_, errs) = lower_yaml("", &route("[{upgrade_type: CONNECT}]"));
+        assert!(
+            errs.len() == 1 && errs[0].contains("upgrade_configs[0].upgrade_type"),
+            "{errs:?}"
+        );
+        let (_, errs) = lower_yaml(
+            "",
+            &route("[{upgrade_type: websocket}, {upgrade_type: WEBSOCKET}]"),
+        );
+        assert!(errs.len() == 1 && errs[0].contains("twice"), "{errs:?}");
+        let (_, errs) = lower_yaml(
+            "",
+            "upgrade_configs: [{upgrade_type: websocket, filters: [{name: x}]}]",
+        );
+        assert!(errs.iter().any(|e| e.contains("filters")), "{errs:?}");
+    }
 }

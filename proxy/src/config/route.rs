@@ -342,7 +342,6 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         "cors",
         "max_grpc_timeout",
         "grpc_timeout_offset",
-        "upgrade_configs",
         "internal_redirect_policy",
         "internal_redirect_action",
         "max_internal_redirects",
@@ -361,6 +360,7 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
             .filter_map(super::lb::lower_hash_policy)
             .collect(),
     );
+    let upgrades = lower_upgrades(&a.list("upgrade_configs"), false);
     Some(RouteAction {
         cluster,
         prefix_rewrite,
@@ -370,7 +370,40 @@ fn lower_route_action(a: &Node, ids: &ClusterIds, known: Option<&HashSet<String>
         idle_timeout,
         retry_policy,
         hash_policy,
+        upgrades,
     })
+}
+
+/// `upgrade_configs` of a route (`RouteAction.UpgradeConfig`) or of a connection manager (`hcm` true:
+/// `HttpConnectionManager.UpgradeConfig`): each `upgrade_type` (lower case; Envoy compares them without case)
+/// with `enabled` (default true). CONNECT is left to the caller (the connection manager's), and refused on a
+/// route; an upgrade type given twice is refused, as Envoy does.
+pub(crate) fn lower_upgrades(list: &[Node], hcm: bool) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = Vec::new();
+    for u in list {
+        let ty = u.string("upgrade_type").unwrap_or_default().to_ascii_lowercase();
+        let enabled = u.wrapped_bool("enabled").unwrap_or(true);
+        if hcm {
+            u.unsupported("filters");
+        } else {
+            u.unsupported("connect_config");
+        }
+        if ty.is_empty() {
+            u.err("upgrade_type", "is required");
+        } else if ty == "connect" {
+            if !hcm {
+                u.err(
+                    "upgrade_type",
+                    "CONNECT upgrades per route are not supported by Remora",
+                );
+            }
+        } else if out.iter().any(|(t, _)| *t == ty) {
+            u.err("upgrade_type", format!("upgrade type {ty:?} is configured twice"));
+        } else {
+            out.push((ty, enabled));
+        }
+    }
+    out
 }
 
 fn lower_redirect(r: &Node) -> Redirect {

@@ -33,6 +33,9 @@ pub struct ListenerConfig {
     pub use_original_dst: bool,
     /// `bind_to_port` (default true): false for a listener that only takes connections handed off to it.
     pub bind_to_port: bool,
+    /// `max_connections_to_accept_per_socket_event`: how many connections a worker accepts in a row before it
+    /// lets its other tasks run; `None` (Envoy's default) accepts all that are pending.
+    pub max_accepts_per_event: Option<std::num::NonZeroU32>,
 }
 
 /// What serves a listener's connections.
@@ -114,10 +117,43 @@ pub struct HcmConfig {
     /// `envoy.filters.http.dynamic_forward_proxy` is configured: the router resolves authorities that a
     /// dynamic forward proxy cluster has not cached yet (else it finds no host for them, as Envoy does).
     pub dynamic_forward_proxy: bool,
+    /// The router's `suppress_envoy_headers`: the router adds none of the `x-envoy-*` headers it would
+    /// otherwise set (`x-envoy-expected-rq-timeout-ms`, `x-envoy-original-path` upstream;
+    /// `x-envoy-upstream-service-time`, `x-envoy-overloaded` downstream). As in Envoy, `x-envoy-attempt-count`
+    /// (asked for by the virtual host) and the connection manager's own headers are still set.
+    pub suppress_envoy_headers: bool,
+    /// `http2_protocol_options`: the downstream HTTP/2 codec's settings.
+    pub http2: Http2Settings,
+    /// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`, applied before routing.
+    pub path: super::path::PathNormalization,
     /// `upgrade_configs` with `CONNECT`: CONNECT requests matching a `connect_matcher` route are tunnelled.
     pub connect: bool,
+    /// `upgrade_configs` other than CONNECT: upgrade types (lower case) allowed (`true`) or not; a route's
+    /// `upgrade_configs` take precedence (see [`super::upgrade`]).
+    pub upgrades: Vec<(String, bool)>,
     /// `access_log`: written when each response is done.
     pub access_logs: Vec<crate::access_log::AccessLog>,
+}
+
+/// The connection manager's `http2_protocol_options` that Remora applies to downstream HTTP/2 connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// `max_concurrent_streams` (SETTINGS_MAX_CONCURRENT_STREAMS; default 2^31-1, as Envoy).
+    pub max_concurrent_streams: u32,
+    /// `initial_stream_window_size`; `None` keeps the codec's default.
+    pub initial_stream_window_size: Option<u32>,
+    /// `initial_connection_window_size`; `None` keeps the codec's default.
+    pub initial_connection_window_size: Option<u32>,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Http2Settings {
+            max_concurrent_streams: (1 << 31) - 1,
+            initial_stream_window_size: None,
+            initial_connection_window_size: None,
+        }
+    }
 }
 
 /// One configured HTTP filter; its shared state serves every worker.
@@ -156,6 +192,11 @@ pub struct HcmStats {
     pub downstream_rq_timeout: Counter,
     pub downstream_rq_idle_timeout: Counter,
     pub downstream_rq_too_large: Counter,
+    pub downstream_rq_failed_path_normalization: Counter,
+    pub downstream_rq_redirected_with_normalized_path: Counter,
+    pub downstream_rq_ws_on_non_ws_route: Counter,
+    pub downstream_cx_upgrades_total: Counter,
+    pub downstream_cx_upgrades_active: Gauge,
     pub rq_total: Counter,
     pub no_route: Counter,
     pub no_cluster: Counter,
@@ -193,6 +234,12 @@ impl HcmStats {
             downstream_rq_timeout: http.counter("downstream_rq_timeout"),
             downstream_rq_idle_timeout: http.counter("downstream_rq_idle_timeout"),
             downstream_rq_too_large: http.counter("downstream_rq_too_large"),
+            downstream_rq_failed_path_normalization: http.counter("downstream_rq_failed_path_normalization"),
+            downstream_rq_redirected_with_normalized_path: http
+                .counter("downstream_rq_redirected_with_normalized_path"),
+            downstream_rq_ws_on_non_ws_route: http.counter("downstream_rq_ws_on_non_ws_route"),
+            downstream_cx_upgrades_total: http.counter("downstream_cx_upgrades_total"),
+            downstream_cx_upgrades_active: http.gauge("downstream_cx_upgrades_active"),
             rq_total: http.counter("rq_total"),
             no_route: http.counter("no_route"),
             no_cluster: http.counter("no_cluster"),

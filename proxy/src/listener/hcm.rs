@@ -38,7 +38,8 @@ fn scheme_value(tls: bool) -> HeaderValue {
     HeaderValue::from_static(if tls { "https" } else { "http" })
 }
 static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
-static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+pub(super) static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
 static X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
@@ -199,8 +200,9 @@ pub async fn handle(conn: Rc<Conn>, req: Request<Incoming>) -> Result<Response<B
     let mut log = log;
     let prepared = prepare(&conn, &hcm, req, &mut info);
     if let (Some(l), Ok((req, _))) = (log.as_mut(), &prepared) {
-        // The headers as the router sees them (with `x-request-id` and `x-forwarded-*`).
+        // The headers as the router sees them (with `x-request-id` and `x-forwarded-*`), and the normalized path.
         l.headers = req.headers().clone();
+        l.uri = req.uri().clone();
     }
     let resp = match prepared {
         Err(local) => local,
@@ -479,6 +481,11 @@ fn prepare(
             parts.headers.remove(n);
         }
     }
+    if hcm.path.enabled() && parts.method != http::Method::CONNECT {
+        normalize_path(hcm, &mut parts, info)?;
+    }
+    // An upgrade's headers are hop-by-hop: kept aside here, put back by the router if the upgrade is allowed.
+    let upgrade = super::upgrade::requested(&parts.headers).cloned();
     mutate_request_headers(conn, hcm, &mut parts.headers);
 
     // The authority (`:authority`, or `host`), held as shared bytes: no copy.
@@ -511,7 +518,72 @@ fn prepare(
             vhost,
             route,
         });
+    // Envoy decides on a routed upgrade before the filter chain (an unrouted one gets the router's 404).
+    if let (Some(up), Some(m)) = (upgrade, &matched) {
+        let route_upgrades = match &m.table.virtual_hosts[m.vhost].routes[m.route].action {
+            Action::Forward(a) => Some(a.upgrades.as_slice()),
+            _ => None,
+        };
+        if !super::upgrade::allowed(route_upgrades, &hcm.upgrades, up.to_str().unwrap_or("")) {
+            hcm.stats.downstream_rq_ws_on_non_ws_route.inc();
+            info.details = "upgrade_failed";
+            // The client may already be sending the new protocol: the connection ends with this answer.
+            let mut r = local_reply(StatusCode::FORBIDDEN, "");
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(r);
+        }
+        parts.extensions.insert(super::upgrade::UpgradeRequest(up));
+    }
     Ok((Request::from_parts(parts, body), matched))
+}
+
+/// The connection manager's path options (see [`super::path`]): the request's path is replaced, or the
+/// request is answered 400 or redirected (307) to its normalized path.
+#[allow(clippy::result_large_err)]
+fn normalize_path(
+    hcm: &HcmConfig,
+    parts: &mut http::request::Parts,
+    info: &mut StreamInfo,
+) -> Result<(), Response<Body>> {
+    use super::path::Outcome;
+    let Some(pq) = parts
+        .uri
+        .path_and_query()
+        .filter(|pq| pq.as_str().starts_with('/'))
+    else {
+        return Ok(());
+    };
+    let rejected = || {
+        hcm.stats.downstream_rq_failed_path_normalization.inc();
+        local_reply(StatusCode::BAD_REQUEST, "")
+    };
+    let reply = match hcm.path.apply(pq.as_str()) {
+        Outcome::Continue(None) => return Ok(()),
+        Outcome::Continue(Some(new)) => match PathAndQuery::try_from(new) {
+            Ok(pq) => {
+                let mut up = std::mem::take(&mut parts.uri).into_parts();
+                up.path_and_query = Some(pq);
+                parts.uri = Uri::from_parts(up).unwrap_or_default();
+                return Ok(());
+            }
+            Err(_) => rejected(),
+        },
+        Outcome::Reject => rejected(),
+        // gRPC clients do not follow redirects: Envoy rejects them instead.
+        Outcome::Redirect(_) if crate::route::is_grpc(&parts.headers) => rejected(),
+        Outcome::Redirect(location) => match HeaderValue::from_str(&location) {
+            Ok(location) => {
+                hcm.stats.downstream_rq_redirected_with_normalized_path.inc();
+                let mut r = local_reply(StatusCode::TEMPORARY_REDIRECT, "");
+                r.headers_mut().insert(header::LOCATION, location);
+                r
+            }
+            Err(_) => rejected(),
+        },
+    };
+    info.details = "path_normalization_failed";
+    Err(reply)
 }
 
 /// The router: a local reply for no route, a direct response or a redirect, else forward to the cluster.
@@ -613,8 +685,13 @@ async fn dispatch(
     route.request_headers.apply(&mut parts.headers);
     vhost.request_headers.apply(&mut parts.headers);
     table.request_headers.apply(&mut parts.headers);
-    rewrite_path(action, route, &mut parts);
+    rewrite_path(action, route, &mut parts, !hcm.suppress_envoy_headers);
 
+    if let Some(up) = parts.extensions.remove::<super::upgrade::UpgradeRequest>() {
+        let mut resp = super::upgrade::forward(conn, &cluster, action, parts, body, up, info).await;
+        apply_response_mods(table, vhost, route, resp.headers_mut());
+        return resp;
+    }
     let buffer_limit = route.per_request_buffer_limit.or(vhost.per_request_buffer_limit);
     let mut resp = forward(
         conn,
@@ -745,7 +822,14 @@ fn append_xff(h: &mut HeaderMap, ip: std::net::IpAddr) {
     }
 }
 
-fn rewrite_path(action: &RouteAction, route: &crate::route::Route, parts: &mut http::request::Parts) {
+/// `x_envoy_original_path`: keep the path before the rewrite in `x-envoy-original-path` (unless the router
+/// suppresses its `x-envoy-*` headers).
+fn rewrite_path(
+    action: &RouteAction,
+    route: &crate::route::Route,
+    parts: &mut http::request::Parts,
+    x_envoy_original_path: bool,
+) {
     let new_path = if let Some(prefix) = &action.prefix_rewrite {
         let path = parts.uri.path();
         let matched_len = match &route.matcher.path {
@@ -770,6 +854,7 @@ fn rewrite_path(action: &RouteAction, route: &crate::route::Route, parts: &mut h
         if let Some(orig) = parts
             .uri
             .path_and_query()
+            .filter(|_| x_envoy_original_path)
             .and_then(|p| HeaderValue::from_str(p.as_str()).ok())
         {
             parts.headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), orig);
@@ -857,7 +942,11 @@ async fn forward(
     let timeouts = Timeouts::resolve(action.timeout, &policy, &mut parts.headers);
     let mut retry = RetryState::new(&policy, &mut parts.headers);
     let deadline = timeouts.global.map(|t| start + t);
-    if let Some(t) = timeouts.per_try.or(timeouts.global) {
+    if let Some(t) = timeouts
+        .per_try
+        .or(timeouts.global)
+        .filter(|_| !conn.hcm.suppress_envoy_headers)
+    {
         parts.headers.insert(
             X_ENVOY_EXPECTED_RQ_TIMEOUT_MS.clone(),
             crate::util::number(t.as_millis() as u64),
@@ -1159,10 +1248,12 @@ async fn forward(
         let (mut rparts, rbody) = resp.into_parts();
         let service_time = upstream_start.elapsed().as_millis() as u64;
         remove_hop_by_hop_response(&mut rparts.headers);
-        rparts.headers.insert(
-            X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-            crate::util::small_number(service_time),
-        );
+        if !conn.hcm.suppress_envoy_headers {
+            rparts.headers.insert(
+                X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+                crate::util::small_number(service_time),
+            );
+        }
         if vhost.include_attempt_count_in_response {
             rparts
                 .headers
@@ -1280,7 +1371,7 @@ fn request_authority(parts: &http::request::Parts) -> Option<&str> {
 /// The host a cluster takes from the request itself: a dynamic forward proxy cluster's host for the authority
 /// (resolved through its DNS cache), or an `ORIGINAL_DST` cluster's host from its header. `None` for every
 /// other cluster, which balances over its own hosts.
-async fn provided_host(
+pub(super) async fn provided_host(
     conn: &Conn,
     cluster: &Arc<Cluster>,
     parts: &http::request::Parts,
@@ -1358,15 +1449,21 @@ fn is_refused_stream(e: &hyper::Error) -> bool {
     false
 }
 
-/// 503 with `x-envoy-overloaded` (response flag UO): a circuit breaker refused the request.
-fn overflow_reply(cs: &crate::upstream::ClusterStats, info: &mut StreamInfo, _retry: bool) -> Response<Body> {
+/// 503 with `x-envoy-overloaded` (unless suppressed; response flag UO): a circuit breaker refused the request.
+fn overflow_reply(
+    cs: &crate::upstream::ClusterStats,
+    info: &mut StreamInfo,
+    suppress_envoy_headers: bool,
+) -> Response<Body> {
     info.set(Flag::UpstreamOverflow);
     info.details = "upstream_reset_before_response_started{overflow}";
     cs.upstream_rq.record(503);
     cs.upstream_rq_completed.inc();
     let mut r = local_reply_owned(StatusCode::SERVICE_UNAVAILABLE, reset_body("overflow"));
-    r.headers_mut()
-        .insert(X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true"));
+    if !suppress_envoy_headers {
+        r.headers_mut()
+            .insert(X_ENVOY_OVERLOADED.clone(), HeaderValue::from_static("true"));
+    }
     r
 }
 
@@ -1381,7 +1478,7 @@ fn timeout_reply(cs: &crate::upstream::ClusterStats, host: &Host, info: &mut Str
 }
 
 /// The local reply for a failed last attempt, as Envoy words it.
-fn error_reply(
+pub(super) fn error_reply(
     cs: &crate::upstream::ClusterStats,
     host: &Host,
     e: &SendError,
@@ -1441,7 +1538,9 @@ fn error_reply(
                 reset(&reason),
             )
         }
-        SendError::Connect(ConnectError::Overflow) => return overflow_reply(cs, info, false),
+        SendError::Connect(ConnectError::Overflow) => {
+            return overflow_reply(cs, info, conn.hcm.suppress_envoy_headers)
+        }
         SendError::Connect(ConnectError::Tls(reason)) => {
             info.details = "upstream_reset_before_response_started{connection_failure}";
             info.transport_failure = Some(reason.clone());
@@ -1515,7 +1614,7 @@ fn set_authority(uri: &mut Uri, host: &str) {
     }
 }
 
-fn remove_hop_by_hop_response(h: &mut HeaderMap) {
+pub(super) fn remove_hop_by_hop_response(h: &mut HeaderMap) {
     let any = h.keys().any(|k| {
         matches!(
             k.as_str(),
@@ -1541,7 +1640,7 @@ fn remove_hop_by_hop_response(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
-enum SendError {
+pub(super) enum SendError {
     Timeout,
     PerTryTimeout,
     /// `per_try_idle_timeout`: no response byte for that long since the request was sent.

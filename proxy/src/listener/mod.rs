@@ -7,7 +7,9 @@
 pub mod chain;
 pub mod config;
 pub mod hcm;
+pub mod path;
 pub mod tcp_proxy;
+pub mod upgrade;
 
 use crate::runtime::{LocalExec, Worker};
 use crate::server::Shared;
@@ -226,18 +228,54 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
         }
     };
     let mut stop = bound.stop.subscribe();
+    let mut budget = AcceptBudget::new(bound.config.max_accepts_per_event);
     loop {
         tokio::select! {
             biased;
             _ = stop.wait_for(|d| *d != Drain::Serving) => break,
             res = socket.accept() => match res {
-                Ok((stream, remote)) => accepted(&bound, &shared, &worker, stream, remote),
+                Ok((stream, remote)) => {
+                    accepted(&bound, &shared, &worker, stream, remote);
+                    if budget.spend() {
+                        // Let the worker's connections run before accepting more.
+                        tokio::task::yield_now().await;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(listener = %bound.config.name, error = %e, "accept failed");
                     // Out of descriptors and the like: back off briefly rather than spin.
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             }
+        }
+    }
+}
+
+/// `max_connections_to_accept_per_socket_event`: the accept loop yields to the worker's other tasks after this
+/// many connections in a row (Envoy accepts at most that many per socket event, the rest on later loop
+/// iterations). Without a limit the loop accepts whatever is pending (tokio's cooperative budget still makes
+/// it yield now and then).
+struct AcceptBudget {
+    limit: Option<std::num::NonZeroU32>,
+    used: u32,
+}
+
+impl AcceptBudget {
+    fn new(limit: Option<std::num::NonZeroU32>) -> Self {
+        AcceptBudget { limit, used: 0 }
+    }
+
+    /// Count an accepted connection; true when the loop must yield now (the count starts again).
+    fn spend(&mut self) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        self.used += 1;
+        if self.used >= limit.get() {
+            self.used = 0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -452,31 +490,28 @@ async fn serve_connection<S>(
     hs.downstream_cx_active.inc();
     conn.shared.server_stats.total_connections.inc();
 
-    let mut builder = auto::Builder::new(LocalExec);
     // ALPN decides when TLS negotiated it; else the codec setting (AUTO sniffs the h2 preface).
-    match (alpn.as_deref(), hcm.codec) {
-        (Some(b"h2"), _) => builder = builder.http2_only(),
-        (Some(b"http/1.1"), _) => builder = builder.http1_only(),
-        (_, Codec::Http1) => builder = builder.http1_only(),
-        (_, Codec::Http2) => builder = builder.http2_only(),
-        (_, Codec::Auto) => {}
-    }
+    let forced = match (alpn.as_deref(), hcm.codec) {
+        (Some(b"h2"), _) => Some(Codec::Http2),
+        (Some(b"http/1.1"), _) => Some(Codec::Http1),
+        (_, Codec::Http1) => Some(Codec::Http1),
+        (_, Codec::Http2) => Some(Codec::Http2),
+        (_, Codec::Auto) => None,
+    };
+    let mut builder = auto::Builder::new(LocalExec);
     builder
         .http1()
         .timer(TokioTimer::new())
         .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
-        .max_headers(hcm.max_headers_count as usize);
-    if let Some(t) = hcm.request_headers_timeout {
-        builder.http1().header_read_timeout(t);
-    } else {
-        builder.http1().header_read_timeout(None);
-    }
+        .max_headers(hcm.max_headers_count as usize)
+        .header_read_timeout(hcm.request_headers_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(hcm.max_request_headers_kb * 1024)
-        .max_concurrent_streams(Some(2147483647));
-
+        .max_concurrent_streams(Some(hcm.http2.max_concurrent_streams))
+        .initial_stream_window_size(hcm.http2.initial_stream_window_size)
+        .initial_connection_window_size(hcm.http2.initial_connection_window_size);
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| hcm::handle(svc_conn.clone(), req));
     let io = TokioIo::new(CountedStream {
@@ -484,13 +519,29 @@ async fn serve_connection<S>(
         rx: hs.downstream_cx_rx_bytes_total.clone(),
         tx: hs.downstream_cx_tx_bytes_total.clone(),
     });
-    // Upgrades (CONNECT) only where the connection manager configures them.
-    if hcm.connect {
-        let serve = builder.serve_connection_with_upgrades(io, svc);
-        drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
-    } else {
-        let serve = builder.serve_connection(io, svc);
-        drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+    // Upgrades (CONNECT, WebSocket) are allowed per route as well as per connection manager, and routes come
+    // and go with RDS: every HTTP/1.1 connection can upgrade; the router decides which requests do. (hyper-util's
+    // upgradeable auto connection sniffs the protocol whatever it is told, so a connection whose protocol is
+    // decided gets that protocol's own connection.)
+    match forced {
+        Some(Codec::Http1) => {
+            let mut h1 = hyper::server::conn::http1::Builder::new();
+            h1.timer(TokioTimer::new())
+                .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
+                .max_headers(hcm.max_headers_count as usize)
+                .header_read_timeout(hcm.request_headers_timeout);
+            let serve = h1.serve_connection(io, svc).with_upgrades();
+            drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+        }
+        Some(_) => {
+            let builder = builder.http2_only();
+            let serve = builder.serve_connection(io, svc);
+            drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+        }
+        None => {
+            let serve = builder.serve_connection_with_upgrades(io, svc);
+            drive(&conn, serve, |s| s.graceful_shutdown(), &mut drain).await;
+        }
     }
     conn.shared.server_stats.total_connections.dec();
     match conn.protocol.get() {
@@ -675,5 +726,22 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedStream<S
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AcceptBudget;
+    use std::num::NonZeroU32;
+
+    #[test]
+    fn accept_budget_yields_after_each_batch() {
+        let mut unlimited = AcceptBudget::new(None);
+        assert!((0..1000).all(|_| !unlimited.spend()));
+        let mut one = AcceptBudget::new(NonZeroU32::new(1));
+        assert!((0..5).all(|_| one.spend()));
+        let mut three = AcceptBudget::new(NonZeroU32::new(3));
+        let yields: Vec<bool> = (0..7).map(|_| three.spend()).collect();
+        assert_eq!(yields, [false, false, true, false, false, true, false]);
     }
 }

@@ -209,6 +209,9 @@ pub struct RouteAction {
     pub retry_policy: Option<std::sync::Arc<crate::retry::RetryPolicy>>,
     /// `hash_policy`: the request hash for `RING_HASH` and `MAGLEV` clusters.
     pub hash_policy: crate::upstream::hash::HashPolicy,
+    /// `upgrade_configs`: upgrade types (lower case) this route allows (`true`) or refuses (`false`), over the
+    /// connection manager's (see [`crate::listener::upgrade`]).
+    pub upgrades: Vec<(String, bool)>,
 }
 
 #[derive(Debug)]
