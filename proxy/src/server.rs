@@ -162,6 +162,8 @@ pub struct Shared {
     pub local_cluster: Option<Arc<LocalCluster>>,
     /// Envoy's layered runtime (`layered_runtime`).
     pub runtime: Arc<crate::layered_runtime::Runtime>,
+    /// Downstream connections held against `overload_manager`'s global limit.
+    pub global_connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -376,6 +378,7 @@ pub fn run(options: Options, mut bootstrap: Bootstrap) -> i32 {
         dynamic,
         local_cluster,
         runtime,
+        global_connections: Arc::default(),
     });
     shared
         .dynamic

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::Upstream;
+use crate::harness::{Upstream, DEFAULT_TIMEOUT};
 use crate::support::{bootstrap, cluster, routes, Proxy};
 
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -162,5 +162,92 @@ async fn adaptive_concurrency_sheds_requests_over_its_limit() {
             .stat("http.ingress.adaptive_concurrency.gradient_controller.concurrency_limit")
             .await,
         3
+    );
+}
+
+/// `overload_manager`'s global downstream connection limit (`envoy.resource_monitors.global_downstream_max_connections`):
+/// connections over it are closed at once and counted in `downstream_global_cx_overflow` of the listener that
+/// refused them; a listener with `ignore_global_conn_limit` neither counts nor is refused; a closed connection
+/// gives its place back.
+#[tokio::test]
+async fn the_global_downstream_connection_limit_closes_what_is_over_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = crate::harness::Upstream::start("app").await;
+    let mut config = crate::support::bootstrap(
+        crate::support::routes(vec![crate::support::to_cluster(
+            serde_json::json!({"prefix": "/"}),
+            "app",
+        )]),
+        vec![crate::support::cluster("app", &[up.addr()])],
+        serde_json::Value::Null,
+    );
+    let mut exempt = config["static_resources"]["listeners"][0].clone();
+    exempt["name"] = serde_json::json!("exempt");
+    exempt["ignore_global_conn_limit"] = serde_json::json!(true);
+    exempt["bypass_overload_manager"] = serde_json::json!(true);
+    exempt["stat_prefix"] = serde_json::json!("exempt");
+    config["static_resources"]["listeners"][0]["stat_prefix"] = serde_json::json!("limited");
+    config["static_resources"]["listeners"]
+        .as_array_mut()
+        .unwrap()
+        .push(exempt);
+    config["overload_manager"] = serde_json::json!({
+        "refresh_interval": "0.25s",
+        "resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": 2,
+            },
+        }],
+    });
+    let proxy = crate::support::Proxy::start(&config, &["--concurrency", "1"]).await;
+    let limited = proxy.addr;
+    let exempt = proxy.remora.listener_addr("exempt").await;
+    // Two connections that are served (a request on each proves the proxy took them).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(limited).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(s);
+    }
+    // The third is closed without an answer.
+    let mut third = tokio::net::TcpStream::connect(limited).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let read = crate::harness::within(DEFAULT_TIMEOUT, "the close", third.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_err() || buf.is_empty(),
+        "answered over the limit: {buf:?}"
+    );
+    assert_eq!(
+        proxy.stat("listener.limited.downstream_global_cx_overflow").await,
+        1
+    );
+    // The exempt listener still serves.
+    assert_eq!(
+        crate::harness::get(exempt, "/", &[]).await.0,
+        http::StatusCode::OK
+    );
+    assert_eq!(
+        proxy.stat("listener.exempt.downstream_global_cx_overflow").await,
+        0
+    );
+    // A closed connection gives its place back.
+    drop(held.pop());
+    proxy
+        .remora
+        .wait_stat(
+            "listener.limited.downstream_cx_active",
+            |v| v == 1,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
+    assert_eq!(
+        crate::harness::get(limited, "/", &[]).await.0,
+        http::StatusCode::OK
     );
 }

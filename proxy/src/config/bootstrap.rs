@@ -55,6 +55,9 @@ pub struct Bootstrap {
     pub stats_tags: TagProducer,
     /// `layered_runtime`.
     pub runtime: crate::layered_runtime::RuntimeConfig,
+    /// `overload_manager`'s downstream connections monitor: the most downstream connections all listeners
+    /// (but those with `ignore_global_conn_limit`) may hold together.
+    pub global_max_connections: Option<u64>,
 }
 
 impl Bootstrap {
@@ -83,7 +86,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             Ok(m) => Arc::new(m),
             Err(e) => return Err(single("", format!("cannot start the access log writer: {e}"))),
         };
-    let (node, admin, listeners, clusters, dynamic, local_cluster_name, runtime) = {
+    let (node, admin, listeners, clusters, dynamic, local_cluster_name, runtime, global_max_connections) = {
         let root = Node::root(&msg, "", &errs);
         let node = root.msg("node").map(|n| lower_node(&n)).unwrap_or_default();
         let admin = root.msg("admin").and_then(|a| lower_admin(&a));
@@ -209,7 +212,20 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         }
         root.mark("stats_config");
         root.unsupported("stats_sinks");
-        root.unsupported("overload_manager");
+        let global_max_connections = root
+            .msg("overload_manager")
+            .and_then(|o| lower_overload_manager(&o));
+        // Deferred creation of cluster traffic stats saves memory in Envoy and changes nothing a request sees;
+        // Remora creates a cluster's per-code counters on first use already, the rest with the cluster (so
+        // /stats lists them at 0 where Envoy would list them after the first request). Said once, at start.
+        if let Some(d) = root.msg("deferred_stat_options") {
+            if d.bool("enable_deferred_creation_stats") {
+                tracing::info!(
+                    "deferred_stat_options.enable_deferred_creation_stats: a cluster's traffic stats exist from its \
+                     creation in Remora (per-code counters from their first use)"
+                );
+            }
+        }
         root.unsupported("tracing");
         (
             node,
@@ -219,6 +235,7 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
             dynamic,
             local_cluster_name,
             runtime,
+            global_max_connections,
         )
     };
     let found = errs.take();
@@ -239,7 +256,43 @@ pub fn lower(msg: DynamicMessage, store: &Arc<Store>) -> Result<Bootstrap, Confi
         rds,
         stats_tags,
         runtime,
+        global_max_connections,
     })
+}
+
+/// `overload_manager`: of its resource monitors, the global downstream connection limit
+/// (`envoy.resource_monitors.global_downstream_max_connections`, `DownstreamConnectionsConfig`), which
+/// listeners enforce on accept unless they set `ignore_global_conn_limit`; overload actions are refused.
+fn lower_overload_manager(o: &Node) -> Option<u64> {
+    // Remora samples no resource: the connection count is kept exactly, not refreshed.
+    o.mark("refresh_interval");
+    o.unsupported("actions");
+    o.unsupported("buffer_factory_config");
+    o.unsupported("loadshed_points");
+    let mut max = None;
+    for m in o.list("resource_monitors") {
+        m.mark("name");
+        let Some(t) = m.any("typed_config") else {
+            m.err("typed_config", "a resource monitor needs a typed_config");
+            continue;
+        };
+        if t.type_name()
+            != "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+        {
+            t.err_here(format!("{} is not supported by Remora", t.type_name()));
+            t.mark_all();
+            continue;
+        }
+        let n = t.i64("max_active_downstream_connections");
+        if n <= 0 {
+            t.err("max_active_downstream_connections", "must be greater than 0");
+        } else if max.is_some() {
+            m.err_here("only one downstream connections monitor may be configured");
+        } else {
+            max = Some(n as u64);
+        }
+    }
+    max
 }
 
 /// `stats_config`: tag extraction (`stats_tags`, `use_all_default_tags`, `allow_default_tag_overrides`) and
@@ -323,7 +376,23 @@ fn lower_admin(a: &Node) -> Option<Admin> {
             );
         }
     }
-    a.unsupported("access_log");
+    // Likewise an `access_log` list whose loggers all write to /dev/null (Envoy Gateway's bootstrap has one).
+    for (i, l) in a.list("access_log").iter().enumerate() {
+        let null = l
+            .any("typed_config")
+            .filter(|t| t.type_name() == "envoy.extensions.access_loggers.file.v3.FileAccessLog")
+            .is_some_and(|t| {
+                t.mark_all();
+                t.string("path").as_deref() == Some("/dev/null") && !t.has("log_format") && !t.has("format")
+            });
+        l.mark_all();
+        if !null {
+            a.err(
+                &format!("access_log[{i}]"),
+                "an admin access log other than a file logger to /dev/null is not supported by Remora",
+            );
+        }
+    }
     a.unsupported("profile_path");
     a.unsupported("socket_options");
     a.unsupported("ignore_global_conn_limit");

@@ -131,6 +131,10 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
             n
         });
 
+    let ignore_global_conn_limit = l.bool("ignore_global_conn_limit");
+    // Overload actions are refused (`overload_manager.actions`), so there is nothing for a listener to bypass.
+    l.mark("bypass_overload_manager");
+
     let nodes = l.list("filter_chains");
     let default_node = l.msg("default_filter_chain");
     if nodes.is_empty() && default_node.is_none() {
@@ -203,6 +207,7 @@ pub fn lower(l: &Node, ctx: &Ctx) -> Option<ListenerConfig> {
         use_original_dst,
         bind_to_port,
         max_accepts_per_event,
+        ignore_global_conn_limit,
     })
 }
 

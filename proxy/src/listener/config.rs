@@ -36,6 +36,9 @@ pub struct ListenerConfig {
     /// `max_connections_to_accept_per_socket_event`: how many connections a worker accepts in a row before it
     /// lets its other tasks run; `None` (Envoy's default) accepts all that are pending.
     pub max_accepts_per_event: Option<std::num::NonZeroU32>,
+    /// `ignore_global_conn_limit`: this listener's connections neither count against nor are refused by the
+    /// overload manager's global downstream connection limit.
+    pub ignore_global_conn_limit: bool,
 }
 
 /// What serves a listener's connections.
@@ -261,6 +264,8 @@ pub struct ListenerStats {
     pub no_filter_chain_match: Counter,
     pub downstream_pre_cx_timeout: Counter,
     pub downstream_cx_transport_socket_connect_timeout: Counter,
+    /// Connections closed at once because the global downstream connection limit was reached.
+    pub downstream_global_cx_overflow: Counter,
 }
 
 impl ListenerStats {
@@ -274,6 +279,7 @@ impl ListenerStats {
             downstream_pre_cx_timeout: scope.counter("downstream_pre_cx_timeout"),
             downstream_cx_transport_socket_connect_timeout: scope
                 .counter("downstream_cx_transport_socket_connect_timeout"),
+            downstream_global_cx_overflow: scope.counter("downstream_global_cx_overflow"),
         }
     }
 }

@@ -235,7 +235,13 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
             _ = stop.wait_for(|d| *d != Drain::Serving) => break,
             res = socket.accept() => match res {
                 Ok((stream, remote)) => {
-                    accepted(&bound, &shared, &worker, stream, remote);
+                    let Ok(slot) = GlobalSlot::take(&bound, &shared) else {
+                        // Over the global downstream connection limit: closed at once, as Envoy does.
+                        bound.stats.downstream_global_cx_overflow.inc();
+                        drop(stream);
+                        continue;
+                    };
+                    accepted(&bound, &shared, &worker, stream, remote, slot);
                     if budget.spend() {
                         // Let the worker's connections run before accepting more.
                         tokio::task::yield_now().await;
@@ -248,6 +254,93 @@ pub async fn accept_loop(bound: Arc<Bound>, shared: Arc<Shared>, worker: Rc<Work
                 }
             }
         }
+    }
+}
+
+/// A place among the downstream connections that `overload_manager`'s global limit counts, held for the
+/// connection's life (given back when its stream is dropped).
+pub struct GlobalSlot(Arc<std::sync::atomic::AtomicU64>);
+
+impl GlobalSlot {
+    /// A slot for a connection accepted on `bound`: `Ok(None)` when no limit applies to it, `Err` when the
+    /// limit is reached.
+    fn take(bound: &Bound, shared: &Shared) -> Result<Option<GlobalSlot>, ()> {
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        let Some(max) = shared.bootstrap.global_max_connections else {
+            return Ok(None);
+        };
+        if bound.config.ignore_global_conn_limit {
+            return Ok(None);
+        }
+        let count = &shared.global_connections;
+        let mut current = count.load(Relaxed);
+        loop {
+            if current >= max {
+                return Err(());
+            }
+            match count.compare_exchange_weak(current, current + 1, AcqRel, Relaxed) {
+                Ok(_) => return Ok(Some(GlobalSlot(count.clone()))),
+                Err(now) => current = now,
+            }
+        }
+    }
+}
+
+impl Drop for GlobalSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A downstream stream that holds its [`GlobalSlot`] until it is dropped.
+struct Slotted<S> {
+    stream: S,
+    _slot: Option<GlobalSlot>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Slotted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Slotted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -288,6 +381,7 @@ fn accepted(
     worker: &Rc<Worker>,
     stream: TcpStream,
     remote: SocketAddr,
+    slot: Option<GlobalSlot>,
 ) {
     let original_dst = if bound.config.original_dst {
         original_destination(&stream)
@@ -298,11 +392,11 @@ fn accepted(
         if let Some(target) = shared.listener_for(dst).filter(|t| !Arc::ptr_eq(t, bound)) {
             tracing::trace!(from = %bound.config.name, to = %target.config.name, %dst, "handing off");
             // The socket's local address stays restored to the original destination, as in Envoy.
-            accepted_on(&target, shared, worker, stream, remote, Some(dst));
+            accepted_on(&target, shared, worker, stream, remote, Some(dst), slot);
             return;
         }
     }
-    accepted_on(bound, shared, worker, stream, remote, original_dst);
+    accepted_on(bound, shared, worker, stream, remote, original_dst, slot);
 }
 /// Serve a connection on `bound`: its listener filters (`tls_inspector`), then the filter chain its addresses
 /// and ClientHello select, then the chain's TLS handshake, then its network filter.
@@ -313,6 +407,7 @@ fn accepted_on(
     stream: TcpStream,
     remote: SocketAddr,
     original_dst: Option<SocketAddr>,
+    slot: Option<GlobalSlot>,
 ) {
     let local = original_dst.unwrap_or_else(|| stream.local_addr().unwrap_or(bound.config.address));
     let _ = stream.set_nodelay(true);
@@ -323,6 +418,7 @@ fn accepted_on(
         remote,
         local,
         original_dst,
+        slot,
     };
     if !bound.config.tls_inspector {
         accepted.dispatch(stream, None);
@@ -355,6 +451,8 @@ struct Accepted {
     remote: SocketAddr,
     local: SocketAddr,
     original_dst: Option<SocketAddr>,
+    /// Its place under the global downstream connection limit, if one applies.
+    slot: Option<GlobalSlot>,
 }
 
 impl Accepted {
@@ -408,10 +506,14 @@ impl Accepted {
         }
     }
 
-    fn serve<S>(self, stream: S, filter: Filter, tls: Tls)
+    fn serve<S>(mut self, stream: S, filter: Filter, tls: Tls)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let stream = Slotted {
+            stream,
+            _slot: self.slot.take(),
+        };
         let hcm = match filter {
             Filter::Http(h) => h,
             Filter::Tcp(t) => {

@@ -93,6 +93,7 @@ const EXTENSIONS: &[&str] = &[
     "load_balancing_policies/",
     "network/dns_resolver/",
     "retry/host/previous_hosts/",
+    "resource_monitors/downstream_connections/",
     "retry/priority/previous_priorities/",
     "transport_sockets/tls/",
     "upstreams/http/",
