@@ -252,3 +252,60 @@ async fn codec_type_http1_refuses_h2c_and_http2_refuses_http1() {
         assert_eq!(h2.is_ok(), !h1_ok, "{codec}: h2 {h2:?}");
     }
 }
+
+#[tokio::test]
+async fn max_requests_per_connection_drains_upstream_connections() {
+    let h1 = Upstream::http1("h1").await;
+    let h2 = Upstream::h2c("h2").await;
+    let legacy = Upstream::http1("legacy").await;
+    let route = |name: &str| json!({"match": {"prefix": format!("/{name}/")}, "route": {"cluster": name, "prefix_rewrite": "/"}});
+    let options = |protocol: Value| {
+        json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"max_requests_per_connection": 2},
+            "explicit_http_config": protocol,
+        }})
+    };
+    let mut h1_cluster = cluster("h1", &[h1.addr()]);
+    h1_cluster["typed_extension_protocol_options"] = options(json!({"http_protocol_options": {}}));
+    let mut h2_cluster = cluster("h2", &[h2.addr()]);
+    h2_cluster["typed_extension_protocol_options"] = options(json!({"http2_protocol_options": {}}));
+    // The deprecated cluster-level field acts the same.
+    let mut legacy_cluster = cluster("legacy", &[legacy.addr()]);
+    legacy_cluster["max_requests_per_connection"] = json!(3);
+    let table = routes(vec![route("h1"), route("h2"), route("legacy")]);
+    let config = bootstrap(table, vec![h1_cluster, h2_cluster, legacy_cluster], Value::Null);
+    // One worker: one pool, so the counts are exact.
+    let proxy = Proxy::start(&config, &["--concurrency", "1"]).await;
+    let client = proxy.h1();
+    for prefix in ["h1", "h2", "legacy"] {
+        for i in 0..6 {
+            let reply = client.get(&format!("/{prefix}/r{i}"), &[]).await;
+            assert_eq!(reply.status, StatusCode::OK, "{prefix} request {i}");
+        }
+    }
+    // Six sequential requests, two per connection (three for `legacy`).
+    assert_eq!((h1.requests(), h1.connections()), (6, 3));
+    assert_eq!((h2.requests(), h2.connections()), (6, 3));
+    assert_eq!((legacy.requests(), legacy.connections()), (6, 2));
+    assert_eq!(proxy.stat("cluster.h1.upstream_cx_max_requests").await, 3);
+    assert_eq!(proxy.stat("cluster.h2.upstream_cx_max_requests").await, 3);
+    assert_eq!(proxy.stat("cluster.legacy.upstream_cx_max_requests").await, 2);
+    // Each drained connection is closed: HTTP/1.1 at once, HTTP/2 once its stream ended.
+    proxy
+        .remora
+        .wait_stat(
+            "cluster.h1.upstream_cx_destroy",
+            |n| n == 3,
+            crate::harness::DEFAULT_TIMEOUT,
+        )
+        .await;
+    proxy
+        .remora
+        .wait_stat(
+            "cluster.h2.upstream_cx_destroy",
+            |n| n == 3,
+            crate::harness::DEFAULT_TIMEOUT,
+        )
+        .await;
+}

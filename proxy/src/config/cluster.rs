@@ -221,6 +221,19 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     if let Some(common) = c.msg("common_http_protocol_options") {
         lower_common_options(&common, &mut idle_timeout, &mut max_requests_per_connection);
     }
+    // The deprecated cluster-level field, which the protocol options' one replaces.
+    if c.has("max_requests_per_connection") {
+        if max_requests_per_connection.is_some() {
+            // As Envoy's `ClusterInfoImpl`.
+            c.err(
+                "max_requests_per_connection",
+                "Only one of max_requests_per_connection from Cluster or HttpProtocolOptions can be specified",
+            );
+        }
+        max_requests_per_connection = c.wrapped_u32("max_requests_per_connection");
+    }
+    // 0 is no limit, as unset.
+    let max_requests_per_connection = max_requests_per_connection.filter(|&n| n > 0);
     let pf = c.enum_name("protocol_selection");
     if pf == "USE_DOWNSTREAM_PROTOCOL" {
         protocol = Protocol::Downstream;
@@ -444,8 +457,9 @@ fn lower_common_options(c: &Node, idle: &mut Option<Duration>, max_rq: &mut Opti
     if let Some(d) = c.duration("idle_timeout") {
         *idle = if d.is_zero() { None } else { Some(d) };
     }
-    let _ = max_rq;
-    c.unsupported("max_requests_per_connection");
+    if c.has("max_requests_per_connection") {
+        *max_rq = c.wrapped_u32("max_requests_per_connection");
+    }
     c.unsupported("max_connection_duration");
     c.unsupported("max_headers_count");
     c.unsupported("max_stream_duration");
@@ -679,4 +693,59 @@ fn lower_original_dst(c: &Node) -> Discovery {
         header,
         cleanup_interval,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::descriptors;
+    use crate::config::load::{message_from_text, Format};
+    use crate::config::node::Errors;
+
+    /// Lower the cluster `yaml` (flow style); the config, and the error texts.
+    fn cluster(yaml: &str) -> (Option<ClusterConfig>, Vec<String>) {
+        let desc = descriptors::message("envoy.config.cluster.v3.Cluster").unwrap();
+        let m = message_from_text(yaml, Format::Yaml, &desc).unwrap();
+        let errs = Errors::default();
+        let out = {
+            let n = Node::root(&m, "c", &errs);
+            lower(&n)
+        };
+        (out, errs.take().iter().map(|e| e.to_string()).collect())
+    }
+
+    fn with_options(options: &str) -> String {
+        format!(
+            "{{name: a, typed_extension_protocol_options: {{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: \
+             {{'@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, {options}}}}}}}"
+        )
+    }
+
+    #[test]
+    fn max_requests_per_connection_from_either_field() {
+        let (c, e) = cluster(&with_options(
+            "common_http_protocol_options: {max_requests_per_connection: 10}, \
+             explicit_http_config: {http_protocol_options: {}}",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(c.unwrap().max_requests_per_connection, Some(10));
+        let (c, e) = cluster("{name: a, max_requests_per_connection: 3}");
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(c.unwrap().max_requests_per_connection, Some(3));
+        // 0 is no limit, as unset.
+        let (c, e) = cluster("{name: a, max_requests_per_connection: 0}");
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(c.unwrap().max_requests_per_connection, None);
+        let (c, _) = cluster("{name: a}");
+        assert_eq!(c.unwrap().max_requests_per_connection, None);
+        // Both is refused, as Envoy does.
+        let mut both = with_options("common_http_protocol_options: {max_requests_per_connection: 10}");
+        both.insert_str(1, "max_requests_per_connection: 2, ");
+        let (_, e) = cluster(&both);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("c.max_requests_per_connection: Only one of"),
+            "{e:?}"
+        );
+    }
 }

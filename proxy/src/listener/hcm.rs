@@ -1537,7 +1537,7 @@ enum SendError {
     Upstream(hyper::Error),
 }
 
-type H1Sender = hyper::client::conn::http1::SendRequest<Body>;
+type H1Sender = crate::upstream::pool::H1Conn;
 
 /// Send on a pooled connection of the right protocol. A pooled HTTP/1.1 connection that turns out closed before
 /// the request was written is replaced by a new one, once.

@@ -134,7 +134,8 @@ pub struct ClusterConfig {
     pub protocol: Protocol,
     /// `common_http_protocol_options.idle_timeout` (default 1 h).
     pub idle_timeout: Option<Duration>,
-    /// `common_http_protocol_options.max_requests_per_connection`.
+    /// `common_http_protocol_options.max_requests_per_connection` (or the deprecated cluster-level field):
+    /// requests a connection carries before it is drained; `None` (or 0 in the config) is no limit.
     pub max_requests_per_connection: Option<u32>,
     /// The hosts to start with (`load_assignment`, or EDS's assignment). [`Cluster::new`] turns them into
     /// hosts and leaves this empty in the running cluster's config.
@@ -641,6 +642,8 @@ pub struct ClusterStats {
     pub upstream_cx_active: Gauge,
     pub upstream_cx_http1_total: Counter,
     pub upstream_cx_http2_total: Counter,
+    /// Connections drained because they reached `max_requests_per_connection`.
+    pub upstream_cx_max_requests: Counter,
     pub upstream_cx_connect_fail: Counter,
     pub upstream_cx_connect_timeout: Counter,
     pub upstream_cx_destroy: Counter,
@@ -682,6 +685,7 @@ impl ClusterStats {
             upstream_cx_active: scope.gauge("upstream_cx_active"),
             upstream_cx_http1_total: scope.counter("upstream_cx_http1_total"),
             upstream_cx_http2_total: scope.counter("upstream_cx_http2_total"),
+            upstream_cx_max_requests: scope.counter("upstream_cx_max_requests"),
             upstream_cx_connect_fail: scope.counter("upstream_cx_connect_fail"),
             upstream_cx_connect_timeout: scope.counter("upstream_cx_connect_timeout"),
             upstream_cx_destroy: scope.counter("upstream_cx_destroy"),
