@@ -170,6 +170,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     let mut protocol = Protocol::Http1;
     let mut idle_timeout = Some(Duration::from_secs(3600));
     let mut max_requests_per_connection = None;
+    let mut http2 = crate::upstream::Http2Options::default();
     let (mut auto_sni, mut auto_san_validation) = (false, false);
     for (key, opt) in c.map("typed_extension_protocol_options") {
         let Some(inner) = opt.unpack() else { continue };
@@ -183,7 +184,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
                 protocol = Protocol::Http1;
             }
             if let Some(h2) = e.msg("http2_protocol_options") {
-                lower_http2_options(&h2);
+                lower_http2_options(&h2, &mut http2);
                 protocol = Protocol::Http2;
             }
             e.unsupported("http3_protocol_options");
@@ -193,7 +194,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
                 lower_http1_options(&h1);
             }
             if let Some(h2) = d.msg("http2_protocol_options") {
-                lower_http2_options(&h2);
+                lower_http2_options(&h2, &mut http2);
             }
             d.unsupported("http3_protocol_options");
             protocol = Protocol::Downstream;
@@ -212,7 +213,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         inner.unsupported("outlier_detection");
     }
     if let Some(h2) = c.msg("http2_protocol_options") {
-        lower_http2_options(&h2);
+        lower_http2_options(&h2, &mut http2);
         protocol = Protocol::Http2;
     }
     if let Some(h1) = c.msg("http_protocol_options") {
@@ -322,6 +323,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         protocol,
         idle_timeout,
         max_requests_per_connection,
+        http2,
         endpoints,
         buffer_limit,
         circuit_breakers,
@@ -448,9 +450,26 @@ fn lower_http1_options(h: &Node) {
     let _ = h;
 }
 
-fn lower_http2_options(h: &Node) {
-    // Flow-control windows and stream limits are hyper's defaults; explicit values are refused until wired.
-    let _ = h;
+/// The flow-control windows of `Http2ProtocolOptions`; its other fields are refused until wired.
+fn lower_http2_options(h: &Node, out: &mut crate::upstream::Http2Options) {
+    // Envoy's validation: from the HTTP/2 default (65535) to the HTTP/2 maximum (2^31 - 1).
+    let window = |field: &str| {
+        let v = h.wrapped_u32(field)?;
+        if !(65_535..=2_147_483_647).contains(&v) {
+            h.err(
+                field,
+                format!("value must be inside range [65535, 2147483647], not {v}"),
+            );
+            return None;
+        }
+        Some(v)
+    };
+    if let Some(w) = window("initial_stream_window_size") {
+        out.initial_stream_window_size = Some(w);
+    }
+    if let Some(w) = window("initial_connection_window_size") {
+        out.initial_connection_window_size = Some(w);
+    }
 }
 
 fn lower_common_options(c: &Node, idle: &mut Option<Duration>, max_rq: &mut Option<u32>) {
@@ -746,6 +765,45 @@ mod tests {
         assert!(
             e[0].starts_with("c.max_requests_per_connection: Only one of"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn http2_flow_control_windows_within_envoys_range() {
+        let (c, e) = cluster(&with_options(
+            "explicit_http_config: {http2_protocol_options: \
+             {initial_stream_window_size: 65536, initial_connection_window_size: 1048576}}",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        let c = c.unwrap();
+        assert_eq!(c.protocol, Protocol::Http2);
+        assert_eq!(
+            c.http2,
+            crate::upstream::Http2Options {
+                initial_stream_window_size: Some(65536),
+                initial_connection_window_size: Some(1048576),
+            }
+        );
+        // Unset: hyper's defaults.
+        let (c, _) = cluster(&with_options(
+            "explicit_http_config: {http2_protocol_options: {}}",
+        ));
+        assert_eq!(c.unwrap().http2, Default::default());
+        let (_, e) = cluster(
+            "{name: a, http2_protocol_options: \
+             {initial_stream_window_size: 65534, initial_connection_window_size: 2147483648}}",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("c.http2_protocol_options.initial_stream_window_size: value must be inside range [65535, 2147483647]"), "{e:?}");
+        assert!(
+            e[1].starts_with("c.http2_protocol_options.initial_connection_window_size:"),
+            "{e:?}"
+        );
+        // The other fields are still refused.
+        let (_, e) = cluster("{name: a, http2_protocol_options: {max_concurrent_streams: 5}}");
+        assert_eq!(
+            e,
+            ["c.http2_protocol_options.max_concurrent_streams: not supported by Remora"]
         );
     }
 }

@@ -137,6 +137,8 @@ pub struct ClusterConfig {
     /// `common_http_protocol_options.max_requests_per_connection` (or the deprecated cluster-level field):
     /// requests a connection carries before it is drained; `None` (or 0 in the config) is no limit.
     pub max_requests_per_connection: Option<u32>,
+    /// `http2_protocol_options` of an HTTP/2 upstream.
+    pub http2: Http2Options,
     /// The hosts to start with (`load_assignment`, or EDS's assignment). [`Cluster::new`] turns them into
     /// hosts and leaves this empty in the running cluster's config.
     pub endpoints: Vec<EndpointConfig>,
@@ -157,6 +159,16 @@ pub struct ClusterConfig {
     pub health_check: Option<Arc<health_check::HealthCheckConfig>>,
     /// `transport_socket` `envoy.transport_sockets.tls`: TLS to the hosts.
     pub tls: Option<crate::tls::ClientSpec>,
+}
+
+/// `envoy.config.core.v3.Http2ProtocolOptions` of a cluster's HTTP/2 connections; `None` leaves hyper's
+/// default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Http2Options {
+    /// `initial_stream_window_size`: the flow-control window Remora offers each stream (SETTINGS).
+    pub initial_stream_window_size: Option<u32>,
+    /// `initial_connection_window_size`: the connection's window (a WINDOW_UPDATE on stream 0).
+    pub initial_connection_window_size: Option<u32>,
 }
 
 /// One `lb_endpoints` entry.

@@ -416,11 +416,16 @@ impl Pools {
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
         let tcp = connect_with(cluster, host, permit).await?;
         let io = TokioIo::new(with_tls(cluster, host, tcp).await?);
-        let (sender, conn) = http2::Builder::new(LocalExec)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .handshake(io)
-            .await
-            .map_err(ConnectError::Handshake)?;
+        let mut builder = http2::Builder::new(LocalExec);
+        builder.timer(hyper_util::rt::TokioTimer::new());
+        let h2 = &cluster.config.http2;
+        if let Some(w) = h2.initial_stream_window_size {
+            builder.initial_stream_window_size(w);
+        }
+        if let Some(w) = h2.initial_connection_window_size {
+            builder.initial_connection_window_size(w);
+        }
+        let (sender, conn) = builder.handshake(io).await.map_err(ConnectError::Handshake)?;
         cluster.stats.upstream_cx_http2_total.inc();
         tokio::task::spawn_local(async move {
             let _ = conn.await;
