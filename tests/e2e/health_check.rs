@@ -310,3 +310,112 @@ async fn new_hosts_wait_for_their_first_check_with_ignore_new_hosts_until_first_
         assert!(to_b(&proxy).await > 0);
     }
 }
+
+/// An EDS cluster over ADS on `addrs`, health-checked every 50 ms on `/health`, with `extra` fields.
+fn eds_checked(name: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut c = json!({
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": "0.05s",
+            "no_traffic_interval": "0.05s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/health"},
+        }],
+    });
+    if let serde_json::Value::Object(m) = extra {
+        for (k, v) in m {
+            c[k] = v;
+        }
+    }
+    c
+}
+
+fn assignment(name: &str, addrs: &[std::net::SocketAddr]) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = addrs
+        .iter()
+        .map(|a| json!({"endpoint": {"address": {"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}}}))
+        .collect();
+    json!({"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]})
+}
+
+/// Envoy's default (`ignore_health_on_host_removal` unset): a host EDS removes stays, `/pending_dynamic_removal`,
+/// taking traffic while it passes its active checks, and leaves when it fails one; with the flag set it leaves
+/// at once.
+#[tokio::test]
+async fn a_host_removed_by_eds_stays_until_it_fails_its_health_check() {
+    use crate::harness::xds as hx;
+    let (a, _) = switchable("a").await;
+    let (b, b_failing) = switchable("b").await;
+    let xds = crate::harness::XdsServer::start().await;
+    xds.set(
+        hx::ENDPOINT,
+        vec![
+            assignment("keep", &[a.addr(), b.addr()]),
+            assignment("drop", &[a.addr(), b.addr()]),
+        ],
+    );
+    let table = routes(vec![
+        json!({"match": {"prefix": "/keep/"}, "route": {"cluster": "keep"}}),
+        json!({"match": {"prefix": "/drop/"}, "route": {"cluster": "drop"}}),
+    ]);
+    let clusters = vec![
+        crate::support::h2_cluster("xds", &[xds.addr()]),
+        eds_checked("keep", serde_json::Value::Null),
+        eds_checked("drop", json!({"ignore_health_on_host_removal": true})),
+    ];
+    let mut config = bootstrap(table, clusters, serde_json::Value::Null);
+    config["node"] = json!({"id": "n1", "cluster": "c1"});
+    config["dynamic_resources"] = json!({"ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}});
+    let proxy = Proxy::start(&config, &[]).await;
+    let r = &proxy.remora;
+    for c in ["keep", "drop"] {
+        r.wait_stat(
+            &format!("cluster.{c}.membership_healthy"),
+            |v| v == 2,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
+    }
+
+    // EDS removes b from both.
+    xds.set(
+        hx::ENDPOINT,
+        vec![assignment("keep", &[a.addr()]), assignment("drop", &[a.addr()])],
+    );
+    r.wait_stat("cluster.drop.membership_total", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    r.wait_stat("cluster.keep.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(r.stat("cluster.keep.membership_total").await, 2);
+    assert_eq!(r.stat("cluster.keep.membership_healthy").await, 2);
+    let (_, listing) = r.admin_get("/clusters").await;
+    let pending = format!("keep::{}::health_flags::/pending_dynamic_removal", b.addr());
+    assert!(listing.contains(&pending), "{listing}");
+    assert!(!listing.contains(&format!("drop::{}::", b.addr())), "{listing}");
+    // b still takes keep's traffic (round robin over two hosts), and none of drop's.
+    let client = proxy.h1();
+    let mut keep_b = 0;
+    for _ in 0..6 {
+        let resp = client.get("/keep/x", &[]).await;
+        assert_eq!(resp.status, StatusCode::OK);
+        keep_b += usize::from(resp.header("x-upstream") == Some("b"));
+        assert_eq!(client.get("/drop/x", &[]).await.header("x-upstream"), Some("a"));
+    }
+    assert!(keep_b > 0, "b took none of keep's requests");
+
+    // Its check fails: it leaves.
+    b_failing.store(true, SeqCst);
+    r.wait_stat("cluster.keep.membership_total", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    let (_, listing) = r.admin_get("/clusters").await;
+    assert!(!listing.contains(&format!("keep::{}::", b.addr())), "{listing}");
+    for _ in 0..4 {
+        assert_eq!(client.get("/keep/x", &[]).await.header("x-upstream"), Some("a"));
+    }
+}

@@ -333,6 +333,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         ignore_new_hosts_until_first_hc: common_lb.ignore_new_hosts_until_first_hc,
         locality_lb,
         health_check,
+        ignore_health_on_host_removal: c.bool("ignore_health_on_host_removal"),
         tls,
     })
 }

@@ -212,7 +212,12 @@ async fn check_host(
             } else {
                 tracing::info!(cluster = %name, host = %host.address, "health check: host failed");
             }
-            c.refresh_health();
+            if !healthy && host.pending_dynamic_removal.load(Relaxed) {
+                // Kept after EDS removed it while it passed its checks: now it leaves (this task ends with it).
+                c.remove_pending_host(&host);
+            } else {
+                c.refresh_health();
+            }
         }
     };
     let target = Target {

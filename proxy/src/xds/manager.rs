@@ -788,7 +788,7 @@ impl Dynamic {
                 if matches!(&c.config.discovery, Discovery::Eds { service_name, .. } if *service_name == name)
                 {
                     let hosts = reuse_hosts(&c.hosts(), &endpoints);
-                    c.set_hosts(hosts);
+                    c.set_discovered_hosts(hosts);
                 }
             }
             // Warming clusters that waited for it become active.
