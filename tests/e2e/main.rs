@@ -22,6 +22,7 @@ mod passthrough;
 mod pending_queue;
 mod per_try_idle;
 mod protocols;
+mod retries;
 mod retry_budget;
 mod routing;
 mod runtime;

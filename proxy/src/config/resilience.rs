@@ -186,7 +186,7 @@ pub fn lower_retry_policy(n: &Node) -> Option<RetryPolicy> {
     let (retry_on, unknown) = RetryOn::parse_config(&text);
     for t in unknown {
         let why = match t.as_str() {
-            "reset-before-request" | "http3-post-connect-failure" => "is not supported by Remora",
+            "http3-post-connect-failure" => "is not supported by Remora",
             _ => "is not a retry condition",
         };
         n.err("retry_on", format!("{t:?} {why}"));
@@ -457,7 +457,7 @@ mod tests {
 
         let (_, e) = lower(
             RP,
-            "retry_on: '5xx,reset-before-request,bogus'
+            "retry_on: '5xx,http3-post-connect-failure,bogus'
              retry_back_off: {base_interval: 1s, max_interval: 0.5s}
              retry_priority: {name: envoy.retry_priorities.previous_priorities}
              rate_limited_retry_back_off: {reset_headers: [{name: retry-after}]}",
@@ -466,7 +466,7 @@ mod tests {
         assert_eq!(
             e,
             [
-                "x.retry_on: \"reset-before-request\" is not supported by Remora",
+                "x.retry_on: \"http3-post-connect-failure\" is not supported by Remora",
                 "x.retry_on: \"bogus\" is not a retry condition",
                 "x.retry_priority: not supported by Remora",
                 "x.rate_limited_retry_back_off: not supported by Remora",

@@ -1013,6 +1013,8 @@ async fn forward(
             (Some(d), Some(p)) => Some(d.min(p)),
             (d, p) => d.or(p),
         };
+        // Set once the request is handed to an upstream connection (for `reset-before-request`).
+        let request_started = std::cell::Cell::new(false);
         let sent = send(
             conn,
             target,
@@ -1021,6 +1023,7 @@ async fn forward(
             attempt_parts,
             req_body,
             try_idle.as_ref(),
+            &request_started,
         );
         let result = match Watchdog::with_try_idle(attempt_deadline, idle.clone(), try_idle.clone()) {
             Some(mut w) => {
@@ -1084,6 +1087,7 @@ async fn forward(
                             let mut rng = conn.worker.rng.borrow_mut();
                             r.should_retry_reset(
                                 reason,
+                                request_started.get(),
                                 || resources.try_retry(),
                                 &cluster.retry_stats,
                                 &mut rng,
@@ -1540,7 +1544,9 @@ enum SendError {
 type H1Sender = crate::upstream::pool::H1Conn;
 
 /// Send on a pooled connection of the right protocol. A pooled HTTP/1.1 connection that turns out closed before
-/// the request was written is replaced by a new one, once.
+/// the request was written is replaced by a new one, once. `started` is set while the request is with a
+/// connection, and cleared when the connection gives it back unsent.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     conn: &Rc<Conn>,
     cluster: &Arc<Cluster>,
@@ -1549,6 +1555,7 @@ async fn send(
     mut parts: http::request::Parts,
     body: Body,
     try_idle: Option<&TryIdle>,
+    started: &std::cell::Cell<bool>,
 ) -> Result<Sent, SendError> {
     let pools = &conn.worker.pools;
     match protocol {
@@ -1561,10 +1568,16 @@ async fn send(
             make_absolute(&mut parts);
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
+            started.set(true);
             let resp = sender
-                .send_request(Request::from_parts(parts, body))
+                .try_send_request(Request::from_parts(parts, body))
                 .await
-                .map_err(SendError::Upstream)?;
+                .map_err(|mut e| {
+                    if e.take_message().is_some() {
+                        started.set(false);
+                    }
+                    SendError::Upstream(e.into_error())
+                })?;
             Ok((resp, None, Some(permit)))
         }
         _ => {
@@ -1586,11 +1599,18 @@ async fn send(
                         }
                     }
                 }
+                started.set(true);
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, Some(sender), permit)),
                     Err(mut e) => match e.take_message() {
-                        Some(r) if attempt == 0 => req = r,
-                        _ => return Err(SendError::Upstream(e.into_error())),
+                        Some(r) if attempt == 0 => {
+                            started.set(false);
+                            req = r;
+                        }
+                        unsent => {
+                            started.set(unsent.is_none());
+                            return Err(SendError::Upstream(e.into_error()));
+                        }
                     },
                 }
             }

@@ -27,7 +27,9 @@
 //!   response has been forwarded, so Envoy cannot retry on them).
 //! - Resets: an overflow is never retried; any other reset (including a per-try timeout, a local reset in
 //!   Envoy) under `reset`, `5xx` or `gateway-error`; a refused stream also under `refused-stream`; a connect
-//!   failure also under `connect-failure`.
+//!   failure also under `connect-failure`; any reset under `reset-before-request` as long as no attempt of the
+//!   request has sent it upstream (Envoy's sticky `upstream_request_started_`: a connect failure, or a
+//!   connection that closed before taking the request).
 //!
 //! # Request headers
 //! `x-envoy-retry-on` and `x-envoy-retry-grpc-on` add conditions to the route's; `x-envoy-max-retries` replaces
@@ -75,8 +77,9 @@ impl RetryOn {
     pub const GRPC_RESOURCE_EXHAUSTED: RetryOn = RetryOn(1 << 11);
     pub const GRPC_UNAVAILABLE: RetryOn = RetryOn(1 << 12);
     pub const GRPC_INTERNAL: RetryOn = RetryOn(1 << 13);
+    pub const RESET_BEFORE_REQUEST: RetryOn = RetryOn(1 << 14);
 
-    const HTTP_NAMES: [(&'static str, RetryOn); 9] = [
+    const HTTP_NAMES: [(&'static str, RetryOn); 10] = [
         ("5xx", RetryOn::FIVE_XX),
         ("gateway-error", RetryOn::GATEWAY_ERROR),
         ("connect-failure", RetryOn::CONNECT_FAILURE),
@@ -86,6 +89,7 @@ impl RetryOn {
         ("retriable-status-codes", RetryOn::RETRIABLE_STATUS_CODES),
         ("retriable-headers", RetryOn::RETRIABLE_HEADERS),
         ("reset", RetryOn::RESET),
+        ("reset-before-request", RetryOn::RESET_BEFORE_REQUEST),
     ];
     const GRPC_NAMES: [(&'static str, RetryOn); 5] = [
         ("cancelled", RetryOn::GRPC_CANCELLED),
@@ -315,6 +319,8 @@ pub struct RetryState {
     attempted_hosts: Vec<u64>,
     retried: bool,
     attempts: u32,
+    /// An attempt has sent (part of) the request upstream; sticky, as Envoy's `upstream_request_started_`.
+    request_started: bool,
 }
 
 impl RetryState {
@@ -372,6 +378,7 @@ impl RetryState {
             attempted_hosts: Vec::new(),
             retried: false,
             attempts: 1,
+            request_started: false,
         })
     }
 
@@ -439,11 +446,13 @@ impl RetryState {
         false
     }
 
-    /// Envoy's `wouldRetryFromReset`.
-    pub fn would_retry_reset(&self, reason: ResetReason) -> bool {
+    /// Envoy's `wouldRetryFromReset`; `request_started`: this request has sent bytes upstream.
+    pub fn would_retry_reset(&self, reason: ResetReason, request_started: bool) -> bool {
         let on = self.retry_on;
         match reason {
             ResetReason::Overflow => false,
+            ResetReason::ConnectFailure if on.contains(RetryOn::CONNECT_FAILURE) => true,
+            _ if on.contains(RetryOn::RESET_BEFORE_REQUEST) && !request_started => true,
             _ if on.intersects(
                 RetryOn::RESET
                     .union(RetryOn::FIVE_XX)
@@ -503,15 +512,17 @@ impl RetryState {
         self.should_retry(would, afford, stats, rng)
     }
 
-    /// `should_retry` for a reset or per-try timeout.
+    /// `should_retry` for a reset or per-try timeout; `request_started`: this attempt sent bytes upstream.
     pub fn should_retry_reset<P>(
         &mut self,
         reason: ResetReason,
+        request_started: bool,
         afford: impl FnOnce() -> Option<P>,
         stats: &RetryStats,
         rng: &mut Rng,
     ) -> RetryStatus<P> {
-        let would = self.would_retry_reset(reason);
+        self.request_started |= request_started;
+        let would = self.would_retry_reset(reason, self.request_started);
         self.should_retry(would, afford, stats, rng)
     }
 
@@ -685,15 +696,56 @@ mod tests {
         let all = [ConnectFailure, RefusedStream, Reset, PerTryTimeout];
         for cond in ["reset", "5xx", "gateway-error"] {
             let s = state(&policy(cond));
-            assert!(all.iter().all(|r| s.would_retry_reset(*r)), "{cond}");
-            assert!(!s.would_retry_reset(Overflow), "{cond}");
+            for started in [false, true] {
+                assert!(all.iter().all(|r| s.would_retry_reset(*r, started)), "{cond}");
+                assert!(!s.would_retry_reset(Overflow, started), "{cond}");
+            }
         }
         let s = state(&policy("connect-failure"));
-        assert_eq!(all.map(|r| s.would_retry_reset(r)), [true, false, false, false]);
+        assert_eq!(
+            all.map(|r| s.would_retry_reset(r, false)),
+            [true, false, false, false]
+        );
         let s = state(&policy("refused-stream"));
-        assert_eq!(all.map(|r| s.would_retry_reset(r)), [false, true, false, false]);
+        assert_eq!(
+            all.map(|r| s.would_retry_reset(r, true)),
+            [false, true, false, false]
+        );
         let s = state(&policy("retriable-4xx"));
-        assert!(!all.iter().any(|r| s.would_retry_reset(*r)));
+        assert!(!all.iter().any(|r| s.would_retry_reset(*r, false)));
+        // Any reset before the request was sent, none after.
+        let s = state(&policy("reset-before-request"));
+        assert_eq!(all.map(|r| s.would_retry_reset(r, false)), [true; 4]);
+        assert_eq!(all.map(|r| s.would_retry_reset(r, true)), [false; 4]);
+        assert!(!s.would_retry_reset(Overflow, false));
+        // The header spells it too.
+        assert_eq!(
+            RetryOn::parse_http("reset-before-request").0,
+            RetryOn::RESET_BEFORE_REQUEST
+        );
+    }
+
+    #[test]
+    fn reset_before_request_stops_once_any_attempt_sent_the_request() {
+        let (st, _s) = stats();
+        let mut rng = Rng::seeded(1);
+        let p = Arc::new(RetryPolicy {
+            retry_on: RetryOn::RESET_BEFORE_REQUEST,
+            num_retries: 5,
+            ..Default::default()
+        });
+        let mut s = state(&p);
+        let mut retry = |s: &mut RetryState, started| {
+            matches!(
+                s.should_retry_reset(ResetReason::Reset, started, || Some(()), &st, &mut rng),
+                RetryStatus::Yes { .. }
+            )
+        };
+        assert!(retry(&mut s, false));
+        assert!(retry(&mut s, false));
+        // The second retry reached the upstream before its reset: no more, even for a later unsent attempt.
+        assert!(!retry(&mut s, true));
+        assert!(!retry(&mut s, false));
     }
 
     #[test]
@@ -819,7 +871,7 @@ mod tests {
         // A success after a granted retry counts upstream_rq_retry_success; the second back-off is under 50 ms.
         let mut s = state(&p);
         assert!(matches!(
-            s.should_retry_reset(ResetReason::Reset, || Some(()), &st, &mut rng),
+            s.should_retry_reset(ResetReason::Reset, true, || Some(()), &st, &mut rng),
             RetryStatus::Yes { .. }
         ));
         match s.should_retry_response(502, &none, || Some(()), &st, &mut rng) {
