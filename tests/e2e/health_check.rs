@@ -419,3 +419,58 @@ async fn a_host_removed_by_eds_stays_until_it_fails_its_health_check() {
         assert_eq!(client.get("/keep/x", &[]).await.header("x-upstream"), Some("a"));
     }
 }
+
+/// `grpc_health_check` (as Envoy Gateway emits it for a gRPC backend): `grpc.health.v1.Health/Check` over h2c
+/// with the service name and authority; a NOT_SERVING host leaves balancing at once and comes back once it
+/// serves again.
+#[tokio::test]
+async fn grpc_health_checks_follow_the_serving_status() {
+    use crate::harness::{GrpcClient, GrpcUpstream};
+    let a = GrpcUpstream::start("a").await;
+    let b = GrpcUpstream::start("b").await;
+    let mut c = crate::support::h2_cluster("grpc", &[a.addr(), b.addr()]);
+    c["health_checks"] = json!([{
+        "timeout": "1s",
+        "interval": "0.05s",
+        "no_traffic_interval": "0.05s",
+        "unhealthy_threshold": 3,
+        "healthy_threshold": 2,
+        "grpc_health_check": {"service_name": "my-service", "authority": "hc.example"},
+    }]);
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "grpc")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    assert_eq!(r.stat("cluster.grpc.health_check.healthy").await, 2);
+    let checks = a.health_checks();
+    assert!(!checks.is_empty());
+    assert!(
+        checks
+            .iter()
+            .all(|(s, auth)| s == "my-service" && auth == "hc.example"),
+        "{checks:?}"
+    );
+
+    b.set_serving(false);
+    // NOT_SERVING is an active failure: ejected at once.
+    r.wait_stat("cluster.grpc.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    let (_, clusters) = r.admin_get("/clusters").await;
+    assert!(
+        clusters.contains(&format!("grpc::{}::health_flags::/failed_active_hc", b.addr())),
+        "{clusters}"
+    );
+    let client = GrpcClient::connect(proxy.addr).await;
+    for i in 0..6 {
+        let out = client.echo(&format!("m{i}")).await;
+        assert_eq!(out.upstream(), Some("a"), "{:?}", out.result);
+    }
+
+    b.set_serving(true);
+    r.wait_stat("cluster.grpc.membership_healthy", |v| v == 2, DEFAULT_TIMEOUT)
+        .await;
+    let mut seen_b = false;
+    for i in 0..6 {
+        seen_b |= client.echo(&format!("n{i}")).await.upstream() == Some("b");
+    }
+    assert!(seen_b, "b did not take traffic again");
+}

@@ -394,19 +394,23 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                 continue;
             };
             let hostname = e.string("hostname").unwrap_or_default();
-            let (health_check_port, health_check_disabled) = match e.msg("health_check_config") {
-                Some(h) => {
-                    h.unsupported("hostname");
-                    h.unsupported("address");
-                    let port = h.u32("port_value");
-                    if port > u32::from(u16::MAX) {
-                        h.err("port_value", format!("{port} is not a port"));
+            let (health_check_port, health_check_disabled, health_check_hostname) =
+                match e.msg("health_check_config") {
+                    Some(h) => {
+                        h.unsupported("address");
+                        let port = h.u32("port_value");
+                        if port > u32::from(u16::MAX) {
+                            h.err("port_value", format!("{port} is not a port"));
+                        }
+                        let port = u16::try_from(port).ok().filter(|&p| p != 0);
+                        let hostname = h.string("hostname").unwrap_or_default();
+                        if !hostname.is_empty() && hostname.parse::<http::uri::Authority>().is_err() {
+                            h.err("hostname", format!("{hostname:?} is not a host name"));
+                        }
+                        (port, h.bool("disable_active_health_check"), hostname)
                     }
-                    let port = u16::try_from(port).ok().filter(|&p| p != 0);
-                    (port, h.bool("disable_active_health_check"))
-                }
-                None => (None, false),
-            };
+                    None => (None, false, String::new()),
+                };
             e.unsupported("additional_addresses");
             let Some(addr) = e.msg("address") else {
                 e.err("address", "an endpoint needs an address");
@@ -424,6 +428,7 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                         health,
                         health_check_port,
                         health_check_disabled,
+                        health_check_hostname: health_check_hostname.clone(),
                     };
                     targets.push(dns::Target { name, port, template });
                 }
@@ -438,6 +443,7 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                     health,
                     health_check_port,
                     health_check_disabled,
+                    health_check_hostname: health_check_hostname.clone(),
                 });
             }
         }

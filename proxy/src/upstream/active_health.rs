@@ -191,7 +191,8 @@ async fn check_host(
         return;
     };
     let checker = ReportFirst {
-        inner: Checker::new(host.health_check_address, name.clone()),
+        inner: Checker::new(host.health_check_address, name.clone())
+            .with_hostname(&host.health_check_hostname),
         first,
         host: host.clone(),
         cluster: cluster.clone(),

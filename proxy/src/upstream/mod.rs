@@ -189,6 +189,9 @@ pub struct EndpointConfig {
     pub health_check_port: Option<u16>,
     /// `endpoint.health_check_config.disable_active_health_check`.
     pub health_check_disabled: bool,
+    /// `endpoint.health_check_config.hostname`: the `host` (HTTP) or `:authority` (gRPC) of this endpoint's
+    /// active health checks, over the check's own.
+    pub health_check_hostname: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -248,6 +251,8 @@ pub struct Host {
     pub health_check_address: SocketAddr,
     /// `health_check_config.disable_active_health_check`: never checked, never failed by checks.
     pub health_check_disabled: bool,
+    /// `health_check_config.hostname` (empty: the check's `host`/`authority`, else the cluster name).
+    pub health_check_hostname: String,
     /// `FAILED_ACTIVE_HC`: the cluster's active health check fails this host (see [`active_health`]).
     pub failed_active_hc: AtomicBool,
     /// `PENDING_DYNAMIC_REMOVAL`: EDS removed the host, but it stays while it passes its active health checks
@@ -291,6 +296,7 @@ impl Host {
                 e.health_check_port.unwrap_or(e.address.port()),
             ),
             health_check_disabled: e.health_check_disabled,
+            health_check_hostname: e.health_check_hostname.clone(),
             failed_active_hc: AtomicBool::new(false),
             pending_active_hc: AtomicBool::new(false),
             pending_dynamic_removal: AtomicBool::new(false),
@@ -1149,6 +1155,7 @@ mod tests {
             health,
             health_check_port: None,
             health_check_disabled: false,
+            health_check_hostname: String::new(),
         })
     }
 
@@ -1239,6 +1246,7 @@ mod tests {
                 health: EndpointHealth::Healthy,
                 health_check_port: None,
                 health_check_disabled: false,
+                health_check_hostname: String::new(),
             })
         };
         // Envoy's locality_weight.rst: weights 1 and 3, the second with twice the hosts: 25% / 75%.

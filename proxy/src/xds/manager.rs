@@ -1173,6 +1173,7 @@ pub fn reuse_hosts(current: &HostSet, endpoints: &[EndpointConfig]) -> Vec<Arc<H
                     && h.locality_weight == e.locality_weight
                     && h.health_check_address.port() == e.health_check_port.unwrap_or(e.address.port())
                     && h.health_check_disabled == e.health_check_disabled
+                    && h.health_check_hostname == e.health_check_hostname
                     && h.priority == e.priority
                     && h.hostname == e.hostname =>
             {
