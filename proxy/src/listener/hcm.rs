@@ -904,6 +904,14 @@ async fn forward(
         .map(|_| conn.shared.clusters.load_full());
 
     loop {
+        // `retry_priority`: this attempt's priority load (not for an aggregate, whose levels are its members').
+        let retry_load = match retry.as_mut() {
+            Some(r) if r.has_retry_priority() && cluster.aggregate.is_none() => {
+                let set = cluster.hosts();
+                r.priority_load(&set.load.health, &set.load.degraded)
+            }
+            _ => None,
+        };
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
             let mut selection = 0u64;
@@ -923,7 +931,9 @@ async fn forward(
                         (Some(a), Some(snapshot)) => a
                             .pick(snapshot, &mut rng, h)
                             .map(|(m, i, host)| (Some(m), i, host)),
-                        _ => cluster.pick(&mut rng, h).map(|(i, host)| (None, i, host)),
+                        _ => cluster
+                            .pick_with_load(&mut rng, h, retry_load.as_ref())
+                            .map(|(i, host)| (None, i, host)),
                     }
                 }
             };
@@ -951,7 +961,7 @@ async fn forward(
         };
         let attempt = retry.as_ref().map_or(1, |r| r.attempt_count());
         if let Some(r) = retry.as_mut() {
-            r.on_host_attempted(host.id);
+            r.on_host_attempted(host.id, host.priority);
         }
 
         // This attempt's request: the parts themselves for a single attempt, a copy when there may be more.

@@ -45,8 +45,13 @@
 //! With `envoy.retry_host_predicates.previous_hosts`, a retry avoids the hosts already attempted: host selection
 //! is redone up to `host_selection_retry_max_attempts` times (default 1), then the last pick is used
 //! ([`RetryState::select_host`], after `ZoneAwareLoadBalancerBase::chooseHost`).
+//!
+//! # Priorities
+//! With `retry_priority: envoy.retry_priorities.previous_priorities`, retries are steered away from the
+//! priorities already attempted ([`priority`], [`RetryState::priority_load`]).
 
 pub mod backoff;
+pub mod priority;
 
 use crate::route::HeaderMatcher;
 use crate::stats::{Counter, Scope};
@@ -165,6 +170,8 @@ pub struct RetryPolicy {
     pub previous_hosts: bool,
     /// `host_selection_retry_max_attempts` (default 1).
     pub host_selection_max_attempts: u32,
+    /// `retry_priority: envoy.retry_priorities.previous_priorities`: its `update_frequency`.
+    pub previous_priorities: Option<u32>,
 }
 
 impl Default for RetryPolicy {
@@ -181,6 +188,7 @@ impl Default for RetryPolicy {
             retriable_request_headers: Vec::new(),
             previous_hosts: false,
             host_selection_max_attempts: 1,
+            previous_priorities: None,
         }
     }
 }
@@ -321,6 +329,8 @@ pub struct RetryState {
     attempts: u32,
     /// An attempt has sent (part of) the request upstream; sticky, as Envoy's `upstream_request_started_`.
     request_started: bool,
+    /// `retry_priority`'s state.
+    priorities: Option<priority::PreviousPriorities>,
 }
 
 impl RetryState {
@@ -379,6 +389,7 @@ impl RetryState {
             retried: false,
             attempts: 1,
             request_started: false,
+            priorities: policy.previous_priorities.map(priority::PreviousPriorities::new),
         })
     }
 
@@ -526,11 +537,29 @@ impl RetryState {
         self.should_retry(would, afford, stats, rng)
     }
 
-    /// Note the host an attempt goes to (for `previous_hosts`).
-    pub fn on_host_attempted(&mut self, host_id: u64) {
+    /// Note the host an attempt goes to (for `previous_hosts`) and its priority (for `retry_priority`).
+    pub fn on_host_attempted(&mut self, host_id: u64, priority: u32) {
         if self.policy.previous_hosts && !self.attempted_hosts.contains(&host_id) {
             self.attempted_hosts.push(host_id);
         }
+        if let Some(p) = self.priorities.as_mut() {
+            p.on_host_attempted(priority as usize);
+        }
+    }
+
+    /// With `retry_priority`, the priority load of the coming attempt over the cluster's levels (`health` and
+    /// `degraded` availability, percent); `None`: the cluster's own load.
+    pub fn priority_load(
+        &mut self,
+        health: &[u32],
+        degraded: &[u32],
+    ) -> Option<priority::PriorityLoadOverride> {
+        self.priorities.as_mut()?.determine(health, degraded).cloned()
+    }
+
+    /// Whether the policy has a `retry_priority`.
+    pub fn has_retry_priority(&self) -> bool {
+        self.priorities.is_some()
     }
 
     /// Whether the host predicates reject `host_id` for the coming attempt (only retries consult them).
@@ -938,7 +967,7 @@ mod tests {
         // The first attempt never consults the predicate.
         let mut seq = [7u64, 7, 7, 8].into_iter();
         assert_eq!(s.select_host(|| seq.next(), |h| *h), Some(7));
-        s.on_host_attempted(7);
+        s.on_host_attempted(7, 0);
         assert!(matches!(
             s.should_retry(true, || Some(()), &st, &mut rng),
             RetryStatus::Yes { .. }
@@ -961,7 +990,7 @@ mod tests {
         assert_eq!(s.select_host(|| seq.next(), |h| *h), Some(7));
         // Without the predicate, any host is fine.
         let mut s = state(&policy("5xx"));
-        s.on_host_attempted(7);
+        s.on_host_attempted(7, 0);
         s.should_retry(true, || Some(()), &st, &mut rng);
         assert!(!s.should_select_another_host(7));
     }

@@ -1077,16 +1077,43 @@ impl Cluster {
     /// The priority comes first (by the loads latched at publish; a level in panic balances over all its
     /// hosts and counts `lb_healthy_panic`), then the host within the level's candidates.
     pub fn pick(&self, rng: &mut lb::Rng, hash: Option<u64>) -> Option<(usize, Arc<Host>)> {
+        self.pick_with_load(rng, hash, None)
+    }
+
+    /// As [`pick`](Self::pick), the priority chosen by `load` instead of the cluster's load when given (a
+    /// retry's `retry_priority`; a level in panic still balances over all its hosts).
+    pub fn pick_with_load(
+        &self,
+        rng: &mut lb::Rng,
+        hash: Option<u64>,
+        load: Option<&crate::retry::priority::PriorityLoadOverride>,
+    ) -> Option<(usize, Arc<Host>)> {
         let set = self.hosts.load();
         let on_panic = || self.stats.lb_healthy_panic.inc();
-        let i = set.pick(
-            self.config.lb_policy,
-            &self.rr,
-            rng,
-            hash,
-            on_panic,
-            &self.zone_stats,
-        )?;
+        let i = match load {
+            None => set.pick(
+                self.config.lb_policy,
+                &self.rr,
+                rng,
+                hash,
+                on_panic,
+                &self.zone_stats,
+            )?,
+            Some(l) => {
+                let draw = hash.unwrap_or_else(|| rng.next_u64());
+                let (priority, avail) = priority::choose_in(&l.healthy, &l.degraded, draw);
+                set.pick_at(
+                    priority,
+                    avail,
+                    self.config.lb_policy,
+                    &self.rr,
+                    rng,
+                    hash,
+                    on_panic,
+                    &self.zone_stats,
+                )?
+            }
+        };
         Some((i, set.hosts[i].clone()))
     }
 
