@@ -474,3 +474,110 @@ async fn grpc_health_checks_follow_the_serving_status() {
     }
     assert!(seen_b, "b did not take traffic again");
 }
+
+/// The HTTP check Envoy Gateway emits (`POST /healthz` sending `ping`, expecting `pong` in the body, statuses
+/// `[200, 202)` healthy and `[429, 430)`, `[503, 504)` retriable) against an origin that checks what it gets,
+/// with the endpoint's `health_check_config.hostname` as the check's `host`: a status neither expected nor
+/// retriable ejects at once, 201 is healthy again, a retriable status counts toward `unhealthy_threshold`. A
+/// failed host is checked again only after `unhealthy_interval` (5 s), so the failure counts are exact.
+#[tokio::test]
+async fn envoy_gateways_http_health_check() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicU16;
+    use std::sync::Mutex;
+    let up = Upstream::start("eg").await;
+    let status = Arc::new(AtomicU16::new(200));
+    let seen: Arc<Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::default();
+    {
+        let (status, seen) = (status.clone(), seen.clone());
+        up.set_handler(move |req| {
+            let (status, seen) = (status.clone(), seen.clone());
+            async move {
+                if req.uri().path() != "/healthz" {
+                    return echo_response(req, "eg").await;
+                }
+                let method = req.method().to_string();
+                let host = req
+                    .headers()
+                    .get("host")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes().to_vec())
+                    .unwrap_or_default();
+                let ok = method == "POST" && body == b"ping";
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((method, host, body));
+                if !ok {
+                    return reply(400, "bad check");
+                }
+                reply(status.load(SeqCst), "ok pong")
+            }
+        });
+    }
+    let addr = up.addr();
+    let c = json!({
+        "name": "eg",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "eg", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}},
+            "health_check_config": {"hostname": "example.com"},
+        }}]}]},
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": "0.05s",
+            "no_traffic_interval": "0.05s",
+            "unhealthy_interval": "5s",
+            "unhealthy_edge_interval": "0.05s",
+            "healthy_threshold": 1,
+            "unhealthy_threshold": 3,
+            "http_health_check": {
+                "host": "*",
+                "method": "POST",
+                "path": "/healthz",
+                "send": {"binary": "cGluZw=="},
+                "receive": [{"binary": "cG9uZw=="}],
+                "expected_statuses": [{"start": "200", "end": "202"}],
+                "retriable_statuses": [{"start": "429", "end": "430"}, {"start": "503", "end": "504"}],
+            },
+        }],
+    });
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "eg")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    assert_eq!(r.stat("cluster.eg.health_check.healthy").await, 1);
+    {
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (method, host, body) = &seen[0];
+        assert_eq!(
+            (method.as_str(), host.as_str(), body.as_slice()),
+            ("POST", "example.com", &b"ping"[..])
+        );
+    }
+
+    // The cluster has carried traffic: the intervals are the ones with traffic.
+    assert_eq!(proxy.h1().get("/", &[]).await.status, StatusCode::OK);
+
+    // 500 is neither expected nor retriable: failed on the first one.
+    let failures = r.stat("cluster.eg.health_check.failure").await;
+    status.store(500, SeqCst);
+    r.wait_stat("cluster.eg.membership_healthy", |v| v == 0, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(r.stat("cluster.eg.health_check.failure").await - failures, 1);
+    // 201 is expected: healthy again (healthy_threshold 1) at the next check.
+    status.store(201, SeqCst);
+    r.wait_stat("cluster.eg.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    // 503 is retriable: three in a row (unhealthy_threshold) before the host is failed.
+    let failures = r.stat("cluster.eg.health_check.failure").await;
+    status.store(503, SeqCst);
+    r.wait_stat("cluster.eg.membership_healthy", |v| v == 0, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(r.stat("cluster.eg.health_check.failure").await - failures, 3);
+}
