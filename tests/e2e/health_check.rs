@@ -487,7 +487,9 @@ async fn envoy_gateways_http_health_check() {
     use std::sync::Mutex;
     let up = Upstream::start("eg").await;
     let status = Arc::new(AtomicU16::new(200));
-    let seen: Arc<Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::default();
+    // Each check's method, host and body.
+    type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+    let seen: Seen = Arc::default();
     {
         let (status, seen) = (status.clone(), seen.clone());
         up.set_handler(move |req| {
