@@ -131,7 +131,11 @@ async fn run(scenario: &str) -> Vec<String> {
         // Health-checked hosts take traffic once their first check passes: retry until then.
         let deadline = tokio::time::Instant::now() + DEFAULT_TIMEOUT;
         loop {
-            let resp = client.get("/", &[]).await;
+            // What the scenarios' routes match on (http-health-check's route wants `user: jason`, a `test`
+            // header ending in `end` and `?debug=yes`; the others match any request).
+            let resp = client
+                .get("/?debug=yes", &[("user", "jason"), ("test", "the-end")])
+                .await;
             let status = resp.status;
             let upstream = resp.header("x-upstream").map(str::to_owned);
             if status == StatusCode::OK && upstream.as_deref() == Some("backend") {
