@@ -283,6 +283,16 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         .first()
         .and_then(super::lb::lower_health_check)
         .map(std::sync::Arc::new);
+    if let Some(crate::upstream::health_check::CheckKind::Grpc(g)) = health_check.as_ref().map(|h| &h.kind) {
+        // The check's :authority defaults to the cluster name, which must then be one (Remora's h2 client
+        // cannot send another; Envoy sends it as it is).
+        if g.authority.is_empty() && name.parse::<http::uri::Authority>().is_err() {
+            c.err(
+                "health_checks",
+                format!("the gRPC check's authority defaults to the cluster name, and {name:?} is not an authority: set grpc_health_check.authority"),
+            );
+        }
+    }
     let tls = match c.msg("transport_socket") {
         Some(ts) => match super::tls::transport_socket(&ts, super::tls::UPSTREAM) {
             Some(u) => {
@@ -771,6 +781,21 @@ mod tests {
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
             e[0].starts_with("c.max_requests_per_connection: Only one of"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_grpc_check_needs_an_authority_when_the_cluster_name_is_not_one() {
+        let check =
+            "health_checks: [{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, \
+                     grpc_health_check: {}}]";
+        let (_, e) = cluster(&format!("{{name: svc, {check}}}"));
+        assert!(e.is_empty(), "{e:?}");
+        let (_, e) = cluster(&format!("{{name: 'outbound|80||svc', {check}}}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("c.health_checks: the gRPC check's authority"),
             "{e:?}"
         );
     }
