@@ -583,3 +583,59 @@ async fn envoy_gateways_http_health_check() {
         .await;
     assert_eq!(r.stat("cluster.eg.health_check.failure").await - failures, 3);
 }
+
+/// A `STRICT_DNS` cluster updates its membership as EDS does: an address DNS stops returning stays,
+/// `/pending_dynamic_removal`, while its checks pass (later answers without it are no change), and leaves when
+/// one fails.
+#[tokio::test]
+async fn an_address_dns_drops_stays_until_it_fails_its_health_check() {
+    let dns = crate::harness::DnsServer::start().await;
+    let (a, open_a) = gated("a", [127, 0, 0, 31], 0).await;
+    let (b, open_b) = gated("b", [127, 0, 0, 32], a.port()).await;
+    open_a.send_replace(true);
+    open_b.send_replace(true);
+    let (ip_a, ip_b) = (
+        std::net::IpAddr::from([127, 0, 0, 31]),
+        std::net::IpAddr::from([127, 0, 0, 32]),
+    );
+    dns.set("svc.test", &[ip_a, ip_b]);
+    let mut c = crate::dns::dns_cluster("STRICT_DNS", "svc.test", a.port(), dns.addr());
+    c["dns_refresh_rate"] = json!("0.05s");
+    c["health_checks"] = json!([{
+        "timeout": "0.2s",
+        "interval": "0.05s",
+        "no_traffic_interval": "0.05s",
+        "unhealthy_threshold": 1,
+        "healthy_threshold": 1,
+        "http_health_check": {"path": "/health"},
+    }]);
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    r.wait_stat("cluster.svc.membership_healthy", |v| v == 2, DEFAULT_TIMEOUT)
+        .await;
+
+    dns.set("svc.test", &[ip_a]);
+    let changes = r.stat("cluster.svc.membership_change").await;
+    let rebuilds = r.stat("cluster.svc.update_no_rebuild").await;
+    // Two more answers without b: the first keeps it pending, the next is no change.
+    r.wait_stat(
+        "cluster.svc.update_no_rebuild",
+        |v| v >= rebuilds + 2,
+        DEFAULT_TIMEOUT,
+    )
+    .await;
+    assert_eq!(r.stat("cluster.svc.membership_total").await, 2);
+    assert_eq!(r.stat("cluster.svc.membership_change").await, changes);
+    let (_, listing) = r.admin_get("/clusters").await;
+    let pending = format!("svc::{}::health_flags::/pending_dynamic_removal", b.addr());
+    assert!(listing.contains(&pending), "{listing}");
+    assert!(to_b(&proxy).await > 0, "b took no traffic while pending removal");
+
+    // b's checks now hang past their timeout: it fails and leaves.
+    open_b.send_replace(false);
+    r.wait_stat("cluster.svc.membership_total", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    let (_, listing) = r.admin_get("/clusters").await;
+    assert!(!listing.contains(&format!("svc::{}::", b.addr())), "{listing}");
+}

@@ -888,7 +888,7 @@ impl Cluster {
         }
     }
 
-    /// A new membership from service discovery (EDS), as Envoy's `updateDynamicHostList` takes it: on a
+    /// A new membership from service discovery (EDS, STRICT_DNS), as Envoy's `updateDynamicHostList` takes it: on a
     /// cluster with active health checks and without `ignore_health_on_host_removal`, a host that left but is
     /// not failing its active checks (nor marked unhealthy by EDS) stays, `PENDING_DYNAMIC_REMOVAL`, and keeps
     /// taking traffic until it fails a check ([`Cluster::remove_pending_host`]) or comes back (matched by
@@ -908,6 +908,10 @@ impl Cluster {
                     h.pending_dynamic_removal.store(true, Relaxed);
                     hosts.push(h.clone());
                 }
+            }
+            // Only hosts marked pending: no membership change, as in Envoy.
+            if current.hosts.iter().map(|h| h.id).eq(hosts.iter().map(|h| h.id)) {
+                return;
             }
         }
         self.set_hosts(hosts);
