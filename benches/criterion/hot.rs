@@ -156,6 +156,7 @@ fn hosts(n: usize) -> HostSet {
                     locality_weight: 1,
                     health_check_port: None,
                     health_check_disabled: false,
+                    health_check_hostname: String::new(),
                 })
             })
             .collect::<Vec<Arc<Host>>>(),
@@ -226,6 +227,7 @@ fn stats_per_request(c: &mut Criterion) {
         locality_weight: 1,
         health_check_port: None,
         health_check_disabled: false,
+        health_check_hostname: String::new(),
     });
     let mut elapsed = 0u64;
     let mut one_request = |with_breaker: bool| {

@@ -5,7 +5,8 @@
 //! Each scenario must be ACKed whole (no NACK of any type), and a request through its listener must reach the
 //! backend. Only addresses change: the listener binds 127.0.0.1:0 instead of `[::]:10080`, and every endpoint
 //! points at a real upstream instead of 1.2.3.4. For the health-check scenarios the upstream answers the
-//! checks as Envoy Gateway's translator asks (`POST /healthz` whose body contains the expected payload).
+//! checks as Envoy Gateway's translator asks (`POST /healthz` whose body contains the expected payload, and
+//! `grpc.health.v1.Health/Check`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -69,12 +70,16 @@ fn nacks(xds: &XdsServer) -> Vec<String> {
 }
 
 /// An upstream that passes Envoy Gateway's HTTP health checks: `POST /healthz` answers 200 with `ok pong`
-/// (the scenarios expect `ok` as text and `pong` as binary); anything else is the harness's echo.
+/// (the scenarios expect `ok` as text and `pong` as binary), and gRPC checks SERVING; anything else is the
+/// harness's echo.
 async fn backend() -> Upstream {
     let up = Upstream::start("backend").await;
     up.set_handler(|req| async move {
         if req.uri().path() == "/healthz" {
             return reply(200, "ok pong");
+        }
+        if req.uri().path() == crate::harness::HEALTH_CHECK_PATH {
+            return crate::harness::serving_health_check(req).await;
         }
         echo_response(req, "backend").await
     });
@@ -126,7 +131,11 @@ async fn run(scenario: &str) -> Vec<String> {
         // Health-checked hosts take traffic once their first check passes: retry until then.
         let deadline = tokio::time::Instant::now() + DEFAULT_TIMEOUT;
         loop {
-            let resp = client.get("/", &[]).await;
+            // What the scenarios' routes match on (http-health-check's route wants `user: jason`, a `test`
+            // header ending in `end` and `?debug=yes`; the others match any request).
+            let resp = client
+                .get("/?debug=yes", &[("user", "jason"), ("test", "the-end")])
+                .await;
             let status = resp.status;
             let upstream = resp.header("x-upstream").map(str::to_owned);
             if status == StatusCode::OK && upstream.as_deref() == Some("backend") {
@@ -144,7 +153,6 @@ async fn run(scenario: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-#[ignore = "until the fields Envoy Gateway sets are implemented (in progress)"]
 async fn envoy_gateway_resources_are_acked_and_serve() {
     let dir = corpus_dir().join("xds-resources");
     let all = scenarios(&dir);

@@ -310,3 +310,332 @@ async fn new_hosts_wait_for_their_first_check_with_ignore_new_hosts_until_first_
         assert!(to_b(&proxy).await > 0);
     }
 }
+
+/// An EDS cluster over ADS on `addrs`, health-checked every 50 ms on `/health`, with `extra` fields.
+fn eds_checked(name: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut c = json!({
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": "0.05s",
+            "no_traffic_interval": "0.05s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/health"},
+        }],
+    });
+    if let serde_json::Value::Object(m) = extra {
+        for (k, v) in m {
+            c[k] = v;
+        }
+    }
+    c
+}
+
+fn assignment(name: &str, addrs: &[std::net::SocketAddr]) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = addrs
+        .iter()
+        .map(|a| json!({"endpoint": {"address": {"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}}}))
+        .collect();
+    json!({"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]})
+}
+
+/// Envoy's default (`ignore_health_on_host_removal` unset): a host EDS removes stays, `/pending_dynamic_removal`,
+/// taking traffic while it passes its active checks, and leaves when it fails one; with the flag set it leaves
+/// at once.
+#[tokio::test]
+async fn a_host_removed_by_eds_stays_until_it_fails_its_health_check() {
+    use crate::harness::xds as hx;
+    let (a, _) = switchable("a").await;
+    let (b, b_failing) = switchable("b").await;
+    let xds = crate::harness::XdsServer::start().await;
+    xds.set(
+        hx::ENDPOINT,
+        vec![
+            assignment("keep", &[a.addr(), b.addr()]),
+            assignment("drop", &[a.addr(), b.addr()]),
+        ],
+    );
+    let table = routes(vec![
+        json!({"match": {"prefix": "/keep/"}, "route": {"cluster": "keep"}}),
+        json!({"match": {"prefix": "/drop/"}, "route": {"cluster": "drop"}}),
+    ]);
+    let clusters = vec![
+        crate::support::h2_cluster("xds", &[xds.addr()]),
+        eds_checked("keep", serde_json::Value::Null),
+        eds_checked("drop", json!({"ignore_health_on_host_removal": true})),
+    ];
+    let mut config = bootstrap(table, clusters, serde_json::Value::Null);
+    config["node"] = json!({"id": "n1", "cluster": "c1"});
+    config["dynamic_resources"] = json!({"ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}});
+    let proxy = Proxy::start(&config, &[]).await;
+    let r = &proxy.remora;
+    for c in ["keep", "drop"] {
+        r.wait_stat(
+            &format!("cluster.{c}.membership_healthy"),
+            |v| v == 2,
+            DEFAULT_TIMEOUT,
+        )
+        .await;
+    }
+
+    // EDS removes b from both.
+    xds.set(
+        hx::ENDPOINT,
+        vec![assignment("keep", &[a.addr()]), assignment("drop", &[a.addr()])],
+    );
+    r.wait_stat("cluster.drop.membership_total", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    r.wait_stat("cluster.keep.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(r.stat("cluster.keep.membership_total").await, 2);
+    assert_eq!(r.stat("cluster.keep.membership_healthy").await, 2);
+    let (_, listing) = r.admin_get("/clusters").await;
+    let pending = format!("keep::{}::health_flags::/pending_dynamic_removal", b.addr());
+    assert!(listing.contains(&pending), "{listing}");
+    assert!(!listing.contains(&format!("drop::{}::", b.addr())), "{listing}");
+    // b still takes keep's traffic (round robin over two hosts), and none of drop's.
+    let client = proxy.h1();
+    let mut keep_b = 0;
+    for _ in 0..6 {
+        let resp = client.get("/keep/x", &[]).await;
+        assert_eq!(resp.status, StatusCode::OK);
+        keep_b += usize::from(resp.header("x-upstream") == Some("b"));
+        assert_eq!(client.get("/drop/x", &[]).await.header("x-upstream"), Some("a"));
+    }
+    assert!(keep_b > 0, "b took none of keep's requests");
+
+    // Its check fails: it leaves.
+    b_failing.store(true, SeqCst);
+    r.wait_stat("cluster.keep.membership_total", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    let (_, listing) = r.admin_get("/clusters").await;
+    assert!(!listing.contains(&format!("keep::{}::", b.addr())), "{listing}");
+    for _ in 0..4 {
+        assert_eq!(client.get("/keep/x", &[]).await.header("x-upstream"), Some("a"));
+    }
+}
+
+/// `grpc_health_check` (as Envoy Gateway emits it for a gRPC backend): `grpc.health.v1.Health/Check` over h2c
+/// with the service name and authority; a NOT_SERVING host leaves balancing at once and comes back once it
+/// serves again.
+#[tokio::test]
+async fn grpc_health_checks_follow_the_serving_status() {
+    use crate::harness::{GrpcClient, GrpcUpstream};
+    let a = GrpcUpstream::start("a").await;
+    let b = GrpcUpstream::start("b").await;
+    let mut c = crate::support::h2_cluster("grpc", &[a.addr(), b.addr()]);
+    c["health_checks"] = json!([{
+        "timeout": "1s",
+        "interval": "0.05s",
+        "no_traffic_interval": "0.05s",
+        "unhealthy_threshold": 3,
+        "healthy_threshold": 2,
+        "grpc_health_check": {"service_name": "my-service", "authority": "hc.example"},
+    }]);
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "grpc")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    assert_eq!(r.stat("cluster.grpc.health_check.healthy").await, 2);
+    let checks = a.health_checks();
+    assert!(!checks.is_empty());
+    assert!(
+        checks
+            .iter()
+            .all(|(s, auth)| s == "my-service" && auth == "hc.example"),
+        "{checks:?}"
+    );
+
+    b.set_serving(false);
+    // NOT_SERVING is an active failure: ejected at once.
+    r.wait_stat("cluster.grpc.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    let (_, clusters) = r.admin_get("/clusters").await;
+    assert!(
+        clusters.contains(&format!("grpc::{}::health_flags::/failed_active_hc", b.addr())),
+        "{clusters}"
+    );
+    let client = GrpcClient::connect(proxy.addr).await;
+    for i in 0..6 {
+        let out = client.echo(&format!("m{i}")).await;
+        assert_eq!(out.upstream(), Some("a"), "{:?}", out.result);
+    }
+
+    b.set_serving(true);
+    r.wait_stat("cluster.grpc.membership_healthy", |v| v == 2, DEFAULT_TIMEOUT)
+        .await;
+    let mut seen_b = false;
+    for i in 0..6 {
+        seen_b |= client.echo(&format!("n{i}")).await.upstream() == Some("b");
+    }
+    assert!(seen_b, "b did not take traffic again");
+}
+
+/// The HTTP check Envoy Gateway emits (`POST /healthz` sending `ping`, expecting `pong` in the body, statuses
+/// `[200, 202)` healthy and `[429, 430)`, `[503, 504)` retriable) against an origin that checks what it gets,
+/// with the endpoint's `health_check_config.hostname` as the check's `host`: a status neither expected nor
+/// retriable ejects at once, 201 is healthy again, a retriable status counts toward `unhealthy_threshold`. A
+/// failed host is checked again only after `unhealthy_interval` (5 s), so the failure counts are exact.
+#[tokio::test]
+async fn envoy_gateways_http_health_check() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicU16;
+    use std::sync::Mutex;
+    let up = Upstream::start("eg").await;
+    let status = Arc::new(AtomicU16::new(200));
+    // Each check's method, host and body.
+    type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+    let seen: Seen = Arc::default();
+    {
+        let (status, seen) = (status.clone(), seen.clone());
+        up.set_handler(move |req| {
+            let (status, seen) = (status.clone(), seen.clone());
+            async move {
+                if req.uri().path() != "/healthz" {
+                    return echo_response(req, "eg").await;
+                }
+                let method = req.method().to_string();
+                let host = req
+                    .headers()
+                    .get("host")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes().to_vec())
+                    .unwrap_or_default();
+                let ok = method == "POST" && body == b"ping";
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((method, host, body));
+                if !ok {
+                    return reply(400, "bad check");
+                }
+                reply(status.load(SeqCst), "ok pong")
+            }
+        });
+    }
+    let addr = up.addr();
+    let c = json!({
+        "name": "eg",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "eg", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}},
+            "health_check_config": {"hostname": "example.com"},
+        }}]}]},
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": "0.05s",
+            "no_traffic_interval": "0.05s",
+            "unhealthy_interval": "5s",
+            "unhealthy_edge_interval": "0.05s",
+            "healthy_threshold": 1,
+            "unhealthy_threshold": 3,
+            "http_health_check": {
+                "host": "*",
+                "method": "POST",
+                "path": "/healthz",
+                "send": {"binary": "cGluZw=="},
+                "receive": [{"binary": "cG9uZw=="}],
+                "expected_statuses": [{"start": "200", "end": "202"}],
+                "retriable_statuses": [{"start": "429", "end": "430"}, {"start": "503", "end": "504"}],
+            },
+        }],
+    });
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "eg")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    assert_eq!(r.stat("cluster.eg.health_check.healthy").await, 1);
+    {
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (method, host, body) = &seen[0];
+        assert_eq!(
+            (method.as_str(), host.as_str(), body.as_slice()),
+            ("POST", "example.com", &b"ping"[..])
+        );
+    }
+
+    // The cluster has carried traffic: the intervals are the ones with traffic.
+    assert_eq!(proxy.h1().get("/", &[]).await.status, StatusCode::OK);
+
+    // 500 is neither expected nor retriable: failed on the first one.
+    let failures = r.stat("cluster.eg.health_check.failure").await;
+    status.store(500, SeqCst);
+    r.wait_stat("cluster.eg.membership_healthy", |v| v == 0, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(r.stat("cluster.eg.health_check.failure").await - failures, 1);
+    // 201 is expected: healthy again (healthy_threshold 1) at the next check.
+    status.store(201, SeqCst);
+    r.wait_stat("cluster.eg.membership_healthy", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    // 503 is retriable: three in a row (unhealthy_threshold) before the host is failed.
+    let failures = r.stat("cluster.eg.health_check.failure").await;
+    status.store(503, SeqCst);
+    r.wait_stat("cluster.eg.membership_healthy", |v| v == 0, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(r.stat("cluster.eg.health_check.failure").await - failures, 3);
+}
+
+/// A `STRICT_DNS` cluster updates its membership as EDS does: an address DNS stops returning stays,
+/// `/pending_dynamic_removal`, while its checks pass (later answers without it are no change), and leaves when
+/// one fails.
+#[tokio::test]
+async fn an_address_dns_drops_stays_until_it_fails_its_health_check() {
+    let dns = crate::harness::DnsServer::start().await;
+    let (a, open_a) = gated("a", [127, 0, 0, 31], 0).await;
+    let (b, open_b) = gated("b", [127, 0, 0, 32], a.port()).await;
+    open_a.send_replace(true);
+    open_b.send_replace(true);
+    let (ip_a, ip_b) = (
+        std::net::IpAddr::from([127, 0, 0, 31]),
+        std::net::IpAddr::from([127, 0, 0, 32]),
+    );
+    dns.set("svc.test", &[ip_a, ip_b]);
+    let mut c = crate::dns::dns_cluster("STRICT_DNS", "svc.test", a.port(), dns.addr());
+    c["dns_refresh_rate"] = json!("0.05s");
+    c["health_checks"] = json!([{
+        "timeout": "0.2s",
+        "interval": "0.05s",
+        "no_traffic_interval": "0.05s",
+        "unhealthy_threshold": 1,
+        "healthy_threshold": 1,
+        "http_health_check": {"path": "/health"},
+    }]);
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], serde_json::Value::Null), &[]).await;
+    let r = &proxy.remora;
+    r.wait_stat("cluster.svc.membership_healthy", |v| v == 2, DEFAULT_TIMEOUT)
+        .await;
+
+    dns.set("svc.test", &[ip_a]);
+    let changes = r.stat("cluster.svc.membership_change").await;
+    let rebuilds = r.stat("cluster.svc.update_no_rebuild").await;
+    // Two more answers without b: the first keeps it pending, the next is no change.
+    r.wait_stat(
+        "cluster.svc.update_no_rebuild",
+        |v| v >= rebuilds + 2,
+        DEFAULT_TIMEOUT,
+    )
+    .await;
+    assert_eq!(r.stat("cluster.svc.membership_total").await, 2);
+    assert_eq!(r.stat("cluster.svc.membership_change").await, changes);
+    let (_, listing) = r.admin_get("/clusters").await;
+    let pending = format!("svc::{}::health_flags::/pending_dynamic_removal", b.addr());
+    assert!(listing.contains(&pending), "{listing}");
+    assert!(to_b(&proxy).await > 0, "b took no traffic while pending removal");
+
+    // b's checks now hang past their timeout: it fails and leaves.
+    open_b.send_replace(false);
+    r.wait_stat("cluster.svc.membership_total", |v| v == 1, DEFAULT_TIMEOUT)
+        .await;
+    let (_, listing) = r.admin_get("/clusters").await;
+    assert!(!listing.contains(&format!("svc::{}::", b.addr())), "{listing}");
+}

@@ -23,6 +23,7 @@ mod path_normalization;
 mod pending_queue;
 mod per_try_idle;
 mod protocols;
+mod retries;
 mod retry_budget;
 mod routing;
 mod runtime;

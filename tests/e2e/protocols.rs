@@ -351,3 +351,146 @@ async fn one_connection_accepted_per_socket_event_still_serves_a_burst() {
     assert!(replies.iter().all(|s| *s == 200), "{replies:?}");
     assert_eq!(proxy.stat("http.ingress.downstream_cx_total").await, 32);
 }
+
+#[tokio::test]
+async fn max_requests_per_connection_drains_upstream_connections() {
+    let h1 = Upstream::http1("h1").await;
+    let h2 = Upstream::h2c("h2").await;
+    let legacy = Upstream::http1("legacy").await;
+    let route = |name: &str| json!({"match": {"prefix": format!("/{name}/")}, "route": {"cluster": name, "prefix_rewrite": "/"}});
+    let options = |protocol: Value| {
+        json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"max_requests_per_connection": 2},
+            "explicit_http_config": protocol,
+        }})
+    };
+    let mut h1_cluster = cluster("h1", &[h1.addr()]);
+    h1_cluster["typed_extension_protocol_options"] = options(json!({"http_protocol_options": {}}));
+    let mut h2_cluster = cluster("h2", &[h2.addr()]);
+    h2_cluster["typed_extension_protocol_options"] = options(json!({"http2_protocol_options": {}}));
+    // The deprecated cluster-level field acts the same.
+    let mut legacy_cluster = cluster("legacy", &[legacy.addr()]);
+    legacy_cluster["max_requests_per_connection"] = json!(3);
+    let table = routes(vec![route("h1"), route("h2"), route("legacy")]);
+    let config = bootstrap(table, vec![h1_cluster, h2_cluster, legacy_cluster], Value::Null);
+    // One worker: one pool, so the counts are exact.
+    let proxy = Proxy::start(&config, &["--concurrency", "1"]).await;
+    let client = proxy.h1();
+    for prefix in ["h1", "h2", "legacy"] {
+        for i in 0..6 {
+            let reply = client.get(&format!("/{prefix}/r{i}"), &[]).await;
+            assert_eq!(reply.status, StatusCode::OK, "{prefix} request {i}");
+        }
+    }
+    // Six sequential requests, two per connection (three for `legacy`).
+    assert_eq!((h1.requests(), h1.connections()), (6, 3));
+    assert_eq!((h2.requests(), h2.connections()), (6, 3));
+    assert_eq!((legacy.requests(), legacy.connections()), (6, 2));
+    assert_eq!(proxy.stat("cluster.h1.upstream_cx_max_requests").await, 3);
+    assert_eq!(proxy.stat("cluster.h2.upstream_cx_max_requests").await, 3);
+    assert_eq!(proxy.stat("cluster.legacy.upstream_cx_max_requests").await, 2);
+    // Each drained connection is closed: HTTP/1.1 at once, HTTP/2 once its stream ended.
+    proxy
+        .remora
+        .wait_stat(
+            "cluster.h1.upstream_cx_destroy",
+            |n| n == 3,
+            crate::harness::DEFAULT_TIMEOUT,
+        )
+        .await;
+    proxy
+        .remora
+        .wait_stat(
+            "cluster.h2.upstream_cx_destroy",
+            |n| n == 3,
+            crate::harness::DEFAULT_TIMEOUT,
+        )
+        .await;
+}
+
+/// The flow-control windows a client announces on a new HTTP/2 connection: SETTINGS_INITIAL_WINDOW_SIZE and
+/// the connection-level WINDOW_UPDATE increment (as their final window sizes), read off the raw frames until
+/// the first request's HEADERS.
+async fn announced_windows(stream: &mut tokio::net::TcpStream) -> (Option<u32>, u32) {
+    use tokio::io::AsyncReadExt;
+    let mut preface = [0u8; 24];
+    stream
+        .read_exact(&mut preface)
+        .await
+        .unwrap_or_else(|e| panic!("preface: {e}"));
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    let (mut stream_window, mut conn_window) = (None, 65_535u32);
+    loop {
+        let mut head = [0u8; 9];
+        stream
+            .read_exact(&mut head)
+            .await
+            .unwrap_or_else(|e| panic!("frame: {e}"));
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream_id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        stream
+            .read_exact(&mut payload)
+            .await
+            .unwrap_or_else(|e| panic!("payload: {e}"));
+        match kind {
+            // SETTINGS (not an ACK): INITIAL_WINDOW_SIZE is setting 4.
+            4 if flags & 1 == 0 => {
+                for s in payload.chunks_exact(6) {
+                    if u16::from_be_bytes([s[0], s[1]]) == 4 {
+                        stream_window = Some(u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+                    }
+                }
+            }
+            8 if stream_id == 0 => {
+                conn_window +=
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
+            }
+            1 => return (stream_window, conn_window),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn http2_flow_control_windows_are_announced_upstream() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let origin = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = cluster("h2", &[origin]);
+    // The values Envoy Gateway emits for a gRPC backend.
+    c["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {
+                "initial_stream_window_size": 65536,
+                "initial_connection_window_size": 1048576,
+            }},
+        }
+    });
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "h2")]);
+    let proxy = Proxy::start(&bootstrap(table, vec![c], Value::Null), &["--concurrency", "1"]).await;
+    let client = proxy.h1();
+    let request = tokio::spawn(async move { client.try_get("/", &[]).await });
+    let (mut stream, _) = crate::harness::within(
+        crate::harness::DEFAULT_TIMEOUT,
+        "the upstream connection",
+        listener.accept(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("accept: {e}"));
+    let windows = crate::harness::within(
+        crate::harness::DEFAULT_TIMEOUT,
+        "the request's frames",
+        announced_windows(&mut stream),
+    )
+    .await;
+    assert_eq!(windows, (Some(65_536), 1_048_576));
+    drop(stream);
+    // The origin hung up without answering: the proxy answers for it.
+    let reply = request.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(reply.map_or(true, |r| r.status == StatusCode::SERVICE_UNAVAILABLE));
+}

@@ -460,13 +460,17 @@ fn health_flags(h: &crate::upstream::Host, ejected: bool) -> String {
     if ejected {
         flags.push_str("/failed_outlier_check");
     }
-    if h.pending_active_hc.load(Relaxed) {
-        flags.push_str("/pending_active_hc");
-    }
+    // Envoy's order (`HostUtility::healthFlagsToString`).
     match h.health {
         Unknown | Healthy => {}
         Degraded => flags.push_str("/degraded_eds_health"),
         Unhealthy | Draining | Timeout => flags.push_str("/failed_eds_health"),
+    }
+    if h.pending_dynamic_removal.load(Relaxed) {
+        flags.push_str("/pending_dynamic_removal");
+    }
+    if h.pending_active_hc.load(Relaxed) {
+        flags.push_str("/pending_active_hc");
     }
     if flags.is_empty() {
         flags.push_str("healthy");
@@ -528,6 +532,7 @@ fn clusters_json(shared: &Shared) -> serde_json::Value {
                             },
                             "failed_active_health_check": h.failed_active_hc.load(Relaxed),
                             "pending_active_hc": h.pending_active_hc.load(Relaxed),
+                            "pending_dynamic_removal": h.pending_dynamic_removal.load(Relaxed),
                         },
                         "weight": h.weight,
                         "hostname": h.hostname,

@@ -170,6 +170,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     let mut protocol = Protocol::Http1;
     let mut idle_timeout = Some(Duration::from_secs(3600));
     let mut max_requests_per_connection = None;
+    let mut http2 = crate::upstream::Http2Options::default();
     let (mut auto_sni, mut auto_san_validation) = (false, false);
     for (key, opt) in c.map("typed_extension_protocol_options") {
         let Some(inner) = opt.unpack() else { continue };
@@ -183,7 +184,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
                 protocol = Protocol::Http1;
             }
             if let Some(h2) = e.msg("http2_protocol_options") {
-                lower_http2_options(&h2);
+                lower_http2_options(&h2, &mut http2);
                 protocol = Protocol::Http2;
             }
             e.unsupported("http3_protocol_options");
@@ -193,7 +194,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
                 lower_http1_options(&h1);
             }
             if let Some(h2) = d.msg("http2_protocol_options") {
-                lower_http2_options(&h2);
+                lower_http2_options(&h2, &mut http2);
             }
             d.unsupported("http3_protocol_options");
             protocol = Protocol::Downstream;
@@ -212,7 +213,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         inner.unsupported("outlier_detection");
     }
     if let Some(h2) = c.msg("http2_protocol_options") {
-        lower_http2_options(&h2);
+        lower_http2_options(&h2, &mut http2);
         protocol = Protocol::Http2;
     }
     if let Some(h1) = c.msg("http_protocol_options") {
@@ -221,6 +222,19 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
     if let Some(common) = c.msg("common_http_protocol_options") {
         lower_common_options(&common, &mut idle_timeout, &mut max_requests_per_connection);
     }
+    // The deprecated cluster-level field, which the protocol options' one replaces.
+    if c.has("max_requests_per_connection") {
+        if max_requests_per_connection.is_some() {
+            // As Envoy's `ClusterInfoImpl`.
+            c.err(
+                "max_requests_per_connection",
+                "Only one of max_requests_per_connection from Cluster or HttpProtocolOptions can be specified",
+            );
+        }
+        max_requests_per_connection = c.wrapped_u32("max_requests_per_connection");
+    }
+    // 0 is no limit, as unset.
+    let max_requests_per_connection = max_requests_per_connection.filter(|&n| n > 0);
     let pf = c.enum_name("protocol_selection");
     if pf == "USE_DOWNSTREAM_PROTOCOL" {
         protocol = Protocol::Downstream;
@@ -269,6 +283,16 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         .first()
         .and_then(super::lb::lower_health_check)
         .map(std::sync::Arc::new);
+    if let Some(crate::upstream::health_check::CheckKind::Grpc(g)) = health_check.as_ref().map(|h| &h.kind) {
+        // The check's :authority defaults to the cluster name, which must then be one (Remora's h2 client
+        // cannot send another; Envoy sends it as it is).
+        if g.authority.is_empty() && name.parse::<http::uri::Authority>().is_err() {
+            c.err(
+                "health_checks",
+                format!("the gRPC check's authority defaults to the cluster name, and {name:?} is not an authority: set grpc_health_check.authority"),
+            );
+        }
+    }
     let tls = match c.msg("transport_socket") {
         Some(ts) => match super::tls::transport_socket(&ts, super::tls::UPSTREAM) {
             Some(u) => {
@@ -309,6 +333,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         protocol,
         idle_timeout,
         max_requests_per_connection,
+        http2,
         endpoints,
         buffer_limit,
         circuit_breakers,
@@ -318,6 +343,7 @@ pub fn lower(c: &Node) -> Option<ClusterConfig> {
         ignore_new_hosts_until_first_hc: common_lb.ignore_new_hosts_until_first_hc,
         locality_lb,
         health_check,
+        ignore_health_on_host_removal: c.bool("ignore_health_on_host_removal"),
         tls,
     })
 }
@@ -378,19 +404,23 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                 continue;
             };
             let hostname = e.string("hostname").unwrap_or_default();
-            let (health_check_port, health_check_disabled) = match e.msg("health_check_config") {
-                Some(h) => {
-                    h.unsupported("hostname");
-                    h.unsupported("address");
-                    let port = h.u32("port_value");
-                    if port > u32::from(u16::MAX) {
-                        h.err("port_value", format!("{port} is not a port"));
+            let (health_check_port, health_check_disabled, health_check_hostname) =
+                match e.msg("health_check_config") {
+                    Some(h) => {
+                        h.unsupported("address");
+                        let port = h.u32("port_value");
+                        if port > u32::from(u16::MAX) {
+                            h.err("port_value", format!("{port} is not a port"));
+                        }
+                        let port = u16::try_from(port).ok().filter(|&p| p != 0);
+                        let hostname = h.string("hostname").unwrap_or_default();
+                        if !hostname.is_empty() && hostname.parse::<http::uri::Authority>().is_err() {
+                            h.err("hostname", format!("{hostname:?} is not a host name"));
+                        }
+                        (port, h.bool("disable_active_health_check"), hostname)
                     }
-                    let port = u16::try_from(port).ok().filter(|&p| p != 0);
-                    (port, h.bool("disable_active_health_check"))
-                }
-                None => (None, false),
-            };
+                    None => (None, false, String::new()),
+                };
             e.unsupported("additional_addresses");
             let Some(addr) = e.msg("address") else {
                 e.err("address", "an endpoint needs an address");
@@ -408,6 +438,7 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                         health,
                         health_check_port,
                         health_check_disabled,
+                        health_check_hostname: health_check_hostname.clone(),
                     };
                     targets.push(dns::Target { name, port, template });
                 }
@@ -422,6 +453,7 @@ fn lower_endpoints(la: &Node, dns: bool) -> (Vec<EndpointConfig>, Vec<dns::Targe
                     health,
                     health_check_port,
                     health_check_disabled,
+                    health_check_hostname: health_check_hostname.clone(),
                 });
             }
         }
@@ -435,17 +467,35 @@ fn lower_http1_options(h: &Node) {
     let _ = h;
 }
 
-fn lower_http2_options(h: &Node) {
-    // Flow-control windows and stream limits are hyper's defaults; explicit values are refused until wired.
-    let _ = h;
+/// The flow-control windows of `Http2ProtocolOptions`; its other fields are refused until wired.
+fn lower_http2_options(h: &Node, out: &mut crate::upstream::Http2Options) {
+    // Envoy's validation: from the HTTP/2 default (65535) to the HTTP/2 maximum (2^31 - 1).
+    let window = |field: &str| {
+        let v = h.wrapped_u32(field)?;
+        if !(65_535..=2_147_483_647).contains(&v) {
+            h.err(
+                field,
+                format!("value must be inside range [65535, 2147483647], not {v}"),
+            );
+            return None;
+        }
+        Some(v)
+    };
+    if let Some(w) = window("initial_stream_window_size") {
+        out.initial_stream_window_size = Some(w);
+    }
+    if let Some(w) = window("initial_connection_window_size") {
+        out.initial_connection_window_size = Some(w);
+    }
 }
 
 fn lower_common_options(c: &Node, idle: &mut Option<Duration>, max_rq: &mut Option<u32>) {
     if let Some(d) = c.duration("idle_timeout") {
         *idle = if d.is_zero() { None } else { Some(d) };
     }
-    let _ = max_rq;
-    c.unsupported("max_requests_per_connection");
+    if c.has("max_requests_per_connection") {
+        *max_rq = c.wrapped_u32("max_requests_per_connection");
+    }
     c.unsupported("max_connection_duration");
     c.unsupported("max_headers_count");
     c.unsupported("max_stream_duration");
@@ -679,4 +729,113 @@ fn lower_original_dst(c: &Node) -> Discovery {
         header,
         cleanup_interval,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::descriptors;
+    use crate::config::load::{message_from_text, Format};
+    use crate::config::node::Errors;
+
+    /// Lower the cluster `yaml` (flow style); the config, and the error texts.
+    fn cluster(yaml: &str) -> (Option<ClusterConfig>, Vec<String>) {
+        let desc = descriptors::message("envoy.config.cluster.v3.Cluster").unwrap();
+        let m = message_from_text(yaml, Format::Yaml, &desc).unwrap();
+        let errs = Errors::default();
+        let out = {
+            let n = Node::root(&m, "c", &errs);
+            lower(&n)
+        };
+        (out, errs.take().iter().map(|e| e.to_string()).collect())
+    }
+
+    fn with_options(options: &str) -> String {
+        format!(
+            "{{name: a, typed_extension_protocol_options: {{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: \
+             {{'@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, {options}}}}}}}"
+        )
+    }
+
+    #[test]
+    fn max_requests_per_connection_from_either_field() {
+        let (c, e) = cluster(&with_options(
+            "common_http_protocol_options: {max_requests_per_connection: 10}, \
+             explicit_http_config: {http_protocol_options: {}}",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(c.unwrap().max_requests_per_connection, Some(10));
+        let (c, e) = cluster("{name: a, max_requests_per_connection: 3}");
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(c.unwrap().max_requests_per_connection, Some(3));
+        // 0 is no limit, as unset.
+        let (c, e) = cluster("{name: a, max_requests_per_connection: 0}");
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(c.unwrap().max_requests_per_connection, None);
+        let (c, _) = cluster("{name: a}");
+        assert_eq!(c.unwrap().max_requests_per_connection, None);
+        // Both is refused, as Envoy does.
+        let mut both = with_options("common_http_protocol_options: {max_requests_per_connection: 10}");
+        both.insert_str(1, "max_requests_per_connection: 2, ");
+        let (_, e) = cluster(&both);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("c.max_requests_per_connection: Only one of"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_grpc_check_needs_an_authority_when_the_cluster_name_is_not_one() {
+        let check =
+            "health_checks: [{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, \
+                     grpc_health_check: {}}]";
+        let (_, e) = cluster(&format!("{{name: svc, {check}}}"));
+        assert!(e.is_empty(), "{e:?}");
+        let (_, e) = cluster(&format!("{{name: 'outbound|80||svc', {check}}}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("c.health_checks: the gRPC check's authority"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn http2_flow_control_windows_within_envoys_range() {
+        let (c, e) = cluster(&with_options(
+            "explicit_http_config: {http2_protocol_options: \
+             {initial_stream_window_size: 65536, initial_connection_window_size: 1048576}}",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        let c = c.unwrap();
+        assert_eq!(c.protocol, Protocol::Http2);
+        assert_eq!(
+            c.http2,
+            crate::upstream::Http2Options {
+                initial_stream_window_size: Some(65536),
+                initial_connection_window_size: Some(1048576),
+            }
+        );
+        // Unset: hyper's defaults.
+        let (c, _) = cluster(&with_options(
+            "explicit_http_config: {http2_protocol_options: {}}",
+        ));
+        assert_eq!(c.unwrap().http2, Default::default());
+        let (_, e) = cluster(
+            "{name: a, http2_protocol_options: \
+             {initial_stream_window_size: 65534, initial_connection_window_size: 2147483648}}",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("c.http2_protocol_options.initial_stream_window_size: value must be inside range [65535, 2147483647]"), "{e:?}");
+        assert!(
+            e[1].starts_with("c.http2_protocol_options.initial_connection_window_size:"),
+            "{e:?}"
+        );
+        // The other fields are still refused.
+        let (_, e) = cluster("{name: a, http2_protocol_options: {max_concurrent_streams: 5}}");
+        assert_eq!(
+            e,
+            ["c.http2_protocol_options.max_concurrent_streams: not supported by Remora"]
+        );
+    }
 }

@@ -11,7 +11,7 @@ use crate::upstream::hash::{
     is_prime, HashFunction, HashMethod, HashPolicyEntry, RingHashConfig, MAGLEV_DEFAULT_TABLE_SIZE,
     MAGLEV_MAX_TABLE_SIZE,
 };
-use crate::upstream::health_check::{CheckKind, HealthCheckConfig, HttpCheck, TcpCheck};
+use crate::upstream::health_check::{CheckKind, GrpcCheck, HealthCheckConfig, HttpCheck, TcpCheck};
 use crate::upstream::priority::{DEFAULT_OVERPROVISIONING_FACTOR, DEFAULT_PANIC_THRESHOLD};
 use crate::upstream::zone::ZoneAwareConfig;
 use crate::upstream::LbPolicy;
@@ -353,7 +353,6 @@ pub fn lower_health_check(n: &Node) -> Option<HealthCheckConfig> {
     }
     for f in [
         "alt_port",
-        "grpc_health_check",
         "custom_health_check",
         "event_logger",
         "event_service",
@@ -414,9 +413,19 @@ pub fn lower_health_check(n: &Node) -> Option<HealthCheckConfig> {
             send: t.msg("send").map(|p| payload(&p)).unwrap_or_default(),
             receive: t.list("receive").iter().map(payload).collect(),
         }))
+    } else if let Some(g) = n.msg("grpc_health_check") {
+        let authority = g.string("authority").unwrap_or_default();
+        if !authority.is_empty() && authority.parse::<http::uri::Authority>().is_err() {
+            g.err("authority", format!("{authority:?} is not an authority"));
+        }
+        g.unsupported("initial_metadata");
+        Some(CheckKind::Grpc(GrpcCheck {
+            service_name: g.string("service_name").unwrap_or_default(),
+            authority,
+        }))
     } else {
-        if !n.has("grpc_health_check") && !n.has("custom_health_check") {
-            n.err_here("a health check needs http_health_check or tcp_health_check");
+        if !n.has("custom_health_check") {
+            n.err_here("a health check needs http_health_check, tcp_health_check or grpc_health_check");
         }
         None
     };
@@ -719,14 +728,38 @@ healthChecks:
             t.event_log_path.as_deref(),
             Some(std::path::Path::new("/tmp/hc.log"))
         );
+        // Envoy Gateway's gRPC check.
+        let (g, e) = lower(
+            CLUSTER,
+            "{health_checks: [{timeout: 1s, interval: 5s, unhealthy_threshold: 3, healthy_threshold: 3, \
+             grpc_health_check: {service_name: my-service, authority: hc.example}}]}",
+            |c| {
+                c.list("health_checks")
+                    .iter()
+                    .map(lower_health_check)
+                    .collect::<Vec<_>>()
+            },
+        );
+        assert!(e.is_empty(), "{e:?}");
+        let Some(CheckKind::Grpc(grpc)) = g[0].as_ref().map(|h| &h.kind) else {
+            panic!()
+        };
+        assert_eq!(
+            (grpc.service_name.as_str(), grpc.authority.as_str()),
+            ("my-service", "hc.example")
+        );
         let (_, e) = lower(
             CLUSTER,
-            "{health_checks: [{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: {}}]}",
+            "{health_checks: [{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, \
+             grpc_health_check: {authority: 'a b', initial_metadata: [{header: {key: x, value: y}}]}}]}",
             |c| c.list("health_checks").iter().map(lower_health_check).count(),
         );
         assert_eq!(
             e,
-            ["c.health_checks[0].grpc_health_check: not supported by Remora"]
+            [
+                "c.health_checks[0].grpc_health_check.authority: \"a b\" is not an authority",
+                "c.health_checks[0].grpc_health_check.initial_metadata: not supported by Remora",
+            ]
         );
     }
 

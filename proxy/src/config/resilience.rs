@@ -12,6 +12,9 @@ use std::time::Duration;
 
 const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
 const PREVIOUS_HOSTS_TYPE: &str = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
+const PREVIOUS_PRIORITIES: &str = "envoy.retry_priorities.previous_priorities";
+const PREVIOUS_PRIORITIES_TYPE: &str =
+    "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
 
 fn priority(n: &Node) -> Option<Priority> {
     match n.enum_name("priority").as_str() {
@@ -186,7 +189,7 @@ pub fn lower_retry_policy(n: &Node) -> Option<RetryPolicy> {
     let (retry_on, unknown) = RetryOn::parse_config(&text);
     for t in unknown {
         let why = match t.as_str() {
-            "reset-before-request" | "http3-post-connect-failure" => "is not supported by Remora",
+            "http3-post-connect-failure" => "is not supported by Remora",
             _ => "is not a retry condition",
         };
         n.err("retry_on", format!("{t:?} {why}"));
@@ -196,7 +199,7 @@ pub fn lower_retry_policy(n: &Node) -> Option<RetryPolicy> {
         .duration("per_try_idle_timeout")
         .map(ms)
         .filter(|d| !d.is_zero());
-    n.unsupported("retry_priority");
+    let previous_priorities = n.msg("retry_priority").and_then(|p| lower_retry_priority(&p));
     n.unsupported("retry_options_predicates");
     n.unsupported("rate_limited_retry_back_off");
     n.unsupported("refresh_cluster_on_retry");
@@ -274,7 +277,34 @@ pub fn lower_retry_policy(n: &Node) -> Option<RetryPolicy> {
         retriable_request_headers,
         previous_hosts,
         host_selection_max_attempts,
+        previous_priorities,
     })
+}
+
+/// `retry_priority`: `envoy.retry_priorities.previous_priorities`, its `update_frequency` (which must be set,
+/// greater than 0).
+fn lower_retry_priority(p: &Node) -> Option<u32> {
+    let name = p.string("name").unwrap_or_default();
+    let Some(cfg) = p.any("typed_config") else {
+        let why = if name == PREVIOUS_PRIORITIES {
+            "needs its typed_config (update_frequency)".to_string()
+        } else {
+            format!("{name:?} is not supported by Remora")
+        };
+        p.err("name", why);
+        return None;
+    };
+    if cfg.type_name() != PREVIOUS_PRIORITIES_TYPE {
+        cfg.err_here(format!("{} is not supported by Remora", cfg.type_name()));
+        cfg.mark_all();
+        return None;
+    }
+    let freq = cfg.i64("update_frequency");
+    if freq <= 0 {
+        cfg.err("update_frequency", "must be greater than 0");
+        return None;
+    }
+    Some(u32::try_from(freq).unwrap_or(u32::MAX))
 }
 
 #[cfg(test)]
@@ -312,6 +342,37 @@ mod tests {
     const CB: &str = "envoy.config.cluster.v3.CircuitBreakers";
     const OD: &str = "envoy.config.cluster.v3.OutlierDetection";
     const RP: &str = "envoy.config.route.v3.RetryPolicy";
+
+    #[test]
+    fn previous_priorities_retry_priority() {
+        // As Envoy Gateway emits it.
+        let (p, e) = lower(
+            RP,
+            "retry_on: reset,reset-before-request,connect-failure
+             retry_priority:
+               name: envoy.retry_priorities.previous_priorities
+               typed_config:
+                 '@type': type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
+                 update_frequency: 3",
+            lower_retry_policy,
+        );
+        assert!(e.is_empty(), "{e:?}");
+        let p = p.unwrap();
+        assert_eq!(p.previous_priorities, Some(3));
+        assert!(p
+            .retry_on
+            .contains(RetryOn::RESET_BEFORE_REQUEST.union(RetryOn::RESET)));
+        let (_, e) = lower(
+            RP,
+            "retry_priority: {name: x, typed_config: {'@type': \
+             type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig}}",
+            lower_retry_policy,
+        );
+        assert_eq!(
+            e,
+            ["x.retry_priority.typed_config.update_frequency: must be greater than 0"]
+        );
+    }
 
     #[test]
     fn circuit_breakers() {
@@ -457,7 +518,7 @@ mod tests {
 
         let (_, e) = lower(
             RP,
-            "retry_on: '5xx,reset-before-request,bogus'
+            "retry_on: '5xx,http3-post-connect-failure,bogus'
              retry_back_off: {base_interval: 1s, max_interval: 0.5s}
              retry_priority: {name: envoy.retry_priorities.previous_priorities}
              rate_limited_retry_back_off: {reset_headers: [{name: retry-after}]}",
@@ -466,9 +527,9 @@ mod tests {
         assert_eq!(
             e,
             [
-                "x.retry_on: \"reset-before-request\" is not supported by Remora",
+                "x.retry_on: \"http3-post-connect-failure\" is not supported by Remora",
                 "x.retry_on: \"bogus\" is not a retry condition",
-                "x.retry_priority: not supported by Remora",
+                "x.retry_priority.name: needs its typed_config (update_frequency)",
                 "x.rate_limited_retry_back_off: not supported by Remora",
                 "x.retry_back_off.max_interval: must be greater than or equal to the base_interval",
             ]

@@ -1001,6 +1001,14 @@ async fn forward(
         .map(|_| conn.shared.clusters.load_full());
 
     loop {
+        // `retry_priority`: this attempt's priority load (not for an aggregate, whose levels are its members').
+        let retry_load = match retry.as_mut() {
+            Some(r) if r.has_retry_priority() && cluster.aggregate.is_none() => {
+                let set = cluster.hosts();
+                r.priority_load(&set.load.health, &set.load.degraded)
+            }
+            _ => None,
+        };
         let picked = {
             let mut rng = conn.worker.rng.borrow_mut();
             let mut selection = 0u64;
@@ -1020,7 +1028,9 @@ async fn forward(
                         (Some(a), Some(snapshot)) => a
                             .pick(snapshot, &mut rng, h)
                             .map(|(m, i, host)| (Some(m), i, host)),
-                        _ => cluster.pick(&mut rng, h).map(|(i, host)| (None, i, host)),
+                        _ => cluster
+                            .pick_with_load(&mut rng, h, retry_load.as_ref())
+                            .map(|(i, host)| (None, i, host)),
                     }
                 }
             };
@@ -1048,7 +1058,7 @@ async fn forward(
         };
         let attempt = retry.as_ref().map_or(1, |r| r.attempt_count());
         if let Some(r) = retry.as_mut() {
-            r.on_host_attempted(host.id);
+            r.on_host_attempted(host.id, host.priority);
         }
 
         // This attempt's request: the parts themselves for a single attempt, a copy when there may be more.
@@ -1110,6 +1120,8 @@ async fn forward(
             (Some(d), Some(p)) => Some(d.min(p)),
             (d, p) => d.or(p),
         };
+        // Set once the request is handed to an upstream connection (for `reset-before-request`).
+        let request_started = std::cell::Cell::new(false);
         let sent = send(
             conn,
             target,
@@ -1118,6 +1130,7 @@ async fn forward(
             attempt_parts,
             req_body,
             try_idle.as_ref(),
+            &request_started,
         );
         let mut attempt_watchdog = Watchdog::with_try_idle(attempt_deadline, idle.clone(), try_idle.clone());
         let result = match attempt_watchdog.as_deref_mut() {
@@ -1182,6 +1195,7 @@ async fn forward(
                             let mut rng = conn.worker.rng.borrow_mut();
                             r.should_retry_reset(
                                 reason,
+                                request_started.get(),
                                 || resources.try_retry(),
                                 &cluster.retry_stats,
                                 &mut rng,
@@ -1650,10 +1664,12 @@ pub(super) enum SendError {
     Upstream(hyper::Error),
 }
 
-type H1Sender = hyper::client::conn::http1::SendRequest<Body>;
+type H1Sender = crate::upstream::pool::H1Conn;
 
 /// Send on a pooled connection of the right protocol. A pooled HTTP/1.1 connection that turns out closed before
-/// the request was written is replaced by a new one, once.
+/// the request was written is replaced by a new one, once. `started` is set while the request is with a
+/// connection, and cleared when the connection gives it back unsent.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     conn: &Rc<Conn>,
     cluster: &Arc<Cluster>,
@@ -1662,6 +1678,7 @@ async fn send(
     mut parts: http::request::Parts,
     body: Body,
     try_idle: Option<&TryIdle>,
+    started: &std::cell::Cell<bool>,
 ) -> Result<Sent, SendError> {
     let pools = &conn.worker.pools;
     match protocol {
@@ -1674,10 +1691,16 @@ async fn send(
             make_absolute(&mut parts);
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
+            started.set(true);
             let resp = sender
-                .send_request(Request::from_parts(parts, body))
+                .try_send_request(Request::from_parts(parts, body))
                 .await
-                .map_err(SendError::Upstream)?;
+                .map_err(|mut e| {
+                    if e.take_message().is_some() {
+                        started.set(false);
+                    }
+                    SendError::Upstream(e.into_error())
+                })?;
             Ok((resp, None, Some(permit)))
         }
         _ => {
@@ -1699,11 +1722,18 @@ async fn send(
                         }
                     }
                 }
+                started.set(true);
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, Some(sender), permit)),
                     Err(mut e) => match e.take_message() {
-                        Some(r) if attempt == 0 => req = r,
-                        _ => return Err(SendError::Upstream(e.into_error())),
+                        Some(r) if attempt == 0 => {
+                            started.set(false);
+                            req = r;
+                        }
+                        unsent => {
+                            started.set(unsent.is_none());
+                            return Err(SendError::Upstream(e.into_error()));
+                        }
                     },
                 }
             }

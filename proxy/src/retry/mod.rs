@@ -27,7 +27,9 @@
 //!   response has been forwarded, so Envoy cannot retry on them).
 //! - Resets: an overflow is never retried; any other reset (including a per-try timeout, a local reset in
 //!   Envoy) under `reset`, `5xx` or `gateway-error`; a refused stream also under `refused-stream`; a connect
-//!   failure also under `connect-failure`.
+//!   failure also under `connect-failure`; any reset under `reset-before-request` as long as no attempt of the
+//!   request has sent it upstream (Envoy's sticky `upstream_request_started_`: a connect failure, or a
+//!   connection that closed before taking the request).
 //!
 //! # Request headers
 //! `x-envoy-retry-on` and `x-envoy-retry-grpc-on` add conditions to the route's; `x-envoy-max-retries` replaces
@@ -43,8 +45,13 @@
 //! With `envoy.retry_host_predicates.previous_hosts`, a retry avoids the hosts already attempted: host selection
 //! is redone up to `host_selection_retry_max_attempts` times (default 1), then the last pick is used
 //! ([`RetryState::select_host`], after `ZoneAwareLoadBalancerBase::chooseHost`).
+//!
+//! # Priorities
+//! With `retry_priority: envoy.retry_priorities.previous_priorities`, retries are steered away from the
+//! priorities already attempted ([`priority`], [`RetryState::priority_load`]).
 
 pub mod backoff;
+pub mod priority;
 
 use crate::route::HeaderMatcher;
 use crate::stats::{Counter, Scope};
@@ -75,8 +82,9 @@ impl RetryOn {
     pub const GRPC_RESOURCE_EXHAUSTED: RetryOn = RetryOn(1 << 11);
     pub const GRPC_UNAVAILABLE: RetryOn = RetryOn(1 << 12);
     pub const GRPC_INTERNAL: RetryOn = RetryOn(1 << 13);
+    pub const RESET_BEFORE_REQUEST: RetryOn = RetryOn(1 << 14);
 
-    const HTTP_NAMES: [(&'static str, RetryOn); 9] = [
+    const HTTP_NAMES: [(&'static str, RetryOn); 10] = [
         ("5xx", RetryOn::FIVE_XX),
         ("gateway-error", RetryOn::GATEWAY_ERROR),
         ("connect-failure", RetryOn::CONNECT_FAILURE),
@@ -86,6 +94,7 @@ impl RetryOn {
         ("retriable-status-codes", RetryOn::RETRIABLE_STATUS_CODES),
         ("retriable-headers", RetryOn::RETRIABLE_HEADERS),
         ("reset", RetryOn::RESET),
+        ("reset-before-request", RetryOn::RESET_BEFORE_REQUEST),
     ];
     const GRPC_NAMES: [(&'static str, RetryOn); 5] = [
         ("cancelled", RetryOn::GRPC_CANCELLED),
@@ -161,6 +170,8 @@ pub struct RetryPolicy {
     pub previous_hosts: bool,
     /// `host_selection_retry_max_attempts` (default 1).
     pub host_selection_max_attempts: u32,
+    /// `retry_priority: envoy.retry_priorities.previous_priorities`: its `update_frequency`.
+    pub previous_priorities: Option<u32>,
 }
 
 impl Default for RetryPolicy {
@@ -177,6 +188,7 @@ impl Default for RetryPolicy {
             retriable_request_headers: Vec::new(),
             previous_hosts: false,
             host_selection_max_attempts: 1,
+            previous_priorities: None,
         }
     }
 }
@@ -328,6 +340,10 @@ pub struct RetryState {
     attempted_hosts: Vec<u64>,
     retried: bool,
     attempts: u32,
+    /// An attempt has sent (part of) the request upstream; sticky, as Envoy's `upstream_request_started_`.
+    request_started: bool,
+    /// `retry_priority`'s state.
+    priorities: Option<priority::PreviousPriorities>,
 }
 
 impl RetryState {
@@ -387,6 +403,8 @@ impl RetryState {
             attempted_hosts: Vec::new(),
             retried: false,
             attempts: 1,
+            request_started: false,
+            priorities: policy.previous_priorities.map(priority::PreviousPriorities::new),
         })
     }
 
@@ -454,11 +472,13 @@ impl RetryState {
         false
     }
 
-    /// Envoy's `wouldRetryFromReset`.
-    pub fn would_retry_reset(&self, reason: ResetReason) -> bool {
+    /// Envoy's `wouldRetryFromReset`; `request_started`: this request has sent bytes upstream.
+    pub fn would_retry_reset(&self, reason: ResetReason, request_started: bool) -> bool {
         let on = self.retry_on;
         match reason {
             ResetReason::Overflow => false,
+            ResetReason::ConnectFailure if on.contains(RetryOn::CONNECT_FAILURE) => true,
+            _ if on.contains(RetryOn::RESET_BEFORE_REQUEST) && !request_started => true,
             _ if on.intersects(
                 RetryOn::RESET
                     .union(RetryOn::FIVE_XX)
@@ -518,23 +538,43 @@ impl RetryState {
         self.should_retry(would, afford, stats, rng)
     }
 
-    /// `should_retry` for a reset or per-try timeout.
+    /// `should_retry` for a reset or per-try timeout; `request_started`: this attempt sent bytes upstream.
     pub fn should_retry_reset<P>(
         &mut self,
         reason: ResetReason,
+        request_started: bool,
         afford: impl FnOnce() -> Option<P>,
         stats: &RetryStats,
         rng: &mut Rng,
     ) -> RetryStatus<P> {
-        let would = self.would_retry_reset(reason);
+        self.request_started |= request_started;
+        let would = self.would_retry_reset(reason, self.request_started);
         self.should_retry(would, afford, stats, rng)
     }
 
-    /// Note the host an attempt goes to (for `previous_hosts`).
-    pub fn on_host_attempted(&mut self, host_id: u64) {
+    /// Note the host an attempt goes to (for `previous_hosts`) and its priority (for `retry_priority`).
+    pub fn on_host_attempted(&mut self, host_id: u64, priority: u32) {
         if self.policy.previous_hosts && !self.attempted_hosts.contains(&host_id) {
             self.attempted_hosts.push(host_id);
         }
+        if let Some(p) = self.priorities.as_mut() {
+            p.on_host_attempted(priority as usize);
+        }
+    }
+
+    /// With `retry_priority`, the priority load of the coming attempt over the cluster's levels (`health` and
+    /// `degraded` availability, percent); `None`: the cluster's own load.
+    pub fn priority_load(
+        &mut self,
+        health: &[u32],
+        degraded: &[u32],
+    ) -> Option<priority::PriorityLoadOverride> {
+        self.priorities.as_mut()?.determine(health, degraded).cloned()
+    }
+
+    /// Whether the policy has a `retry_priority`.
+    pub fn has_retry_priority(&self) -> bool {
+        self.priorities.is_some()
     }
 
     /// Whether the host predicates reject `host_id` for the coming attempt (only retries consult them).
@@ -700,15 +740,56 @@ mod tests {
         let all = [ConnectFailure, RefusedStream, Reset, PerTryTimeout];
         for cond in ["reset", "5xx", "gateway-error"] {
             let s = state(&policy(cond));
-            assert!(all.iter().all(|r| s.would_retry_reset(*r)), "{cond}");
-            assert!(!s.would_retry_reset(Overflow), "{cond}");
+            for started in [false, true] {
+                assert!(all.iter().all(|r| s.would_retry_reset(*r, started)), "{cond}");
+                assert!(!s.would_retry_reset(Overflow, started), "{cond}");
+            }
         }
         let s = state(&policy("connect-failure"));
-        assert_eq!(all.map(|r| s.would_retry_reset(r)), [true, false, false, false]);
+        assert_eq!(
+            all.map(|r| s.would_retry_reset(r, false)),
+            [true, false, false, false]
+        );
         let s = state(&policy("refused-stream"));
-        assert_eq!(all.map(|r| s.would_retry_reset(r)), [false, true, false, false]);
+        assert_eq!(
+            all.map(|r| s.would_retry_reset(r, true)),
+            [false, true, false, false]
+        );
         let s = state(&policy("retriable-4xx"));
-        assert!(!all.iter().any(|r| s.would_retry_reset(*r)));
+        assert!(!all.iter().any(|r| s.would_retry_reset(*r, false)));
+        // Any reset before the request was sent, none after.
+        let s = state(&policy("reset-before-request"));
+        assert_eq!(all.map(|r| s.would_retry_reset(r, false)), [true; 4]);
+        assert_eq!(all.map(|r| s.would_retry_reset(r, true)), [false; 4]);
+        assert!(!s.would_retry_reset(Overflow, false));
+        // The header spells it too.
+        assert_eq!(
+            RetryOn::parse_http("reset-before-request").0,
+            RetryOn::RESET_BEFORE_REQUEST
+        );
+    }
+
+    #[test]
+    fn reset_before_request_stops_once_any_attempt_sent_the_request() {
+        let (st, _s) = stats();
+        let mut rng = Rng::seeded(1);
+        let p = Arc::new(RetryPolicy {
+            retry_on: RetryOn::RESET_BEFORE_REQUEST,
+            num_retries: 5,
+            ..Default::default()
+        });
+        let mut s = state(&p);
+        let mut retry = |s: &mut RetryState, started| {
+            matches!(
+                s.should_retry_reset(ResetReason::Reset, started, || Some(()), &st, &mut rng),
+                RetryStatus::Yes { .. }
+            )
+        };
+        assert!(retry(&mut s, false));
+        assert!(retry(&mut s, false));
+        // The second retry reached the upstream before its reset: no more, even for a later unsent attempt.
+        assert!(!retry(&mut s, true));
+        assert!(!retry(&mut s, false));
     }
 
     #[test]
@@ -834,7 +915,7 @@ mod tests {
         // A success after a granted retry counts upstream_rq_retry_success; the second back-off is under 50 ms.
         let mut s = state(&p);
         assert!(matches!(
-            s.should_retry_reset(ResetReason::Reset, || Some(()), &st, &mut rng),
+            s.should_retry_reset(ResetReason::Reset, true, || Some(()), &st, &mut rng),
             RetryStatus::Yes { .. }
         ));
         match s.should_retry_response(502, &none, || Some(()), &st, &mut rng) {
@@ -901,7 +982,7 @@ mod tests {
         // The first attempt never consults the predicate.
         let mut seq = [7u64, 7, 7, 8].into_iter();
         assert_eq!(s.select_host(|| seq.next(), |h| *h), Some(7));
-        s.on_host_attempted(7);
+        s.on_host_attempted(7, 0);
         assert!(matches!(
             s.should_retry(true, || Some(()), &st, &mut rng),
             RetryStatus::Yes { .. }
@@ -924,7 +1005,7 @@ mod tests {
         assert_eq!(s.select_host(|| seq.next(), |h| *h), Some(7));
         // Without the predicate, any host is fine.
         let mut s = state(&policy("5xx"));
-        s.on_host_attempted(7);
+        s.on_host_attempted(7, 0);
         s.should_retry(true, || Some(()), &st, &mut rng);
         assert!(!s.should_select_another_host(7));
     }

@@ -191,7 +191,8 @@ async fn check_host(
         return;
     };
     let checker = ReportFirst {
-        inner: Checker::new(host.health_check_address, name.clone()),
+        inner: Checker::new(host.health_check_address, name.clone())
+            .with_hostname(&host.health_check_hostname),
         first,
         host: host.clone(),
         cluster: cluster.clone(),
@@ -212,7 +213,12 @@ async fn check_host(
             } else {
                 tracing::info!(cluster = %name, host = %host.address, "health check: host failed");
             }
-            c.refresh_health();
+            if !healthy && host.pending_dynamic_removal.load(Relaxed) {
+                // Kept after EDS removed it while it passed its checks: now it leaves (this task ends with it).
+                c.remove_pending_host(&host);
+            } else {
+                c.refresh_health();
+            }
         }
     };
     let target = Target {

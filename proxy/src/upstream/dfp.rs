@@ -299,6 +299,7 @@ fn new_host(address: SocketAddr, name: &str) -> Arc<Host> {
         locality_weight: 1,
         health_check_port: None,
         health_check_disabled: false,
+        health_check_hostname: String::new(),
     })
 }
 

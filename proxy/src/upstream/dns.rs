@@ -199,15 +199,27 @@ pub fn spawn(
                     stats.update_success.inc();
                     let hosts = hosts_for(&cluster, &cfg, &addrs);
                     let same = {
+                        // Hosts kept PENDING_DYNAMIC_REMOVAL (not in the answer) are no change.
+                        let listed: std::collections::HashSet<_> = hosts.iter().map(|h| h.address).collect();
                         let cur = cluster.hosts();
-                        cur.hosts.len() == hosts.len()
-                            && cur.hosts.iter().zip(&hosts).all(|(a, b)| a.id == b.id)
+                        let kept = cur.hosts.iter().filter(|h| {
+                            listed.contains(&h.address)
+                                || !h
+                                    .pending_dynamic_removal
+                                    .load(std::sync::atomic::Ordering::Relaxed)
+                        });
+                        kept.map(|h| h.id).eq(hosts.iter().map(|h| h.id))
                     };
                     if same {
                         stats.update_no_rebuild.inc();
                     } else {
                         tracing::info!(cluster = %name, hosts = ?addrs.iter().map(|a| a.1).collect::<Vec<_>>(), "DNS: hosts changed");
-                        cluster.set_hosts(hosts);
+                        if cfg.logical {
+                            cluster.set_hosts(hosts);
+                        } else {
+                            // STRICT_DNS updates its membership as EDS does (Envoy's updateDynamicHostList).
+                            cluster.set_discovered_hosts(hosts);
+                        }
                     }
                     match ttl {
                         Some(t) if cfg.respect_ttl => t.max(Duration::from_millis(100)),

@@ -1,9 +1,9 @@
 //! Active health checks (cluster `health_checks`): a per-host state machine, the interval rules, and an async
-//! runner that performs HTTP or TCP checks.
+//! runner that performs HTTP, TCP or gRPC checks.
 //!
 //! Semantics are Envoy's `HealthCheckerImplBase` (`source/common/upstream/health_checker_impl.cc`,
-//! `source/extensions/health_checkers/common/health_checker_base_impl.cc`), `HttpHealthCheckerImpl` and
-//! `TcpHealthCheckerImpl`:
+//! `source/extensions/health_checkers/common/health_checker_base_impl.cc`), `HttpHealthCheckerImpl`,
+//! `TcpHealthCheckerImpl` and `GrpcHealthCheckerImpl`:
 //! - A host under active checking starts failed (`FAILED_ACTIVE_HC`, `/failed_active_hc` in `/clusters`) and the
 //!   first check runs at once (after `initial_jitter`). The **first** success marks it healthy immediately;
 //!   later, a failed host needs `healthy_threshold` consecutive successes.
@@ -21,6 +21,11 @@
 //!   (default `[200, 201)`) and, with `receive`, the response body holds the payloads in order.
 //! - TCP: connect, write `send`, healthy once the bytes read contain every `receive` payload in order (an
 //!   empty `receive` succeeds on connect); a close before that is a network failure.
+//! - gRPC: `grpc.health.v1.Health/Check` over h2c (prior knowledge), `:authority` `authority` (default: the
+//!   cluster name), `user-agent: Envoy/HC`, `grpc-timeout` the check's timeout, a `HealthCheckRequest` with
+//!   `service_name`. Healthy when the answer is HTTP 200 `application/grpc` with one `HealthCheckResponse` whose
+//!   status is `SERVING` and `grpc-status` 0; anything else is an active failure (ejecting at once), a reset or
+//!   a connection failure a network failure.
 //!
 //! Time and randomness are parameters: the state machine is pure, the runner takes the clock from tokio (paused
 //! in tests) and an [`Rng`].
@@ -45,7 +50,37 @@ use tokio::net::TcpStream;
 pub enum CheckKind {
     Http(Box<HttpCheck>),
     Tcp(TcpCheck),
+    Grpc(GrpcCheck),
 }
+
+/// `grpc_health_check`.
+#[derive(Clone, Debug, Default)]
+pub struct GrpcCheck {
+    /// `service_name`: the `service` asked about (empty: the server as a whole).
+    pub service_name: String,
+    /// `authority`; empty means the cluster name.
+    pub authority: String,
+}
+
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    /// `ServingStatus`: UNKNOWN 0, SERVING 1, NOT_SERVING 2, SERVICE_UNKNOWN 3.
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+const GRPC_SERVING: i32 = 1;
+const GRPC_HEALTH_PATH: &str = "/grpc.health.v1.Health/Check";
+/// A health check response larger than this is not one.
+const GRPC_MAX_RESPONSE: usize = 64 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct HttpCheck {
@@ -338,13 +373,51 @@ pub fn payloads_match(blocks: &[Vec<u8>], data: &[u8]) -> bool {
 // ---------------------------------------------------------------------------------------------------------------
 // Performing checks.
 
-/// Performs one check against a host (HTTP or TCP), keeping a connection between checks with
+/// An active failure of a gRPC check: never retriable.
+fn grpc_failure() -> CheckResult {
+    CheckResult::Failure {
+        kind: FailureType::Active,
+        retriable: false,
+    }
+}
+
+/// Whether the gRPC response body is exactly one uncompressed `HealthCheckResponse` saying `SERVING`
+/// (Envoy's `decodeData`: a second message is "unexpected streaming", a flagged frame an invalid payload).
+fn grpc_serving(mut data: &[u8]) -> bool {
+    let mut response = None;
+    while !data.is_empty() {
+        if data.len() < 5 || data[0] != 0 {
+            return false;
+        }
+        let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+        let Some(message) = data.get(5..5 + len) else {
+            return false;
+        };
+        data = &data[5 + len..];
+        if len == 0 {
+            continue;
+        }
+        if response.is_some() {
+            return false;
+        }
+        match <HealthCheckResponse as prost::Message>::decode(message) {
+            Ok(r) => response = Some(r),
+            Err(_) => return false,
+        }
+    }
+    response.is_some_and(|r| r.status == GRPC_SERVING)
+}
+
+/// Performs one check against a host (HTTP, TCP or gRPC), keeping a connection between checks with
 /// `reuse_connection`.
 pub struct Checker {
     addr: SocketAddr,
     cluster: String,
+    /// The endpoint's `health_check_config.hostname`.
+    hostname: String,
     http: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
     tcp: Option<TcpStream>,
+    grpc: Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>,
 }
 
 fn network() -> CheckResult {
@@ -359,9 +432,26 @@ impl Checker {
         Checker {
             addr,
             cluster: cluster.into(),
+            hostname: String::new(),
             http: None,
             tcp: None,
+            grpc: None,
         }
+    }
+
+    /// With the endpoint's `health_check_config.hostname`, which wins over the check's `host` or `authority`.
+    pub fn with_hostname(mut self, hostname: &str) -> Self {
+        self.hostname = hostname.to_owned();
+        self
+    }
+
+    /// The `host` or `:authority` of an L7 check (Envoy's `HealthCheckerFactory::getHostname`): the endpoint's
+    /// hostname for checks, else the check's, else the cluster name.
+    fn l7_host<'a>(&'a self, configured: &'a str) -> &'a str {
+        [self.hostname.as_str(), configured]
+            .into_iter()
+            .find(|h| !h.is_empty())
+            .unwrap_or(&self.cluster)
     }
 
     /// Run one check within `timeout`.
@@ -377,6 +467,7 @@ impl Checker {
         if r != CheckResult::Success || !cfg.reuse_connection {
             self.http = None;
             self.tcp = None;
+            self.grpc = None;
         }
         r
     }
@@ -385,6 +476,100 @@ impl Checker {
         match &cfg.kind {
             CheckKind::Http(h) => self.http_check(h, stats).await,
             CheckKind::Tcp(t) => self.tcp_check(t).await,
+            CheckKind::Grpc(g) => self.grpc_check(g, cfg.timeout).await,
+        }
+    }
+
+    async fn grpc_check(&mut self, g: &GrpcCheck, timeout: Duration) -> CheckResult {
+        let mut sender = match self.grpc.take() {
+            Some(s) if !s.is_closed() => s,
+            _ => {
+                let Ok(stream) = TcpStream::connect(self.addr).await else {
+                    return network();
+                };
+                let _ = stream.set_nodelay(true);
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let mut builder =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                builder.timer(hyper_util::rt::TokioTimer::new());
+                let Ok((sender, conn)) = builder.handshake(io).await else {
+                    return network();
+                };
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                sender
+            }
+        };
+        if sender.ready().await.is_err() {
+            return network();
+        }
+        let authority = self.l7_host(&g.authority);
+        let uri = http::Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(GRPC_HEALTH_PATH)
+            .build();
+        let Ok(uri) = uri else { return network() };
+        let message = prost::Message::encode_to_vec(&HealthCheckRequest {
+            service: g.service_name.clone(),
+        });
+        let mut frame = Vec::with_capacity(5 + message.len());
+        frame.push(0);
+        frame.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+        frame.extend_from_slice(&message);
+        let mut req = http::Request::new(Full::new(Bytes::from(frame)));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_2;
+        let headers = req.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("Envoy/HC"),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{}m", timeout.as_millis())) {
+            headers.insert("grpc-timeout", v);
+        }
+        let Ok(resp) = sender.send_request(req).await else {
+            return network();
+        };
+        let (parts, mut body) = resp.into_parts();
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return network() };
+            match frame.into_data() {
+                Ok(d) => {
+                    if data.len() + d.len() > GRPC_MAX_RESPONSE {
+                        return grpc_failure();
+                    }
+                    data.extend_from_slice(&d);
+                }
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        self.grpc = Some(sender);
+        let grpc_ok = parts.status == http::StatusCode::OK
+            && parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        // The status is in the trailers, or in the headers of a trailers-only answer.
+        let status = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| parts.headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if grpc_ok && status == Some(0) && grpc_serving(&data) {
+            CheckResult::Success
+        } else {
+            grpc_failure()
         }
     }
 
@@ -409,7 +594,7 @@ impl Checker {
         if sender.ready().await.is_err() {
             return network();
         }
-        let host = if h.host.is_empty() { &self.cluster } else { &h.host };
+        let host = self.l7_host(&h.host);
         let mut req = http::Request::new(Full::new(h.send.clone().unwrap_or_default()));
         *req.method_mut() = h.method.clone();
         *req.uri_mut() = match h.path.parse() {
@@ -534,6 +719,7 @@ pub fn event_json(
     let checker = match cfg.kind {
         CheckKind::Http(_) => "HTTP",
         CheckKind::Tcp(_) => "TCP",
+        CheckKind::Grpc(_) => "GRPC",
     };
     let mut v = json!({
         "health_checker_type": checker,
@@ -919,6 +1105,19 @@ mod tests {
         drop(closed);
         assert_eq!(Checker::new(dead, "svc").check(&c, &stats).await, NET);
         assert_eq!(stats.attempt.value(), 5);
+        // The endpoint's health_check_config.hostname wins over the check's host.
+        if let CheckKind::Http(h) = &mut c.kind {
+            h.host = "configured".into();
+        }
+        let mut named = Checker::new(addr, "svc").with_hostname("example.com");
+        assert_eq!(named.check(&c, &stats).await, CheckResult::Success);
+        assert_eq!(
+            Checker::new(addr, "svc").check(&c, &stats).await,
+            CheckResult::Success
+        );
+        let seen = seen.lock().unwrap();
+        let hosts: Vec<_> = seen[seen.len() - 2..].iter().map(|h| h["host"].clone()).collect();
+        assert_eq!(hosts, ["example.com", "configured"]);
     }
 
     #[tokio::test]
@@ -965,5 +1164,150 @@ mod tests {
                 retriable: false
             }
         );
+    }
+
+    /// A real h2c gRPC health server on 127.0.0.1:0: the answer depends on the `service` asked about
+    /// (`serving`, `down`, `missing` trailers-only NOT_FOUND, `http503`, `two` two messages); it records each
+    /// request's headers and service.
+    async fn grpc_server() -> (SocketAddr, Arc<Mutex<Vec<(http::HeaderMap, String, String)>>>) {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        fn framed(status: i32) -> Bytes {
+            let m = prost::Message::encode_to_vec(&HealthCheckResponse { status });
+            let mut f = vec![0u8];
+            f.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            f.extend_from_slice(&m);
+            Bytes::from(f)
+        }
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.unwrap().to_bytes();
+                            let service = <HealthCheckRequest as prost::Message>::decode(&body[5..])
+                                .unwrap()
+                                .service;
+                            let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_default();
+                            seen.lock()
+                                .unwrap()
+                                .push((parts.headers, authority, service.clone()));
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let (status, frames) = match service.as_str() {
+                                "serving" => (200, vec![Frame::data(framed(1)), Frame::trailers(trailers)]),
+                                "down" => (200, vec![Frame::data(framed(2)), Frame::trailers(trailers)]),
+                                "two" => (
+                                    200,
+                                    vec![
+                                        Frame::data(framed(1)),
+                                        Frame::data(framed(1)),
+                                        Frame::trailers(trailers),
+                                    ],
+                                ),
+                                "http503" => (503, Vec::new()),
+                                _ => (200, Vec::new()),
+                            };
+                            let mut resp = http::Response::builder()
+                                .status(status)
+                                .header("content-type", "application/grpc");
+                            if service == "missing" {
+                                resp = resp.header("grpc-status", "5");
+                            }
+                            let body = StreamBody::new(tokio_stream::iter(
+                                frames.into_iter().map(Ok::<_, std::convert::Infallible>),
+                            ));
+                            Ok::<_, std::convert::Infallible>(resp.body(body).unwrap())
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn grpc(service: &str, authority: &str) -> HealthCheckConfig {
+        cfg(CheckKind::Grpc(GrpcCheck {
+            service_name: service.into(),
+            authority: authority.into(),
+        }))
+    }
+
+    #[tokio::test]
+    async fn grpc_checks_need_serving_and_status_ok() {
+        let (addr, seen) = grpc_server().await;
+        let stats = HealthCheckStats::detached();
+        let mut checker = Checker::new(addr, "svc");
+        assert_eq!(
+            checker.check(&grpc("serving", ""), &stats).await,
+            CheckResult::Success
+        );
+        assert_eq!(
+            checker.check(&grpc("serving", "hc.example"), &stats).await,
+            CheckResult::Success
+        );
+        for bad in ["down", "missing", "http503", "two"] {
+            assert_eq!(checker.check(&grpc(bad, ""), &stats).await, BAD_STATUS, "{bad}");
+        }
+        {
+            let seen = seen.lock().unwrap();
+            let (h, authority, service) = &seen[0];
+            assert_eq!((authority.as_str(), service.as_str()), ("svc", "serving"));
+            assert_eq!(h["content-type"], "application/grpc");
+            assert_eq!(h["te"], "trailers");
+            assert_eq!(h["user-agent"], "Envoy/HC");
+            assert_eq!(h["grpc-timeout"], "1000m");
+            assert_eq!(seen[1].1, "hc.example");
+            assert_eq!(seen.len(), 6);
+        }
+        let mut named = Checker::new(addr, "svc").with_hostname("example.com");
+        assert_eq!(
+            named.check(&grpc("serving", "hc.example"), &stats).await,
+            CheckResult::Success
+        );
+        assert_eq!(seen.lock().unwrap()[6].1, "example.com");
+        // The two successes shared a connection; a failure closes it.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        assert_eq!(
+            Checker::new(dead, "svc")
+                .check(&grpc("serving", ""), &stats)
+                .await,
+            NET
+        );
+    }
+
+    #[test]
+    fn grpc_response_bodies() {
+        let frame = |flag: u8, status: i32| {
+            let m = prost::Message::encode_to_vec(&HealthCheckResponse { status });
+            let mut f = vec![flag];
+            f.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            f.extend_from_slice(&m);
+            f
+        };
+        assert!(grpc_serving(&frame(0, 1)));
+        assert!(!grpc_serving(&frame(0, 2)));
+        assert!(!grpc_serving(&frame(0, 0)));
+        // Compressed, truncated, empty.
+        assert!(!grpc_serving(&frame(1, 1)));
+        assert!(!grpc_serving(&frame(0, 1)[..6]));
+        assert!(!grpc_serving(&[]));
+        // An empty message frame is skipped.
+        let mut with_empty = vec![0, 0, 0, 0, 0];
+        with_empty.extend(frame(0, 1));
+        assert!(grpc_serving(&with_empty));
     }
 }

@@ -134,8 +134,11 @@ pub struct ClusterConfig {
     pub protocol: Protocol,
     /// `common_http_protocol_options.idle_timeout` (default 1 h).
     pub idle_timeout: Option<Duration>,
-    /// `common_http_protocol_options.max_requests_per_connection`.
+    /// `common_http_protocol_options.max_requests_per_connection` (or the deprecated cluster-level field):
+    /// requests a connection carries before it is drained; `None` (or 0 in the config) is no limit.
     pub max_requests_per_connection: Option<u32>,
+    /// `http2_protocol_options` of an HTTP/2 upstream.
+    pub http2: Http2Options,
     /// The hosts to start with (`load_assignment`, or EDS's assignment). [`Cluster::new`] turns them into
     /// hosts and leaves this empty in the running cluster's config.
     pub endpoints: Vec<EndpointConfig>,
@@ -154,8 +157,21 @@ pub struct ClusterConfig {
     pub locality_lb: Option<crate::config::lb::LocalityLb>,
     /// `health_checks` (Envoy takes at most one).
     pub health_check: Option<Arc<health_check::HealthCheckConfig>>,
+    /// `ignore_health_on_host_removal`: a host EDS removes leaves at once even while it passes its active
+    /// health checks (see [`Cluster::set_discovered_hosts`]).
+    pub ignore_health_on_host_removal: bool,
     /// `transport_socket` `envoy.transport_sockets.tls`: TLS to the hosts.
     pub tls: Option<crate::tls::ClientSpec>,
+}
+
+/// `envoy.config.core.v3.Http2ProtocolOptions` of a cluster's HTTP/2 connections; `None` leaves hyper's
+/// default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Http2Options {
+    /// `initial_stream_window_size`: the flow-control window Remora offers each stream (SETTINGS).
+    pub initial_stream_window_size: Option<u32>,
+    /// `initial_connection_window_size`: the connection's window (a WINDOW_UPDATE on stream 0).
+    pub initial_connection_window_size: Option<u32>,
 }
 
 /// One `lb_endpoints` entry.
@@ -173,6 +189,9 @@ pub struct EndpointConfig {
     pub health_check_port: Option<u16>,
     /// `endpoint.health_check_config.disable_active_health_check`.
     pub health_check_disabled: bool,
+    /// `endpoint.health_check_config.hostname`: the `host` (HTTP) or `:authority` (gRPC) of this endpoint's
+    /// active health checks, over the check's own.
+    pub health_check_hostname: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -232,8 +251,13 @@ pub struct Host {
     pub health_check_address: SocketAddr,
     /// `health_check_config.disable_active_health_check`: never checked, never failed by checks.
     pub health_check_disabled: bool,
+    /// `health_check_config.hostname` (empty: the check's `host`/`authority`, else the cluster name).
+    pub health_check_hostname: String,
     /// `FAILED_ACTIVE_HC`: the cluster's active health check fails this host (see [`active_health`]).
     pub failed_active_hc: AtomicBool,
+    /// `PENDING_DYNAMIC_REMOVAL`: EDS removed the host, but it stays while it passes its active health checks
+    /// (see [`Cluster::set_discovered_hosts`]).
+    pub pending_dynamic_removal: AtomicBool,
     /// `PENDING_ACTIVE_HC`: with `common_lb_config.ignore_new_hosts_until_first_hc`, a host new to the health
     /// checker is excluded from balancing (and from the host counts) until its first check completes.
     pub pending_active_hc: AtomicBool,
@@ -272,8 +296,10 @@ impl Host {
                 e.health_check_port.unwrap_or(e.address.port()),
             ),
             health_check_disabled: e.health_check_disabled,
+            health_check_hostname: e.health_check_hostname.clone(),
             failed_active_hc: AtomicBool::new(false),
             pending_active_hc: AtomicBool::new(false),
+            pending_dynamic_removal: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             stats: HostStats::default(),
         })
@@ -641,6 +667,8 @@ pub struct ClusterStats {
     pub upstream_cx_active: Gauge,
     pub upstream_cx_http1_total: Counter,
     pub upstream_cx_http2_total: Counter,
+    /// Connections drained because they reached `max_requests_per_connection`.
+    pub upstream_cx_max_requests: Counter,
     pub upstream_cx_connect_fail: Counter,
     pub upstream_cx_connect_timeout: Counter,
     pub upstream_cx_destroy: Counter,
@@ -682,6 +710,7 @@ impl ClusterStats {
             upstream_cx_active: scope.gauge("upstream_cx_active"),
             upstream_cx_http1_total: scope.counter("upstream_cx_http1_total"),
             upstream_cx_http2_total: scope.counter("upstream_cx_http2_total"),
+            upstream_cx_max_requests: scope.counter("upstream_cx_max_requests"),
             upstream_cx_connect_fail: scope.counter("upstream_cx_connect_fail"),
             upstream_cx_connect_timeout: scope.counter("upstream_cx_connect_timeout"),
             upstream_cx_destroy: scope.counter("upstream_cx_destroy"),
@@ -730,6 +759,8 @@ pub struct Cluster {
     pub tls: Option<Result<Arc<crate::tls::ClientTls>, String>>,
     /// The cluster left the configuration (removed, or replaced by a new version); see [`Cluster::retire`].
     retired: AtomicBool,
+    /// Serialises membership changes that read the current hosts (discovery and pending removals).
+    membership: Mutex<()>,
     /// The runtime's values of [`RUNTIME_LB_KEYS`] (`u64::MAX`: not set); see [`Cluster::apply_runtime`].
     runtime_lb: [AtomicU64; 3],
 }
@@ -804,6 +835,7 @@ impl Cluster {
             aggregate,
             me: me.clone(),
             retired: AtomicBool::new(false),
+            membership: Mutex::new(()),
             runtime_lb: [const { AtomicU64::new(u64::MAX) }; 3],
         });
         if let Some(l) = &c.local {
@@ -853,6 +885,57 @@ impl Cluster {
         }
         if any {
             pool::purge_retired_soon();
+        }
+    }
+
+    /// A new membership from service discovery (EDS, STRICT_DNS), as Envoy's `updateDynamicHostList` takes it: on a
+    /// cluster with active health checks and without `ignore_health_on_host_removal`, a host that left but is
+    /// not failing its active checks (nor marked unhealthy by EDS) stays, `PENDING_DYNAMIC_REMOVAL`, and keeps
+    /// taking traffic until it fails a check ([`Cluster::remove_pending_host`]) or comes back (matched by
+    /// address, which clears the flag). Hosts whose checks are disabled have nothing to keep them and leave.
+    pub fn set_discovered_hosts(&self, mut hosts: Vec<Arc<Host>>) {
+        let Ok(_membership) = self.membership.lock() else {
+            return;
+        };
+        for h in &hosts {
+            h.pending_dynamic_removal.store(false, Relaxed);
+        }
+        if self.health_checks.is_some() && !self.config.ignore_health_on_host_removal {
+            let listed: std::collections::HashSet<SocketAddr> = hosts.iter().map(|h| h.address).collect();
+            let current = self.hosts.load();
+            for h in current.hosts.iter().filter(|h| !listed.contains(&h.address)) {
+                if !h.health_check_disabled && !h.failed_active_hc.load(Relaxed) && h.health.usable() {
+                    h.pending_dynamic_removal.store(true, Relaxed);
+                    hosts.push(h.clone());
+                }
+            }
+            // Only hosts marked pending: no membership change, as in Envoy.
+            if current.hosts.iter().map(|h| h.id).eq(hosts.iter().map(|h| h.id)) {
+                return;
+            }
+        }
+        self.set_hosts(hosts);
+    }
+
+    /// A host kept `PENDING_DYNAMIC_REMOVAL` failed its active health check: it leaves now (Envoy's
+    /// `reloadHealthyHostsHelper`).
+    pub fn remove_pending_host(&self, host: &Host) {
+        let Ok(_membership) = self.membership.lock() else {
+            return;
+        };
+        if !host.pending_dynamic_removal.load(Relaxed) {
+            return;
+        }
+        let current = self.hosts.load_full();
+        let hosts: Vec<Arc<Host>> = current
+            .hosts
+            .iter()
+            .filter(|h| h.id != host.id)
+            .cloned()
+            .collect();
+        if hosts.len() != current.hosts.len() {
+            tracing::info!(cluster = %self.config.name, host = %host.address, "host removed by EDS left after failing its health check");
+            self.set_hosts(hosts);
         }
     }
 
@@ -998,16 +1081,43 @@ impl Cluster {
     /// The priority comes first (by the loads latched at publish; a level in panic balances over all its
     /// hosts and counts `lb_healthy_panic`), then the host within the level's candidates.
     pub fn pick(&self, rng: &mut lb::Rng, hash: Option<u64>) -> Option<(usize, Arc<Host>)> {
+        self.pick_with_load(rng, hash, None)
+    }
+
+    /// As [`pick`](Self::pick), the priority chosen by `load` instead of the cluster's load when given (a
+    /// retry's `retry_priority`; a level in panic still balances over all its hosts).
+    pub fn pick_with_load(
+        &self,
+        rng: &mut lb::Rng,
+        hash: Option<u64>,
+        load: Option<&crate::retry::priority::PriorityLoadOverride>,
+    ) -> Option<(usize, Arc<Host>)> {
         let set = self.hosts.load();
         let on_panic = || self.stats.lb_healthy_panic.inc();
-        let i = set.pick(
-            self.config.lb_policy,
-            &self.rr,
-            rng,
-            hash,
-            on_panic,
-            &self.zone_stats,
-        )?;
+        let i = match load {
+            None => set.pick(
+                self.config.lb_policy,
+                &self.rr,
+                rng,
+                hash,
+                on_panic,
+                &self.zone_stats,
+            )?,
+            Some(l) => {
+                let draw = hash.unwrap_or_else(|| rng.next_u64());
+                let (priority, avail) = priority::choose_in(&l.healthy, &l.degraded, draw);
+                set.pick_at(
+                    priority,
+                    avail,
+                    self.config.lb_policy,
+                    &self.rr,
+                    rng,
+                    hash,
+                    on_panic,
+                    &self.zone_stats,
+                )?
+            }
+        };
         Some((i, set.hosts[i].clone()))
     }
 
@@ -1076,6 +1186,7 @@ mod tests {
             health,
             health_check_port: None,
             health_check_disabled: false,
+            health_check_hostname: String::new(),
         })
     }
 
@@ -1166,6 +1277,7 @@ mod tests {
                 health: EndpointHealth::Healthy,
                 health_check_port: None,
                 health_check_disabled: false,
+                health_check_hostname: String::new(),
             })
         };
         // Envoy's locality_weight.rst: weights 1 and 3, the second with twice the hosts: 25% / 75%.
@@ -1243,5 +1355,118 @@ mod tests {
             host(4, 0, Degraded),
         ]);
         assert_eq!(all_healthy.load.healthy_load, [100]);
+    }
+
+    /// A STATIC cluster on ports 1..=3 lowered from `extra` (YAML flow fields), and its hosts passing their
+    /// active checks.
+    fn discovered(extra: &str) -> Arc<Cluster> {
+        use crate::config::load::{message_from_text, Format};
+        let desc = crate::config::descriptors::message("envoy.config.cluster.v3.Cluster").unwrap();
+        let eps: Vec<String> = (1..=3)
+            .map(|p| {
+                format!(
+                    "{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}}}"
+                )
+            })
+            .collect();
+        let yaml = format!(
+            "{{name: svc, type: STATIC, {extra} load_assignment: {{endpoints: [{{lb_endpoints: [{}]}}]}}}}",
+            eps.join(", ")
+        );
+        let m = message_from_text(&yaml, Format::Yaml, &desc).unwrap();
+        let errs = crate::config::node::Errors::default();
+        let config = {
+            let n = crate::config::node::Node::root(&m, "", &errs);
+            crate::config::cluster::lower(&n).unwrap()
+        };
+        assert!(errs.is_empty(), "{:?}", errs.take());
+        let c = Cluster::new(
+            config,
+            &crate::stats::Store::new().scope("cluster.svc."),
+            true,
+            None,
+        );
+        for h in &c.hosts().hosts {
+            h.failed_active_hc.store(false, Relaxed);
+        }
+        c.refresh_health();
+        c
+    }
+
+    /// What EDS would give for `ports`, reusing the cluster's hosts.
+    fn eds(c: &Cluster, ports: &[u16]) -> Vec<Arc<Host>> {
+        let cur = c.hosts();
+        ports
+            .iter()
+            .map(|&p| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], p));
+                cur.hosts
+                    .iter()
+                    .find(|h| h.address == addr)
+                    .cloned()
+                    .unwrap_or_else(|| host(p, 0, EndpointHealth::Unknown))
+            })
+            .collect()
+    }
+
+    fn ports(c: &Cluster) -> Vec<u16> {
+        let mut p: Vec<u16> = c.hosts().hosts.iter().map(|h| h.address.port()).collect();
+        p.sort();
+        p
+    }
+
+    const CHECKED: &str =
+        "health_checks: [{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, \
+                           tcp_health_check: {}}],";
+
+    #[test]
+    fn a_removed_host_stays_while_it_passes_its_health_checks() {
+        let c = discovered(CHECKED);
+        let kept = c.hosts().hosts[2].clone();
+        // Host 2 fails its checks; EDS removes 2 and 3.
+        c.hosts().hosts[1].failed_active_hc.store(true, Relaxed);
+        c.set_discovered_hosts(eds(&c, &[1]));
+        assert_eq!(ports(&c), [1, 3]);
+        assert!(kept.pending_dynamic_removal.load(Relaxed));
+        assert!(!kept.is_retired());
+        // Still takes traffic.
+        assert_eq!(c.hosts().healthy.len(), 2);
+        // Another update without it keeps it still.
+        c.set_discovered_hosts(eds(&c, &[1, 4]));
+        assert_eq!(ports(&c), [1, 3, 4]);
+        // Once it fails a check it leaves.
+        kept.failed_active_hc.store(true, Relaxed);
+        c.remove_pending_host(&kept);
+        assert_eq!(ports(&c), [1, 4]);
+        assert!(kept.is_retired());
+    }
+
+    #[test]
+    fn a_removed_host_that_comes_back_is_no_longer_pending_removal() {
+        let c = discovered(CHECKED);
+        let h3 = c.hosts().hosts[2].clone();
+        c.set_discovered_hosts(eds(&c, &[1, 2]));
+        assert!(h3.pending_dynamic_removal.load(Relaxed));
+        c.set_discovered_hosts(eds(&c, &[1, 2, 3]));
+        assert!(!h3.pending_dynamic_removal.load(Relaxed));
+        // The same host, its state carried over; a failed check now changes its health only.
+        assert!(c.hosts().hosts.iter().any(|h| Arc::ptr_eq(h, &h3)));
+        c.remove_pending_host(&h3);
+        assert_eq!(ports(&c), [1, 2, 3]);
+    }
+
+    #[test]
+    fn removed_hosts_leave_at_once_with_ignore_health_on_host_removal_or_without_checks() {
+        for extra in [
+            format!("{CHECKED} ignore_health_on_host_removal: true,"),
+            String::new(),
+        ] {
+            let c = discovered(&extra);
+            let h3 = c.hosts().hosts[2].clone();
+            c.set_discovered_hosts(eds(&c, &[1, 2]));
+            assert_eq!(ports(&c), [1, 2], "{extra}");
+            assert!(h3.is_retired());
+            assert!(!h3.pending_dynamic_removal.load(Relaxed));
+        }
     }
 }

@@ -66,6 +66,7 @@ impl OriginalDstHosts {
             locality_weight: 1,
             health_check_port: None,
             health_check_disabled: false,
+            health_check_hostname: String::new(),
         });
         map.insert(addr, (h.clone(), now));
         let mut hosts = cluster.hosts().hosts.clone();

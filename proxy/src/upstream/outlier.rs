@@ -846,6 +846,7 @@ mod tests {
                     health: EndpointHealth::Unknown,
                     health_check_port: None,
                     health_check_disabled: false,
+                    health_check_hostname: String::new(),
                 })
             })
             .collect()

@@ -24,6 +24,13 @@
 //! connection is being made; once it exists, stream slots are hyper's and h2's business (their queue is not
 //! counted as pending).
 //!
+//! # Requests per connection (`max_requests_per_connection`)
+//! A connection carries at most the cluster's `max_requests_per_connection` requests, as Envoy's
+//! `ConnPoolImplBase::attachStreamToClient` counts them: the request that takes the last one counts
+//! `upstream_cx_max_requests` and the connection drains. An HTTP/1.1 connection is then not pooled again when
+//! its response ends (dropped, hyper closes it); the host's HTTP/2 connection leaves the pool, so the next
+//! request makes a new one, and closes when its last stream ends.
+//!
 //! # Retired hosts
 //! A host that leaves its cluster, or whose cluster leaves the configuration, is *retired*
 //! ([`super::Host::is_retired`]): [`purge_retired_soon`] wakes every worker's [`purge_on_retirement`] task,
@@ -89,14 +96,61 @@ fn poolable(cluster: &Cluster, host: &Host) -> bool {
     !host.is_retired() && !cluster.is_retired()
 }
 
+/// A pooled HTTP/1.1 connection, with the requests it may still carry (see the module docs).
+pub struct H1Conn {
+    sender: http1::SendRequest<Body>,
+    /// Requests left before it drains; `None`: no `max_requests_per_connection`.
+    remaining: Option<u32>,
+}
+
+impl H1Conn {
+    fn new(cluster: &Cluster, sender: http1::SendRequest<Body>) -> H1Conn {
+        H1Conn {
+            sender,
+            remaining: cluster.config.max_requests_per_connection,
+        }
+    }
+
+    /// A request takes the connection: one fewer left; the last one drains it.
+    fn attach(mut self, cluster: &Cluster) -> H1Conn {
+        if let Some(n) = self.remaining.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                cluster.stats.upstream_cx_max_requests.inc();
+            }
+        }
+        self
+    }
+
+    /// It has carried its `max_requests_per_connection` requests.
+    fn drained(&self) -> bool {
+        self.remaining == Some(0)
+    }
+}
+
+impl std::ops::Deref for H1Conn {
+    type Target = http1::SendRequest<Body>;
+    fn deref(&self) -> &Self::Target {
+        &self.sender
+    }
+}
+
+impl std::ops::DerefMut for H1Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.sender
+    }
+}
+
 struct HostPool {
     host: Arc<Host>,
-    idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    idle: Vec<(H1Conn, Instant)>,
     /// Pending HTTP/1.1 requests of this worker waiting for a connection to the host, oldest first.
-    waiters: VecDeque<tokio::sync::oneshot::Sender<http1::SendRequest<Body>>>,
+    waiters: VecDeque<tokio::sync::oneshot::Sender<H1Conn>>,
     /// This worker's connections to the host, open or being opened.
     live: Rc<Cell<u32>>,
     h2: Option<http2::SendRequest<Body>>,
+    /// Streams the HTTP/2 connection may still carry (`None`: no `max_requests_per_connection`).
+    h2_remaining: Option<u32>,
     /// Set while this worker makes the host's HTTP/2 connection; woken when it is made (or failed).
     h2_connecting: Option<Rc<tokio::sync::Notify>>,
 }
@@ -109,7 +163,23 @@ impl HostPool {
             waiters: VecDeque::new(),
             live: Rc::new(Cell::new(0)),
             h2: None,
+            h2_remaining: None,
             h2_connecting: None,
+        }
+    }
+}
+
+impl HostPool {
+    /// A request takes a stream of the host's HTTP/2 connection; the last one it may carry takes the
+    /// connection out of the pool (it closes when its streams end).
+    fn attach_h2(&mut self, cluster: &Cluster) {
+        if let Some(n) = self.h2_remaining.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                cluster.stats.upstream_cx_max_requests.inc();
+                self.h2 = None;
+                self.h2_remaining = None;
+            }
         }
     }
 }
@@ -126,11 +196,11 @@ impl Pools {
     }
 
     /// An idle HTTP/1.1 connection to `host`, else one got as a pending request (see the module docs).
-    pub async fn http1(
-        &self,
-        cluster: &Arc<Cluster>,
-        host: &Arc<Host>,
-    ) -> Result<http1::SendRequest<Body>, ConnectError> {
+    pub async fn http1(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<H1Conn, ConnectError> {
+        self.http1_conn(cluster, host).await.map(|c| c.attach(cluster))
+    }
+
+    async fn http1_conn(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<H1Conn, ConnectError> {
         if let Some(sender) = self.idle_http1(cluster, host).await {
             return Ok(sender);
         }
@@ -188,7 +258,7 @@ impl Pools {
     }
 
     /// A pooled HTTP/1.1 connection that is still usable, if there is one.
-    async fn idle_http1(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Option<http1::SendRequest<Body>> {
+    async fn idle_http1(&self, cluster: &Arc<Cluster>, host: &Arc<Host>) -> Option<H1Conn> {
         loop {
             let (mut sender, since) = {
                 let mut hosts = self.hosts.borrow_mut();
@@ -223,7 +293,7 @@ impl Pools {
         host: &Arc<Host>,
         permit: Permit,
         live: Rc<Cell<u32>>,
-    ) -> Result<http1::SendRequest<Body>, ConnectError> {
+    ) -> Result<H1Conn, ConnectError> {
         let live = Live::new(live);
         let tcp = connect_with(cluster, host, permit).await?;
         let io = TokioIo::new(with_tls(cluster, host, tcp).await?);
@@ -236,13 +306,14 @@ impl Pools {
             let _ = conn.await;
             drop(live);
         });
-        Ok(sender)
+        Ok(H1Conn::new(cluster, sender))
     }
 
     /// Give a connection back after its response ended: to the oldest pending request of this worker waiting
-    /// for the host, else to the idle list (dropped, and so closed, if its host was retired).
-    pub fn put_http1(&self, host_id: u64, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
+    /// for the host, else to the idle list (dropped, and so closed, if its host was retired or it has carried
+    /// its `max_requests_per_connection`).
+    pub fn put_http1(&self, host_id: u64, sender: H1Conn) {
+        if sender.is_closed() || sender.drained() {
             return;
         }
         let mut hosts = self.hosts.borrow_mut();
@@ -283,7 +354,9 @@ impl Pools {
                         if let Some(p) = pending.as_mut() {
                             Pending::done(p);
                         }
-                        return Ok(s.clone());
+                        let s = s.clone();
+                        pool.attach_h2(cluster);
+                        return Ok(s);
                     }
                     pool.h2 = None;
                 }
@@ -328,6 +401,8 @@ impl Pools {
         if let Some(pool) = self.hosts.borrow_mut().get_mut(&host.id) {
             if !pool.host.is_retired() {
                 pool.h2 = Some(sender.clone());
+                pool.h2_remaining = cluster.config.max_requests_per_connection;
+                pool.attach_h2(cluster);
             }
         }
         Ok(sender)
@@ -341,11 +416,16 @@ impl Pools {
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
         let tcp = connect_with(cluster, host, permit).await?;
         let io = TokioIo::new(with_tls(cluster, host, tcp).await?);
-        let (sender, conn) = http2::Builder::new(LocalExec)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .handshake(io)
-            .await
-            .map_err(ConnectError::Handshake)?;
+        let mut builder = http2::Builder::new(LocalExec);
+        builder.timer(hyper_util::rt::TokioTimer::new());
+        let h2 = &cluster.config.http2;
+        if let Some(w) = h2.initial_stream_window_size {
+            builder.initial_stream_window_size(w);
+        }
+        if let Some(w) = h2.initial_connection_window_size {
+            builder.initial_connection_window_size(w);
+        }
+        let (sender, conn) = builder.handshake(io).await.map_err(ConnectError::Handshake)?;
         cluster.stats.upstream_cx_http2_total.inc();
         tokio::task::spawn_local(async move {
             let _ = conn.await;

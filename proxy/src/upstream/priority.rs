@@ -161,22 +161,27 @@ impl PriorityLoad {
 
     /// `choosePriority`: the level and availability for a random `hash`.
     pub fn choose(&self, hash: u64) -> (usize, Availability) {
-        let h = (hash % 100 + 1) as u32;
-        let mut acc = 0;
-        for (p, &l) in self.healthy_load.iter().enumerate() {
-            acc += l;
-            if h <= acc {
-                return (p, Availability::Healthy);
-            }
-        }
-        for (p, &l) in self.degraded_load.iter().enumerate() {
-            acc += l;
-            if h <= acc {
-                return (p, Availability::Degraded);
-            }
-        }
-        (0, Availability::Healthy)
+        choose_in(&self.healthy_load, &self.degraded_load, hash)
     }
+}
+
+/// `choosePriority` over given loads (the cluster's, or a retry priority's).
+pub fn choose_in(healthy_load: &[u32], degraded_load: &[u32], hash: u64) -> (usize, Availability) {
+    let h = (hash % 100 + 1) as u32;
+    let mut acc = 0;
+    for (p, &l) in healthy_load.iter().enumerate() {
+        acc += l;
+        if h <= acc {
+            return (p, Availability::Healthy);
+        }
+    }
+    for (p, &l) in degraded_load.iter().enumerate() {
+        acc += l;
+        if h <= acc {
+            return (p, Availability::Degraded);
+        }
+    }
+    (0, Availability::Healthy)
 }
 
 /// `isHostSetInPanic`: healthy plus degraded share below the threshold (percent).

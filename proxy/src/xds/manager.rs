@@ -838,7 +838,7 @@ impl Dynamic {
                 if matches!(&c.config.discovery, Discovery::Eds { service_name, .. } if *service_name == name)
                 {
                     let hosts = reuse_hosts(&c.hosts(), &endpoints);
-                    c.set_hosts(hosts);
+                    c.set_discovered_hosts(hosts);
                 }
             }
             // Warming clusters that waited for it become active.
@@ -1226,6 +1226,7 @@ pub fn reuse_hosts(current: &HostSet, endpoints: &[EndpointConfig]) -> Vec<Arc<H
                     && h.locality_weight == e.locality_weight
                     && h.health_check_address.port() == e.health_check_port.unwrap_or(e.address.port())
                     && h.health_check_disabled == e.health_check_disabled
+                    && h.health_check_hostname == e.health_check_hostname
                     && h.priority == e.priority
                     && h.hostname == e.hostname =>
             {

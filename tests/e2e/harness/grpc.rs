@@ -11,6 +11,10 @@
 //!   half-closes; the message `fail:<code>` ends the stream with that status in real trailers after the replies
 //!   sent so far.
 //!
+//! - `/grpc.health.v1.Health/Check` (unary): the standard health service, answering the status set with
+//!   [`GrpcUpstream::set_serving`] (SERVING at first) whatever the service, and recording the `service` and
+//!   `:authority` of each check ([`GrpcUpstream::health_checks`]).
+//!
 //! Every response carries the header `x-upstream: <name>`, and every reply says which upstream and method
 //! answered, so a routing test can tell origins apart. A request with metadata [`ECHO_TRAILER`] gets the value
 //! back as a trailer of the same name (in the status metadata of a failure), and every requested failure
@@ -45,6 +49,28 @@ use super::{within, BoxError, Protocol, UpstreamBody, UpstreamOptions, DEFAULT_T
 pub const UNARY_PATH: &str = "/test.Echo/Unary";
 pub const BIDI_PATH: &str = "/test.Echo/Bidi";
 pub const CACHE_GET_PATH: &str = "/cache.EntityService/Get";
+pub const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    pub service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse` (`status`: 1 SERVING, 2 NOT_SERVING).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    pub status: i32,
+}
+
+/// The health service's state: the status it answers, and the `(service, :authority)` of each check.
+#[derive(Default)]
+struct Health {
+    not_serving: std::sync::atomic::AtomicBool,
+    checks: std::sync::Mutex<Vec<(String, String)>>,
+}
 
 /// Request metadata whose value the server returns as a trailer of the same name.
 pub const ECHO_TRAILER: &str = "x-echo-trailer";
@@ -76,6 +102,7 @@ pub struct EchoReply {
 pub struct GrpcUpstream {
     name: Arc<str>,
     server: Server,
+    health: Arc<Health>,
 }
 
 impl GrpcUpstream {
@@ -84,16 +111,32 @@ impl GrpcUpstream {
         let header = HeaderValue::from_str(name)
             .unwrap_or_else(|e| panic!("upstream name {name:?} is not a header value: {e}"));
         let name: Arc<str> = Arc::from(name);
+        let health = Arc::new(Health::default());
         let handler: Handler = {
             let name = name.clone();
-            Arc::new(move |req| Box::pin(dispatch(name.clone(), header.clone(), req)))
+            let health = health.clone();
+            Arc::new(move |req| Box::pin(dispatch(name.clone(), header.clone(), health.clone(), req)))
         };
         let options = UpstreamOptions {
             protocol: Protocol::H2c,
             bind: None,
         };
         let server = Server::start(&options, handler).await;
-        GrpcUpstream { name, server }
+        GrpcUpstream { name, server, health }
+    }
+
+    /// What `grpc.health.v1.Health/Check` answers from now on: SERVING or NOT_SERVING.
+    pub fn set_serving(&self, serving: bool) {
+        self.health.not_serving.store(!serving, Ordering::SeqCst);
+    }
+
+    /// The `(service, :authority)` of every health check received so far.
+    pub fn health_checks(&self) -> Vec<(String, String)> {
+        self.health
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn name(&self) -> &str {
@@ -123,7 +166,51 @@ fn codec() -> ProstCodec<EchoReply, EchoRequest> {
     ProstCodec::default()
 }
 
-async fn dispatch(name: Arc<str>, header: HeaderValue, req: Request<Incoming>) -> Response<UpstreamBody> {
+/// Answers `grpc.health.v1.Health/Check` for one call.
+struct HealthAnswerer {
+    health: Arc<Health>,
+    authority: String,
+}
+
+impl UnaryService<HealthCheckRequest> for HealthAnswerer {
+    type Response = HealthCheckResponse;
+    type Future = BoxFuture<Result<tonic::Response<HealthCheckResponse>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<HealthCheckRequest>) -> Self::Future {
+        let service = request.into_inner().service;
+        self.health
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((service, self.authority.clone()));
+        let status = if self.health.not_serving.load(Ordering::SeqCst) {
+            2
+        } else {
+            1
+        };
+        Box::pin(async move { Ok(tonic::Response::new(HealthCheckResponse { status })) })
+    }
+}
+
+/// A SERVING answer to a `grpc.health.v1.Health/Check` request, for origins that are not a [`GrpcUpstream`]
+/// but must pass gRPC health checks.
+pub async fn serving_health_check(req: Request<Incoming>) -> Response<UpstreamBody> {
+    let answerer = HealthAnswerer {
+        health: Arc::new(Health::default()),
+        authority: String::new(),
+    };
+    let codec = ProstCodec::<HealthCheckResponse, HealthCheckRequest>::default();
+    let response = tonic::server::Grpc::new(codec).unary(answerer, req).await;
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+}
+
+async fn dispatch(
+    name: Arc<str>,
+    header: HeaderValue,
+    health: Arc<Health>,
+    req: Request<Incoming>,
+) -> Response<UpstreamBody> {
     let method = req.uri().path().to_owned();
     let echo_trailer = req.headers().get(ECHO_TRAILER).cloned();
     let answerer = Answerer {
@@ -133,6 +220,13 @@ async fn dispatch(name: Arc<str>, header: HeaderValue, req: Request<Incoming>) -
     let response = match method.as_str() {
         UNARY_PATH | CACHE_GET_PATH => tonic::server::Grpc::new(codec()).unary(answerer, req).await,
         BIDI_PATH => tonic::server::Grpc::new(codec()).streaming(answerer, req).await,
+        HEALTH_CHECK_PATH => {
+            let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+            let codec = ProstCodec::<HealthCheckResponse, HealthCheckRequest>::default();
+            tonic::server::Grpc::new(codec)
+                .unary(HealthAnswerer { health, authority }, req)
+                .await
+        }
         _ => Status::unimplemented(format!("{name} has no method {method}")).into_http(),
     };
     let (mut parts, body) = response.into_parts();

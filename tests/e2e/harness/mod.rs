@@ -34,8 +34,8 @@ use std::time::Duration;
 pub use client::{build_request, get, h2c_client, http1_client, ClientError, HttpClient, Reply};
 pub use dns::DnsServer;
 pub use grpc::{
-    BidiCall, EchoReply, EchoRequest, GrpcClient, GrpcUpstream, UnaryOutcome, BIDI_PATH, CACHE_GET_PATH,
-    ECHO_TRAILER, FAIL_DETAIL, UNARY_PATH,
+    serving_health_check, BidiCall, EchoReply, EchoRequest, GrpcClient, GrpcUpstream, UnaryOutcome,
+    BIDI_PATH, CACHE_GET_PATH, ECHO_TRAILER, FAIL_DETAIL, HEALTH_CHECK_PATH, UNARY_PATH,
 };
 pub use load::{load, Budget, LoadReport};
 pub use process::{parse_listener_addr, parse_stats, validate, validate_command, Remora, TempDir};

@@ -196,6 +196,8 @@ impl XdsServer {
             let name = r
                 .get("name")
                 .or_else(|| r.get("cluster_name"))
+                // The JSON mapping's spelling, as Envoy Gateway's resources have it.
+                .or_else(|| r.get("clusterName"))
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
