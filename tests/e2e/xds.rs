@@ -1567,3 +1567,138 @@ async fn an_eds_cluster_stops_warming_after_its_initial_fetch_timeout() {
     assert_eq!(upstream_of(addr).await, "a");
     assert_eq!(proxy.stat("cluster.svc.init_fetch_timeout").await, 1);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// TLS to the control plane: the `envoy_grpc` cluster's `UpstreamTlsContext` (Envoy Gateway's shape: client
+// certificate and trusted CA from SDS files).
+
+const UPSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Envoy Gateway's two SDS files (`xds-certificate.json`, `xds-trusted-ca.json`: a `resources` list holding one
+/// `Secret`, the PEM files by name, the server's SAN `envoy-gateway`), written into `dir` with the client's
+/// certificate and the CA to trust. Returns the two paths.
+fn eg_sds_files(dir: &TempDir, client: &(String, String), trusted_ca: &str) -> (String, String) {
+    dir.write("tls.crt", &client.0);
+    dir.write("tls.key", &client.1);
+    dir.write("ca.crt", trusted_ca);
+    let file = |n: &str| dir.path().join(n).display().to_string();
+    let cert = json!({"resources": [{"@type": SECRET, "name": "xds_certificate", "tls_certificate": {
+        "certificate_chain": {"filename": file("tls.crt")}, "private_key": {"filename": file("tls.key")}}}]});
+    let ca = json!({"resources": [{"@type": SECRET, "name": "xds_trusted_ca", "validation_context": {
+        "trusted_ca": {"filename": file("ca.crt")},
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "envoy-gateway"}}]}}]});
+    dir.write("xds-certificate.json", &cert.to_string());
+    dir.write("xds-trusted-ca.json", &ca.to_string());
+    (file("xds-certificate.json"), file("xds-trusted-ca.json"))
+}
+
+/// [`ads_bootstrap_at`] with the `xds` cluster over TLS: the client certificate and the validation context
+/// from the SDS files `sds` (as Envoy Gateway's bootstrap has them).
+fn ads_tls_bootstrap(control_plane: SocketAddr, sds: &(String, String)) -> String {
+    let mut v: Value = serde_json::from_str(&ads_bootstrap_at(control_plane, "DELTA_GRPC"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    v["static_resources"]["clusters"][0]["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": UPSTREAM_TLS,
+        "common_tls_context": {
+            "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificate_sds_secret_configs": [{"name": "xds_certificate",
+                "sds_config": {"path_config_source": {"path": sds.0}, "resource_api_version": "V3"}}],
+            "validation_context_sds_secret_config": {"name": "xds_trusted_ca",
+                "sds_config": {"path_config_source": {"path": sds.1}, "resource_api_version": "V3"}},
+        },
+    }});
+    v.to_string()
+}
+
+/// The resources of [`ads_world`]: an EDS cluster `svc` on `up`, listener `main` with routes `r1` from RDS.
+fn serve_world(xds: &XdsServer, up: &Upstream) {
+    xds.set(hx::CLUSTER, vec![eds_cluster("svc")]);
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[up.addr()])]);
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+        )],
+    );
+    let mut table = routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]);
+    table["name"] = json!("r1");
+    xds.set(hx::ROUTE, vec![table]);
+}
+
+/// ADS over mTLS: the control plane requires a client certificate; the proxy presents the one of its SDS file,
+/// verifies the server against the SDS file's CA and SAN matcher, and the pushed config routes traffic. The
+/// handshake is counted in the cluster's `ssl.*` stats like a data-plane connection's.
+#[tokio::test]
+async fn ads_over_mtls_through_a_static_cluster_with_sds_file_secrets() {
+    let pki = hx::Pki::new("cp");
+    let server = pki.leaf("control plane", &["envoy-gateway"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&ads_tls_bootstrap(xds.addr(), &sds), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+    assert!(proxy.stat("cluster.xds.ssl.handshake").await >= 1);
+    assert_eq!(proxy.stat("cluster.xds.ssl.connection_error").await, 0);
+    assert!(xds.tls_failures().is_empty(), "{:?}", xds.tls_failures());
+    // A config change still arrives over the TLS stream.
+    let b = Upstream::start("b").await;
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[b.addr()])]);
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+}
+
+/// A control plane whose certificate another CA signed: every handshake fails verification, the stream never
+/// comes up (`connected_state` 0, reconnecting), and the log names the TLS error.
+#[tokio::test]
+async fn ads_over_tls_with_the_wrong_ca_never_connects_and_logs_the_tls_error() {
+    let pki = hx::Pki::new("cp");
+    let other = hx::Pki::new("other");
+    let server = other.leaf("impostor", &["envoy-gateway"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&ads_tls_bootstrap(xds.addr(), &sds), &[]).await;
+    proxy
+        .wait_stat("cluster.xds.ssl.fail_verify_error", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_log("TLS_error", DEFAULT_TIMEOUT).await;
+    let logs = proxy.logs();
+    assert!(logs.contains("UnknownIssuer"), "{logs}");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
+    assert!(proxy.stat("cluster.xds.upstream_cx_connect_fail").await >= 1);
+    assert!(xds.requests().is_empty(), "no request may reach the server");
+    // The server saw the proxy refuse its certificate.
+    assert!(!xds.tls_failures().is_empty());
+}
+
+/// A plaintext (h2c) control plane behind a cluster with TLS: the handshake fails, the stream never comes up.
+#[tokio::test]
+async fn ads_over_tls_to_a_plaintext_control_plane_fails() {
+    let pki = hx::Pki::new("cp");
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start().await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&ads_tls_bootstrap(xds.addr(), &sds), &[]).await;
+    proxy
+        .wait_stat("cluster.xds.ssl.connection_error", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_log("TLS_error", DEFAULT_TIMEOUT).await;
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
+    assert!(xds.requests().is_empty(), "no request may reach the server");
+}
