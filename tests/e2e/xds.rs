@@ -784,7 +784,7 @@ async fn api_config_sources_refuse_what_remora_cannot_do_with_the_path() {
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains(
-            "dynamic_resources.cds_config.api_config_source.grpc_services[0].google_grpc.channel_credentials"
+            "dynamic_resources.cds_config.api_config_source.grpc_services[0].google_grpc.channel_credentials.ssl_credentials.root_certs: is required"
         ),
         "{err}"
     );
@@ -1701,4 +1701,54 @@ async fn ads_over_tls_to_a_plaintext_control_plane_fails() {
     proxy.wait_log("TLS_error", DEFAULT_TIMEOUT).await;
     assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
     assert!(xds.requests().is_empty(), "no request may reach the server");
+}
+
+/// A bootstrap whose ADS goes to a `google_grpc` target with `ssl_credentials` (`root_certs`, and the client
+/// certificate), inline PEM.
+fn google_tls_bootstrap(control_plane: SocketAddr, ca: &str, client: &(String, String)) -> String {
+    json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                "grpc_services": [{"google_grpc": {"target_uri": control_plane.to_string(), "stat_prefix": "xds",
+                    "channel_credentials": {"ssl_credentials": {
+                        "root_certs": {"inline_string": ca},
+                        "cert_chain": {"inline_string": client.0},
+                        "private_key": {"inline_string": client.1},
+                    }}}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+    })
+    .to_string()
+}
+
+/// `google_grpc.channel_credentials.ssl_credentials`: ADS over mTLS to a target URI, the server verified
+/// against `root_certs` and the target's address; a server certificate that does not name the target's
+/// address is refused (as gRPC checks the target's host name), the stream never comes up.
+#[tokio::test]
+async fn google_grpc_ssl_credentials_reach_the_control_plane_over_mtls_and_check_its_name() {
+    let pki = hx::Pki::new("cp");
+    let server = pki.leaf("control plane", &["127.0.0.1"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let proxy = Remora::start(&google_tls_bootstrap(xds.addr(), &pki.ca_pem(), &client), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+
+    // A certificate for another name, from the right CA.
+    let other = pki.leaf("elsewhere", &["envoy-gateway"]);
+    let wrong = XdsServer::start_tls(&other.0, &other.1, Some(&pki.ca_pem())).await;
+    serve_world(&wrong, &a);
+    let refused = Remora::start(&google_tls_bootstrap(wrong.addr(), &pki.ca_pem(), &client), &[]).await;
+    refused.wait_log("TLS_error", DEFAULT_TIMEOUT).await;
+    let logs = refused.logs();
+    assert!(logs.contains("NotValidForName"), "{logs}");
+    assert_eq!(refused.stat("control_plane.connected_state").await, 0);
+    assert!(wrong.requests().is_empty());
 }

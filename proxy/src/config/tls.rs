@@ -230,7 +230,7 @@ fn lower_common(c: &Node, server: bool) -> Option<Common> {
 }
 
 /// `DataSource`: inline or a file (read now).
-fn data_source(d: &Node) -> Option<Vec<u8>> {
+pub(crate) fn data_source(d: &Node) -> Option<Vec<u8>> {
     if let Some(s) = d.string("inline_string") {
         return Some(s.into_bytes());
     }

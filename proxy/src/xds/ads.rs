@@ -2,7 +2,8 @@
 //!
 //! One gRPC stream to the control plane, reached through the static cluster that
 //! `grpc_services[0].envoy_grpc.cluster_name` names (its hosts in turn, h2c, or TLS with the cluster's
-//! `UpstreamTlsContext`: see [`super::dial`]), or at `google_grpc.target_uri` (h2c). Messages are `DynamicMessage`s of Envoy's own descriptors through a small
+//! `UpstreamTlsContext`: see [`super::dial`]), or at `google_grpc.target_uri` (h2c, or TLS with
+//! `channel_credentials.ssl_credentials`). Messages are `DynamicMessage`s of Envoy's own descriptors through a small
 //! [`tonic::codec::Codec`]: no generated code. The same client serves a `cds_config` or `lds_config` with an
 //! `api_config_source` of its own: a stream of that type alone on its discovery service
 //! (`ClusterDiscoveryService/StreamClusters`, `ListenerDiscoveryService/DeltaListeners`, ...), as Envoy opens.
@@ -314,6 +315,11 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
         connected_state: connected_state.clone(),
         types: BTreeMap::new(),
     };
+    // google_grpc's ssl_credentials: one TLS context for the life of the stream.
+    let google_tls = match &cfg.target {
+        GrpcTarget::Uri(uri, Some(creds)) => Some(super::dial::google_tls(uri, creds)),
+        _ => None,
+    };
     let mut attempt = 0usize;
     loop {
         let channel = match &cfg.target {
@@ -323,10 +329,15 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
                     .await
                     .map(|c| (host.address.to_string(), c)),
             },
-            GrpcTarget::Uri(uri) => connect(uri)
+            GrpcTarget::Uri(uri, None) => connect(uri)
                 .await
                 .map(|c| (uri.clone(), c))
                 .map_err(|e| format!("cannot connect to {uri}: {}", super::dial::causes(&e))),
+            GrpcTarget::Uri(uri, Some(_)) => match &google_tls {
+                Some(Ok(tls)) => super::dial::tls_channel(uri, tls).await.map(|c| (uri.clone(), c)),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err("no TLS context".into()),
+            },
         };
         attempt += 1;
         let result = match channel {
