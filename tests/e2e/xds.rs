@@ -1010,6 +1010,54 @@ fn grpc_source(api_type: &str, cluster: &str) -> Value {
         "set_node_on_first_message_only": true, "grpc_services": [{"envoy_grpc": {"cluster_name": cluster}}]}})
 }
 
+/// REST polling through a cluster with a TLS transport socket (SDS-file client certificate and CA, as
+/// Envoy Gateway's): the polls go over mTLS and the config routes traffic; the handshakes are the cluster's.
+#[tokio::test]
+async fn rest_polling_goes_over_mtls_with_the_cluster_tls_context() {
+    let a = Upstream::start("a").await;
+    let (cp, plane) = rest_plane().await;
+    plane_set(
+        &plane,
+        "/v3/discovery:clusters",
+        vec![typed(cluster("svc", &[a.addr()]), CLUSTER_TYPE)],
+    );
+    plane_set(
+        &plane,
+        "/v3/discovery:listeners",
+        vec![typed(
+            listener(
+                "main",
+                json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+            ),
+            LISTENER_TYPE,
+        )],
+    );
+    let pki = hx::Pki::new("rest");
+    let server = pki.leaf("control plane", &["envoy-gateway"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let front = hx::TlsFront::start(cp.addr(), &server.0, &server.1, Some(&pki.ca_pem())).await;
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    // The TLS cluster of the ADS bootstrap, renamed `cp` and speaking HTTP/1.1 for REST.
+    let tls_cluster: Value = serde_json::from_str(&ads_tls_bootstrap(front.addr(), &sds))
+        .map(|v: Value| v["static_resources"]["clusters"][0]["transport_socket"].clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut cp_cluster = cluster("cp", &[front.addr()]);
+    cp_cluster["transport_socket"] = tls_cluster;
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"cds_config": rest_source("cp", "0.05s"), "lds_config": rest_source("cp", "0.05s")},
+        "static_resources": {"clusters": [cp_cluster]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert!(proxy.stat("cluster.cp.ssl.handshake").await >= 2);
+    assert_eq!(proxy.stat("cluster.cp.ssl.connection_error").await, 0);
+}
+
 fn rest_source(cluster: &str, refresh_delay: &str) -> Value {
     json!({"resource_api_version": "V3", "api_config_source": {"api_type": "REST", "transport_api_version": "V3",
         "cluster_names": [cluster], "refresh_delay": refresh_delay, "request_timeout": "1s"}})
@@ -1682,6 +1730,42 @@ async fn ads_over_tls_with_the_wrong_ca_never_connects_and_logs_the_tls_error() 
     assert!(xds.requests().is_empty(), "no request may reach the server");
     // The server saw the proxy refuse its certificate.
     assert!(!xds.tls_failures().is_empty());
+}
+
+/// The SAN matcher of the SDS validation context is checked (a certificate of the right CA for another name
+/// fails `fail_verify_san`), and a rotated SDS file applies to the next connection: once the trusted-CA file
+/// names the server's SAN, the reconnecting stream comes up and the config routes traffic.
+#[tokio::test]
+async fn ads_over_tls_checks_the_sds_san_matcher_and_a_rotated_sds_file_applies_on_reconnect() {
+    let pki = hx::Pki::new("cp");
+    let server = pki.leaf("control plane", &["elsewhere.test"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&ads_tls_bootstrap(xds.addr(), &sds), &[]).await;
+    proxy
+        .wait_stat("cluster.xds.ssl.fail_verify_san", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
+    assert!(xds.requests().is_empty());
+    let ca = dir.path().join("ca.crt").display().to_string();
+    let rotated = json!({"resources": [{"@type": SECRET, "name": "xds_trusted_ca", "validation_context": {
+        "trusted_ca": {"filename": ca},
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "elsewhere.test"}}]}}]});
+    write_atomically(&dir, "xds-trusted-ca.json", &rotated.to_string());
+    proxy
+        .wait_stat(
+            "control_plane.connected_state",
+            |v| v == 1,
+            Duration::from_secs(20),
+        )
+        .await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
 }
 
 /// A plaintext (h2c) control plane behind a cluster with TLS: the handshake fails, the stream never comes up.

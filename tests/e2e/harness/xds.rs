@@ -203,6 +203,61 @@ fn server_config(cert: &str, key: &str, client_ca: Option<&str>) -> Arc<rustls::
     Arc::new(config)
 }
 
+/// A TLS front for a plaintext server (a REST management server over TLS): it terminates TLS with
+/// `cert`/`key`, requiring a client certificate signed by `client_ca` when given, and relays the bytes to
+/// `target`. Dropping it stops it.
+pub struct TlsFront {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsFront {
+    pub async fn start(
+        target: std::net::SocketAddr,
+        cert: &str,
+        key: &str,
+        client_ca: Option<&str>,
+    ) -> TlsFront {
+        let mut config = (*server_config(cert, key, client_ca)).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind the TLS front: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local address: {e}"));
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let acceptor = acceptor.clone();
+                        conns.spawn(async move {
+                            let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                            let Ok(mut plain) = tokio::net::TcpStream::connect(target).await else { return };
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        TlsFront { addr, task }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Where the management server listens: the harness's h2c server, or a TLS accept loop of its own.
 enum Listening {
     Plain(Server),
