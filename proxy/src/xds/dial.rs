@@ -21,7 +21,7 @@ use std::time::Duration;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The control plane's cluster and the host of this attempt (its hosts in turn).
-pub(super) fn pick(
+pub(crate) fn pick(
     shared: &Shared,
     cluster: &str,
     attempt: usize,
@@ -38,7 +38,7 @@ pub(super) fn pick(
 
 /// A connection to `host`: TCP, then TLS when the cluster has a TLS transport socket. The error says why,
 /// with the TLS reason (`TLS_error:|...`) when the handshake failed.
-pub(super) async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<UpstreamIo, String> {
+pub(crate) async fn connect(cluster: &Arc<Cluster>, host: &Arc<Host>) -> Result<UpstreamIo, String> {
     connect_upstream(cluster, host)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", host.address))

@@ -13,7 +13,7 @@
 //! where each resource type comes from.
 
 pub mod ads;
-mod dial;
+pub(crate) mod dial;
 pub mod file;
 pub mod manager;
 pub mod rest;
