@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::harness::{build_request, HttpClient, Upstream};
+use crate::harness::{build_request, HttpClient, Upstream, DEFAULT_TIMEOUT};
 use crate::support::{bootstrap, cluster, h2_cluster, legacy_h2_cluster, routes, to_cluster, Proxy, RawConn};
 
 const MIB: usize = 1 << 20;
@@ -493,4 +493,60 @@ async fn http2_flow_control_windows_are_announced_upstream() {
     // The origin hung up without answering: the proxy answers for it.
     let reply = request.await.unwrap_or_else(|e| panic!("{e}"));
     assert!(reply.map_or(true, |r| r.status == StatusCode::SERVICE_UNAVAILABLE));
+}
+
+/// `connection_keepalive` on a cluster's HTTP/2: Remora PINGs the upstream every `interval` and closes the
+/// connection when a PING goes unanswered for `timeout`. The upstream here speaks just enough HTTP/2 by hand
+/// (its SETTINGS, and no answer to anything) to see the PING arrive and the connection close.
+#[tokio::test]
+async fn http2_connection_keepalive_pings_and_closes_a_silent_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut c = cluster("silent", &[silent.local_addr().unwrap()]);
+    c["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {
+            "connection_keepalive": {"interval": "0.2s", "timeout": "0.3s"}}},
+    }});
+    let table = routes(vec![to_cluster(json!({"prefix": "/"}), "silent")]);
+    let mut config = bootstrap(table, vec![c], Value::Null);
+    // The request waits long enough for the keepalive to act first.
+    config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["timeout"] = json!("10s");
+    let proxy = Proxy::start(&config, &["--concurrency", "1"]).await;
+    let client = proxy.h1().with_timeout(std::time::Duration::from_secs(10));
+    let request = tokio::spawn(async move { client.try_get("/", &[]).await.map(|r| r.status) });
+    let (mut up, _) = crate::harness::within(DEFAULT_TIMEOUT, "the upstream connection", silent.accept())
+        .await
+        .unwrap();
+    // Our SETTINGS (empty), then read frames until a PING (type 6) arrives.
+    up.write_all(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut preface = [0u8; 24];
+    up.read_exact(&mut preface).await.unwrap();
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    let ping = crate::harness::within(DEFAULT_TIMEOUT, "a PING", async {
+        loop {
+            let mut head = [0u8; 9];
+            up.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            up.read_exact(&mut payload).await.unwrap();
+            if head[3] == 6 && head[4] & 1 == 0 {
+                return payload;
+            }
+        }
+    })
+    .await;
+    assert_eq!(ping.len(), 8);
+    // Unanswered, the connection is closed after the timeout (`within` fails the test if it stays open).
+    let mut rest = Vec::new();
+    let _ = crate::harness::within(DEFAULT_TIMEOUT, "the close", up.read_to_end(&mut rest)).await;
+    // The request in flight on it is reset: a 503 well before the 10 s route timeout.
+    let status = crate::harness::within(DEFAULT_TIMEOUT, "the client's answer", request)
+        .await
+        .unwrap();
+    assert_eq!(status.map(|s| s.as_u16()).ok(), Some(503));
+    assert!(proxy.stat("cluster.silent.upstream_cx_destroy").await >= 1);
 }

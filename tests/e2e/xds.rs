@@ -784,7 +784,7 @@ async fn api_config_sources_refuse_what_remora_cannot_do_with_the_path() {
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains(
-            "dynamic_resources.cds_config.api_config_source.grpc_services[0].google_grpc.channel_credentials"
+            "dynamic_resources.cds_config.api_config_source.grpc_services[0].google_grpc.channel_credentials.ssl_credentials.root_certs: is required"
         ),
         "{err}"
     );
@@ -1008,6 +1008,54 @@ async fn sigterm_closes_what_a_replaced_listener_still_drains() {
 fn grpc_source(api_type: &str, cluster: &str) -> Value {
     json!({"resource_api_version": "V3", "api_config_source": {"api_type": api_type, "transport_api_version": "V3",
         "set_node_on_first_message_only": true, "grpc_services": [{"envoy_grpc": {"cluster_name": cluster}}]}})
+}
+
+/// REST polling through a cluster with a TLS transport socket (SDS-file client certificate and CA, as
+/// Envoy Gateway's): the polls go over mTLS and the config routes traffic; the handshakes are the cluster's.
+#[tokio::test]
+async fn rest_polling_goes_over_mtls_with_the_cluster_tls_context() {
+    let a = Upstream::start("a").await;
+    let (cp, plane) = rest_plane().await;
+    plane_set(
+        &plane,
+        "/v3/discovery:clusters",
+        vec![typed(cluster("svc", &[a.addr()]), CLUSTER_TYPE)],
+    );
+    plane_set(
+        &plane,
+        "/v3/discovery:listeners",
+        vec![typed(
+            listener(
+                "main",
+                json!({"route_config": routes(vec![to_cluster(json!({"prefix": "/"}), "svc")])}),
+            ),
+            LISTENER_TYPE,
+        )],
+    );
+    let pki = hx::Pki::new("rest");
+    let server = pki.leaf("control plane", &["envoy-gateway"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let front = hx::TlsFront::start(cp.addr(), &server.0, &server.1, Some(&pki.ca_pem())).await;
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    // The TLS cluster of the ADS bootstrap, renamed `cp` and speaking HTTP/1.1 for REST.
+    let tls_cluster: Value = serde_json::from_str(&ads_tls_bootstrap(front.addr(), &sds))
+        .map(|v: Value| v["static_resources"]["clusters"][0]["transport_socket"].clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut cp_cluster = cluster("cp", &[front.addr()]);
+    cp_cluster["transport_socket"] = tls_cluster;
+    let bootstrap = json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"cds_config": rest_source("cp", "0.05s"), "lds_config": rest_source("cp", "0.05s")},
+        "static_resources": {"clusters": [cp_cluster]},
+    });
+    let proxy = Remora::start(&bootstrap.to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert!(proxy.stat("cluster.cp.ssl.handshake").await >= 2);
+    assert_eq!(proxy.stat("cluster.cp.ssl.connection_error").await, 0);
 }
 
 fn rest_source(cluster: &str, refresh_delay: &str) -> Value {
@@ -1566,4 +1614,316 @@ async fn an_eds_cluster_stops_warming_after_its_initial_fetch_timeout() {
         .await;
     assert_eq!(upstream_of(addr).await, "a");
     assert_eq!(proxy.stat("cluster.svc.init_fetch_timeout").await, 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// TLS to the control plane: the `envoy_grpc` cluster's `UpstreamTlsContext` (Envoy Gateway's shape: client
+// certificate and trusted CA from SDS files).
+
+const UPSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Envoy Gateway's two SDS files (`xds-certificate.json`, `xds-trusted-ca.json`: a `resources` list holding one
+/// `Secret`, the PEM files by name, the server's SAN `envoy-gateway`), written into `dir` with the client's
+/// certificate and the CA to trust. Returns the two paths.
+fn eg_sds_files(dir: &TempDir, client: &(String, String), trusted_ca: &str) -> (String, String) {
+    dir.write("tls.crt", &client.0);
+    dir.write("tls.key", &client.1);
+    dir.write("ca.crt", trusted_ca);
+    let file = |n: &str| dir.path().join(n).display().to_string();
+    let cert = json!({"resources": [{"@type": SECRET, "name": "xds_certificate", "tls_certificate": {
+        "certificate_chain": {"filename": file("tls.crt")}, "private_key": {"filename": file("tls.key")}}}]});
+    let ca = json!({"resources": [{"@type": SECRET, "name": "xds_trusted_ca", "validation_context": {
+        "trusted_ca": {"filename": file("ca.crt")},
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "envoy-gateway"}}]}}]});
+    dir.write("xds-certificate.json", &cert.to_string());
+    dir.write("xds-trusted-ca.json", &ca.to_string());
+    (file("xds-certificate.json"), file("xds-trusted-ca.json"))
+}
+
+/// [`ads_bootstrap_at`] with the `xds` cluster over TLS: the client certificate and the validation context
+/// from the SDS files `sds` (as Envoy Gateway's bootstrap has them).
+fn ads_tls_bootstrap(control_plane: SocketAddr, sds: &(String, String)) -> String {
+    let mut v: Value = serde_json::from_str(&ads_bootstrap_at(control_plane, "DELTA_GRPC"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    v["static_resources"]["clusters"][0]["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": UPSTREAM_TLS,
+        "common_tls_context": {
+            "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificate_sds_secret_configs": [{"name": "xds_certificate",
+                "sds_config": {"path_config_source": {"path": sds.0}, "resource_api_version": "V3"}}],
+            "validation_context_sds_secret_config": {"name": "xds_trusted_ca",
+                "sds_config": {"path_config_source": {"path": sds.1}, "resource_api_version": "V3"}},
+        },
+    }});
+    v.to_string()
+}
+
+/// The resources of [`ads_world`]: an EDS cluster `svc` on `up`, listener `main` with routes `r1` from RDS.
+fn serve_world(xds: &XdsServer, up: &Upstream) {
+    xds.set(hx::CLUSTER, vec![eds_cluster("svc")]);
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[up.addr()])]);
+    xds.set(
+        hx::LISTENER,
+        vec![listener(
+            "main",
+            json!({"rds": {"route_config_name": "r1", "config_source": {"ads": {}}}}),
+        )],
+    );
+    let mut table = routes(vec![to_cluster(json!({"prefix": "/"}), "svc")]);
+    table["name"] = json!("r1");
+    xds.set(hx::ROUTE, vec![table]);
+}
+
+/// ADS over mTLS: the control plane requires a client certificate; the proxy presents the one of its SDS file,
+/// verifies the server against the SDS file's CA and SAN matcher, and the pushed config routes traffic. The
+/// handshake is counted in the cluster's `ssl.*` stats like a data-plane connection's.
+#[tokio::test]
+async fn ads_over_mtls_through_a_static_cluster_with_sds_file_secrets() {
+    let pki = hx::Pki::new("cp");
+    let server = pki.leaf("control plane", &["envoy-gateway"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&ads_tls_bootstrap(xds.addr(), &sds), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+    assert!(proxy.stat("cluster.xds.ssl.handshake").await >= 1);
+    assert_eq!(proxy.stat("cluster.xds.ssl.connection_error").await, 0);
+    assert!(xds.tls_failures().is_empty(), "{:?}", xds.tls_failures());
+    // A config change still arrives over the TLS stream.
+    let b = Upstream::start("b").await;
+    xds.set(hx::ENDPOINT, vec![assignment("svc", &[b.addr()])]);
+    proxy
+        .wait_stat("cluster.svc.update_success", |v| v >= 2, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(upstream_of(addr).await, "b");
+}
+
+/// A control plane whose certificate another CA signed: every handshake fails verification, the stream never
+/// comes up (`connected_state` 0, reconnecting), and the log names the TLS error.
+#[tokio::test]
+async fn ads_over_tls_with_the_wrong_ca_never_connects_and_logs_the_tls_error() {
+    let pki = hx::Pki::new("cp");
+    let other = hx::Pki::new("other");
+    let server = other.leaf("impostor", &["envoy-gateway"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&ads_tls_bootstrap(xds.addr(), &sds), &[]).await;
+    proxy
+        .wait_stat("cluster.xds.ssl.fail_verify_error", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_log("TLS_error", DEFAULT_TIMEOUT).await;
+    let logs = proxy.logs();
+    assert!(logs.contains("UnknownIssuer"), "{logs}");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
+    assert!(proxy.stat("cluster.xds.upstream_cx_connect_fail").await >= 1);
+    assert!(xds.requests().is_empty(), "no request may reach the server");
+    // The server saw the proxy refuse its certificate.
+    assert!(!xds.tls_failures().is_empty());
+}
+
+/// The SAN matcher of the SDS validation context is checked (a certificate of the right CA for another name
+/// fails `fail_verify_san`), and a rotated SDS file applies to the next connection: once the trusted-CA file
+/// names the server's SAN, the reconnecting stream comes up and the config routes traffic.
+#[tokio::test]
+async fn ads_over_tls_checks_the_sds_san_matcher_and_a_rotated_sds_file_applies_on_reconnect() {
+    let pki = hx::Pki::new("cp");
+    let server = pki.leaf("control plane", &["elsewhere.test"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&ads_tls_bootstrap(xds.addr(), &sds), &[]).await;
+    proxy
+        .wait_stat("cluster.xds.ssl.fail_verify_san", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
+    assert!(xds.requests().is_empty());
+    let ca = dir.path().join("ca.crt").display().to_string();
+    let rotated = json!({"resources": [{"@type": SECRET, "name": "xds_trusted_ca", "validation_context": {
+        "trusted_ca": {"filename": ca},
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "elsewhere.test"}}]}}]});
+    write_atomically(&dir, "xds-trusted-ca.json", &rotated.to_string());
+    proxy
+        .wait_stat(
+            "control_plane.connected_state",
+            |v| v == 1,
+            Duration::from_secs(20),
+        )
+        .await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+}
+
+/// A plaintext (h2c) control plane behind a cluster with TLS: the handshake fails, the stream never comes up.
+#[tokio::test]
+async fn ads_over_tls_to_a_plaintext_control_plane_fails() {
+    let pki = hx::Pki::new("cp");
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start().await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&ads_tls_bootstrap(xds.addr(), &sds), &[]).await;
+    proxy
+        .wait_stat("cluster.xds.ssl.connection_error", |v| v >= 1, DEFAULT_TIMEOUT)
+        .await;
+    proxy.wait_log("TLS_error", DEFAULT_TIMEOUT).await;
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 0);
+    assert!(xds.requests().is_empty(), "no request may reach the server");
+}
+
+/// A bootstrap whose ADS goes to a `google_grpc` target with `ssl_credentials` (`root_certs`, and the client
+/// certificate), inline PEM.
+fn google_tls_bootstrap(control_plane: SocketAddr, ca: &str, client: &(String, String)) -> String {
+    json!({
+        "node": {"id": "n1", "cluster": "c1"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                "grpc_services": [{"google_grpc": {"target_uri": control_plane.to_string(), "stat_prefix": "xds",
+                    "channel_credentials": {"ssl_credentials": {
+                        "root_certs": {"inline_string": ca},
+                        "cert_chain": {"inline_string": client.0},
+                        "private_key": {"inline_string": client.1},
+                    }}}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+    })
+    .to_string()
+}
+
+/// `google_grpc.channel_credentials.ssl_credentials`: ADS over mTLS to a target URI, the server verified
+/// against `root_certs` and the target's address; a server certificate that does not name the target's
+/// address is refused (as gRPC checks the target's host name), the stream never comes up.
+#[tokio::test]
+async fn google_grpc_ssl_credentials_reach_the_control_plane_over_mtls_and_check_its_name() {
+    let pki = hx::Pki::new("cp");
+    let server = pki.leaf("control plane", &["127.0.0.1"]);
+    let client = pki.leaf("remora", &["remora.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_world(&xds, &a);
+    let proxy = Remora::start(&google_tls_bootstrap(xds.addr(), &pki.ca_pem(), &client), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+
+    // A certificate for another name, from the right CA.
+    let other = pki.leaf("elsewhere", &["envoy-gateway"]);
+    let wrong = XdsServer::start_tls(&other.0, &other.1, Some(&pki.ca_pem())).await;
+    serve_world(&wrong, &a);
+    let refused = Remora::start(&google_tls_bootstrap(wrong.addr(), &pki.ca_pem(), &client), &[]).await;
+    refused.wait_log("TLS_error", DEFAULT_TIMEOUT).await;
+    let logs = refused.logs();
+    assert!(logs.contains("NotValidForName"), "{logs}");
+    assert_eq!(refused.stat("control_plane.connected_state").await, 0);
+    assert!(wrong.requests().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Envoy Gateway's bootstrap: xDS over mTLS to `xds_cluster`, secrets from SDS files.
+
+const EG_BOOTSTRAP: &str = "envoy-gateway__bootstrap_render_enable-prometheus.yaml";
+
+/// Envoy Gateway's rendered bootstrap from the corpus with only what a test must change: the SDS file paths
+/// (`/sds/xds-certificate.json`, `/sds/xds-trusted-ca.json`) to `sds`, `xds_cluster`'s endpoint (DNS name
+/// `envoy-gateway`) to `control_plane`, and the fixed ports (admin 19000, stats listener 19001) to 0.
+fn eg_bootstrap(control_plane: SocketAddr, sds: &(String, String)) -> Value {
+    let path = crate::corpus::corpus_dir().join("configs").join(EG_BOOTSTRAP);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = text
+        .replace("/sds/xds-certificate.json", &sds.0)
+        .replace("/sds/xds-trusted-ca.json", &sds.1);
+    let mut v: Value = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{EG_BOOTSTRAP}: {e}"));
+    v["admin"]["address"]["socket_address"]["port_value"] = json!(0);
+    let stats = &mut v["static_resources"]["listeners"][0]["address"]["socket_address"];
+    *stats = json!({"address": "127.0.0.1", "port_value": 0, "protocol": "TCP"});
+    let clusters = v["static_resources"]["clusters"]
+        .as_array_mut()
+        .unwrap_or_else(|| panic!("{EG_BOOTSTRAP} has no static clusters"));
+    let xds = clusters
+        .iter_mut()
+        .find(|c| c["name"] == "xds_cluster")
+        .unwrap_or_else(|| panic!("{EG_BOOTSTRAP} has no xds_cluster"));
+    xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] =
+        json!({"address": control_plane.ip().to_string(), "port_value": control_plane.port()});
+    v
+}
+
+/// What Envoy Gateway's resources look like for a proxy: listener `main` with routes `r1` (RDS) to the EDS
+/// cluster `svc` on `up`, and the bootstrap's EDS `local_cluster`.
+fn serve_eg_world(xds: &XdsServer, up: &Upstream) {
+    serve_world(xds, up);
+    xds.set(
+        hx::ENDPOINT,
+        vec![
+            assignment("svc", &[up.addr()]),
+            assignment("local_cluster", &[up.addr()]),
+        ],
+    );
+}
+
+/// The TLS part of Envoy Gateway's bootstrap is accepted: the SDS files in EG's shape load and `xds_cluster`
+/// with its `UpstreamTlsContext` no longer refuses the config. What else of the file is still refused is not
+/// this test's business (each has its own work); the full run is [`envoy_gateway_bootstrap_runs_over_mtls`].
+#[tokio::test]
+async fn envoy_gateway_bootstrap_tls_to_the_control_plane_is_accepted() {
+    let pki = hx::Pki::new("eg");
+    let client = pki.leaf("envoy", &["envoy.test"]);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let bootstrap = eg_bootstrap("127.0.0.1:18000".parse().unwrap_or_else(|e| panic!("{e}")), &sds);
+    let (_, _, err) = crate::harness::validate(&bootstrap.to_string()).await;
+    for needle in [
+        "sds_config",
+        "transport_socket",
+        "xds-certificate",
+        "xds-trusted-ca",
+    ] {
+        assert!(
+            !err.lines().any(|l| l.contains(needle)),
+            "{needle:?} is still refused:\n{err}"
+        );
+    }
+}
+
+/// Envoy Gateway's bootstrap as it is, against the TLS control plane (client certificate required): ADS
+/// (delta) over mTLS to `xds_cluster`, the pushed listener routes traffic.
+#[tokio::test]
+async fn envoy_gateway_bootstrap_runs_over_mtls() {
+    let pki = hx::Pki::new("eg");
+    let server = pki.leaf("envoy gateway", &["envoy-gateway"]);
+    let client = pki.leaf("envoy", &["envoy.test"]);
+    let xds = XdsServer::start_tls(&server.0, &server.1, Some(&pki.ca_pem())).await;
+    let a = Upstream::start("a").await;
+    serve_eg_world(&xds, &a);
+    let dir = TempDir::new();
+    let sds = eg_sds_files(&dir, &client, &pki.ca_pem());
+    let proxy = Remora::start(&eg_bootstrap(xds.addr(), &sds).to_string(), &[]).await;
+    proxy.wait_ready().await;
+    let addr = proxy.listener_addr("main").await;
+    assert_eq!(upstream_of(addr).await, "a");
+    assert_eq!(proxy.stat("control_plane.connected_state").await, 1);
+    assert!(proxy.stat("cluster.xds_cluster.ssl.handshake").await >= 1);
+    assert!(xds
+        .stream_paths()
+        .iter()
+        .all(|p| p.ends_with("DeltaAggregatedResources")));
 }

@@ -487,6 +487,19 @@ fn lower_http2_options(h: &Node, out: &mut crate::upstream::Http2Options) {
     if let Some(w) = window("initial_connection_window_size") {
         out.initial_connection_window_size = Some(w);
     }
+    if let Some(k) = h.msg("connection_keepalive") {
+        let timeout = k.duration("timeout").unwrap_or_default();
+        if timeout < Duration::from_millis(1) {
+            k.err("timeout", "must be at least 1ms");
+        }
+        // Envoy spreads the pings by `interval_jitter` (15 % by default); hyper sends them on the interval.
+        k.mark("interval_jitter");
+        k.unsupported("connection_idle_interval");
+        // Without an interval Envoy sends no periodic ping.
+        if let Some(interval) = k.duration("interval").filter(|d| !d.is_zero()) {
+            out.keepalive = Some(crate::upstream::Http2Keepalive { interval, timeout });
+        }
+    }
 }
 
 fn lower_common_options(c: &Node, idle: &mut Option<Duration>, max_rq: &mut Option<u32>) {
@@ -801,6 +814,33 @@ mod tests {
     }
 
     #[test]
+    fn http2_connection_keepalive() {
+        let (c, e) = cluster(&with_options(
+            "explicit_http_config: {http2_protocol_options: \
+             {connection_keepalive: {interval: 30s, timeout: 5s}}}",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            c.unwrap().http2.keepalive,
+            Some(crate::upstream::Http2Keepalive {
+                interval: Duration::from_secs(30),
+                timeout: Duration::from_secs(5),
+            })
+        );
+        // No interval: no periodic ping, as in Envoy.
+        let (c, e) = cluster(&with_options(
+            "explicit_http_config: {http2_protocol_options: {connection_keepalive: {timeout: 5s}}}",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(c.unwrap().http2.keepalive, None);
+        let (_, e) = cluster(&with_options(
+            "explicit_http_config: {http2_protocol_options: \
+             {connection_keepalive: {interval: 1s, timeout: 0s, connection_idle_interval: 1s}}}",
+        ));
+        assert_eq!(e.len(), 2, "{e:?}");
+    }
+
+    #[test]
     fn http2_flow_control_windows_within_envoys_range() {
         let (c, e) = cluster(&with_options(
             "explicit_http_config: {http2_protocol_options: \
@@ -814,6 +854,7 @@ mod tests {
             crate::upstream::Http2Options {
                 initial_stream_window_size: Some(65536),
                 initial_connection_window_size: Some(1048576),
+                keepalive: None,
             }
         );
         // Unset: hyper's defaults.

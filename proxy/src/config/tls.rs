@@ -230,7 +230,7 @@ fn lower_common(c: &Node, server: bool) -> Option<Common> {
 }
 
 /// `DataSource`: inline or a file (read now).
-fn data_source(d: &Node) -> Option<Vec<u8>> {
+pub(crate) fn data_source(d: &Node) -> Option<Vec<u8>> {
     if let Some(s) = d.string("inline_string") {
         return Some(s.into_bytes());
     }
@@ -504,17 +504,12 @@ fn read_secret(text: &str, path: &Path, name: &str) -> Result<sds::Value, String
             lower_tls_certificate(&t, name.to_string()).map(|i| sds::Value::Identity(Arc::new(i)))
         } else if let Some(v) = s.msg("validation_context") {
             let (ca, san, _) = lower_validation_context(&v);
-            if !san.is_empty() {
-                v.err(
-                    "match_typed_subject_alt_names",
-                    "not supported in an SDS secret by Remora",
-                );
-            }
             match ca {
                 Some(Source::Static(ca)) => Some(sds::Value::Ca(Arc::new(Ca {
                     roots: ca.roots.clone(),
                     not_after: ca.not_after,
                     name: name.to_string(),
+                    san,
                 }))),
                 _ => {
                     v.err("trusted_ca", "is required");

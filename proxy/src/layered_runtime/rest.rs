@@ -1,6 +1,6 @@
 //! RTDS over REST (`api_type: REST`): every `refresh_delay` a JSON `DiscoveryRequest` naming the layers'
-//! resources is POSTed to `/v3/discovery:runtime` on a host of `cluster_names[0]`, as [`crate::xds::rest`]
-//! does for CDS and LDS (same timeouts, 304 for unchanged, the last accepted `version_info` and a rejected
+//! resources is POSTed to `/v3/discovery:runtime` on a host of `cluster_names[0]` (over TLS when the cluster
+//! has a TLS transport socket), as [`crate::xds::rest`] does for CDS and LDS (same timeouts, 304 for unchanged, the last accepted `version_info` and a rejected
 //! update's `error_detail` on the next request). Unlike CDS and LDS, RTDS is not a wildcard type: the request
 //! carries `resource_names`.
 
@@ -109,20 +109,12 @@ async fn poll(
     rejected: Option<&ConfigErrors>,
     attempt: usize,
 ) -> Result<Option<Result<DynamicMessage, ConfigErrors>>, String> {
-    let addr = {
-        let snap = shared.clusters.load();
-        snap.by_name(&cfg.cluster_name).and_then(|c| {
-            let hosts = c.hosts();
-            let n = hosts.hosts.len();
-            (n > 0).then(|| hosts.hosts[attempt % n].address)
-        })
-    }
-    .ok_or_else(|| format!("cluster {:?} has no hosts", cfg.cluster_name))?;
+    let (cluster, host) = crate::xds::dial::pick(shared, &cfg.cluster_name, attempt)?;
+    let addr = host.address;
     let body = request_body(shared, names, version, rejected)?;
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        // TCP, then TLS when the cluster has a TLS transport socket.
+        let stream = crate::xds::dial::connect(&cluster, &host).await?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("{addr}: {e}"))?;

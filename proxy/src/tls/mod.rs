@@ -46,6 +46,9 @@ pub struct Ca {
     /// The earliest expiry among them.
     pub not_after: Option<i64>,
     pub name: String,
+    /// An SDS validation context's own `match_typed_subject_alt_names`, checked after the context's (Envoy
+    /// merges the two validation contexts, the repeated matchers appended).
+    pub san: Vec<SanMatcher>,
 }
 
 /// PEM text from a `DataSource`, as lowering read it.
@@ -94,6 +97,7 @@ pub fn parse_ca(pem: &[u8], name: String) -> Result<Ca, String> {
         roots: Arc::new(roots),
         not_after,
         name,
+        san: Vec::new(),
     })
 }
 
@@ -491,7 +495,7 @@ fn build_server(spec: &ServerSpec, stats: &SslStats) -> Result<rustls::ServerCon
             let inner = b.build().map_err(|e| format!("validation_context: {e}"))?;
             builder.with_client_cert_verifier(Arc::new(ClientVerifier {
                 inner,
-                san: spec.san.clone(),
+                san: spec.san.iter().chain(&ca.san).cloned().collect(),
             }))
         }
     };
@@ -712,8 +716,13 @@ fn build_client(spec: &ClientSpec, stats: &SslStats) -> Result<rustls::ClientCon
         stats.expiry_gauge(&n.0.name).set(n.1);
     }
     let verifier = Arc::new(ServerVerifier {
+        san: spec
+            .san
+            .iter()
+            .chain(ca.iter().flat_map(|c| c.san.iter()))
+            .cloned()
+            .collect(),
         roots: ca.map(|c| c.roots.clone()),
-        san: spec.san.clone(),
         auto_san_validation: spec.auto_san_validation,
         provider: provider.clone(),
     });

@@ -172,6 +172,16 @@ pub struct Http2Options {
     pub initial_stream_window_size: Option<u32>,
     /// `initial_connection_window_size`: the connection's window (a WINDOW_UPDATE on stream 0).
     pub initial_connection_window_size: Option<u32>,
+    /// `connection_keepalive`: a PING every `interval`, the connection closed when one is not answered within
+    /// `timeout` (idle or not, as Envoy sends them).
+    pub keepalive: Option<Http2Keepalive>,
+}
+
+/// `Http2ProtocolOptions.connection_keepalive`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Http2Keepalive {
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
 }
 
 /// One `lb_endpoints` entry.

@@ -425,6 +425,12 @@ impl Pools {
         if let Some(w) = h2.initial_connection_window_size {
             builder.initial_connection_window_size(w);
         }
+        if let Some(k) = h2.keepalive {
+            builder
+                .keep_alive_interval(k.interval)
+                .keep_alive_timeout(k.timeout)
+                .keep_alive_while_idle(true);
+        }
         let (sender, conn) = builder.handshake(io).await.map_err(ConnectError::Handshake)?;
         cluster.stats.upstream_cx_http2_total.inc();
         tokio::task::spawn_local(async move {

@@ -1,8 +1,9 @@
 //! The aggregated discovery service client (`xds_protocol.rst`), state-of-the-world and incremental (delta).
 //!
 //! One gRPC stream to the control plane, reached through the static cluster that
-//! `grpc_services[0].envoy_grpc.cluster_name` names (its hosts in turn, h2c), or at
-//! `google_grpc.target_uri` (h2c). Messages are `DynamicMessage`s of Envoy's own descriptors through a small
+//! `grpc_services[0].envoy_grpc.cluster_name` names (its hosts in turn, h2c, or TLS with the cluster's
+//! `UpstreamTlsContext`: see [`super::dial`]), or at `google_grpc.target_uri` (h2c, or TLS with
+//! `channel_credentials.ssl_credentials`). Messages are `DynamicMessage`s of Envoy's own descriptors through a small
 //! [`tonic::codec::Codec`]: no generated code. The same client serves a `cds_config` or `lds_config` with an
 //! `api_config_source` of its own: a stream of that type alone on its discovery service
 //! (`ClusterDiscoveryService/StreamClusters`, `ListenerDiscoveryService/DeltaListeners`, ...), as Envoy opens.
@@ -314,34 +315,40 @@ pub async fn run(shared: Arc<Shared>, cfg: GrpcApiConfig, stream: Stream) {
         connected_state: connected_state.clone(),
         types: BTreeMap::new(),
     };
+    // google_grpc's ssl_credentials: one TLS context for the life of the stream.
+    let google_tls = match &cfg.target {
+        GrpcTarget::Uri(uri, Some(creds)) => Some(super::dial::google_tls(uri, creds)),
+        _ => None,
+    };
     let mut attempt = 0usize;
     loop {
-        let target = match &cfg.target {
-            GrpcTarget::Cluster(name) => {
-                let snap = shared.clusters.load();
-                snap.by_name(name)
-                    .and_then(|c| {
-                        let hosts = c.hosts();
-                        let n = hosts.hosts.len();
-                        (n > 0).then(|| hosts.hosts[attempt % n].address.to_string())
-                    })
-                    .ok_or_else(|| format!("cluster {name:?} has no hosts"))
-            }
-            GrpcTarget::Uri(uri) => Ok(uri.clone()),
+        let channel = match &cfg.target {
+            GrpcTarget::Cluster(name) => match super::dial::pick(&shared, name, attempt) {
+                Err(e) => Err(e),
+                Ok((cluster, host)) => super::dial::channel(&cluster, &host)
+                    .await
+                    .map(|c| (host.address.to_string(), c)),
+            },
+            GrpcTarget::Uri(uri, None) => connect(uri)
+                .await
+                .map(|c| (uri.clone(), c))
+                .map_err(|e| format!("cannot connect to {uri}: {}", super::dial::causes(&e))),
+            GrpcTarget::Uri(uri, Some(_)) => match &google_tls {
+                Some(Ok(tls)) => super::dial::tls_channel(uri, tls).await.map(|c| (uri.clone(), c)),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err("no TLS context".into()),
+            },
         };
         attempt += 1;
-        let result = match target {
+        let result = match channel {
             Err(e) => Err(e),
-            Ok(target) => match connect(&target).await {
-                Err(e) => Err(format!("cannot connect to {target}: {e}")),
-                Ok(channel) => {
-                    let r = match cfg.api_type {
-                        ApiType::Grpc => sotw.stream(&shared, &cfg, channel, path, &mut backoff).await,
-                        ApiType::DeltaGrpc => delta.stream(&shared, &cfg, channel, path, &mut backoff).await,
-                    };
-                    r.map_err(|s| format!("stream to {target} ended: {}", s.message()))
-                }
-            },
+            Ok((target, channel)) => {
+                let r = match cfg.api_type {
+                    ApiType::Grpc => sotw.stream(&shared, &cfg, channel, path, &mut backoff).await,
+                    ApiType::DeltaGrpc => delta.stream(&shared, &cfg, channel, path, &mut backoff).await,
+                };
+                r.map_err(|s| format!("stream to {target} ended: {}", s.message()))
+            }
         };
         connected_state.set(0);
         for t in &carried {

@@ -13,6 +13,7 @@
 //! where each resource type comes from.
 
 pub mod ads;
+pub(crate) mod dial;
 pub mod file;
 pub mod manager;
 pub mod rest;
@@ -88,8 +89,27 @@ pub enum ApiType {
 pub enum GrpcTarget {
     /// `envoy_grpc.cluster_name`: a static cluster that reaches the control plane (its hosts in turn).
     Cluster(String),
-    /// `google_grpc.target_uri` (`host:port`, or `dns:///host:port`), reached over h2c.
-    Uri(String),
+    /// `google_grpc.target_uri` (`host:port`, or `dns:///host:port`), reached over h2c, or over TLS with
+    /// `channel_credentials.ssl_credentials`.
+    Uri(String, Option<SslCredentials>),
+}
+
+/// `google_grpc.channel_credentials.ssl_credentials`, as read at lowering (PEM). As gRPC does, the server's
+/// certificate must chain to `root_certs` and name the target's host (DNS name or IP address); `cert_chain`
+/// and `private_key` are the client certificate (mTLS).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SslCredentials {
+    pub root_certs: Vec<u8>,
+    pub cert_chain: Option<Vec<u8>>,
+    pub private_key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SslCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SslCredentials")
+            .field("client_certificate", &self.cert_chain.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A gRPC `ApiConfigSource`: `dynamic_resources.ads_config`, or a config source's `api_config_source`.
@@ -308,12 +328,9 @@ fn lower_grpc_api(a: &Node, ads: bool) -> Option<GrpcApiConfig> {
     } else if let Some(gg) = g.msg("google_grpc") {
         let uri = lower_target_uri(&gg)?;
         gg.mark("stat_prefix");
-        if gg.has("channel_credentials") {
-            gg.err(
-                "channel_credentials",
-                "TLS to the control plane is not supported by Remora yet (plaintext h2c only)",
-            );
-        }
+        let tls = gg
+            .msg("channel_credentials")
+            .and_then(|c| lower_ssl_credentials(&c));
         gg.unsupported("channel_credentials_plugin");
         gg.unsupported("call_credentials");
         gg.unsupported("call_credentials_plugin");
@@ -321,7 +338,7 @@ fn lower_grpc_api(a: &Node, ads: bool) -> Option<GrpcApiConfig> {
         gg.unsupported("config");
         gg.unsupported("per_stream_buffer_limit_bytes");
         gg.unsupported("channel_args");
-        GrpcTarget::Uri(uri)
+        GrpcTarget::Uri(uri, tls)
     } else {
         g.err_here("needs envoy_grpc or google_grpc");
         return None;
@@ -330,6 +347,48 @@ fn lower_grpc_api(a: &Node, ads: bool) -> Option<GrpcApiConfig> {
         api_type,
         target,
         node_on_first_message_only,
+    })
+}
+
+/// `google_grpc.channel_credentials`: `ssl_credentials` only (Remora has no system trust store, so
+/// `root_certs` is required). The PEM is parsed now so that a bad one refuses the config with its path.
+fn lower_ssl_credentials(c: &Node) -> Option<SslCredentials> {
+    c.unsupported("google_default");
+    c.unsupported("local_credentials");
+    let ssl = c.msg("ssl_credentials")?;
+    let source = |f: &str| ssl.msg(f).and_then(|d| crate::config::tls::data_source(&d));
+    let root_certs = source("root_certs");
+    let cert_chain = source("cert_chain");
+    let private_key = source("private_key");
+    if !ssl.has("root_certs") {
+        ssl.err(
+            "root_certs",
+            "is required by Remora (it has no system trust store to default to)",
+        );
+    }
+    if let Some(Err(e)) = root_certs
+        .as_ref()
+        .map(|r| crate::tls::parse_ca(r, "root_certs".into()))
+    {
+        ssl.err("root_certs", e);
+    }
+    match (&cert_chain, &private_key) {
+        (Some(chain), Some(key)) => {
+            if let Err(e) = crate::tls::parse_identity(chain, key, "cert_chain".into()) {
+                ssl.err("cert_chain", e);
+            }
+        }
+        (None, None) => {}
+        _ if ssl.has("cert_chain") != ssl.has("private_key") => {
+            ssl.err_here("cert_chain and private_key go together");
+        }
+        // One of them did not read; its error is already there.
+        _ => {}
+    }
+    Some(SslCredentials {
+        root_certs: root_certs?,
+        cert_chain,
+        private_key,
     })
 }
 

@@ -4,11 +4,12 @@
 //! shared by every cluster or connection manager that names it.
 //!
 //! Every `refresh_delay` (default 1 s) a `DiscoveryRequest` in JSON is POSTed to `/v3/discovery:clusters`
-//! (`:listeners`, `:endpoints`, `:routes`; the last two with the `resource_names` of interest) on a host of the static cluster `cluster_names[0]` (its hosts in turn, HTTP/1.1), and the
-//! answer must come within `request_timeout` (default 1 s). A 200 carries a `DiscoveryResponse` in JSON, applied
-//! as a state-of-the-world update; a 304 means nothing changed. REST has no nonce: the next request carries the
-//! last accepted `version_info`, and after a rejected response its `error_detail` (the NACK). A failed poll
-//! counts `update_failure` and keeps the last good config.
+//! (`:listeners`, `:endpoints`, `:routes`; the last two with the `resource_names` of interest) on a host of the
+//! static cluster `cluster_names[0]` (its hosts in turn, HTTP/1.1, over TLS when the cluster has a TLS transport
+//! socket: see [`super::dial`]), and the answer must come within `request_timeout` (default 1 s). A 200 carries a
+//! `DiscoveryResponse` in JSON, applied as a state-of-the-world update; a 304 means nothing changed. REST has no
+//! nonce: the next request carries the last accepted `version_info`, and after a rejected response its
+//! `error_detail` (the NACK). A failed poll counts `update_failure` and keeps the last good config.
 
 use super::manager::Removal;
 use super::{decode_resources, Source, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
@@ -185,19 +186,10 @@ async fn poll(
     body: Vec<u8>,
     attempt: usize,
 ) -> Result<Poll, String> {
-    let addr = {
-        let snap = shared.clusters.load();
-        snap.by_name(&cfg.cluster_name).and_then(|c| {
-            let hosts = c.hosts();
-            let n = hosts.hosts.len();
-            (n > 0).then(|| hosts.hosts[attempt % n].address)
-        })
-    }
-    .ok_or_else(|| format!("cluster {:?} has no hosts", cfg.cluster_name))?;
+    let (cluster, host) = super::dial::pick(shared, &cfg.cluster_name, attempt)?;
+    let addr = host.address;
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let stream = super::dial::connect(&cluster, &host).await?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("{addr}: {e}"))?;

@@ -6,6 +6,9 @@
 //! a full response per subscribed type (wildcard or the names asked for), delta streams only what changed
 //! and `removed_resources`. Every request the proxy sends is kept, so a test can wait for an ACK or a NACK
 //! ([`XdsServer::wait_request`]) and read its `error_detail`.
+//!
+//! [`XdsServer::start_tls`] serves the same over TLS (h2 by ALPN), requiring a client certificate signed by a
+//! given CA for mTLS; [`Pki`] makes the certificates with rcgen.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -126,15 +129,211 @@ impl State {
     }
 }
 
+/// A CA and the leaves it signs, as PEM (for [`XdsServer::start_tls`] and the proxy's SDS files).
+pub struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        let ca_key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
+        let ca = params
+            .self_signed(&ca_key)
+            .unwrap_or_else(|e| panic!("CA certificate: {e}"));
+        Pki { ca, ca_key }
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
+    /// A leaf for `dns` names signed by this CA: (certificate chain PEM, private key PEM).
+    pub fn leaf(&self, cn: &str, dns: &[&str]) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+            .unwrap_or_else(|e| panic!("leaf params: {e}"));
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .unwrap_or_else(|e| panic!("leaf certificate: {e}"));
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A rustls server config (ring, h2 by ALPN) with `cert`/`key`, requiring a client certificate signed by
+/// `client_ca` when given.
+fn server_config(cert: &str, key: &str, client_ca: Option<&str>) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("server certificate PEM: {e}"));
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap_or_else(|e| panic!("server key PEM: {e}"));
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| panic!("protocol versions: {e}"));
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                roots
+                    .add(c.unwrap_or_else(|e| panic!("client CA PEM: {e}")))
+                    .unwrap_or_else(|e| panic!("client CA: {e}"));
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .unwrap_or_else(|e| panic!("client verifier: {e}"));
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .unwrap_or_else(|e| panic!("server certificate: {e}"));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// A TLS front for a plaintext server (a REST management server over TLS): it terminates TLS with
+/// `cert`/`key`, requiring a client certificate signed by `client_ca` when given, and relays the bytes to
+/// `target`. Dropping it stops it.
+pub struct TlsFront {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsFront {
+    pub async fn start(
+        target: std::net::SocketAddr,
+        cert: &str,
+        key: &str,
+        client_ca: Option<&str>,
+    ) -> TlsFront {
+        let mut config = (*server_config(cert, key, client_ca)).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind the TLS front: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local address: {e}"));
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let acceptor = acceptor.clone();
+                        conns.spawn(async move {
+                            let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                            let Ok(mut plain) = tokio::net::TcpStream::connect(target).await else { return };
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        TlsFront { addr, task }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Where the management server listens: the harness's h2c server, or a TLS accept loop of its own.
+enum Listening {
+    Plain(Server),
+    Tls {
+        addr: std::net::SocketAddr,
+        task: tokio::task::JoinHandle<()>,
+        /// Why each failed handshake failed, in order.
+        failures: Arc<Mutex<Vec<String>>>,
+    },
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        if let Listening::Tls { task, .. } = self {
+            // Aborting the accept loop drops its JoinSet, which aborts every connection task.
+            task.abort();
+        }
+    }
+}
+
+async fn tls_accept_loop(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    handler: Handler,
+    failures: Arc<Mutex<Vec<String>>>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let (acceptor, handler, failures) = (acceptor.clone(), handler.clone(), failures.clone());
+                conns.spawn(async move {
+                    let tls = match acceptor.accept(stream).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            failures.lock().unwrap_or_else(|e| e.into_inner()).push(e.to_string());
+                            return;
+                        }
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let answer = handler(req);
+                        async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder
+                        .http2_only()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
 /// The management server; see the module docs. Dropping it closes every stream.
 pub struct XdsServer {
-    server: Server,
+    server: Listening,
     state: Arc<State>,
     version: Arc<watch::Sender<u64>>,
 }
 
 impl XdsServer {
     pub async fn start() -> XdsServer {
+        XdsServer::start_with(None).await
+    }
+
+    /// Over TLS with `cert`/`key` (PEM), requiring a client certificate signed by `client_ca` when given (mTLS).
+    pub async fn start_tls(cert: &str, key: &str, client_ca: Option<&str>) -> XdsServer {
+        XdsServer::start_with(Some(server_config(cert, key, client_ca))).await
+    }
+
+    async fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> XdsServer {
         let state = Arc::new(State::default());
         let version = Arc::new(watch::channel(1u64).0);
         let handler: Handler = {
@@ -168,19 +367,46 @@ impl XdsServer {
                 }) as BoxFuture<_>
             })
         };
-        let options = UpstreamOptions {
-            protocol: Protocol::H2c,
-            bind: None,
+        let server = match tls {
+            None => {
+                let options = UpstreamOptions {
+                    protocol: Protocol::H2c,
+                    bind: None,
+                };
+                Listening::Plain(Server::start(&options, handler).await)
+            }
+            Some(config) => {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .unwrap_or_else(|e| panic!("bind the TLS control plane: {e}"));
+                let addr = listener
+                    .local_addr()
+                    .unwrap_or_else(|e| panic!("local address: {e}"));
+                let failures = Arc::new(Mutex::new(Vec::new()));
+                let task = tokio::spawn(tls_accept_loop(listener, config, handler, failures.clone()));
+                Listening::Tls { addr, task, failures }
+            }
         };
         XdsServer {
-            server: Server::start(&options, handler).await,
+            server,
             state,
             version,
         }
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
-        self.server.addr()
+        match &self.server {
+            Listening::Plain(s) => s.addr(),
+            Listening::Tls { addr, .. } => *addr,
+        }
+    }
+
+    /// Why each failed TLS handshake (of [`XdsServer::start_tls`]) failed, as the server saw it.
+    pub fn tls_failures(&self) -> Vec<String> {
+        match &self.server {
+            Listening::Plain(_) => Vec::new(),
+            Listening::Tls { failures, .. } => failures.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
     }
 
     /// The current version (`version_info` of SotW responses).
