@@ -207,7 +207,10 @@ pub fn poll_write_coalesced<S: tokio::io::AsyncWrite + Unpin>(
         return stream.poll_write_vectored(cx, bufs);
     }
     SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
+        // A stream that writes through another coalescing stream (none does today) keeps its slices.
+        let Ok(mut scratch) = scratch.try_borrow_mut() else {
+            return stream.poll_write_vectored(cx, bufs);
+        };
         scratch.clear();
         for b in bufs {
             scratch.extend_from_slice(b);
