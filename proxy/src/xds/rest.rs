@@ -36,7 +36,7 @@ pub struct RestConfig {
 }
 
 /// How one poll ended.
-enum Poll {
+pub(crate) enum Poll {
     /// 200: the response to apply, or why it does not parse.
     Response(Result<DynamicMessage, ConfigErrors>),
     /// 304: nothing changed.
@@ -147,7 +147,7 @@ pub async fn run(shared: Arc<Shared>, cfg: RestConfig, type_url: &'static str) {
 }
 
 /// The `DiscoveryRequest` of one poll, as JSON.
-fn request_body(
+pub(crate) fn request_body(
     shared: &Shared,
     type_url: &str,
     version: &str,
@@ -179,7 +179,7 @@ fn request_body(
 }
 
 /// POST `body` (a `DiscoveryRequest`) to `path` on a host of the control plane's cluster.
-async fn poll(
+pub(crate) async fn poll(
     shared: &Shared,
     cfg: &RestConfig,
     path: &str,
